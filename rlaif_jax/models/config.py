@@ -1,0 +1,167 @@
+"""ModelConfig: the architecture of one decoder-only transformer, read from / written to an HF config.json.
+
+Families differ in a handful of switches, all named here:
+  llama    RMSNorm w, SwiGLU, RoPE (optionally Llama-3 frequency scaling), GQA, untied or tied head
+  mistral  = llama (its sliding window is recorded; it only matters beyond the window length)
+  qwen2    + bias on the q, k, v projections
+  qwen3    + RMSNorm on q and k per head (before RoPE)
+  gemma    (1 + w) RMSNorm, GeGLU (tanh gelu), embeddings scaled by sqrt(hidden), tied head
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    # RoPE scaling as a sorted tuple of (key, value) pairs so the config stays hashable (a jit static arg);
+    # None or a rope_type of "default" means plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2; llama/mistral configs with attention_bias=True also set o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # qwen3
+    norm_plus_one: bool = False  # gemma: x * (1 + w)
+    scale_embeddings: bool = False  # gemma: embeddings * sqrt(hidden)
+    activation: str = "silu"  # or "gelu_tanh"
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.activation!r}")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    # ------------------------------------------------------------------ HF config.json <-> ModelConfig
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], dtype: str = "float32", param_dtype: str = "float32") -> "ModelConfig":
+        """From an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        family = hf.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            arch = hf.get("architectures")
+            raise ValueError(
+                f"unsupported architecture: model_type={family!r} (architectures={arch}); "
+                f"rlaif_jax supports model_type in {list(SUPPORTED_FAMILIES)}"
+            )
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        legacy = hf.get("rope_scaling")
+        if legacy:
+            rope.update(legacy)
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3, linear)")
+        rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
+        eos = hf.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+            # Gemma's HF code uses the tanh approximation whatever hidden_act says (gelu -> gelu_pytorch_tanh).
+            act = "gelu_tanh"
+        sliding = hf.get("sliding_window")
+        if family == "qwen2" or family == "qwen3":
+            sliding = sliding if hf.get("use_sliding_window") else None
+        return cls(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma")),
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=family in ("llama", "mistral") and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=family == "qwen3",
+            norm_plus_one=family == "gemma",
+            scale_embeddings=family == "gemma",
+            activation=act,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            sliding_window=sliding,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=hf.get("pad_token_id"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict that transformers' AutoConfig / AutoModelForCausalLM load."""
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}[self.family]
+        rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope_parameters.update(dict(self.rope_scaling))
+        eos = list(self.eos_token_ids)
+        out = {
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_parameters": rope_parameters,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "gelu_pytorch_tanh" if self.activation == "gelu_tanh" else "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.param_dtype,
+        }
+        if self.family in ("llama", "mistral"):
+            out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
+        if self.family == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.family in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+        if self.family == "qwen3":
+            out["attention_bias"] = self.qkv_bias
+        if self.family == "gemma":
+            out["hidden_activation"] = "gelu_pytorch_tanh"
+        return out

@@ -1,0 +1,325 @@
+"""HF checkpoints <-> our params: config.json + safetensors (single file or index-sharded), tokenizer.
+
+Import reads each tensor straight into its sharded layout: `jax.make_array_from_callback` asks, per device,
+for the slice that device holds, and the callback reads that layer's tensor from a memory-mapped
+safetensors file. Nothing is ever assembled whole on one device or on the host beyond one layer's tensor.
+Only safetensors are read (never pickle) and no remote code runs.
+
+The name mapping, with the transposes in plain sight (HF Linear stores (out, in); we store (in, out)):
+  model.embed_tokens.weight                    (V, D)        -> embed              (V, D)
+  model.layers.i.input_layernorm.weight        (D,)          -> layers.attn_norm   [i] (D,)
+  model.layers.i.self_attn.q_proj.weight       (H*E, D)      -> layers.q           [i] (D, H, E)
+  model.layers.i.self_attn.k_proj.weight       (K*E, D)      -> layers.k           [i] (D, K, E)
+  model.layers.i.self_attn.v_proj.weight       (K*E, D)      -> layers.v           [i] (D, K, E)
+  model.layers.i.self_attn.o_proj.weight       (D, H*E)      -> layers.o           [i] (H, E, D)
+  model.layers.i.self_attn.{q,k,v}_proj.bias   (H*E,)        -> layers.{q,k,v}_bias[i] (H, E)
+  model.layers.i.self_attn.o_proj.bias         (D,)          -> layers.o_bias      [i] (D,)
+  model.layers.i.self_attn.{q,k}_norm.weight   (E,)          -> layers.{q,k}_norm  [i] (E,)
+  model.layers.i.post_attention_layernorm.weight (D,)        -> layers.mlp_norm    [i] (D,)
+  model.layers.i.mlp.{gate,up}_proj.weight     (F, D)        -> layers.{gate,up}   [i] (D, F)
+  model.layers.i.mlp.down_proj.weight          (D, F)        -> layers.down        [i] (F, D)
+  model.norm.weight                            (D,)          -> final_norm         (D,)
+  lm_head.weight                               (V, D)        -> lm_head            (D, V)   (absent when tied)
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import struct
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+from rlaif_jax import sharding as shd
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# Buffers some checkpoints carry that are derived, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the message names the file, tensor or field at fault."""
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsReader:
+    """Memory-mapped read access to the tensors of one checkpoint folder (single file or index-sharded)."""
+
+    def __init__(self, folder: str):
+        index_path = os.path.join(folder, "model.safetensors.index.json")
+        single_path = os.path.join(folder, "model.safetensors")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single_path):
+            files = ["model.safetensors"]
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json "
+                "(only safetensors are read, never pickle .bin files)"
+            )
+        self._entries: dict[str, tuple[str, dict[str, Any], int]] = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"missing weight file {name} (listed in {index_path}) in {folder}")
+            header, offset = _read_safetensors_header(path)
+            for key, meta in header.items():
+                self._entries[key] = (path, meta, offset)
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self._entries))
+            if absent:
+                raise CheckpointError(f"tensors listed in the index but absent from their files: {absent[:5]}")
+
+    def names(self) -> set[str]:
+        return set(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._entries:
+            raise CheckpointError(f"missing tensor {name!r} in the checkpoint")
+        path, meta, offset = self._entries[name]
+        start, end = meta["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
+        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=offset + start, shape=(end - start,))
+        return mm.view(dtype).reshape(meta["shape"])
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Minimal safetensors writer (the format: u64 header size, JSON header, raw little-endian bytes);
+    written to a temporary name and renamed so a crash never leaves a half file under the real name."""
+    header, offset = {}, 0
+    for name, arr in tensors.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- name mapping
+def _hf_layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    """our layer param -> (HF name with {i}, HF->ours transform, ours->HF transform) for one layer."""
+    D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    ident = (lambda w: w, lambda w: w)
+    def proj_in(n):  # (n*E, D) <-> (D, n, E)
+        return (lambda w: w.T.reshape(D, n, E), lambda w: w.reshape(D, n * E).T)
+    def bias(n):  # (n*E,) <-> (n, E)
+        return (lambda w: w.reshape(n, E), lambda w: w.reshape(n * E))
+    transpose = (lambda w: w.T, lambda w: w.T)
+    p = "model.layers.{i}."
+    m = {
+        "attn_norm": (p + "input_layernorm.weight", *ident),
+        "q": (p + "self_attn.q_proj.weight", *proj_in(H)),
+        "k": (p + "self_attn.k_proj.weight", *proj_in(K)),
+        "v": (p + "self_attn.v_proj.weight", *proj_in(K)),
+        "o": (p + "self_attn.o_proj.weight", lambda w: w.T.reshape(H, E, D), lambda w: w.reshape(H * E, D).T),
+        "mlp_norm": (p + "post_attention_layernorm.weight", *ident),
+        "gate": (p + "mlp.gate_proj.weight", *transpose),
+        "up": (p + "mlp.up_proj.weight", *transpose),
+        "down": (p + "mlp.down_proj.weight", *transpose),
+        "q_bias": (p + "self_attn.q_proj.bias", *bias(H)),
+        "k_bias": (p + "self_attn.k_proj.bias", *bias(K)),
+        "v_bias": (p + "self_attn.v_proj.bias", *bias(K)),
+        "o_bias": (p + "self_attn.o_proj.bias", *ident),
+        "gate_bias": (p + "mlp.gate_proj.bias", *ident),
+        "up_bias": (p + "mlp.up_proj.bias", *ident),
+        "down_bias": (p + "mlp.down_proj.bias", *ident),
+        "q_norm": (p + "self_attn.q_norm.weight", *ident),
+        "k_norm": (p + "self_attn.k_norm.weight", *ident),
+    }
+    return {k: v for k, v in m.items() if k in tfm.param_shapes(cfg)["layers"]}
+
+
+_TOP_MAP = {
+    "embed": ("model.embed_tokens.weight", lambda w: w, lambda w: w),
+    "final_norm": ("model.norm.weight", lambda w: w, lambda w: w),
+    "lm_head": ("lm_head.weight", lambda w: w.T, lambda w: w.T),
+}
+
+
+# ---------------------------------------------------------------------------------------------- import
+def resolve_path(path_or_id: str) -> str:
+    """A local folder as is; otherwise an HF hub id downloaded (safetensors, configs, tokenizer files only)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder that holds config.json")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise CheckpointError(f"{path_or_id!r} is not a local folder and could not be fetched from the hub: {e}") from e
+
+
+def load_config(folder: str, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"missing config.json in {folder}")
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+
+
+def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32",
+               param_dtype: str = "float32", rules=None) -> tuple[ModelConfig, tfm.Params]:
+    """Reads an HF checkpoint into our params, each tensor cast to `param_dtype` and placed in its sharded
+    layout on `mesh` (a single-device mesh when None)."""
+    folder = resolve_path(path_or_id)
+    cfg = load_config(folder, dtype, param_dtype)
+    reader = SafetensorsReader(folder)
+    if mesh is None:
+        mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    target_dtype = np.dtype(jax.numpy.dtype(param_dtype))
+    expected = tfm.param_shapes(cfg)
+    axes = tfm.param_logical_axes(cfg)
+    shardings = shd.tree_shardings(mesh, axes, tfm.abstract_params(cfg), rules)
+    layer_map = _hf_layer_map(cfg)
+
+    @functools.lru_cache(maxsize=4)
+    def hf_tensor(name: str, transform_key: str) -> np.ndarray:
+        # One layer's tensor, transformed and cast; cached because every device holding a copy asks for it.
+        return np.asarray(transforms[transform_key](reader.get(name))).astype(target_dtype)
+
+    transforms: dict[str, Callable] = {}
+    used: set[str] = set()
+
+    def check_shape(name, ours):
+        want = _hf_shape(ours, cfg)
+        if reader.shape(name) != want:
+            raise CheckpointError(f"shape mismatch for {name}: checkpoint has {reader.shape(name)}, "
+                                  f"config.json implies {want}")
+
+    def load_top(key):
+        hf_name, fwd, _ = _TOP_MAP[key]
+        if key == "lm_head" and hf_name not in reader.names():
+            raise CheckpointError(f"missing tensor {hf_name!r} (config.json says tie_word_embeddings=false)")
+        transforms[key] = fwd
+        if hf_name not in reader.names():
+            raise CheckpointError(f"missing tensor {hf_name!r} in the checkpoint")
+        shape = expected[key][0]
+        check_shape(hf_name, key)
+        used.add(hf_name)
+        return jax.make_array_from_callback(shape, shardings[key], lambda idx: hf_tensor(hf_name, key)[idx])
+
+    def load_layer(key):
+        pattern, fwd, _ = layer_map[key]
+        transforms["layers." + key] = fwd
+        shape = expected["layers"][key][0]
+        for i in range(cfg.num_layers):
+            name = pattern.format(i=i)
+            if name not in reader.names():
+                raise CheckpointError(f"missing tensor {name!r} in the checkpoint")
+            check_shape(name, "layers." + key)
+            used.add(name)
+
+        def callback(idx):
+            layers = range(cfg.num_layers)[idx[0]]
+            return np.stack([hf_tensor(pattern.format(i=i), "layers." + key)[idx[1:]] for i in layers])
+
+        return jax.make_array_from_callback(shape, shardings["layers"][key], callback)
+
+    params = {k: load_top(k) for k in expected if k != "layers"}
+    params["layers"] = {k: load_layer(k) for k in expected["layers"]}
+    unused = sorted(n for n in reader.names() - used if not n.endswith(_IGNORED_SUFFIXES)
+                    and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+    if unused:
+        log.warning("ignored %d checkpoint tensors not used by %s: %s", len(unused), cfg.family, unused[:8])
+    return cfg, params
+
+
+def _hf_shape(ours: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The HF shape a parameter should have, for error messages."""
+    shape = (tfm.param_shapes(cfg)["layers"][ours[7:]][0][1:] if ours.startswith("layers.")
+             else tfm.param_shapes(cfg)[ours][0])
+    inv = (_hf_layer_map(cfg)[ours[7:]] if ours.startswith("layers.") else _TOP_MAP[ours])[2]
+    return inv(np.lib.stride_tricks.as_strided(np.zeros((), np.uint8), shape, [0] * len(shape))).shape
+
+
+def load_tokenizer(path_or_id: str):
+    """The checkpoint's tokenizer through transformers' AutoTokenizer (no remote code)."""
+    from transformers import AutoTokenizer
+    folder = resolve_path(path_or_id)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:
+        raise CheckpointError(f"could not load a tokenizer from {folder}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- export
+def to_hf_tensors(params: tfm.Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our params -> {HF name: numpy array}, gathered to the host one tensor at a time."""
+    out = {}
+    for key, (hf_name, _, inv) in _TOP_MAP.items():
+        if key in params:
+            out[hf_name] = np.ascontiguousarray(inv(np.asarray(jax.device_get(params[key]))))
+    for key, (pattern, _, inv) in _hf_layer_map(cfg).items():
+        stacked = np.asarray(jax.device_get(params["layers"][key]))
+        for i in range(cfg.num_layers):
+            out[pattern.format(i=i)] = np.ascontiguousarray(inv(stacked[i]))
+    return out
+
+
+def save_model(params: tfm.Params, cfg: ModelConfig, out_dir: str, tokenizer=None,
+               max_shard_bytes: int = 4 * 2**30, extra_tensors: dict[str, np.ndarray] | None = None) -> None:
+    """Writes config.json, safetensors (index-sharded above `max_shard_bytes`) and the tokenizer's files,
+    a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads. Only process 0 writes."""
+    tensors = to_hf_tensors(params, cfg)
+    if extra_tensors:
+        tensors.update(extra_tensors)
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_hf(), f, indent=2)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0])
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards):
+            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(out_dir, fname), shard)
+            weight_map.update({name: fname for name in shard})
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                       "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

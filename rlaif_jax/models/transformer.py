@@ -1,0 +1,332 @@
+"""A pure-functional decoder-only transformer for the Llama / Mistral / Qwen2 / Qwen3 / Gemma families.
+
+Params are a nested dict of arrays; every function here is pure and jittable with `cfg` static.
+Layers are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not grow
+with depth. Shapes use these letters:
+  B batch, T new tokens, S key slots (= T without a cache, = cache length with one), D hidden,
+  H query heads, K kv heads, G = H // K query heads per kv head, E head dim, F mlp width, V vocab, L layers.
+
+Left padding: `mask_bt` marks real tokens; positions are `cumsum(mask) - 1`, so a row's first real token
+has position 0 whatever its padding, and pad keys are masked out of attention.
+
+KV cache: preallocated (L, B, S, K, E) buffers plus the mask of filled slots. `prefill` writes the prompt
+at slots [0, P), each `decode` call writes its T tokens at [index, index + T) with dynamic_update_slice on
+the loop carry, which XLA performs in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlaif_jax.models.config import ModelConfig
+from rlaif_jax.sharding import constrain
+
+Params = dict[str, Any]
+
+
+class Output(NamedTuple):
+    logits: jax.Array  # (B, T, V) float32; logits at t predict token t + 1
+    hidden: jax.Array  # (B, T, D) final hidden state (after the final norm), compute dtype
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # (L, B, S, K, E)
+    v: jax.Array  # (L, B, S, K, E)
+    key_mask: jax.Array  # (B, S) bool: slot holds a real token
+    next_position: jax.Array  # (B,) int32: RoPE position of the row's next token
+    index: jax.Array  # () int32: first free slot
+
+
+# ---------------------------------------------------------------------------------------------- params
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shapes of every parameter, paired with logical axis names: {name: (shape, axes)}."""
+    L, D, H, K, E, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.vocab_size)
+    layers = {
+        "attn_norm": ((L, D), ("layers", "embed")),
+        "q": ((L, D, H, E), ("layers", "embed", "heads", "head_dim")),
+        "k": ((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim")),
+        "v": ((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim")),
+        "o": ((L, H, E, D), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ((L, D), ("layers", "embed")),
+        "gate": ((L, D, F), ("layers", "embed", "mlp")),
+        "up": ((L, D, F), ("layers", "embed", "mlp")),
+        "down": ((L, F, D), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["q_bias"] = ((L, H, E), ("layers", "heads", "head_dim"))
+        layers["k_bias"] = ((L, K, E), ("layers", "kv_heads", "head_dim"))
+        layers["v_bias"] = ((L, K, E), ("layers", "kv_heads", "head_dim"))
+    if cfg.o_bias:
+        layers["o_bias"] = ((L, D), ("layers", "embed"))
+    if cfg.mlp_bias:
+        layers["gate_bias"] = ((L, F), ("layers", "mlp"))
+        layers["up_bias"] = ((L, F), ("layers", "mlp"))
+        layers["down_bias"] = ((L, D), ("layers", "embed"))
+    if cfg.qk_norm:
+        layers["q_norm"] = ((L, E), ("layers", "head_dim"))
+        layers["k_norm"] = ((L, E), ("layers", "head_dim"))
+    shapes = {"embed": ((V, D), ("vocab", "embed")), "layers": layers, "final_norm": ((D,), ("embed",))}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = ((D, V), ("embed", "vocab"))
+    return shapes
+
+
+def _is_shape_entry(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """Same structure as the params, each leaf a tuple of logical axis names."""
+    return jax.tree.map(lambda e: e[1], param_shapes(cfg), is_leaf=_is_shape_entry)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """jax.ShapeDtypeStruct for every parameter (no memory allocated)."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda e: jax.ShapeDtypeStruct(e[0], dtype), param_shapes(cfg), is_leaf=_is_shape_entry)
+
+
+def _init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    dtype = jnp.dtype(cfg.param_dtype)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=_is_shape_entry)
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, (shape, _)), k in zip(flat, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            # Gemma stores norm weights as offsets from 1.
+            leaves.append(jnp.zeros(shape, dtype) if cfg.norm_plus_one else jnp.ones(shape, dtype))
+        elif "bias" in name:
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Random params (normal(0.02) matrices, unit norms, zero biases).
+
+    With a mesh, the init is jitted with out_shardings so every array is created already sharded,
+    never whole on one device.
+    """
+    if mesh is None:
+        return jax.jit(_init_params, static_argnums=0)(cfg, key)
+    from rlaif_jax.sharding import tree_shardings
+    shardings = tree_shardings(mesh, param_logical_axes(cfg), abstract_params(cfg))
+    return jax.jit(_init_params, static_argnums=0, out_shardings=shardings)(cfg, key)
+
+
+# ---------------------------------------------------------------------------------------------- value head
+def init_value_head(cfg: ModelConfig, key: jax.Array) -> Params:
+    """A linear map from the final hidden state to one scalar per token: {kernel (D,), bias ()}."""
+    kernel = jax.random.normal(key, (cfg.hidden_size,), jnp.float32) / math.sqrt(cfg.hidden_size)
+    return {"kernel": kernel.astype(cfg.param_dtype), "bias": jnp.zeros((), cfg.param_dtype)}
+
+
+def value_head_logical_axes() -> Params:
+    return {"kernel": ("embed",), "bias": ()}
+
+
+def apply_value_head(head: Params, hidden_btd: jax.Array) -> jax.Array:
+    """values_bt = hidden_btd . kernel + bias, in float32."""
+    return jnp.einsum("btd,d->bt", hidden_btd.astype(jnp.float32), head["kernel"].astype(jnp.float32)) + head[
+        "bias"
+    ].astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    """x / rms(x) * w  (Gemma: * (1 + w)), normalised in float32 as HF does."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies 1 / theta^(2i/E), with Llama-3 or linear scaling when the config asks."""
+    E = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float64) / E))
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv.astype(np.float32)
+    if scaling["rope_type"] == "linear":
+        return (inv / scaling["factor"]).astype(np.float32)
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """HF's rotate-half RoPE: x * cos + rotate_half(x) * sin, angles = position * inv_freq."""
+    angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # (B, T, E/2)
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x32 = x_bthe.astype(jnp.float32)
+    half = x32.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x_bthe.dtype)
+
+
+def attention(q_bthe, k_bske, v_bske, allowed_bts, cfg: ModelConfig):
+    """Grouped-query softmax attention; `allowed_bts` says which key slot each query may see."""
+    B, T, H, E = q_bthe.shape
+    K = k_bske.shape[2]
+    q = q_bthe.reshape(B, T, K, H // K, E)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k_bske, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(E)
+    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_bske)
+    return out.reshape(B, T, H, E)
+
+
+def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv, index):
+    """One pre-norm block. With `cache_kv`=(k_bske, v_bske) the new k, v are written at slot `index`."""
+    dt = jnp.dtype(cfg.dtype)
+    h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    q = jnp.einsum("btd,dhe->bthe", h, lp["q"].astype(dt))
+    k = jnp.einsum("btd,dke->btke", h, lp["k"].astype(dt))
+    v = jnp.einsum("btd,dke->btke", h, lp["v"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, False)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, False)
+    q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    if cache_kv is None:
+        keys, values, new_kv = k, v, None
+    else:
+        keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, index, 0, 0))
+        new_kv = (keys, values)
+    attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg)
+    out = jnp.einsum("bthe,hed->btd", attn, lp["o"].astype(dt))
+    if cfg.o_bias:
+        out = out + lp["o_bias"].astype(dt)
+    x_btd = constrain(x_btd + out, ("batch", "length", "embed"))
+
+    h = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    gate = jnp.einsum("btd,df->btf", h, lp["gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, lp["up"].astype(dt))
+    if cfg.mlp_bias:
+        gate, up = gate + lp["gate_bias"].astype(dt), up + lp["up_bias"].astype(dt)
+    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    hidden = constrain(act * up, ("batch", "length", "mlp"))
+    out = jnp.einsum("btf,fd->btd", hidden, lp["down"].astype(dt))
+    if cfg.mlp_bias:
+        out = out + lp["down_bias"].astype(dt)
+    return constrain(x_btd + out, ("batch", "length", "embed")), new_kv
+
+
+def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
+    """Causal (key slot <= query slot), real keys only, and within the sliding window if any."""
+    allowed = (key_slot_s[None, None, :] <= query_slot_bt[:, :, None]) & key_mask_bs[:, None, :]
+    if cfg.sliding_window is not None:
+        allowed &= query_slot_bt[:, :, None] - key_slot_s[None, None, :] < cfg.sliding_window
+    return allowed
+
+
+def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None):
+    dt = jnp.dtype(cfg.dtype)
+    x = params["embed"].astype(dt)[tokens_bt]
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+    x = constrain(x, ("batch", "length", "embed"))
+    inv_freq = rope_inv_freq(cfg)
+
+    if cache is None:
+        def body(x, lp):
+            x, _ = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, None, None)
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        new_kv = None
+    else:
+        def body(carry, lp_i):
+            x, ck, cv = carry
+            lp, i = lp_i
+            x, (k_i, v_i) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck[i], cv[i]), cache.index)
+            # Write the layer's updated buffer back into the carry: an in-place dynamic_update_slice.
+            ck = jax.lax.dynamic_update_index_in_dim(ck, k_i, i, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, v_i, i, 0)
+            return (x, ck, cv), None
+
+        (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))
+        new_kv = (ck, cv)
+
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return Output(logits.astype(jnp.float32), hidden), new_kv
+
+
+def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+    """RoPE positions for a left-padded batch: the first real token of each row is position 0."""
+    return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> Output:
+    """Full-sequence forward of a left-padded batch (no cache)."""
+    mask = mask_bt.astype(bool)
+    T = tokens_bt.shape[1]
+    slots = jnp.arange(T)
+    allowed = _allowed(cfg, jnp.broadcast_to(slots, tokens_bt.shape), slots, mask)
+    out, _ = _stack(params, cfg, tokens_bt, positions_from_mask(mask_bt), allowed, None)
+    return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """An empty cache of `max_len` slots per row."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=jnp.zeros((batch, max_len), bool),
+        next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
+    )
+
+
+def decode(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, cache: KVCache,
+           mask_bt: jax.Array | None = None) -> tuple[Output, KVCache]:
+    """Appends T tokens to the cache (slots [index, index + T)) and returns their logits.
+
+    `mask_bt` marks which of the new tokens are real (prefill of a left-padded prompt); generated tokens
+    are all real, the default.
+    """
+    B, T = tokens_bt.shape
+    mask = jnp.ones((B, T), bool) if mask_bt is None else mask_bt.astype(bool)
+    positions = cache.next_position[:, None] + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, cache.index))
+    S = cache.key_mask.shape[1]
+    query_slots = jnp.broadcast_to(cache.index + jnp.arange(T), (B, T))
+    allowed = _allowed(cfg, query_slots, jnp.arange(S), key_mask)
+    out, (k, v) = _stack(params, cfg, tokens_bt, positions, allowed, cache)
+    new_cache = KVCache(k=k, v=v, key_mask=key_mask,
+                        next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32),
+                        index=cache.index + T)
+    return out, new_cache
+
+
+def prefill(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array, max_len: int,
+            cache_dtype: str | None = None) -> tuple[Output, KVCache]:
+    """Runs a left-padded prompt batch into a fresh cache of `max_len` slots."""
+    cache = init_cache(cfg, tokens_bt.shape[0], max_len, cache_dtype)
+    return decode(params, cfg, tokens_bt, cache, mask_bt)

@@ -1,0 +1,148 @@
+"""One device mesh with axes (data, fsdp, tensor), and the table that maps logical axis names to it.
+
+Model code names only logical axes (`batch, length, embed, heads, kv_heads, head_dim, mlp, vocab, layers`).
+A rules table, a tuple of `(logical_name, mesh_axis | tuple of mesh axes | None)` pairs that comes from the
+config, turns those names into `PartitionSpec`s. Activations are constrained with `constrain(x, axes)`, which
+reads the mesh set by `jax.set_mesh` (a no-op when none is set, so the same model code runs unsharded).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# batch over data x fsdp (FSDP is data parallel for activations), weights' embed dim over fsdp,
+# Megatron-style tensor parallelism on heads / mlp / vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("cache_length", None),
+)
+
+_active_rules: list[tuple[tuple[str, Any], ...]] = [DEFAULT_RULES]
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types, so shardings propagate from logical constraints.
+
+    A size of -1 for `data` takes whatever devices the other two axes leave.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ValueError(f"{len(devices)} devices cannot be split into fsdp={fsdp} x tensor={tensor}")
+        data = len(devices) // (fsdp * tensor)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
+            f"but {len(devices)} are available; change config.mesh so the product matches"
+        )
+    return jax.make_mesh(
+        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+    """Makes `rules` the logical->mesh table for `constrain` and `logical_to_spec` inside the block."""
+    _active_rules.append(tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in rules))
+    try:
+        yield
+    finally:
+        _active_rules.pop()
+
+
+def current_rules() -> tuple[tuple[str, Any], ...]:
+    return _active_rules[-1]
+
+
+def _mesh_axes_for(name: str | None, rules) -> Any:
+    if name is None:
+        return None
+    for logical, mesh_axes in rules:
+        if logical == name:
+            return mesh_axes
+    raise KeyError(f"logical axis {name!r} has no entry in the sharding rules; add ({name!r}, ...) to them")
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh_shape: dict[str, int] | None = None, rules=None) -> P:
+    """Logical axis names -> PartitionSpec. With `shape` and `mesh_shape`, a mesh axis that does not divide
+    its dimension, or that an earlier dimension already uses, is dropped (that dimension stays replicated)."""
+    rules = current_rules() if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        mesh_axes = _mesh_axes_for(name, rules)
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        kept = []
+        for ax in mesh_axes:
+            if ax in used:
+                continue
+            if shape is not None and mesh_shape is not None:
+                size = int(np.prod([mesh_shape[a] for a in kept + [ax]]))
+                if shape[i] % size:
+                    continue
+            kept.append(ax)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def is_axes(x: Any) -> bool:
+    """Leaf test for pytrees of logical-axis tuples."""
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules=None) -> Any:
+    """NamedShardings for a pytree, from its logical axes and shapes (arrays or ShapeDtypeStructs)."""
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh_shape, rules)),
+        logical_tree, shape_tree, is_leaf=is_axes,
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
+    """Sharding for a (batch, ...) array: the batch dim over the rules' batch axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules=rules))
+
+
+def check_sharded(mesh: Mesh, params: Any, min_size: int = 2**14) -> list[str]:
+    """Names of parameters with at least `min_size` elements that end up fully replicated on a mesh of more
+    than one device (MaxText-style guard: large replicated weights waste memory at scale)."""
+    if mesh.size == 1:
+        return []
+    bad = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if x.size >= min_size and x.sharding.is_fully_replicated:
+            bad.append(jax.tree_util.keystr(path))
+    return bad

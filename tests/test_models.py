@@ -1,0 +1,218 @@
+"""Model code against HF transformers in PyTorch: parity per family, KV cache, import/export, sharding, errors."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rlaif_jax import sharding as shd
+from rlaif_jax.models import hf
+from rlaif_jax.models import transformer as tfm
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    # Llama-3 RoPE scaling with a short original context so the scaled, blended and kept bands all occur.
+    "llama": (transformers.LlamaConfig, dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8))),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=None, tie_word_embeddings=True)),
+    "qwen2": (transformers.Qwen2Config, dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+}
+
+# A left-padded batch of three rows with 8, 5 and 3 real tokens.
+LENGTHS = (8, 5, 3)
+T = 8
+
+
+def batch(vocab=97, seed=0):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(3, vocab, size=(len(LENGTHS), T))
+    mask = np.zeros((len(LENGTHS), T), np.int32)
+    for i, n in enumerate(LENGTHS):
+        mask[i, T - n:] = 1
+    return np.where(mask == 1, tokens, 0).astype(np.int32), mask
+
+
+def make_hf_model(family, folder):
+    cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = cls(**{**COMMON, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # perturb every weight so norms and biases are not at their trivial init
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, tokens, mask):
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {f: (str(root / f), make_hf_model(f, str(root / f))) for f in FAMILIES}
+
+
+forward = jax.jit(tfm.forward, static_argnums=1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parity_with_hf(checkpoints, family):
+    folder, model = checkpoints[family]
+    cfg, params = hf.load_model(folder)
+    assert cfg.family == family
+    tokens, mask = batch()
+    ours = np.asarray(forward(params, cfg, tokens, mask).logits)
+    ref = hf_logits(model, tokens, mask)
+    diff = np.abs(ours - ref)[mask == 1].max()
+    print(f"{family}: max |logits - HF| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_kv_cache_decoding_matches_full_forward(checkpoints, family):
+    folder, _ = checkpoints[family]
+    cfg, params = hf.load_model(folder)
+    tokens, mask = batch(seed=1)
+    full = np.asarray(forward(params, cfg, tokens, mask).logits)
+    prompt = 4  # the two shorter rows are still all padding or partly padding here
+    out, cache = jax.jit(tfm.prefill, static_argnums=(1, 4))(params, cfg, tokens[:, :prompt], mask[:, :prompt], T)
+    steps = [np.asarray(out.logits)]
+    step = jax.jit(tfm.decode, static_argnums=1)
+    for t in range(prompt, T):
+        # Rows whose prompt was all padding still see their first real token here, so feed the true mask.
+        out, cache = step(params, cfg, tokens[:, t:t + 1], cache, mask[:, t:t + 1])
+        steps.append(np.asarray(out.logits))
+    cached = np.concatenate(steps, axis=1)
+    assert np.abs(cached - full)[mask == 1].max() <= 1e-5
+    assert int(cache.index) == T
+
+
+def test_round_trip_export_then_hf_load(checkpoints, tmp_path):
+    folder, model = checkpoints["qwen3"]
+    cfg, params = hf.load_model(folder)
+    hf.save_model(params, cfg, str(tmp_path / "export"), max_shard_bytes=20_000)  # forces index sharding
+    assert os.path.exists(tmp_path / "export" / "model.safetensors.index.json")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"),
+                                                                 attn_implementation="eager").eval()
+    tokens, mask = batch()
+    real = mask == 1
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask)[real], hf_logits(model, tokens, mask)[real])
+    cfg2, params2 = hf.load_model(str(tmp_path / "export"))  # and our own importer reads the sharded index
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_sharded_forward_equals_single_device(checkpoints):
+    folder, _ = checkpoints["llama"]
+    cfg, params = hf.load_model(folder)
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    _, sharded = hf.load_model(folder, mesh=mesh)
+    # Weights really are split: q over fsdp (embed) and tensor (heads), the MLP over fsdp and tensor.
+    assert sharded["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert sharded["layers"]["down"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert sharded["embed"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # vocab 97 is odd
+    assert shd.check_sharded(mesh, sharded, min_size=1024) == []
+    assert len(sharded["layers"]["gate"].addressable_shards[0].data.reshape(-1)) == sharded["layers"]["gate"].size // 4
+    tokens, mask = batch()
+    tokens = np.concatenate([tokens, tokens[::-1]], 0)[:4]  # batch 4 divides data x fsdp
+    mask = np.concatenate([mask, mask[::-1]], 0)[:4]
+    with jax.set_mesh(mesh):
+        x = jax.device_put(tokens, shd.batch_sharding(mesh, 2))
+        m = jax.device_put(mask, shd.batch_sharding(mesh, 2))
+        out = jax.jit(tfm.forward, static_argnums=1)(sharded, cfg, x, m)
+    ref = forward(params, cfg, tokens, mask)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5)
+    assert out.logits.sharding.spec[0] == ("data", "fsdp")
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "hello", "world"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                                bos_token="<bos>")
+    folder = tmp_path / "tok"
+    fast.save_pretrained(folder)
+    loaded = hf.load_tokenizer(str(folder))
+    assert loaded("hello world", add_special_tokens=False)["input_ids"] == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    src, _ = checkpoints["llama"]
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_error_unsupported_architecture(broken):
+    edit_config(broken, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*GPT2LMHeadModel"):
+        hf.load_model(str(broken))
+
+
+def test_error_missing_weights(broken):
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(hf.CheckpointError, match="no weights in .*model.safetensors"):
+        hf.load_model(str(broken))
+
+
+def test_error_missing_config(broken):
+    os.remove(broken / "config.json")
+    with pytest.raises(hf.CheckpointError, match="missing config.json"):
+        hf.load_model(str(broken))
+
+
+def test_error_missing_shard_file(checkpoints, tmp_path):
+    folder, _ = checkpoints["qwen2"]
+    cfg, params = hf.load_model(folder)
+    hf.save_model(params, cfg, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+    shard = sorted(f for f in os.listdir(tmp_path / "sharded") if f.startswith("model-"))[1]
+    os.remove(tmp_path / "sharded" / shard)
+    with pytest.raises(hf.CheckpointError, match=f"missing weight file {shard}"):
+        hf.load_model(str(tmp_path / "sharded"))
+
+
+def test_error_missing_tensor(broken):
+    tensors = hf.SafetensorsReader(str(broken))
+    kept = {n: np.array(tensors.get(n)) for n in tensors.names() if n != "model.layers.1.mlp.up_proj.weight"}
+    hf.write_safetensors(str(broken / "model.safetensors"), kept)
+    with pytest.raises(hf.CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        hf.load_model(str(broken))
+
+
+def test_error_shape_mismatch(broken):
+    edit_config(broken, intermediate_size=48)
+    with pytest.raises(hf.CheckpointError,
+                       match=r"shape mismatch for model.layers.0.mlp.gate_proj.weight: checkpoint has \(64, 32\), "
+                             r"config.json implies \(48, 32\)"):
+        hf.load_model(str(broken))
+
+
+def test_error_not_a_folder(tmp_path):
+    with pytest.raises(hf.CheckpointError, match="could not be fetched from the hub"):
+        hf.load_model(str(tmp_path / "no-such-model"))
