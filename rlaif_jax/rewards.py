@@ -1,0 +1,386 @@
+"""Reward shaping: judge scores -> per-token rewards for the RL update (phase 4 of the train step).
+
+Shapes: per-token arrays are `(B, R)` over the response tokens only; `response_mask_br` is 1.0 up to and including
+the first stop token and 0.0 after it (a response that never stopped is all ones). Per-sequence arrays are `(B,)`.
+Everything here is pure, jittable, float32, and never lets padding reach a statistic.
+
+`shape_rewards` applies, in this order:
+
+  1 composite     s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k]
+  2 missing stop  responses without a stop token: s = missing_stop_penalty ("replace") or s += it ("add")
+  3 length        s -= length_penalty * max(length - length_target, 0)   (length_target 0: whole length)
+  4 clip          s = clip(s, -clip, clip)                                (clip 0: off)
+  5 normalise     "whiten": over the batch; "running": by running std across steps (optionally minus mean)
+  6 place         the score goes on the stop token (the last token the mask marks), zeros elsewhere
+  7 KL            if kl_in_reward: r_t -= kl_coef * kl_t on every valid token; otherwise the loss owner adds
+                  `kl_loss_term(...)` (coef * aggregated kl) to the loss and the rewards carry no KL.
+
+The masked reductions (`masked_mean`, `masked_whiten`, `aggregate`) live here, upstream of algorithms.py, which
+imports them: one definition of "mean over valid tokens" for the whole codebase.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SCORE_NORMS = ("none", "whiten", "running")
+MISSING_STOP_MODES = ("replace", "add", "none")
+LOSS_AGGS = ("token_mean", "seq_mean")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `reward` config section."""
+    c = ml_collections.ConfigDict()
+    # --- composite score ---
+    c.judge_weight = 1.0          # weight of the judge's score
+    c.rule_weights = {}           # rule-term name -> weight; set whole dict in an experiment:
+    #                               config.reward.rule_weights = {"format": 0.5}. Every term passed in needs one.
+    # --- penalties ---
+    c.missing_stop_penalty = -1.0  # score for a response with no stop token within max new tokens
+    c.missing_stop_mode = "replace"  # "replace" the score (summarize-from-feedback reproductions) | "add" | "none"
+    c.length_penalty = 0.0        # per token beyond length_target; subtracted from the score
+    c.length_target = 0           # tokens that are free of the length penalty (0: every token costs)
+    c.clip = 0.0                  # clip the score to [-clip, clip]; 0 = off
+    # --- normalisation of the (clipped) score ---
+    c.score_norm = "none"         # "none" | "whiten" (batch mean/std) | "running" (running std across steps)
+    c.norm_subtract_mean = False  # whiten/running: also subtract the (batch/running) mean; False keeps it
+    c.norm_eps = 1e-8
+    # --- KL to the frozen reference policy ---
+    c.kl_estimator = "k1"         # "k1" | "k2" | "k3" (Schulman, "Approximating KL"), used in reward or loss
+    c.kl_in_reward = True         # True: -coef * kl_t per token in the reward; False: coef * kl as a loss term
+    c.kl_coef = 0.05              # initial (or fixed) KL coefficient
+    c.adaptive_kl = False         # Ziegler et al. 2019 proportional controller on the coefficient
+    c.kl_target = 6.0             # target KL per sequence (nats, summed over response tokens)
+    c.kl_horizon = 10000          # controller horizon, in episodes (sequences)
+    return c
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with what to change when the `reward` section is inconsistent."""
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"reward.kl_estimator={cfg.kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+    if cfg.score_norm not in SCORE_NORMS:
+        raise ValueError(f"reward.score_norm={cfg.score_norm!r}; choose one of {SCORE_NORMS}")
+    if cfg.missing_stop_mode not in MISSING_STOP_MODES:
+        raise ValueError(f"reward.missing_stop_mode={cfg.missing_stop_mode!r}; choose one of {MISSING_STOP_MODES}")
+    if cfg.clip < 0:
+        raise ValueError(f"reward.clip={cfg.clip} must be >= 0 (0 turns clipping off)")
+    if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon <= 0):
+        raise ValueError("reward.adaptive_kl needs reward.kl_target > 0 and reward.kl_horizon > 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked statistics (shared with algorithms.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    """sum(x * mask); padding is selected away with `where`, so a NaN/inf there cannot leak in."""
+    return jnp.sum(jnp.where(mask > 0, x.astype(jnp.float32), 0.0), axis=axis)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    """sum(x * mask) / max(sum(mask), 1): mean over valid entries (0 when there are none)."""
+    count = jnp.sum(mask.astype(jnp.float32), axis=axis)
+    return masked_sum(x, mask, axis) / jnp.maximum(count, 1.0)
+
+
+def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Population variance over all valid entries: mean((x - mean)^2) with both means masked."""
+    mean = masked_mean(x, mask)
+    return masked_mean(jnp.square(x.astype(jnp.float32) - mean), mask)
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over valid entries (+ mean back if not shift_mean); padding comes out 0.
+
+    Statistics are population (ddof=0) mean/variance over every valid entry of the array.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return jnp.where(mask > 0, whitened, 0.0)
+
+
+def aggregate(x_br: jax.Array, mask_br: jax.Array, mode: str) -> jax.Array:
+    """Masked reduction of a per-token loss to a scalar.
+
+    token_mean: sum_{b,t} m x / sum_{b,t} m            (every valid token in the batch weighs the same)
+    seq_mean:   mean_{b: L_b>0} [ sum_t m x / L_b ]     (every sequence weighs the same; L_b = sum_t m_bt)
+    """
+    if mode == "token_mean":
+        return masked_mean(x_br, mask_br)
+    if mode == "seq_mean":
+        per_seq_b = masked_mean(x_br, mask_br, axis=-1)
+        has_tokens_b = (jnp.sum(mask_br, axis=-1) > 0).astype(jnp.float32)
+        return masked_mean(per_seq_b, has_tokens_b)
+    raise ValueError(f"loss aggregation {mode!r}; choose one of {LOSS_AGGS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL estimators
+# ---------------------------------------------------------------------------------------------------------------
+
+def kl_estimate(name: str, logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi (Schulman, 2020).
+
+    k1 = logp - logp_ref                     unbiased, high variance, can be negative
+    k2 = 0.5 * (logp - logp_ref)^2           biased, low variance, >= 0
+    k3 = (r - 1) - log r,  r = exp(logp_ref - logp)   unbiased, low variance, >= 0
+    """
+    log_ratio = logp.astype(jnp.float32) - logp_ref.astype(jnp.float32)
+    if name == "k1":
+        return log_ratio
+    if name == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if name == "k3":
+        # expm1 keeps (r - 1) accurate when the policies are close.
+        return jnp.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"KL estimator {name!r}; choose one of {KL_ESTIMATORS}")
+
+
+def all_kl_estimates(logp: jax.Array, logp_ref: jax.Array) -> dict[str, jax.Array]:
+    """{"k1": ..., "k2": ..., "k3": ...}, each shaped like logp (for metrics)."""
+    return {name: kl_estimate(name, logp, logp_ref) for name in KL_ESTIMATORS}
+
+
+def _masked_log_probs(logp_br, logp_ref_br, mask_br):
+    # Padding positions may hold anything (even -inf); set both to 0 there so every estimator gives exactly 0.
+    valid = mask_br > 0
+    return jnp.where(valid, logp_br, 0.0), jnp.where(valid, logp_ref_br, 0.0)
+
+
+def kl_loss_term(logp_br: jax.Array, logp_ref_br: jax.Array, response_mask_br: jax.Array, coef: jax.Array,
+                 estimator: str, loss_agg: str) -> tuple[jax.Array, jax.Array]:
+    """The KL penalty as a loss term (used when `kl_in_reward` is False): coef * aggregate(kl_t).
+
+    `logp_br` are the current policy's (differentiable) log-probs of the sampled tokens; with k3 this is the
+    GRPO-style penalty. `loss_agg` should be the policy loss's own aggregation. Returns (loss, mean kl).
+    """
+    logp_br, logp_ref_br = _masked_log_probs(logp_br, jax.lax.stop_gradient(logp_ref_br), response_mask_br)
+    kl_br = kl_estimate(estimator, logp_br, logp_ref_br)
+    kl = aggregate(kl_br, response_mask_br, loss_agg)
+    return jax.lax.stop_gradient(coef) * kl, kl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL coefficient controller
+# ---------------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class KLControllerState:
+    coef: jax.Array  # () float32, the current KL coefficient
+
+
+def kl_controller_init(cfg: ml_collections.ConfigDict) -> KLControllerState:
+    return KLControllerState(coef=jnp.asarray(cfg.kl_coef, jnp.float32))
+
+
+def kl_controller_update(cfg: ml_collections.ConfigDict, state: KLControllerState, kl: jax.Array,
+                         n_steps: int | jax.Array) -> KLControllerState:
+    """Ziegler et al. 2019 proportional controller (fixed coefficient unless cfg.adaptive_kl):
+
+      error = clip(kl / kl_target - 1, -0.2, 0.2)
+      coef <- coef * (1 + error * n_steps / kl_horizon)
+
+    `kl` is the measured KL per sequence (batch mean of the per-token estimates summed over the response) and
+    `n_steps` the number of episodes it was measured on (the batch size).
+    """
+    if not cfg.adaptive_kl:
+        return state
+    error = jnp.clip(jnp.asarray(kl, jnp.float32) / cfg.kl_target - 1.0, -0.2, 0.2)
+    return KLControllerState(coef=state.coef * (1.0 + error * n_steps / cfg.kl_horizon))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running normaliser
+# ---------------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class RunningNormState:
+    count: jax.Array  # () float32, number of values seen
+    mean: jax.Array   # () float32
+    m2: jax.Array     # () float32, sum of squared deviations from the mean (variance = m2 / count)
+
+
+def running_norm_init() -> RunningNormState:
+    zero = jnp.zeros((), jnp.float32)
+    return RunningNormState(count=zero, mean=zero, m2=zero)
+
+
+def running_norm_update(state: RunningNormState, x_b: jax.Array) -> RunningNormState:
+    """Merge a batch into the running statistics (Chan et al. 1979 parallel algorithm):
+
+      n = n_a + n_b,  delta = mean_b - mean_a
+      mean = mean_a + delta * n_b / n
+      M2   = M2_a + M2_b + delta^2 * n_a * n_b / n
+    """
+    x_b = x_b.astype(jnp.float32).reshape(-1)
+    n_b = jnp.asarray(x_b.shape[0], jnp.float32)
+    mean_b = jnp.mean(x_b)
+    m2_b = jnp.sum(jnp.square(x_b - mean_b))
+    n = state.count + n_b
+    delta = mean_b - state.mean
+    return RunningNormState(
+        count=n,
+        mean=state.mean + delta * n_b / n,
+        m2=state.m2 + m2_b + jnp.square(delta) * state.count * n_b / n,
+    )
+
+
+def running_std(state: RunningNormState) -> jax.Array:
+    """Population standard deviation sqrt(M2 / count) of everything seen (0 before any update)."""
+    return jnp.sqrt(state.m2 / jnp.maximum(state.count, 1.0))
+
+
+def running_normalize(state: RunningNormState, x: jax.Array, subtract_mean: bool, eps: float) -> jax.Array:
+    """x / (std + eps), or (x - mean) / (std + eps), with the running statistics in `state`."""
+    centred = x - state.mean if subtract_mean else x
+    return centred / (running_std(state) + eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def composite_score(cfg: ml_collections.ConfigDict, judge_b: jax.Array,
+                    rule_terms: Mapping[str, jax.Array]) -> jax.Array:
+    """s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k]."""
+    weights = dict(cfg.rule_weights)
+    missing = sorted(set(rule_terms) - set(weights))
+    if missing:
+        raise ValueError(f"rule terms {missing} have no weight; add them to config.reward.rule_weights")
+    score_b = cfg.judge_weight * judge_b.astype(jnp.float32)
+    for name in sorted(rule_terms):  # sorted: a fixed summation order, so results do not depend on dict order
+        score_b = score_b + weights[name] * rule_terms[name].astype(jnp.float32)
+    return score_b
+
+
+def apply_missing_stop(score_b: jax.Array, stopped_b: jax.Array, penalty: float, mode: str) -> jax.Array:
+    """replace: s = stopped ? s : penalty;   add: s = s + (stopped ? 0 : penalty);   none: s."""
+    stopped_b = stopped_b.astype(bool)
+    if mode == "replace":
+        return jnp.where(stopped_b, score_b, penalty)
+    if mode == "add":
+        return score_b + jnp.where(stopped_b, 0.0, penalty)
+    if mode == "none":
+        return score_b
+    raise ValueError(f"missing_stop_mode {mode!r}; choose one of {MISSING_STOP_MODES}")
+
+
+def length_penalty(response_mask_br: jax.Array, coef: float, target: int) -> jax.Array:
+    """Penalty (to subtract from the score) per sequence: coef * max(L - target, 0), L = response length."""
+    length_b = jnp.sum(response_mask_br.astype(jnp.float32), axis=-1)
+    return coef * jnp.maximum(length_b - target, 0.0)
+
+
+def place_at_stop(score_b: jax.Array, response_mask_br: jax.Array) -> jax.Array:
+    """(B, R) with score_b at the last token the mask marks (the stop token, or token R-1 if none), else 0.
+
+    A row with an empty mask gets no reward at all.
+    """
+    length_b = jnp.sum(response_mask_br > 0, axis=-1)
+    positions_r = jnp.arange(response_mask_br.shape[-1])
+    is_last_br = positions_r[None, :] == (length_b - 1)[:, None]  # never true for length 0
+    return jnp.where(is_last_br, score_b[:, None].astype(jnp.float32), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class RewardState:
+    """What reward shaping carries from one step to the next (lives in the train state)."""
+    kl: KLControllerState
+    norm: RunningNormState
+
+
+def init_state(cfg: ml_collections.ConfigDict) -> RewardState:
+    return RewardState(kl=kl_controller_init(cfg), norm=running_norm_init())
+
+
+def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: jax.Array, logp_br: jax.Array,
+                  logp_ref_br: jax.Array, response_mask_br: jax.Array, stopped_b: jax.Array,
+                  rule_terms: Mapping[str, jax.Array] | None = None,
+                  ) -> tuple[jax.Array, RewardState, dict[str, jax.Array]]:
+    """Judge scores -> per-token rewards, in the order of the module docstring.
+
+    scores_b      (B,) judge scores
+    logp_br       (B, R) sampling policy's log-probs of the sampled response tokens
+    logp_ref_br   (B, R) reference policy's log-probs of the same tokens
+    stopped_b     (B,) bool, True where the response contains a stop token
+    rule_terms    name -> (B,) rule-based reward terms, weighted by cfg.rule_weights
+    Returns (token_rewards_br, new_state, metrics). The rewards use the KL coefficient *before* this step's
+    controller update; new_state holds the updated coefficient and running statistics. When kl_in_reward is
+    False, give `kl_loss_term` this step's coefficient, `state.kl.coef` (also in metrics["kl/coef"]).
+    """
+    rule_terms = {} if rule_terms is None else dict(rule_terms)
+    # Rewards are constants for the update: no gradient ever flows into the rollout's or reference's log-probs.
+    scores_b, logp_br, logp_ref_br = jax.lax.stop_gradient((scores_b, logp_br, logp_ref_br))
+    rule_terms = jax.lax.stop_gradient(rule_terms)
+    mask_br = response_mask_br.astype(jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+
+    # 1 composite score
+    score_b = composite_score(cfg, scores_b, rule_terms)
+    metrics["reward/judge"] = jnp.mean(scores_b.astype(jnp.float32))
+    for name, term_b in sorted(rule_terms.items()):
+        metrics[f"reward/rule/{name}"] = jnp.mean(term_b.astype(jnp.float32))
+    metrics["reward/composite"] = jnp.mean(score_b)
+
+    # 2 missing stop token
+    score_b = apply_missing_stop(score_b, stopped_b, cfg.missing_stop_penalty, cfg.missing_stop_mode)
+    metrics["reward/missing_stop_frac"] = 1.0 - jnp.mean(stopped_b.astype(jnp.float32))
+
+    # 3 length penalty
+    penalty_b = length_penalty(mask_br, cfg.length_penalty, cfg.length_target)
+    score_b = score_b - penalty_b
+    metrics["reward/length_penalty"] = jnp.mean(penalty_b)
+    metrics["reward/response_length"] = jnp.mean(jnp.sum(mask_br, axis=-1))
+
+    # 4 clip
+    if cfg.clip > 0:
+        metrics["reward/clipped_frac"] = jnp.mean((jnp.abs(score_b) > cfg.clip).astype(jnp.float32))
+        score_b = jnp.clip(score_b, -cfg.clip, cfg.clip)
+    metrics["reward/score_before_norm"] = jnp.mean(score_b)
+
+    # 5 normalise. The running statistics always track the clipped score (cheap, and worth logging); they are
+    # updated with this batch first, so the very first step is normalised by its own spread.
+    new_norm = running_norm_update(state.norm, score_b)
+    if cfg.score_norm == "whiten":
+        score_b = masked_whiten(score_b, jnp.ones_like(score_b), shift_mean=cfg.norm_subtract_mean,
+                                eps=cfg.norm_eps)
+    elif cfg.score_norm == "running":
+        score_b = running_normalize(new_norm, score_b, cfg.norm_subtract_mean, cfg.norm_eps)
+    elif cfg.score_norm != "none":
+        raise ValueError(f"reward.score_norm={cfg.score_norm!r}; choose one of {SCORE_NORMS}")
+    metrics["reward/score"] = jnp.mean(score_b)
+    metrics["reward/running_mean"] = new_norm.mean
+    metrics["reward/running_std"] = running_std(new_norm)
+
+    # 6 place the score on the stop token
+    token_rewards_br = place_at_stop(score_b, mask_br)
+
+    # 7 KL to the reference
+    logp_br, logp_ref_br = _masked_log_probs(logp_br, logp_ref_br, mask_br)
+    kl_all = all_kl_estimates(logp_br, logp_ref_br)  # each 0 at padding
+    for name, kl_br in kl_all.items():
+        # per sequence (summed over the response), batch mean: the scale kl_target is set in
+        metrics[f"kl/{name}"] = jnp.mean(jnp.sum(kl_br, axis=-1))
+    kl_br = kl_all[cfg.kl_estimator]
+    coef = state.kl.coef
+    if cfg.kl_in_reward:
+        kl_penalty_br = coef * kl_br
+        token_rewards_br = token_rewards_br - kl_penalty_br
+        metrics["reward/kl_penalty"] = jnp.mean(jnp.sum(kl_penalty_br, axis=-1))
+    metrics["kl/coef"] = coef
+    metrics["reward/token_reward_sum"] = jnp.mean(jnp.sum(token_rewards_br, axis=-1))
+
+    new_kl = kl_controller_update(cfg, state.kl, metrics[f"kl/{cfg.kl_estimator}"], scores_b.shape[0])
+    return token_rewards_br, RewardState(kl=new_kl, norm=new_norm), metrics
