@@ -1,0 +1,113 @@
+"""Checkpoints with orbax: periodic, asynchronous, the last N kept, atomic; restore into any mesh.
+
+A checkpoint of step s is the folder workdir/checkpoints/<s>/ with two items:
+  state   the train-state pytree (params, optimizer state, PRNG key, ...), written by every process,
+          each its own shards (orbax StandardSave)
+  extra   a small JSON document: data-loader position, host-side counters, anything else to resume exactly
+
+Atomicity is orbax's: a save is written to `<s>.orbax-checkpoint-tmp*` and renamed to `<s>` once complete
+(on object stores, where rename is not atomic, a commit_success file marks completion). A folder left
+behind by a killed save is therefore never taken for a checkpoint; `cleanup_tmp_directories` removes it
+at the next start.
+
+Restoring takes the abstract target state: a pytree of `jax.ShapeDtypeStruct` carrying the target
+`.sharding`. Orbax reads each shard straight into its place, so a checkpoint written on one mesh shape
+restores onto another (or onto a single device) without ever gathering the whole array on one host.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every_steps = 100  # save when step % every_steps == 0 (the last step is saved with force=True)
+    c.max_to_keep = 3  # older checkpoints are deleted; 0 keeps all
+    c.async_save = True  # write in a background thread while training continues
+    return c
+
+
+def abstract_state(state: Any) -> Any:
+    """The ShapeDtypeStruct pytree (with shardings) of a concrete state, e.g. from `jax.eval_shape` plus
+    shardings, or of arrays already placed on the target mesh."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state
+    )
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `shapes` (e.g. jax.eval_shape(init)) placed on `shardings` (same structure)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+class Checkpointer:
+    """Saves and restores (train state, extra JSON) under workdir/checkpoints.
+
+    Every process constructs it and calls `save` / `restore` with the same arguments (orbax coordinates
+    the processes). Use: `step = ckpt.latest_step()`; if not None, `state, extra = ckpt.restore(step,
+    abstract)`; in the loop `ckpt.save(step, state, extra)`; at the end `ckpt.save(last, ..., force=True)`
+    and `ckpt.close()`.
+    """
+
+    def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        # Save exactly at multiples of every_steps (orbax's default would also save the first step it sees),
+        # and when the cluster signals a preemption.
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(int(cfg.every_steps)),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policy,
+            max_to_keep=int(cfg.max_to_keep) or None,
+            enable_async_checkpointing=bool(cfg.async_save),
+            cleanup_tmp_directories=True,  # remove folders of saves that a kill interrupted
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+
+    def save(self, step: int, state: Any, extra: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+        """Starts saving `state` and `extra` (JSON-serialisable) as step `step` if the interval says so
+        (or `force`); returns whether a save started. Asynchronous: the call returns once the arrays are
+        copied off the accelerator, and the next save (or `wait`) waits for this one to finish."""
+        if step in self.manager.all_steps():  # e.g. a forced final save on an interval step
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
+        )
+        return bool(self.manager.save(int(step), args=args, force=force))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, step: int, abstract: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, extra) of checkpoint `step`, each array read into the sharding of its ShapeDtypeStruct
+        in `abstract` (which may describe another mesh than the one that saved it)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
+        restored = self.manager.restore(int(step), args=args)
+        return restored["state"], dict(restored["extra"] or {})
+
+    def wait(self) -> None:
+        """Blocks until the save in flight, if any, is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,397 @@
+"""Prompt datasets: files or hub datasets -> token ids -> per-process batches -> global arrays.
+
+Pipeline (`load_prompt_splits`):
+  1. load     local .json / .jsonl / .parquet / .csv / .arrow files (or a glob of them), a folder written by
+              `Dataset.save_to_disk`, or a hub dataset name + split, all through the `datasets` library
+  2. text     the prompt is one column (`prompt_field`: a string, or a list of chat messages
+              `[{"role", "content"}, ...]`), or several columns combined by `prompt_format`
+              ("Question: {question}\\nContext: {context}")
+  3. reject   rows whose prompt is missing, None or blank are dropped and counted
+  4. tokenize optionally through the tokenizer's chat template (with the generation prompt appended);
+              prompts longer than `max_prompt_len` tokens are cut from the left (the end, which holds the
+              question and the assistant header, is kept) and counted
+  5. eval     a held-out split: another file / hub split, or a seeded fraction of the training rows
+
+`PromptLoader` turns a `PromptDataset` into fixed-shape, left-padded batches. Its position is two integers
+(`LoaderState(epoch, index)`): epoch e visits the rows in the order of a permutation seeded with `seed + e`,
+so a restored loader yields exactly the batches the original would have. With several processes each one
+builds only its own contiguous slice of every global batch (process p holds rows [p*b, (p+1)*b) of the
+global batch, b = global_batch // process_count), and `to_global` assembles the slices into one jax.Array
+with `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import string
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+# Columns added to the dataset; every original column is kept for host-side lookups (e.g. ground truth).
+PROMPT_TEXT = "prompt_text"
+PROMPT_IDS = "prompt_ids"
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Local file (.json/.jsonl/.parquet/.csv/.arrow, globs allowed), a save_to_disk folder, or a hub name.
+    c.path = ""
+    c.name = ""  # hub dataset configuration name ("" = default)
+    c.split = "train"  # split (slices like "train[:1000]" work); local files hold a single "train" split
+    c.prompt_field = "prompt"  # column with the prompt text, or with a list of chat messages
+    c.prompt_format = ""  # if set, a str.format template over columns; replaces prompt_field
+    c.use_chat_template = False  # wrap the prompt as a user turn with the tokenizer's chat template
+    c.system_prompt = ""  # with the chat template: an optional system turn before the user turn
+    c.add_special_tokens = True  # without the chat template: let the tokenizer add BOS etc.
+    c.max_prompt_len = 256  # prompt length P of every batch; longer prompts are cut from the left
+    c.seed = 0  # shuffling (epoch e uses seed + e) and the eval_fraction split
+    c.shuffle = True
+    c.num_epochs = 0  # passes over the training prompts; 0 = unlimited
+    # Held-out prompts: eval_path (+ eval_split), else eval_split of `path`, else a fraction of the rows.
+    c.eval_path = ""
+    c.eval_split = ""
+    c.eval_fraction = 0.0
+    c.eval_max_prompts = 0  # keep at most this many eval prompts (0 = all)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _is_local(path: str) -> bool:
+    return os.path.exists(path) or bool(glob.glob(path))
+
+
+def load_raw(path: str, split: str = "train", name: str = "") -> Any:
+    """A `datasets.Dataset` from a local file / glob / save_to_disk folder, or from a hub dataset name."""
+    import datasets
+
+    if not path:
+        raise ValueError("config.data.path is empty; set it to a .jsonl/.json/.parquet/.csv file or a hub name")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[split]
+        return loaded
+    if _is_local(path):
+        files = sorted(glob.glob(path)) if not os.path.exists(path) else [path]
+        exts = {os.path.splitext(f[:-3] if f.endswith(".gz") else f)[1].lower() for f in files}
+        builders = {_LOCAL_BUILDERS.get(e) for e in exts}
+        if len(builders) != 1 or None in builders:
+            raise ValueError(
+                f"data file(s) {path!r} have extension(s) {sorted(exts)}; use one of {sorted(_LOCAL_BUILDERS)}"
+            )
+        return datasets.load_dataset(builders.pop(), data_files=files, split=split)
+    return datasets.load_dataset(path, name or None, split=split)
+
+
+def _format_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _is_blank(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple)):  # chat messages: blank when every content is blank
+        return all(_is_blank(m.get("content") if isinstance(m, dict) else m) for m in value)
+    return False
+
+
+class _PromptSource:
+    """Reads one row's prompt: a column value (text or chat messages) or a template over columns."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, columns: list[str]):
+        self.template = cfg.prompt_format
+        self.fields = _format_fields(self.template) if self.template else [cfg.prompt_field]
+        missing = [f for f in self.fields if f not in columns]
+        if missing:
+            raise ValueError(
+                f"prompt column(s) {missing} not in the dataset columns {columns}; "
+                "set config.data.prompt_field or config.data.prompt_format"
+            )
+
+    def __call__(self, row: dict[str, Any]) -> Any:
+        """The prompt (str or list of messages), or None when any field it uses is missing or blank."""
+        values = {f: row.get(f) for f in self.fields}
+        if any(_is_blank(v) for v in values.values()):
+            return None
+        if self.template:
+            return self.template.format(**values)
+        return values[self.fields[0]]
+
+
+def _messages(prompt: Any, system_prompt: str) -> list[dict[str, str]]:
+    msgs = list(prompt) if isinstance(prompt, (list, tuple)) else [{"role": "user", "content": prompt}]
+    if system_prompt and not (msgs and msgs[0].get("role") == "system"):
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    return msgs
+
+
+def render_prompt(prompt: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) -> str:
+    """The text the policy sees: the chat template (with the assistant header appended) or the raw prompt."""
+    if cfg.use_chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("config.data.use_chat_template is set but the tokenizer has no chat_template")
+        return tokenizer.apply_chat_template(
+            _messages(prompt, cfg.system_prompt), add_generation_prompt=True, tokenize=False
+        )
+    if not isinstance(prompt, str):
+        raise ValueError("prompts given as chat messages need config.data.use_chat_template=True")
+    return prompt
+
+
+def left_truncate(ids: list[int], max_len: int) -> tuple[list[int], bool]:
+    """Keeps the last `max_len` tokens: ids[-max_len:]; returns (ids, was_truncated)."""
+    if len(ids) <= max_len:
+        return list(ids), False
+    return list(ids[len(ids) - max_len:]), True
+
+
+@dataclass
+class PromptDataset:
+    """Tokenized prompts (columns PROMPT_TEXT, PROMPT_IDS + the original ones) and what loading did."""
+
+    dataset: Any  # datasets.Dataset
+    max_prompt_len: int
+    pad_id: int
+    num_loaded: int  # rows read
+    num_rejected: int  # rows dropped: prompt missing, None or blank
+    num_truncated: int  # kept rows whose prompt was cut from the left to max_prompt_len tokens
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def rows(self, indices: Any) -> list[dict[str, Any]]:
+        """Host-side lookup of full rows (e.g. a ground-truth column) by the `index_b` of a batch."""
+        return [self.dataset[int(i)] for i in np.asarray(indices)]
+
+    def summary(self) -> str:
+        return (f"{len(self)} prompts kept of {self.num_loaded}: {self.num_rejected} rejected (missing or "
+                f"empty), {self.num_truncated} left-truncated to {self.max_prompt_len} tokens")
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) -> PromptDataset:
+    """Reject blank prompts, render and tokenize the rest, left-truncate, and count both."""
+    num_loaded = len(raw)
+    source = _PromptSource(cfg, list(raw.column_names))
+    max_len = int(cfg.max_prompt_len)
+    if max_len <= 0:
+        raise ValueError(f"config.data.max_prompt_len must be positive, got {max_len}")
+
+    def keep(batch: dict[str, list]) -> list[bool]:
+        n = len(next(iter(batch.values())))
+        return [source({k: v[i] for k, v in batch.items()}) is not None for i in range(n)]
+
+    kept = raw.filter(keep, batched=True, desc="reject empty prompts")
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        texts = [render_prompt(source({k: v[i] for k, v in batch.items()}), tokenizer, cfg) for i in range(n)]
+        # The chat template already carries BOS and friends; plain text gets them from the tokenizer.
+        add_special = bool(cfg.add_special_tokens) and not cfg.use_chat_template
+        ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+        cut = [left_truncate(x, max_len) for x in ids]
+        return {PROMPT_TEXT: texts, PROMPT_IDS: [c[0] for c in cut], "_truncated": [c[1] for c in cut]}
+
+    tokenized = kept.map(tokenize, batched=True, desc="tokenize prompts")
+    num_truncated = int(sum(tokenized["_truncated"]))
+    tokenized = tokenized.remove_columns("_truncated")
+    empty = sum(len(x) == 0 for x in tokenized[PROMPT_IDS])
+    if empty:
+        raise ValueError(f"{empty} prompts tokenized to zero tokens; check the tokenizer and prompt fields")
+    return PromptDataset(
+        dataset=tokenized, max_prompt_len=max_len, pad_id=pad_token_id(tokenizer), num_loaded=num_loaded,
+        num_rejected=num_loaded - len(kept), num_truncated=num_truncated,
+    )
+
+
+class PromptSplits(NamedTuple):
+    train: PromptDataset
+    eval: PromptDataset | None
+
+
+def load_prompt_splits(cfg: ml_collections.ConfigDict, tokenizer: Any) -> PromptSplits:
+    """Train prompts and held-out eval prompts (None when no eval source is configured)."""
+    raw = load_raw(cfg.path, cfg.split, cfg.name)
+    raw_eval = None
+    if cfg.eval_path:
+        raw_eval = load_raw(cfg.eval_path, cfg.eval_split or "train", cfg.name)
+    elif cfg.eval_split:
+        raw_eval = load_raw(cfg.path, cfg.eval_split, cfg.name)
+    elif cfg.eval_fraction > 0:
+        if not 0 < cfg.eval_fraction < 1:
+            raise ValueError(f"config.data.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+        parts = raw.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed, shuffle=True)
+        raw, raw_eval = parts["train"], parts["test"]
+    if raw_eval is not None and cfg.eval_max_prompts > 0 and len(raw_eval) > cfg.eval_max_prompts:
+        raw_eval = raw_eval.select(range(cfg.eval_max_prompts))
+    train = prepare_prompts(raw, tokenizer, cfg)
+    held_out = prepare_prompts(raw_eval, tokenizer, cfg) if raw_eval is not None else None
+    return PromptSplits(train, held_out)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class PromptBatch(NamedTuple):
+    """One process's rows of a global batch (numpy), or after `to_global` the whole batch (jax.Array)."""
+
+    tokens_bp: Any  # (b, P) int32, left-padded with the pad id
+    mask_bp: Any  # (b, P) int32, 1 = real token
+    valid_b: Any  # (b,) int32, 0 = filler row of a final partial eval batch (a copy of a real prompt)
+    index_b: Any  # (b,) int32, row of the PromptDataset (for host-side lookups)
+
+
+class LoaderState(NamedTuple):
+    """The loader's whole position: the next batch is batch `index` of epoch `epoch`."""
+
+    epoch: int
+    index: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LoaderState":
+        return cls(int(d["epoch"]), int(d["index"]))
+
+
+def left_pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of shape (len(seqs), length): sequence i fills the last len(seqs[i]) positions."""
+    tokens = np.full((len(seqs), length), pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        if len(s) > length:
+            raise ValueError(f"sequence of {len(s)} tokens does not fit in {length}")
+        if len(s):
+            tokens[i, length - len(s):] = s
+            mask[i, length - len(s):] = 1
+    return tokens, mask
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Row order of one epoch: a permutation drawn with seed `seed + epoch`, or 0..N-1 unshuffled."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng(seed + epoch).permutation(num_rows)
+
+
+class PromptLoader:
+    """Fixed-shape batches of this process's rows, epoch after epoch, with a restorable position.
+
+    `drop_last=True` (training) skips the N mod global_batch rows left over at the end of each epoch so
+    every batch is full; `drop_last=False` (eval) fills the last batch with copies of its first row marked
+    `valid_b = 0`. `num_epochs=0` repeats forever.
+    """
+
+    def __init__(self, prompts: PromptDataset, global_batch_size: int, *, process_index: int | None = None,
+                 process_count: int | None = None, seed: int = 0, shuffle: bool = True, num_epochs: int = 0,
+                 drop_last: bool = True):
+        self.prompts = prompts
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size % self.process_count:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the process count "
+                             f"{self.process_count}")
+        n = len(prompts)
+        if n == 0 or (drop_last and n < global_batch_size):
+            raise ValueError(f"{n} prompts cannot fill one batch of {global_batch_size}; lower the batch size "
+                             "or add prompts")
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // self.process_count
+        self.seed, self.shuffle, self.num_epochs, self.drop_last = seed, shuffle, num_epochs, drop_last
+        self.batches_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
+        self._state = LoaderState(0, 0)
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+        self._ids = prompts.dataset.select_columns([PROMPT_IDS])  # a view: the batches need only the ids
+
+    # --- position
+    def state(self) -> LoaderState:
+        return self._state
+
+    def restore(self, state: LoaderState | dict[str, Any]) -> None:
+        state = LoaderState.from_json(state) if isinstance(state, dict) else LoaderState(*state)
+        if not 0 <= state.index <= self.batches_per_epoch or state.epoch < 0:
+            raise ValueError(f"loader position {state} does not fit {self.batches_per_epoch} batches per "
+                             "epoch; was the checkpoint written with another batch size or dataset?")
+        self._state = state
+
+    # --- iteration
+    def __iter__(self) -> Iterator[PromptBatch]:
+        return self
+
+    def __len__(self) -> int:
+        """Batches left until the last epoch ends (unlimited epochs: the rest of the current one)."""
+        epoch, index = self._state
+        left = self.batches_per_epoch - index
+        if self.num_epochs:
+            left += (self.num_epochs - epoch - 1) * self.batches_per_epoch
+        return max(left, 0)
+
+    def _rows_of(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's dataset rows of global batch `index` of `epoch`, and their validity."""
+        if self._order_epoch != epoch:
+            self._order = epoch_order(len(self.prompts), self.seed, epoch, self.shuffle)
+            self._order_epoch = epoch
+        global_rows = self._order[index * self.global_batch_size:(index + 1) * self.global_batch_size]
+        valid = np.ones(self.global_batch_size, np.int32)
+        if len(global_rows) < self.global_batch_size:  # last partial eval batch
+            valid[len(global_rows):] = 0
+            filler = np.full(self.global_batch_size - len(global_rows), global_rows[0])
+            global_rows = np.concatenate([global_rows, filler])
+        lo = self.process_index * self.local_batch_size
+        hi = lo + self.local_batch_size
+        return global_rows[lo:hi], valid[lo:hi]
+
+    def __next__(self) -> PromptBatch:
+        epoch, index = self._state
+        if index >= self.batches_per_epoch:
+            epoch, index = epoch + 1, 0
+        if self.num_epochs and epoch >= self.num_epochs:
+            raise StopIteration
+        rows, valid = self._rows_of(epoch, index)
+        # Only this process's rows are materialised from the (memory-mapped) dataset.
+        ids = self._ids[rows.tolist()][PROMPT_IDS]
+        tokens, mask = left_pad(ids, self.prompts.max_prompt_len, self.prompts.pad_id)
+        self._state = LoaderState(epoch, index + 1)
+        return PromptBatch(tokens, mask, valid, rows.astype(np.int32))
+
+
+def load_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any, global_batch_size: int, *,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> tuple[PromptLoader, PromptLoader | None]:
+    """Training loader (shuffled, `cfg.num_epochs`) and eval loader (one ordered pass, all rows) or None."""
+    splits = load_prompt_splits(cfg, tokenizer)
+    train = PromptLoader(splits.train, global_batch_size, process_index=process_index,
+                         process_count=process_count, seed=cfg.seed, shuffle=cfg.shuffle,
+                         num_epochs=cfg.num_epochs, drop_last=True)
+    held_out = None
+    if splits.eval is not None:
+        held_out = PromptLoader(splits.eval, global_batch_size, process_index=process_index,
+                                process_count=process_count, shuffle=False, num_epochs=1, drop_last=False)
+    return train, held_out
+
+
+def to_global(batch: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Process-local numpy rows -> global jax.Arrays (each leaf's leading axis sharded by `sharding`).
+
+    Every process passes its own rows; each lands at the batch positions its devices own, which for a mesh
+    from `sharding.make_mesh` (devices grouped by process) is the concatenation in process order.
+    A sharding such as `sharding.batch_sharding(mesh, 1)` (P(('data', 'fsdp'))) serves leaves of any rank.
+    """
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

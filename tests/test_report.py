@@ -1,0 +1,73 @@
+"""scripts/report.py on two small fake runs: PNGs for the curves present, and the summary table."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "report.py")
+
+spec = importlib.util.spec_from_file_location("report", SCRIPT)
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def write_run(path, records, torn_tail=False):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        if torn_tail:
+            f.write('{"step": 9, "judge')
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = [{"step": s, "judge_score": v, "kl": 0.1 * s, "response_length": 10 + s}
+         for s, v in zip(range(1, 7), [0.1, 0.3, 0.6, 0.5, 0.4, 0.45])]
+    a += [{"step": 3, "eval/judge_score": 0.5, "eval/win_rate": 0.6},
+          {"step": 6, "eval/judge_score": 0.7, "eval/win_rate": 0.55}]
+    b = [{"step": s, "judge_score": 0.2 * s, "kl": 0.05 * s} for s in range(1, 5)]
+    b += [{"step": 4, "eval/judge_score": 0.65, "eval/gt_pass_rate": 0.25}]
+    write_run(tmp_path / "run_a", a, torn_tail=True)
+    write_run(tmp_path / "run_b", b)
+    return str(tmp_path / "run_a"), str(tmp_path / "run_b")
+
+
+def test_cli_writes_pngs_and_table(tmp_path, two_runs):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, *two_runs, "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import matplotlib.image
+
+    expected = {"judge_score", "kl", "response_length", "eval_judge_score", "eval_gt_pass_rate", "eval_win_rate"}
+    assert {f[:-4] for f in os.listdir(out) if f.endswith(".png")} == expected  # eval/kl etc. never logged
+    for name in expected:
+        img = matplotlib.image.imread(out / f"{name}.png")
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a real, non-blank picture
+    table = (out / "summary.md").read_text()
+    assert table.split("\n", 2)[2] == proc.stdout.strip() + "\n"
+    rows = [line.split(" | ") for line in proc.stdout.strip().splitlines()]
+    header = [h.strip("| ") for h in rows[0]]
+    cells = {r[0].strip("| "): dict(zip(header, (c.strip("| ") for c in r))) for r in rows[2:]}
+    ra, rb = cells["run_a"], cells["run_b"]
+    assert ra["last step"] == "6" and rb["last step"] == "4"
+    assert ra["judge_score final"] == "0.45" and ra["judge_score best (step)"] == "0.6 (3)"
+    assert rb["judge_score final"] == "0.8" and rb["judge_score best (step)"] == "0.8 (4)"
+    assert ra["kl final"] == "0.6" and rb["kl final"] == "0.2" and "kl best (step)" not in header
+    assert ra["eval/judge_score final"] == "0.7" and ra["eval/win_rate best (step)"] == "0.6 (3)"
+    assert ra["eval/gt_pass_rate final"] == "-" and rb["eval/gt_pass_rate final"] == "0.25"
+    assert rb["response_length final"] == "-"
+
+
+def test_series_ema_best():
+    recs = [{"step": 2, "x": 1.0}, {"step": 1, "x": 3.0}, {"step": 2, "x": 2.0}, {"step": 3, "y": 1.0}]
+    assert report.series(recs, "x") == ([1, 2], [3.0, 2.0])  # sorted, the later record for a step wins
+    # alpha 0.5 on [2, 4]: m1 = 1 -> 1/0.5 = 2; m2 = 0.5 + 2 = 2.5 -> 2.5/0.75
+    assert report.ema([2.0, 4.0], 0.5) == pytest.approx([2.0, 2.5 / 0.75])
+    assert report.best([1, 2, 3], [0.5, float("nan"), 0.2], -1) == (0.2, 3)
+    assert report.best([1, 2], [0.5, 0.5], +1) == (0.5, 1) and report.best([1], [1.0], 0) is None
+    assert report.labels_for(["/x/a/run", "/y/b/run"]) == ["/x/a/run", "/y/b/run"]
