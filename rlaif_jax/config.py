@@ -20,7 +20,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def base_config() -> ml_collections.ConfigDict:
     """Every section with its defaults (unlocked; experiments lock it after their changes)."""
-    from rlaif_jax import data, judging, metrics, rollout
+    from rlaif_jax import checkpoint, data, judging, metrics, rollout
 
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo = algorithms.default_config()
     c.data = data.default_config()
     c.logging = metrics.default_config()
+    c.checkpoint = checkpoint.default_config()
+    c.eval = eval_config()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5
@@ -62,13 +64,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8             # prompts per step (x rollout.n_samples responses)
     c.train.steps = 100
-    c.train.eval_every = 25            # 0 = only at the end
-    c.train.eval_prompts = 32
-    c.train.checkpoint_every = 25      # 0 = off
-    c.train.keep_checkpoints = 2
     c.train.export_final = True        # write the final policy as an HF folder in workdir/final_policy
     c.train.allow_tokenizer_mismatch = False  # judge tokenizer differs: allow the host re-tokenisation path
     return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """Defaults of `config.eval` (the held-out evaluation of train.py)."""
+    e = ml_collections.ConfigDict()
+    e.every = 25            # evaluate every N steps (and after the last); 0 = never
+    e.max_prompts = 64      # held-out prompts per evaluation (rounded up to whole batches)
+    e.win_rate = True       # pairwise judge: current policy vs the initial policy, both orders
+    e.pairwise_template = ""  # "" = judging's default pairwise template
+    e.num_samples_logged = 16
+    # A ground-truth grader the judge never sees: "module:function" taking (prompt_texts, response_texts) and
+    # returning {metric: per-example list}; "" = none.
+    e.ground_truth = ""
+    return e
 
 
 def _check_choice(value, choices, name):

@@ -1,0 +1,296 @@
+"""The one compiled RLAIF step: rollout -> judge -> reference/values -> shaping -> advantages -> update.
+
+    train_step(state, frozen, prompts_bp, prompt_mask_bp) -> (state, metrics)
+
+is one `jax.jit` with in/out shardings on the mesh and `state` donated. Python only feeds prompts in and
+reads metrics out. The phases are separate functions so that (a) the host-judge path (judge tokenizer differs
+from the policy's) can run `rollout_phase` and `learn_phase` as two programs with host re-tokenisation between
+them, and (b) the step benchmark can compile each phase alone.
+
+Trainable params are one pytree, `state.params`:
+  {"policy": ...}                                        critic.kind == "none"   (GRPO, RLOO)
+  {"policy": ..., "value_head": {kernel, bias}}          critic.kind == "value_head" (shares the backbone)
+  {"policy": ..., "critic": {"backbone": ..., "head": ...}}   critic.kind == "separate"
+One optax optimiser updates all of it; the frozen reference and judge live in `frozen`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from rlaif_jax import algorithms, judging, rewards
+from rlaif_jax import rollout as rollout_lib
+from rlaif_jax import sharding as shd
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Params            # trainable: policy (+ value head or separate critic)
+    opt_state: Any
+    reward: rewards.RewardState  # KL controller and running score statistics
+    rng: jax.Array            # split once per step; never a constant key inside the step
+    step: jax.Array           # () int32, completed steps
+    skipped_updates: jax.Array  # () int32, optimizer updates dropped by the non-finite guard
+
+
+@flax.struct.dataclass
+class Frozen:
+    reference: Params         # the initial policy, frozen
+    judge: Params             # judge params (and value head in reward-model mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The static (hashable) description of every model in the step."""
+    policy: ModelConfig
+    judge: ModelConfig
+    critic: ModelConfig | None = None  # separate critic's backbone config
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_bp, response_br, response_mask_br,
+                      temperature: float):
+    """One full forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
+    logits at the response positions (B, R, V) and the hidden states that precede each response token."""
+    P = prompt_bp.shape[1]
+    tokens = jnp.concatenate([prompt_bp, response_br], axis=1)
+    mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(prompt_mask_bp.dtype)], axis=1)
+    out = tfm.forward(params, cfg, tokens, mask)
+    # Position P - 1 + t holds the logits that predict response token t.
+    logits_brv = out.logits[:, P - 1:-1] / temperature
+    logp_brv = jax.nn.log_softmax(logits_brv, axis=-1)
+    logp_br = jnp.take_along_axis(logp_brv, response_br[..., None], axis=-1)[..., 0]
+    return logp_br, logits_brv, out.hidden[:, P - 1:-1]
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
+    """AdamW with warm-up then a constant / linear / cosine schedule, after global-norm clipping."""
+    o = c.optim
+    decay_steps = max(total_updates - o.warmup_steps, 1)
+    if o.schedule == "constant":
+        after = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "linear":
+        after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
+                                    [o.warmup_steps]) if o.warmup_steps else after
+    chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return optax.chain(*chain)
+
+
+def total_updates(c: ml_collections.ConfigDict) -> int:
+    return c.train.steps * c.algo.epochs * c.algo.minibatches
+
+
+def init_trainable(c: ml_collections.ConfigDict, models: Models, policy_params: Params, key: jax.Array,
+                   critic_params: Params | None = None) -> Params:
+    """The trainable pytree for `c.critic.kind` (see the module docstring)."""
+    trainable = {"policy": policy_params}
+    if c.critic.kind == "value_head":
+        trainable["value_head"] = tfm.init_value_head(models.policy, key)
+    elif c.critic.kind == "separate":
+        if critic_params is None:  # initialised from the policy: a copy that trains on its own
+            critic_params = {"backbone": jax.tree.map(jnp.copy, policy_params),
+                             "head": tfm.init_value_head(models.policy, key)}
+        trainable["critic"] = critic_params
+    return trainable
+
+
+def init_state(c: ml_collections.ConfigDict, models: Models, policy_params: Params, key: jax.Array,
+               critic_params: Params | None = None) -> TrainState:
+    """A fresh train state. Jit it (see `init_state_sharded`) so every array is created in place."""
+    init_key, rng = jax.random.split(key)
+    trainable = init_trainable(c, models, policy_params, init_key, critic_params)
+    optimizer = make_optimizer(c, total_updates(c))
+    return TrainState(params=trainable, opt_state=optimizer.init(trainable), reward=rewards.init_state(c.reward),
+                      rng=rng, step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32))
+
+
+def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,
+            prompt_mask_bp, response_br, response_mask_br):
+    """Critic values V(s_t) at the state before each response token, (B, R) float32 (zeros without a critic)."""
+    if c.critic.kind == "value_head":
+        return tfm.apply_value_head(params["value_head"], policy_hidden_brd)
+    if c.critic.kind == "separate":
+        ccfg = models.critic or models.policy
+        _, _, hidden = response_logprobs(params["critic"]["backbone"], ccfg, prompt_bp, prompt_mask_bp,
+                                         response_br, response_mask_br, 1.0)
+        return tfm.apply_value_head(params["critic"]["head"], hidden)
+    return jnp.zeros(response_br.shape, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------- phases
+def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, params: Params, prompts_bp, prompt_mask_bp,
+                  key) -> rollout_lib.Rollout:
+    """Phase 1: the policy samples responses (n per prompt, one prefill)."""
+    return rollout_lib.rollout(params["policy"], models.policy, prompts_bp, prompt_mask_bp, key, sampling)
+
+
+def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key) -> tuple[TrainState, dict]:
+    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update."""
+    temperature = c.rollout.temperature
+    prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
+    resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
+
+    # 3 reference log-probs, the policy's own log-probs before the update ("old"), critic values
+    ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature)
+    old_logp, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
+                                                temperature)
+    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask)
+    ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
+
+    # 4 shaping: scores -> per-token rewards (KL, penalties, normalisation)
+    token_rewards, reward_state, reward_metrics = rewards.shape_rewards(
+        c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b)
+
+    # 5 advantages
+    adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, None, rmask, c.rollout.n_samples)
+
+    # 6 update: lax.scan over epochs x minibatches, each minibatch over grad_accum micro-batches
+    kl_coef = state.reward.kl.coef
+    data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
+                old_values=old_values, advantages=adv.advantages_br, returns=adv.returns_br)
+    B = resp.shape[0]
+    mb, accum = c.algo.minibatches, c.optim.grad_accum
+    optimizer = make_optimizer(c, total_updates(c))
+
+    def loss_fn(params, d):
+        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
+                                                 d["resp"], d["rmask"], temperature)
+        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
+        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
+        loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
+        if c.critic.kind != "none":
+            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"])
+            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo)
+            loss, metrics = loss + v_loss, {**metrics, **v_metrics}
+        if not c.reward.kl_in_reward:
+            kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
+                                               c.algo.loss_agg)
+            loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def minibatch_update(carry, d):
+        params, opt_state, skipped = carry
+        # Micro-batches: average gradients of `accum` slices before one optimizer update.
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), d)
+
+        def accumulate(acc, m):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, m)), None
+
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # Non-finite guard: a NaN/inf loss or gradient leaves params and optimizer state as they were.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (new_params, new_opt_state), (params, opt_state))
+        metrics = {**metrics, "optim/loss": loss, "optim/grad_norm": grad_norm}
+        return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
+
+    def epoch(carry, epoch_key):
+        perm = jax.random.permutation(epoch_key, B)
+        shuffled = jax.tree.map(lambda x: x[perm].reshape((mb, B // mb) + x.shape[1:]), data)
+        return jax.lax.scan(minibatch_update, carry, shuffled)
+
+    (params, opt_state, skipped), update_metrics = jax.lax.scan(
+        epoch, (state.params, state.opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, c.algo.epochs))
+    # Averaged over every update of the step, except the NaN-safe ones averaged only where finite.
+    update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
+
+    lengths = rmask.sum(-1)
+    metrics = {
+        **judge_metrics, **reward_metrics, **update_metrics,
+        "judge/score": jnp.mean(scores_b),
+        "response/length": jnp.mean(lengths),
+        "response/stopped_frac": jnp.mean(roll.stopped_b.astype(jnp.float32)),
+        # Rollout sampled with the cache; the training forward recomputes without it: they should agree.
+        "policy/logp_mismatch": rewards.masked_mean(jnp.abs(roll.policy_logp_br - old_logp), rmask),
+        "value/explained_variance_before": algorithms.explained_variance(old_values, adv.returns_br, rmask),
+        "guard/skipped_updates": skipped,
+    }
+    if c.critic.kind == "none":
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("value/")}
+    new_state = state.replace(params=params, opt_state=opt_state, reward=reward_state, step=state.step + 1,
+                              skipped_updates=state.skipped_updates + skipped)
+    return new_state, metrics
+
+
+def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec) -> Callable:
+    """The un-jitted fused step: all six phases in one function (see `make_train_step`)."""
+    sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
+
+    def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
+        rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
+        roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
+        scores_b, judge_metrics = judging.score(frozen.judge, models.judge, judge_spec, roll.prompt_tokens_bp,
+                                                roll.prompt_mask_bp, roll.response_tokens_br,
+                                                roll.response_mask_br, k_judge)
+        judge_metrics = judge_metrics.summary(judge_spec)
+        new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
+        return new_state.replace(rng=rng), metrics
+
+    return step
+
+
+def make_train_step(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec,
+                    mesh: jax.sharding.Mesh, state_shardings, frozen_shardings) -> Callable:
+    """`train_step(state, frozen, prompts_bp, prompt_mask_bp) -> (state, metrics)`, one jax.jit with in/out
+    shardings on `mesh` and the state donated: it compiles once per run."""
+    batch = shd.batch_sharding(mesh, 2)
+    return jax.jit(make_step_fn(c, models, judge_spec),
+                   in_shardings=(state_shardings, frozen_shardings, batch, batch),
+                   out_shardings=(state_shardings, shd.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec,
+                         mesh: jax.sharding.Mesh, state_shardings, frozen_shardings, policy_tokenizer,
+                         judge_tokenizer) -> Callable:
+    """The step when the judge's tokenizer differs from the policy's: two compiled programs (rollout; learn)
+    with host-side decode -> render -> re-tokenise -> judge forward between them. Same signature and the same
+    PRNG stream as the fused step, so both paths sample the same responses."""
+    sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
+    batch, replicated = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(state_shardings, batch, batch))
+    def sample(state, prompts_bp, prompt_mask_bp):
+        rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
+        return rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll), (
+            rng, k_judge, k_update)
+
+    @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+    def learn(state, frozen, roll, scores_b, judge_metrics, keys):
+        rng, _, k_update = keys
+        new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
+        return new_state.replace(rng=rng), metrics
+
+    def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
+        roll, keys = sample(state, prompts_bp, prompt_mask_bp)
+        scores_b, judge_metrics = judging.score_host(
+            frozen.judge, models.judge, judge_spec, policy_tokenizer, judge_tokenizer, roll.prompt_tokens_bp,
+            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, keys[1])
+        return learn(state, frozen, roll, scores_b, judge_metrics.summary(judge_spec), keys)
+
+    return step

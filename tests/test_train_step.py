@@ -1,0 +1,168 @@
+"""The compiled RLAIF step on tiny models: one compilation, 1 vs 8 devices, learning, KL, the NaN guard."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlaif_jax import config as config_lib
+from rlaif_jax import judging
+from rlaif_jax import sharding as shd
+from rlaif_jax import train
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny.make_world(str(tmp_path_factory.mktemp("world")))
+
+
+def make_config(world, **overrides):
+    c = config_lib.base_config()
+    c.policy.path = world["policy"]
+    c.judge.path = world["judge"]
+    c.judge.mode = "pointwise"
+    c.judge.template = tiny.TEMPLATE
+    c.judge.max_len = 24
+    c.data.path = world["prompts"]
+    c.data.max_prompt_len = 6
+    c.rollout.max_new_tokens = 6
+    c.train.batch_size = 8
+    c.train.steps = 40
+    c.optim.learning_rate = 3e-3
+    c.optim.max_grad_norm = 1.0
+    c.reward.kl_coef = 0.01
+    c.reward.missing_stop_mode = "none"
+    c.algo.epochs = 2
+    c.algo.minibatches = 2
+    c.algo.vf_coef = 0.5
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def prompts(world, n=8, seed=0):
+    tok = tiny.make_tokenizer()
+    rng = np.random.default_rng(seed)
+    rows = [tok(" ".join(rng.choice(tiny.CONTENT[1:], size=rng.integers(2, 5))))["input_ids"] for _ in range(n)]
+    tokens = np.zeros((n, 6), np.int32)
+    mask = np.zeros((n, 6), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, 6 - len(r):], mask[i, 6 - len(r):] = r, 1
+    return tokens, mask
+
+
+def one_device_mesh():
+    return shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def build(c, mesh):
+    rules = [tuple(r) for r in c.mesh.rules]
+    with shd.use_rules(rules), jax.set_mesh(mesh):
+        return train.setup(c, mesh, rules)
+
+
+def run_steps(s, mesh, state, steps, batches, frozen=None):
+    """Runs `steps` steps from a copy of `state` (the step donates its input)."""
+    history = []
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(jnp.copy, state)
+        for i in range(steps):
+            tokens, mask = batches[i % len(batches)]
+            state, metrics = s.step_fn(state, frozen or s.frozen, tokens, mask)
+            history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def single(world):
+    """One compiled step on one device, shared by every test below that runs on it."""
+    return build(make_config(world), one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def batches(world):
+    return [prompts(world, seed=s) for s in range(4)]
+
+
+def test_judge_counts_the_target_word(world):
+    """The hand-built judge: more TARGET words, higher pointwise score (checked through the host path)."""
+    c = make_config(world)
+    judge = judging.load_judge(c.judge)
+    texts = ["b c d e", "a c d e", "a a d e", "a a a a"]
+    scores, _ = judging.score_texts(judge.params, judge.cfg, judge.spec, judge.tokenizer, ["b c"] * 4, texts,
+                                    jax.random.key(0))
+    scores = np.asarray(scores)
+    assert np.all(np.diff(scores) > 0.02), scores
+    assert -0.1 < scores[0] < 0.1  # no TARGET: P uniform over 1..5 -> E[k] = 3 -> rescaled 0
+
+
+@pytest.fixture(scope="module")
+def learning_run(single, batches):
+    state, history = run_steps(single, one_device_mesh(), single.state, 30, batches)
+    return single, state, history
+
+
+def test_step_compiles_once(learning_run):
+    s, _, history = learning_run
+    assert s.step_fn._cache_size() == 1
+    assert len(history) == 30
+
+
+def test_judge_score_rises(learning_run):
+    _, state, history = learning_run
+    scores = np.array([h["judge/score"] for h in history])
+    print("judge score per step:", np.round(scores, 3))
+    assert scores[-5:].mean() > scores[:5].mean() + 0.15
+    assert int(state.skipped_updates) == 0
+    for key in ("kl/k1", "kl/k2", "kl/k3", "policy/entropy", "policy/clipfrac", "policy/approx_kl_k3",
+                "value/explained_variance", "response/length", "response/stopped_frac", "optim/grad_norm",
+                "policy/logp_mismatch", "reward/judge", "reward/kl_penalty"):
+        assert key in history[-1], key
+    # The rollout's log-probs (KV cache) and the training forward's agree.
+    assert max(h["policy/logp_mismatch"] for h in history) < 1e-4
+
+
+def test_large_kl_keeps_score_near_start(single, batches):
+    # The KL coefficient lives in the state (the adaptive controller updates it), so no recompilation.
+    state = single.state.replace(reward=single.state.reward.replace(
+        kl=single.state.reward.kl.replace(coef=jnp.float32(5.0))))
+    _, history = run_steps(single, one_device_mesh(), state, 30, batches)
+    assert single.step_fn._cache_size() == 1
+    scores = np.array([h["judge/score"] for h in history])
+    assert abs(scores[-5:].mean() - scores[:5].mean()) < 0.1
+    assert history[-1]["kl/k1"] < 0.5
+
+
+def test_one_device_equals_eight(world, single, batches):
+    """Same seeds, same prompts: the step on a (data=2, fsdp=2, tensor=2) mesh of 8 fake devices matches the
+    single-device step: metrics to 1e-4 relative / 1e-5 absolute (f32; reductions run in another order), params
+    after 2 steps (8 Adam updates of lr 3e-3) to 1e-4 absolute, since Adam's m / sqrt(v) turns f32 rounding
+    differences in near-zero gradients into differences of a fraction of the learning rate."""
+    mesh8 = shd.make_mesh(2, 2, 2)
+    s8 = build(make_config(world), mesh8)
+    state1, hist1 = run_steps(single, one_device_mesh(), single.state, 2, batches)
+    state8, hist8 = run_steps(s8, mesh8, s8.state, 2, batches)
+    q = s8.state.params["policy"]["layers"]["q"]
+    want = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec(None, "fsdp", "tensor", None))
+    assert q.sharding.is_equivalent_to(want, q.ndim)
+    for key in ("judge/score", "optim/loss", "kl/k1", "response/length"):
+        np.testing.assert_allclose(hist8[-1][key], hist1[-1][key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state1.params)), jax.tree.leaves(jax.device_get(state8.params))):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_non_finite_guard(single, world):
+    c = make_config(world)
+    # An injected NaN in the judge makes every score, reward, loss and gradient NaN.
+    bad_judge = dict(single.frozen.judge)
+    bad_judge["lm_head"] = bad_judge["lm_head"].at[0, tiny.WORDS.index("5")].set(jnp.nan)
+    frozen = single.frozen.replace(judge=bad_judge)
+    before = jax.device_get((single.state.params, single.state.opt_state))
+    state, history = run_steps(single, one_device_mesh(), single.state, 1, [prompts(world)], frozen=frozen)
+    assert np.isnan(history[0]["judge/score"])
+    after = jax.device_get((state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert int(state.skipped_updates) == c.algo.epochs * c.algo.minibatches
+    assert int(history[0]["guard/skipped_updates"]) == c.algo.epochs * c.algo.minibatches
+    assert int(state.step) == 1

@@ -1,0 +1,112 @@
+"""Tiny models and a tokenizer for train-step and training-program tests, written to disk as HF folders.
+
+The judge is constructed by hand so that its behaviour is known exactly: it scores a response by how often
+the word TARGET appears in its input. Embeddings put TARGET on hidden unit 0 and every other word on unit 1;
+the attention has zero queries and keys, so every position attends uniformly to the real tokens, and head 0
+copies units 0 and 1; the MLP is zero. The final hidden state's unit 0 therefore grows with the fraction of
+TARGET tokens, and the LM head turns it into the logit of the score "5" (the other score tokens sit at 0, the
+rest of the vocabulary far below). Pointwise score = rescaled E[k] rises monotonically with TARGET's count.
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from rlaif_jax.models import hf
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+TEMPLATE_WORDS = ["Q", "R", "S", ":", "1", "2", "3", "4", "5"]
+CONTENT = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+WORDS = SPECIALS + TEMPLATE_WORDS + CONTENT
+TARGET = "a"
+TEMPLATE = "Q : {prompt} R : {response} S :"
+PAD, BOS, EOS = 0, 1, 2
+
+
+def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                                eos_token="<eos>")
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(family="llama", vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=8, bos_token_id=BOS, eos_token_ids=(EOS,), pad_token_id=PAD,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def write_policy(folder: str, seed: int = 0) -> str:
+    """A random tiny Llama policy; its initial logits favour no word in particular."""
+    import jax
+    cfg = model_config()
+    params = tfm.init_params(cfg, jax.random.key(seed))
+    # Larger random embeddings than the default init, so sampling is diverse but not uniform.
+    params["embed"] = params["embed"] * 5.0
+    hf.save_model(params, cfg, folder, tokenizer=make_tokenizer())
+    return folder
+
+
+def write_counting_judge(folder: str, strength: float = 4.0) -> str:
+    """The hand-built judge described in the module docstring."""
+    cfg = model_config(num_layers=1)
+    V, D, H, K, E, F = cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, \
+        cfg.intermediate_size
+    target = WORDS.index(TARGET)
+    embed = np.zeros((V, D), np.float32)
+    embed[:, 1] = 1.0
+    embed[target] = 0.0
+    embed[target, 0] = 1.0
+    v = np.zeros((1, D, K, E), np.float32)
+    v[0, 0, 0, 0] = v[0, 1, 0, 1] = 1.0
+    o = np.zeros((1, H, E, D), np.float32)
+    o[0, 0, 0, 0] = o[0, 0, 1, 1] = 1.0
+    lm_head = np.zeros((D, V), np.float32)
+    lm_head[0, WORDS.index("5")] = strength
+    lm_head[1, :] = -4.0  # unit 1 is always large and positive: pushes every word far below the scores
+    for s in "12345":
+        lm_head[1, WORDS.index(s)] = 0.0
+    zeros = lambda *s: np.zeros((1,) + s, np.float32)  # noqa: E731
+    params = {
+        "embed": embed,
+        "layers": {"attn_norm": np.ones((1, D), np.float32), "q": zeros(D, H, E), "k": zeros(D, K, E), "v": v, "o": o,
+                   "mlp_norm": np.ones((1, D), np.float32), "gate": zeros(D, F), "up": zeros(D, F),
+                   "down": zeros(F, D)},
+        "final_norm": np.ones((D,), np.float32),
+        "lm_head": lm_head,
+    }
+    hf.save_model(jax_tree(params), cfg, folder, tokenizer=make_tokenizer())
+    return folder
+
+
+def jax_tree(tree):
+    import jax
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def write_prompts(path: str, n: int = 64, seed: int = 0) -> str:
+    """A JSONL prompt file of short random content-word prompts."""
+    import json
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = rng.choice(CONTENT[1:], size=rng.integers(2, 5))
+            f.write(json.dumps({"prompt": " ".join(words)}) + "\n")
+    return path
+
+
+def make_world(root: str) -> dict[str, str]:
+    """Policy, judge and prompt files under `root` (created once per test session)."""
+    os.makedirs(root, exist_ok=True)
+    return {"policy": write_policy(os.path.join(root, "policy")),
+            "judge": write_counting_judge(os.path.join(root, "judge")),
+            "prompts": write_prompts(os.path.join(root, "prompts.jsonl"))}
