@@ -209,6 +209,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
             train_loader.restore(extra["data"])
             log.info("resumed from the checkpoint of step %d in %s", start, workdir)
         elif jax.process_index() == 0:
+            # A fresh start (also after a kill before the first checkpoint): nothing logged before counts.
+            metrics_lib.truncate_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE), -1)
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(c.to_json_best_effort(indent=2))
         writer = metrics_lib.MetricsWriter(workdir, c.logging, c, start_step=start, total_steps=c.train.steps)
@@ -267,5 +269,16 @@ def main(argv):
     run(config, _WORKDIR.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config mistakes (a typo in --config.x.y, a value of the wrong type) reported as
+    one line that says what to change instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.stderr.write(f"FATAL config error: {message}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

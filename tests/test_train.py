@@ -1,0 +1,118 @@
+"""The training program end to end: exact resume after SIGKILL, config errors, two processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    tiny.make_world(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # The runs of one test share XLA's persistent compilation cache: the program compiles once, not per run.
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def env(cache_dir, devices=1):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    e["PYTHONPATH"] = ROOT
+    return e
+
+
+def command(world, workdir, *overrides):
+    return [sys.executable, "-m", "rlaif_jax.train", f"--config={CONFIG}:{world}", f"--workdir={workdir}",
+            *overrides]
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_after_sigkill_reproduces_every_step(world, cache_dir, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(command(world, full), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
+    reference = read_metrics(full)
+    assert [m["step"] for m in reference] == list(range(7))
+    assert os.path.exists(os.path.join(full, "final_policy", "model.safetensors"))
+
+    # Kill (SIGKILL: no cleanup of any kind) as soon as step 3 is logged, i.e. mid-run between checkpoints.
+    proc = subprocess.Popen(command(world, killed), env=env(cache_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    path = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(killed)) < len(reference), "the run finished before it could be killed"
+
+    subprocess.run(command(world, killed), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
+    assert read_metrics(killed) == reference
+
+
+def run_expecting_error(world, cache_dir, tmp_path, *overrides):
+    out = subprocess.run(command(world, str(tmp_path / "run"), *overrides), env=env(cache_dir), cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    return out.stderr
+
+
+def test_error_typo_in_override(world, cache_dir, tmp_path):
+    err = run_expecting_error(world, cache_dir, tmp_path, "--config.polcy.path=x")
+    assert 'Did you mean "policy" instead of "polcy"?' in err
+    assert "Traceback" not in err
+
+
+def test_error_mistyped_field(world, cache_dir, tmp_path):
+    err = run_expecting_error(world, cache_dir, tmp_path, "--config.train.steps=many")
+    assert "FATAL config error: flag --config.train.steps=many: invalid literal for int()" in err
+
+
+def test_error_missing_field(world, cache_dir, tmp_path):
+    err = run_expecting_error(world, cache_dir, tmp_path, "--config.policy.path=")
+    assert "config.policy.path is empty: set it to an HF checkpoint folder or hub id" in err
+
+
+def test_error_batch_not_divisible_by_mesh(world, cache_dir, tmp_path):
+    e = env(cache_dir, devices=4)
+    out = subprocess.run(command(world, str(tmp_path / "run"), "--config.train.batch_size=6"), env=e, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert ("config.train.batch_size=6 is not divisible by the mesh's batch shards (data x fsdp = 4); "
+            "use a multiple of 4") in out.stderr
+
+
+def test_error_judge_template_without_slot(world, cache_dir, tmp_path):
+    err = run_expecting_error(world, cache_dir, tmp_path, "--config.judge.template=Q : {prompt} S :")
+    assert "{response}" in err and "config.judge.template" in err
+
+
+def test_error_tokenizer_mismatch_not_allowed(world, cache_dir, tmp_path):
+    other = tmp_path / "other_judge"
+    tiny.write_counting_judge(str(other))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["zz"] = len(vocab)  # one extra word: a different tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    err = run_expecting_error(world, cache_dir, tmp_path, f"--config.judge.path={other}")
+    assert "differs from the policy's" in err and "--config.train.allow_tokenizer_mismatch=True" in err
