@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -98,6 +99,11 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def gather_to_host(x) -> np.ndarray:
+    """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def load_function(path: str) -> Callable:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -163,11 +169,15 @@ class Evaluator:
             if self.initial[i] is None:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(state.params["policy"], tokens, mask, k_roll)
-            out = jax.device_get(self._judge(state.params["policy"], frozen, roll, self.initial[i], k_judge))
-            valid = np.asarray(batch.valid_b) > 0
-            prompts = self.s.policy_tokenizer.batch_decode(np.asarray(batch.tokens_bp), skip_special_tokens=True)
-            responses = [self.s.policy_tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in
-                         zip(np.asarray(roll.response_tokens_br), np.asarray(roll.response_mask_br))]
+            # Every process sees the whole evaluation batch on the host (the arrays span all processes).
+            out = jax.tree.map(gather_to_host, self._judge(state.params["policy"], frozen, roll, self.initial[i],
+                                                           k_judge))
+            valid = gather_to_host(np.asarray(batch.valid_b)) > 0
+            prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
+                roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
+            prompts = self.s.policy_tokenizer.batch_decode(prompt_tokens, skip_special_tokens=True)
+            responses = [self.s.policy_tokenizer.decode(t[m > 0], skip_special_tokens=True)
+                         for t, m in zip(response_tokens, response_mask)]
             gt = self.ground_truth(prompts, responses) if self.ground_truth else {}
             for name, values in {**{k: v for k, v in out.items() if k != "criteria" and v is not None},
                                  **{f"gt/{k}": np.asarray(v) for k, v in gt.items()}}.items():
@@ -198,6 +208,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
     with shd.use_rules(rules), jax.set_mesh(mesh):
         s = setup(c, mesh, rules)
         train_loader, eval_loader = data_lib.load_prompts(c.data, s.policy_tokenizer, c.train.batch_size)
+        log.info("process %d/%d loads %d of %d rows per batch", jax.process_index(), jax.process_count(),
+                 train_loader.local_batch_size, c.train.batch_size)
         evaluator = Evaluator(c, s, eval_loader, mesh)
         state, batch_sharding = s.state, shd.batch_sharding(mesh, 1)
 
@@ -241,6 +253,8 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
     or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Must run before any other jax call."""
     env = os.environ
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    # CPU processes exchange collectives through gloo (accelerators use their own interconnect).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         num_processes = num_processes or int(env["JAX_NUM_PROCESSES"])
         process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"])

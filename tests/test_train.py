@@ -116,3 +116,29 @@ def test_error_tokenizer_mismatch_not_allowed(world, cache_dir, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     err = run_expecting_error(world, cache_dir, tmp_path, f"--config.judge.path={other}")
     assert "differs from the policy's" in err and "--config.train.allow_tokenizer_mismatch=True" in err
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_complete_a_run_each_loading_its_shard(world, cache_dir, tmp_path):
+    workdir = str(tmp_path / "two")
+    address = f"localhost:{free_port()}"
+    procs = [subprocess.Popen(command(world, workdir, f"--coordinator_address={address}", "--num_processes=2",
+                                      f"--process_id={i}", "--config.train.steps=2", "--config.eval.every=2"),
+                              env=env(cache_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    for i, (_, err) in enumerate(outputs):
+        assert f"process {i}/2 loads 4 of 8 rows per batch" in err
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert "eval/judge_score" in metrics[-1]
+    assert os.path.exists(os.path.join(workdir, "final_policy", "model.safetensors"))

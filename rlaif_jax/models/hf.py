@@ -277,14 +277,22 @@ def load_tokenizer(path_or_id: str):
 
 
 # ---------------------------------------------------------------------------------------------- export
+def _to_host(x: jax.Array) -> np.ndarray:
+    """One parameter, whole, on the host (gathered from every process when it spans several)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def to_hf_tensors(params: tfm.Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our params -> {HF name: numpy array}, gathered to the host one tensor at a time."""
     out = {}
     for key, (hf_name, _, inv) in _TOP_MAP.items():
         if key in params:
-            out[hf_name] = np.ascontiguousarray(inv(np.asarray(jax.device_get(params[key]))))
+            out[hf_name] = np.ascontiguousarray(inv(_to_host(params[key])))
     for key, (pattern, _, inv) in _hf_layer_map(cfg).items():
-        stacked = np.asarray(jax.device_get(params["layers"][key]))
+        stacked = _to_host(params["layers"][key])
         for i in range(cfg.num_layers):
             out[pattern.format(i=i)] = np.ascontiguousarray(inv(stacked[i]))
     return out
