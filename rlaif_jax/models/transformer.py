@@ -196,7 +196,8 @@ def attention(q_bthe, k_bske, v_bske, allowed_bts, cfg: ModelConfig):
 
 
 def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv, index):
-    """One pre-norm block. With `cache_kv`=(k_bske, v_bske) the new k, v are written at slot `index`."""
+    """One pre-norm block. With `cache_kv`=(k_lbske, v_lbske, layer) the new k, v are written at slot `index`
+    of that layer, in the full buffers, and the updated full buffers are returned."""
     dt = jnp.dtype(cfg.dtype)
     h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     q = jnp.einsum("btd,dhe->bthe", h, lp["q"].astype(dt))
@@ -213,9 +214,13 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     if cache_kv is None:
         keys, values, new_kv = k, v, None
     else:
-        keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, index, 0, 0))
-        new_kv = (keys, values)
+        # Write only the T new slots into the full (L, B, S, K, E) loop carry (in place), then read the layer:
+        # slicing the layer out, updating it and writing the whole slice back copies the layer's cache twice
+        # per decode step.
+        ck, cv, layer = cache_kv
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+        keys, values, new_kv = ck[layer], cv[layer], (ck, cv)
     attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg)
     out = jnp.einsum("bthe,hed->btd", attn, lp["o"].astype(dt))
     if cfg.o_bias:
@@ -262,10 +267,7 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
         def body(carry, lp_i):
             x, ck, cv = carry
             lp, i = lp_i
-            x, (k_i, v_i) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck[i], cv[i]), cache.index)
-            # Write the layer's updated buffer back into the carry: an in-place dynamic_update_slice.
-            ck = jax.lax.dynamic_update_index_in_dim(ck, k_i, i, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, v_i, i, 0)
+            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv, i), cache.index)
             return (x, ck, cv), None
 
         (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], jnp.arange(cfg.num_layers)))

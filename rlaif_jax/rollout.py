@@ -1,0 +1,244 @@
+"""The jitted sampler: prefill a left-padded prompt batch once, then a `lax.while_loop` of one-token decodes
+over the preallocated KV cache, exiting as soon as every row has emitted a stop token.
+
+Shapes: B prompts, N = B * n_samples rows, P prompt length, R = max_new_tokens, V vocab.
+
+    rollout(params, cfg, prompt_tokens_bp, prompt_mask_bp, key, sc) -> Rollout
+
+is pure and has fixed shapes (one compilation per (B, P, R) and config), so it runs inside the compiled
+train step. Under `jax.set_mesh(mesh)` the model's logical constraints shard it (batch over data x fsdp,
+heads / mlp / vocab over tensor); the cache and the loop's outputs are constrained here the same way.
+
+Sampling follows HF's order: logits / temperature, then top-k, then top-p. `sample_logp` is the log-prob of
+the token under that filtered, renormalised distribution (what was actually sampled from); `policy_logp` is
+log_softmax(logits / temperature), unfiltered: what the PPO loss recomputes from a forward at the same
+temperature.
+
+n samples per prompt: the B prompts are prefilled once, the cache rows are repeated n times
+(row = prompt * n + j) and each row samples with its own randomness.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+from rlaif_jax.sharding import constrain
+
+Params = dict[str, Any]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `rollout` config section."""
+    c = ml_collections.ConfigDict()
+    c.max_new_tokens = 64   # R: response length budget; one compilation per (batch, prompt length, R)
+    c.temperature = 1.0     # logits are divided by this before sampling (and for policy_logp)
+    c.top_k = 0             # keep the k most likely tokens; 0 = off
+    c.top_p = 1.0           # nucleus: smallest set of most likely tokens with mass >= top_p; 1.0 = off
+    c.greedy = False        # argmax decoding (temperature / top-k / top-p then only affect policy_logp)
+    c.n_samples = 1         # responses per prompt (group estimators); they share one prefill
+    c.stop_ids = []         # token ids that end a response; empty = the model's eos ids
+    c.cache_dtype = ""      # KV cache dtype; "" = the model's compute dtype
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static (hashable) sampling settings. `stop_ids` here is final: () means a row never stops early."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    n_samples: int = 1
+    stop_ids: tuple[int, ...] = ()
+    cache_dtype: str | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 (for argmax set rollout.greedy=True)")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1] (1.0 turns it off)")
+        if self.n_samples < 1:
+            raise ValueError(f"rollout.n_samples={self.n_samples} must be >= 1")
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> "SamplingConfig":
+        """From the `rollout` config section; empty `stop_ids` resolve to the model's eos ids."""
+        stop_ids = tuple(int(i) for i in c.stop_ids) or tuple(model_cfg.eos_token_ids)
+        return cls(max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature), top_k=int(c.top_k),
+                   top_p=float(c.top_p), greedy=bool(c.greedy), n_samples=int(c.n_samples), stop_ids=stop_ids,
+                   cache_dtype=c.cache_dtype or None)
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Responses of N = B * n_samples rows; row = prompt * n_samples + j."""
+    prompt_tokens_bp: jax.Array  # (N, P) int32, left-padded prompts repeated per sample
+    prompt_mask_bp: jax.Array  # (N, P) int32
+    response_tokens_br: jax.Array  # (N, R) int32; pad id after the stop token
+    sample_logp_br: jax.Array  # (N, R) f32 log-prob under the distribution sampled from (greedy: 0); 0 on pad
+    policy_logp_br: jax.Array  # (N, R) f32 log_softmax(logits / temperature)[token]; 0 on pad
+    response_mask_br: jax.Array  # (N, R) int32: 1 up to and including the first stop token
+    lengths_b: jax.Array  # (N,) int32 = response_mask_br.sum(1)
+    stopped_b: jax.Array  # (N,) bool: the row emitted a stop token within R tokens
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def filter_logits(logits_bv: jax.Array, sc: SamplingConfig) -> jax.Array:
+    """Tempered, top-k and top-p filtered logits; removed tokens are -inf. HF's order and semantics:
+
+      x = logits / temperature
+      top-k: keep x_i >= (k-th largest x). Ties with the k-th value are all kept (as HF's TopKLogitsWarper).
+      top-p: sort the kept x descending, p = softmax; keep token i iff sum_{j<i} p_j < top_p, i.e. the smallest
+             prefix whose mass reaches top_p (the top token always kept) == HF's TopPLogitsWarper. The cut is a
+             threshold on x, so a token tied with the last kept one is kept too.
+    """
+    x_bv = logits_bv.astype(jnp.float32) / sc.temperature
+    V = x_bv.shape[-1]
+    sorted_desc_bk = None
+    if 0 < sc.top_k < V:
+        sorted_desc_bk = jax.lax.top_k(x_bv, sc.top_k)[0]  # (B, k) descending
+        x_bv = jnp.where(x_bv >= sorted_desc_bk[:, -1:], x_bv, -jnp.inf)
+    if sc.top_p < 1.0:
+        if sorted_desc_bk is None:
+            sorted_desc_bk = jnp.flip(jnp.sort(x_bv, axis=-1), axis=-1)
+        # After top-k only its k values carry mass, so the softmax over them is the renormalised distribution.
+        probs_bk = jax.nn.softmax(sorted_desc_bk, axis=-1)
+        mass_before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk
+        keep_bk = mass_before_bk < sc.top_p
+        threshold_b = jnp.min(jnp.where(keep_bk, sorted_desc_bk, jnp.inf), axis=-1)
+        x_bv = jnp.where(x_bv >= threshold_b[:, None], x_bv, -jnp.inf)
+    return x_bv
+
+
+def _take(x_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_bv, token_b[:, None], axis=-1)[:, 0]
+
+
+def sample_token(key: jax.Array, logits_bv: jax.Array, sc: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row -> (token_b, sample_logp_b, policy_logp_b).
+
+    token ~ p = softmax(filter_logits(logits)) by inversion: with u ~ U[0, 1) per row and c = cumsum(p),
+    token = #{i : c_i <= u * c_V} (the first i with c_i > u * c_V), so token i is drawn with probability p_i and
+    a filtered token (p_i = 0, a flat step of c) never is. One uniform per row instead of V Gumbels: the
+    sampling step costs O(V) arithmetic and O(1) random bits per row.
+    greedy: token = argmax logits, sample_logp = log 1 = 0.
+    policy_logp = log_softmax(logits / temperature)[token].
+    """
+    logits_bv = logits_bv.astype(jnp.float32)
+    policy_logp_bv = jax.nn.log_softmax(logits_bv / sc.temperature, axis=-1)
+    if sc.greedy:
+        token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return token_b, jnp.zeros(token_b.shape, jnp.float32), _take(policy_logp_bv, token_b)
+    filtered = 0 < sc.top_k < logits_bv.shape[-1] or sc.top_p < 1.0
+    sample_logp_bv = jax.nn.log_softmax(filter_logits(logits_bv, sc), axis=-1) if filtered else policy_logp_bv
+    cdf_bv = jnp.cumsum(jnp.exp(sample_logp_bv), axis=-1)
+    u_b = jax.random.uniform(key, cdf_bv.shape[:1], jnp.float32) * cdf_bv[:, -1]
+    token_b = jnp.sum(cdf_bv <= u_b[:, None], axis=-1, dtype=jnp.int32)
+    # u * c_V can round up to c_V (probability ~2^-24): then clamp to the last token with mass.
+    last_b = cdf_bv.shape[-1] - 1 - jnp.argmax(jnp.flip(sample_logp_bv > -jnp.inf, axis=-1), axis=-1)
+    token_b = jnp.minimum(token_b, last_b.astype(jnp.int32))
+    return token_b, _take(sample_logp_bv, token_b), _take(policy_logp_bv, token_b)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+class _LoopState(NamedTuple):
+    step: jax.Array  # () int32: the response position the next emitted token goes to
+    cache: tfm.KVCache
+    last_token_b: jax.Array  # (N,) the token to feed next
+    done_b: jax.Array  # (N,) bool: the row has emitted a stop token
+    tokens_br: jax.Array
+    sample_logp_br: jax.Array
+    policy_logp_br: jax.Array
+    mask_br: jax.Array
+
+
+def _constrain_cache(cache: tfm.KVCache) -> tfm.KVCache:
+    kv_axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes),
+                         key_mask=constrain(cache.key_mask, ("batch", "cache_length")),
+                         next_position=constrain(cache.next_position, ("batch",)))
+
+
+def _repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
+    return x if n == 1 else jnp.repeat(x, n, axis=axis)
+
+
+def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, prompt_mask_bp: jax.Array,
+            key: jax.Array, sc: SamplingConfig) -> Rollout:
+    """Samples up to R = sc.max_new_tokens tokens for each of the B left-padded prompts, n_samples times.
+
+    `cfg` and `sc` are static under jit. Token t of every row is drawn with key fold_in(key, t); the rows of
+    one step get independent draws from that key. A row that has stopped keeps emitting the pad id (the
+    model's pad id, else 0) with mask 0, and the loop exits once every row has stopped.
+    """
+    B, P = prompt_tokens_bp.shape
+    R, n = sc.max_new_tokens, sc.n_samples
+    N = B * n
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    stop_ids = jnp.asarray(sc.stop_ids, jnp.int32)
+    prompt_tokens_bp = prompt_tokens_bp.astype(jnp.int32)
+    prompt_mask_bp = prompt_mask_bp.astype(jnp.int32)
+
+    # --- prefill the B prompts once; the last real token is at P - 1 (left padding). The last sampled token
+    # is never fed back, so P + R - 1 slots suffice.
+    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, P + R - 1, sc.cache_dtype)
+    logits_bv = out.logits[:, -1]
+    # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
+    cache = cache.replace(k=_repeat_rows(cache.k, n, 1), v=_repeat_rows(cache.v, n, 1),
+                          key_mask=_repeat_rows(cache.key_mask, n), next_position=_repeat_rows(cache.next_position, n))
+    cache = _constrain_cache(cache)
+    logits_bv = constrain(_repeat_rows(logits_bv, n), ("batch", "vocab"))
+
+    def emit(state: _LoopState, logits_bv: jax.Array) -> _LoopState:
+        token_b, sample_logp_b, policy_logp_b = sample_token(jax.random.fold_in(key, state.step), logits_bv, sc)
+        live_b = ~state.done_b
+        token_b = jnp.where(live_b, token_b, pad_id)
+        done_b = state.done_b | (live_b & jnp.any(token_b[:, None] == stop_ids[None, :], axis=-1))
+
+        def put(buf_br, col_b):
+            buf_br = jax.lax.dynamic_update_slice(buf_br, col_b[:, None].astype(buf_br.dtype), (0, state.step))
+            return constrain(buf_br, ("batch", "length"))
+
+        zero = jnp.zeros_like(sample_logp_b)
+        return _LoopState(
+            step=state.step + 1, cache=state.cache, last_token_b=constrain(token_b, ("batch",)), done_b=done_b,
+            tokens_br=put(state.tokens_br, token_b),
+            sample_logp_br=put(state.sample_logp_br, jnp.where(live_b, sample_logp_b, zero)),
+            policy_logp_br=put(state.policy_logp_br, jnp.where(live_b, policy_logp_b, zero)),
+            mask_br=put(state.mask_br, live_b.astype(jnp.int32)),
+        )
+
+    def cond(state: _LoopState) -> jax.Array:
+        return (state.step < R) & ~jnp.all(state.done_b)
+
+    def body(state: _LoopState) -> _LoopState:
+        out, cache = tfm.decode(params, cfg, state.last_token_b[:, None], state.cache)
+        state = state._replace(cache=_constrain_cache(cache))
+        return emit(state, out.logits[:, 0])
+
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32), cache=cache, last_token_b=jnp.full((N,), pad_id, jnp.int32),
+        done_b=jnp.zeros((N,), bool), tokens_br=jnp.full((N, R), pad_id, jnp.int32),
+        sample_logp_br=jnp.zeros((N, R), jnp.float32), policy_logp_br=jnp.zeros((N, R), jnp.float32),
+        mask_br=jnp.zeros((N, R), jnp.int32),
+    )
+    state = jax.lax.while_loop(cond, body, emit(state, logits_bv))
+
+    return Rollout(
+        prompt_tokens_bp=_repeat_rows(prompt_tokens_bp, n), prompt_mask_bp=_repeat_rows(prompt_mask_bp, n),
+        response_tokens_br=state.tokens_br, sample_logp_br=state.sample_logp_br,
+        policy_logp_br=state.policy_logp_br, response_mask_br=state.mask_br,
+        lengths_b=state.mask_br.sum(axis=1, dtype=jnp.int32), stopped_b=state.done_b,
+    )
