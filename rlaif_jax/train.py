@@ -15,6 +15,7 @@ Phases of `main`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -50,6 +51,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metric
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_PLAN = flags.DEFINE_bool("plan", False, "compile the train step ahead of time from shapes on fake CPU devices "
+                          "and print per-device memory, FLOPs and whether it fits; loads no weights")
+_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "plan mode: number of simulated devices "
+                                     "(0 = the product of config.mesh, which then must not use -1)")
+_DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "plan mode: memory of one target device")
 
 
 class Setup(NamedTuple):
@@ -85,9 +91,8 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
                                                                                 critic_cfg)}
     models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
     frozen = ts.Frozen(reference=reference, judge=judge.params)
-    state = jax.jit(lambda p, k, cp: ts.init_state(c, models, p, k, cp))(policy_params, jax.random.key(c.seed),
-                                                                         critic_params)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state, state_shardings = ts.init_state_sharded(c, models, mesh, policy_params, jax.random.key(c.seed),
+                                                   critic_params)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     if judge.spec.path == "token_space":
         step_fn = ts.make_train_step(c, models, judge.spec, mesh, state_shardings, frozen_shardings)
@@ -248,6 +253,110 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
                           tokenizer=s.policy_tokenizer)
 
 
+# ---------------------------------------------------------------------------------------------- plan mode
+def matmul_params(cfg) -> int:
+    """Weights a token passes through in one forward (every projection and the LM head; not the lookup)."""
+    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return cfg.num_layers * (2 * D * H * E + 2 * D * K * E + 3 * D * F) + D * cfg.vocab_size
+
+
+def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.JudgeSpec) -> dict[str, float]:
+    """Matmul FLOPs of one step, by phase (2 per weight per token forward, 3x that for forward + backward;
+    attention scores omitted). XLA's own count is not used because it counts a while-loop body once."""
+    B, n = c.train.batch_size, c.rollout.n_samples
+    P, R = c.data.max_prompt_len, c.rollout.max_new_tokens
+    Np, Nj = matmul_params(models.policy), matmul_params(models.judge)
+    rows, seq = B * n, B * n * (P + R)
+    flops = {
+        "rollout": 2 * Np * (B * P + rows * R),          # one prefill of the B prompts, then n x R decode steps
+        "judge": 2 * Nj * rows * spec.queries_per_example * spec.max_len,
+        "reference+old logprobs": 2 * 2 * Np * seq,
+        "update": c.algo.epochs * 3 * 2 * Np * seq,
+    }
+    if c.critic.kind == "separate":
+        Nc = matmul_params(models.critic or models.policy)
+        flops["critic"] = 2 * Nc * seq * (1 + 3 * c.algo.epochs)
+    return flops
+
+
+def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, Any]:
+    """Compiles the full train step ahead of time from shapes alone (config.json files and tokenizers; no
+    weights are read or allocated) on the configured mesh, and reports per-device memory, FLOPs and fit."""
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    rules = [tuple(r) for r in c.mesh.rules]
+    with shd.use_rules(rules), jax.set_mesh(mesh):
+        def abstract(cfg):
+            shapes = tfm.abstract_params(cfg)
+            return ckpt_lib.with_shardings(shapes, shd.tree_shardings(mesh, tfm.param_logical_axes(cfg), shapes))
+
+        def value_head(cfg):
+            return {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.dtype(cfg.param_dtype),
+                                                   sharding=shd.replicated(mesh)),
+                    "bias": jax.ShapeDtypeStruct((), jnp.dtype(cfg.param_dtype), sharding=shd.replicated(mesh))}
+
+        policy_folder = hf.resolve_path(c.policy.path, weights=False)
+        judge_folder = hf.resolve_path(c.judge.path, weights=False)
+        policy_cfg = hf.load_config(policy_folder, c.policy.dtype, c.policy.param_dtype)
+        judge_cfg = hf.load_config(judge_folder, c.judge.dtype, c.judge.param_dtype)
+        policy_tok, judge_tok = hf.load_tokenizer(policy_folder), hf.load_tokenizer(judge_folder)
+        spec = judging.make_spec(c.judge, judge_tok, policy_tok, policy_cfg.eos_token_ids or None)
+        critic_cfg = critic = None
+        if c.critic.kind == "separate" and c.critic.init == "reward_model":
+            critic_cfg = hf.load_config(hf.resolve_path(c.critic.path, weights=False), c.policy.dtype,
+                                        c.policy.param_dtype)
+            critic = {"backbone": abstract(critic_cfg), "head": value_head(critic_cfg)}
+        judge = abstract(judge_cfg)
+        if spec.mode == "reward_model":
+            judge = judging.RewardModelParams(judge, value_head(judge_cfg))
+        models = ts.Models(policy=policy_cfg, judge=judge_cfg, critic=critic_cfg)
+        policy = abstract(policy_cfg)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+
+        shapes = jax.eval_shape(functools.partial(ts.init_state, c, models), policy, key, critic)
+        state_shardings = ts.state_shardings(c, models, mesh, shapes)
+        state = ckpt_lib.with_shardings(shapes, state_shardings)
+        frozen = ts.Frozen(reference=policy, judge=judge)
+        step = ts.make_train_step(c, models, spec, mesh, state_shardings,
+                                  jax.tree.map(lambda x: x.sharding, frozen))
+        prompts = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
+                                       sharding=shd.batch_sharding(mesh, 2))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, frozen, prompts, prompts).compile()
+        compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    gib = 2.0 ** 30
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    flops = step_flops(c, models, spec)
+    report = {
+        "devices": mesh.size, "mesh": dict(mesh.shape),
+        "policy_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(policy)) / 1e9,
+        "judge_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(judge)) / 1e9,
+        "arguments_gib": mem.argument_size_in_bytes / gib, "outputs_gib": mem.output_size_in_bytes / gib,
+        "aliased_gib": mem.alias_size_in_bytes / gib, "temporaries_gib": mem.temp_size_in_bytes / gib,
+        "peak_gib": peak / gib, "device_memory_gib": device_memory_gib, "fits": peak / gib <= device_memory_gib,
+        "tflops_per_step": sum(flops.values()) / 1e12,
+        "tflops_per_step_per_device": sum(flops.values()) / 1e12 / mesh.size,
+        **{f"tflops/{k}": v / 1e12 for k, v in flops.items()},
+        "compile_s": compile_s,
+    }
+    lines = [f"plan: {report['policy_params_b']:.2f}B policy, {report['judge_params_b']:.2f}B judge "
+             f"({spec.mode}), {mesh.size} devices {report['mesh']}, batch {c.train.batch_size} x "
+             f"{c.rollout.n_samples} samples, prompt {c.data.max_prompt_len} + {c.rollout.max_new_tokens} tokens",
+             "per-device memory (GiB):",
+             f"  arguments   {report['arguments_gib']:10.4g}   (params, optimizer state, frozen models, batch)",
+             f"  outputs     {report['outputs_gib']:10.4g}   ({report['aliased_gib']:.4g} of it donated in place)",
+             f"  temporaries {report['temporaries_gib']:10.4g}",
+             f"  peak        {report['peak_gib']:10.4g}   of {device_memory_gib:g}: "
+             + ("fits" if report["fits"] else "DOES NOT FIT"),
+             f"FLOPs per step: {report['tflops_per_step']:.4g} TFLOP "
+             f"({report['tflops_per_step_per_device']:.4g} per device): "
+             + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in flops.items()),
+             f"compile time: {compile_s:.1f} s"]
+    print("\n".join(lines), flush=True)
+    return report
+
+
 def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
     """Multi-host: `jax.distributed.initialize` from flags, or from the cluster's environment (TPU pods, SLURM,
     or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Must run before any other jax call."""
@@ -272,10 +381,20 @@ def main(argv):
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/testbed.py:small")
+    if _PLAN.value:
+        # Simulated devices: set before the first jax call creates the backend.
+        n = _PLAN_DEVICES.value or config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+        if n <= 0:
+            raise app.UsageError("plan mode: pass --plan_devices=N (config.mesh.data is -1)")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
+        jax.config.update("jax_platforms", "cpu")
+        config_lib.validate(config, num_devices=n)
+        plan(config, _DEVICE_MEMORY.value)
+        return
+    maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     config_lib.validate(config)

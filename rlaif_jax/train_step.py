@@ -119,6 +119,42 @@ def init_state(c: ml_collections.ConfigDict, models: Models, policy_params: Para
                       rng=rng, step=jnp.zeros((), jnp.int32), skipped_updates=jnp.zeros((), jnp.int32))
 
 
+def trainable_logical_axes(c: ml_collections.ConfigDict, models: Models) -> Params:
+    """Logical axis names of every trainable param, the structure of `init_trainable`'s output."""
+    axes = {"policy": tfm.param_logical_axes(models.policy)}
+    if c.critic.kind == "value_head":
+        axes["value_head"] = tfm.value_head_logical_axes()
+    elif c.critic.kind == "separate":
+        axes["critic"] = {"backbone": tfm.param_logical_axes(models.critic or models.policy),
+                          "head": tfm.value_head_logical_axes()}
+    return axes
+
+
+def state_shardings(c: ml_collections.ConfigDict, models: Models, mesh: jax.sharding.Mesh,
+                    abstract_state: TrainState) -> TrainState:
+    """Shardings of the whole train state: params by their logical axes, every param-shaped optimizer leaf
+    (Adam's moments) like its param, the small rest (step, counters, KL controller, rng) replicated.
+    Stated explicitly rather than left to propagation, which may replicate `zeros_like` moments."""
+    params = shd.tree_shardings(mesh, trainable_logical_axes(c, models), abstract_state.params)
+    replicated = shd.replicated(mesh)
+    opt_state = optax.tree_map_params(make_optimizer(c, total_updates(c)), lambda _, sharding: sharding,
+                                      abstract_state.opt_state, params,
+                                      transform_non_params=lambda _: replicated)
+    rest = jax.tree.map(lambda _: replicated, abstract_state.replace(params=None, opt_state=None))
+    return rest.replace(params=params, opt_state=opt_state)
+
+
+def init_state_sharded(c: ml_collections.ConfigDict, models: Models, mesh: jax.sharding.Mesh,
+                       policy_params: Params, key: jax.Array, critic_params: Params | None = None
+                       ) -> tuple[TrainState, TrainState]:
+    """The train state created by a jitted init with out_shardings, so every array is born sharded (arguments
+    may be arrays or ShapeDtypeStructs; with the latter, call `.lower` on the returned function instead).
+    Returns (state, its shardings)."""
+    init = functools.partial(init_state, c, models)
+    shardings = state_shardings(c, models, mesh, jax.eval_shape(init, policy_params, key, critic_params))
+    return jax.jit(init, out_shardings=shardings)(policy_params, key, critic_params), shardings
+
+
 def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,
             prompt_mask_bp, response_br, response_mask_br):
     """Critic values V(s_t) at the state before each response token, (B, R) float32 (zeros without a critic)."""

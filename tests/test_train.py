@@ -142,3 +142,49 @@ def test_two_processes_complete_a_run_each_loading_its_shard(world, cache_dir, t
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert "eval/judge_score" in metrics[-1]
     assert os.path.exists(os.path.join(workdir, "final_policy", "model.safetensors"))
+
+
+def write_shape_only_checkpoint(folder, **sizes):
+    """config.json and tokenizer files, no weights: all plan mode may read."""
+    os.makedirs(folder, exist_ok=True)
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, rms_norm_eps=1e-5,
+                  max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False, **sizes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    tiny.make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def plan(world, cache_dir, *overrides, devices):
+    out = subprocess.run(command(world, "/nonexistent", "--plan", f"--plan_devices={devices}", *overrides),
+                         env=env(cache_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_plan_small_mesh(world, cache_dir):
+    out = plan(world, cache_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+               devices=8)
+    assert "8 devices {'data': 2, 'fsdp': 2, 'tensor': 2}" in out and "fits" in out
+
+
+def test_plan_1b_policy_7b_judge_on_16_devices(world, cache_dir, tmp_path):
+    policy = write_shape_only_checkpoint(str(tmp_path / "policy_1b"), hidden_size=2048, num_hidden_layers=22,
+                                         num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632)
+    judge = write_shape_only_checkpoint(str(tmp_path / "judge_7b"), hidden_size=4096, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008)
+    common = [f"--config.policy.path={policy}", f"--config.judge.path={judge}", "--config.mesh.data=2",
+              "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.train.batch_size=16",
+              "--config.data.max_prompt_len=256", "--config.rollout.max_new_tokens=128", "--config.judge.max_len=512",
+              "--config.policy.dtype=bfloat16", "--config.judge.dtype=bfloat16", "--config.judge.param_dtype=bfloat16"]
+    out = plan(world, cache_dir, *common, "--device_memory_gib=32", devices=16)
+    print(out)
+    assert "1.10B policy, 6.74B judge" in out
+    peak = float(out.split("peak")[1].split()[0])
+    args = float(out.split("arguments")[1].split()[0])
+    # f32 policy + Adam moments + f32 reference (4 x 4.4 GB) and the bf16 judge (13.5 GB), over fsdp x tensor = 8.
+    assert 3.3 < args < 4.5
+    assert "fits" in out and peak < 32
+    small = plan(world, cache_dir, *common, "--device_memory_gib=4", devices=16)
+    assert "DOES NOT FIT" in small

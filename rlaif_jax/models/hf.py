@@ -170,15 +170,17 @@ _TOP_MAP = {
 
 
 # ---------------------------------------------------------------------------------------------- import
-def resolve_path(path_or_id: str) -> str:
-    """A local folder as is; otherwise an HF hub id downloaded (safetensors, configs, tokenizer files only)."""
+def resolve_path(path_or_id: str, weights: bool = True) -> str:
+    """A local folder as is; otherwise an HF hub id downloaded (safetensors, configs, tokenizer files only;
+    without the safetensors when `weights` is False, as plan mode needs only shapes)."""
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
         raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder that holds config.json")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        patterns = ["*.json", "tokenizer*", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
+        return snapshot_download(path_or_id, allow_patterns=patterns)
     except Exception as e:  # offline, unknown repo, gated...
         raise CheckpointError(f"{path_or_id!r} is not a local folder and could not be fetched from the hub: {e}") from e
 

@@ -1,0 +1,136 @@
+"""scripts/train_reward_model.py and the judge's reward_model mode.
+
+A tiny random Llama is built with transformers and saved as an HF folder; the synthetic preferences prefer the
+response whose last word is a "good" word. References: NumPy for the loss, HF PyTorch for the reward values of
+the saved model.
+"""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from rlaif_jax import judging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("train_reward_model", os.path.join(ROOT, "scripts", "train_reward_model.py"))
+trm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trm)
+
+WORDS = [f"w{i}" for i in range(16)]
+GOOD = [f"g{i}" for i in range(4)]
+BAD = [f"b{i}" for i in range(4)]
+
+
+def make_tokenizer():
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in ["Prompt", ":", "Response"] + WORDS + GOOD + BAD:
+        vocab[w] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_pairs(rng, n):
+    """The preferred response ends with a good word, the other with a bad one; soft labels in [.7, .95],
+    positions randomised."""
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS, rng.randint(1, 5)))
+        good = " ".join(list(rng.choice(WORDS, rng.randint(1, 4))) + [rng.choice(GOOD)])
+        bad = " ".join(list(rng.choice(WORDS, rng.randint(1, 4))) + [rng.choice(BAD)])
+        p = rng.uniform(0.7, 0.95)
+        if rng.rand() < 0.5:
+            out.append(dict(prompt=prompt, response_a=good, response_b=bad, p_a_better=p))
+        else:
+            out.append(dict(prompt=prompt, response_a=bad, response_b=good, p_a_better=1 - p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, max_position_embeddings=128)
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("rm_base"))
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(hf_folder, tmp_path_factory):
+    rng = np.random.RandomState(0)
+    train_records, eval_records = make_pairs(rng, 128), make_pairs(rng, 64)
+    path = str(tmp_path_factory.mktemp("prefs") / "prefs.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train_records)
+    records = trm.read_preferences(path)
+    rm_config = trm.reward_model_config(max_len=24)
+    result = trm.train(hf_folder, records, rm_config, steps=40, batch_size=16, learning_rate=2e-3, seed=0,
+                       eval_records=eval_records, log_every=0)
+    out = str(tmp_path_factory.mktemp("rm_out"))
+    tok = make_tokenizer()
+    judging.save_reward_model(out, result.cfg, result.params.model, result.params.value_head, tok,
+                              judging.make_spec(rm_config, tok))
+    return result, out, eval_records, train_records
+
+
+def test_soft_bradley_terry_loss_against_numpy():
+    r_a, r_b, p = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 2.0]), np.array([0.9, 0.2, 0.5])
+    d = r_a - r_b
+    log_sig = lambda x: -np.log1p(np.exp(-x))
+    want = -np.mean(p * log_sig(d) + (1 - p) * log_sig(-d))
+    np.testing.assert_allclose(trm.soft_bradley_terry_loss(jnp.asarray(r_a), jnp.asarray(r_b), jnp.asarray(p)),
+                               want, rtol=1e-6)
+    assert trm.ranking_accuracy(np.array([1., 0, 3]), np.array([0., 1, 1]), np.array([.9, .8, .5])) == 0.5
+
+
+def test_loss_decreases_and_ranks_held_out_pairs(trained):
+    result, _, _, train_records = trained
+    losses = np.asarray(result.losses)
+    # The soft labels bound the loss from below by their mean binary entropy (about 0.46 nats here).
+    p = np.asarray([r["p_a_better"] for r in train_records])
+    floor = -np.mean(p * np.log(p) + (1 - p) * np.log(1 - p))
+    last = losses[-10:].mean()
+    assert losses[0] > floor + 0.1, (losses[0], floor)
+    assert last < floor + 0.05, (last, floor)
+    assert result.eval_accuracy >= 0.8, result.eval_accuracy  # chance is 0.5
+
+
+def test_reward_model_mode_matches_hf_torch(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+    result, out, eval_records, _ = trained
+    config = trm.reward_model_config(max_len=24, path=out)
+    judge = judging.load_judge(config)
+    assert isinstance(judge.params, judging.RewardModelParams)
+    records = eval_records[:6]
+    prompts, responses = [r["prompt"] for r in records], [r["response_a"] for r in records]
+    scores, metrics = judging.score_texts(judge.params, judge.cfg, judge.spec, judge.tokenizer, prompts, responses,
+                                          jax.random.key(0))
+    # Reference: HF PyTorch hidden state of the rendered text (unpadded) at its last token, times the head.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    head = {k: np.asarray(v) for k, v in judge.params.value_head.items()}
+    want = []
+    for p, r in zip(prompts, responses):
+        ids = judge.tokenizer(f"Prompt : {p}\nResponse : {r}")["input_ids"]
+        with torch.no_grad():
+            h = model.model(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+        want.append(h @ head["kernel"] + head["bias"])
+    np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
+    assert int(metrics.summary(judge.spec)["judge/truncated_count"]) == 0
+    # The folder refuses a template it was not trained with.
+    with pytest.raises(ValueError, match="another template"):
+        judging.load_judge(trm.reward_model_config(max_len=24, path=out, template="{prompt} ; {response}"))
