@@ -672,9 +672,7 @@ class JudgeMetrics:
 
 def lm_head_logits(params, cfg: ModelConfig, hidden_nd: jax.Array) -> jax.Array:
     """Vocabulary logits (N, V) float32 of final hidden states (N, D), as tfm's forward projects them."""
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("nd,dv->nv", hidden_nd, head.astype(hidden_nd.dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "vocab"))
+    return constrain(tfm.unembed(params, cfg, hidden_nd), ("batch", "vocab"))
 
 
 def last_hidden(params, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array) -> jax.Array:

@@ -274,10 +274,15 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
         new_kv = (ck, cv)
 
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    logits = constrain(unembed(params, cfg, hidden), ("batch", "length", "vocab"))
+    return Output(logits, hidden), new_kv
+
+
+def unembed(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array:
+    """Final hidden states (..., D) -> vocabulary logits (..., V) in float32, through the LM head or, when
+    the embeddings are tied, the transposed embedding table."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(dt), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"))
-    return Output(logits.astype(jnp.float32), hidden), new_kv
+    return jnp.einsum("...d,dv->...v", hidden_xd, head.astype(hidden_xd.dtype), preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
