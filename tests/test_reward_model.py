@@ -134,3 +134,23 @@ def test_reward_model_mode_matches_hf_torch(trained):
     # The folder refuses a template it was not trained with.
     with pytest.raises(ValueError, match="another template"):
         judging.load_judge(trm.reward_model_config(max_len=24, path=out, template="{prompt} ; {response}"))
+
+
+def test_sample_pairs_writes_two_policy_responses_per_prompt(tmp_path):
+    """scripts/sample_pairs.py, the first step of distilled RLAIF, on the tiny world of tests/tiny.py."""
+    import importlib.util
+    import json
+
+    from tests import tiny
+    from tests.tiny_config import get_config
+
+    tiny.make_world(str(tmp_path / "world"))
+    spec = importlib.util.spec_from_file_location("sample_pairs", os.path.join(ROOT, "scripts", "sample_pairs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = str(tmp_path / "pairs.jsonl")
+    assert module.sample_pairs(get_config(str(tmp_path / "world")), out, num_prompts=10, seed=0) == 10
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 10 and all(set(r) == {"prompt", "response_a", "response_b"} for r in rows)
+    assert all(w in tiny.WORDS for r in rows for w in (r["response_a"] + " " + r["response_b"]).split())
+    assert sum(r["response_a"] != r["response_b"] for r in rows) >= 8  # two independent samples per prompt
