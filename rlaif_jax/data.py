@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import string
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -43,9 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Local file (.json/.jsonl/.parquet/.csv/.arrow, globs allowed), a save_to_disk folder, or a hub name.
     c.path = ""
     c.name = ""  # hub dataset configuration name ("" = default)
+    c.data_dir = ""  # hub dataset sub-folder, datasets.load_dataset(path, data_dir=...) (e.g. "harmless-base")
     c.split = "train"  # split (slices like "train[:1000]" work); local files hold a single "train" split
     c.prompt_field = "prompt"  # column with the prompt text, or with a list of chat messages
     c.prompt_format = ""  # if set, a str.format template over columns; replaces prompt_field
+    c.prompt_parser = ""  # "" = the prompt as read; a name in PROMPT_PARSERS turns it into the real prompt
     c.use_chat_template = False  # wrap the prompt as a user turn with the tokenizer's chat template
     c.system_prompt = ""  # with the chat template: an optional system turn before the user turn
     c.add_special_tokens = True  # without the chat template: let the tokenizer add BOS etc.
@@ -68,7 +71,7 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or bool(glob.glob(path))
 
 
-def load_raw(path: str, split: str = "train", name: str = "") -> Any:
+def load_raw(path: str, split: str = "train", name: str = "", data_dir: str = "") -> Any:
     """A `datasets.Dataset` from a local file / glob / save_to_disk folder, or from a hub dataset name."""
     import datasets
 
@@ -88,7 +91,50 @@ def load_raw(path: str, split: str = "train", name: str = "") -> Any:
                 f"data file(s) {path!r} have extension(s) {sorted(exts)}; use one of {sorted(_LOCAL_BUILDERS)}"
             )
         return datasets.load_dataset(builders.pop(), data_files=files, split=split)
-    return datasets.load_dataset(path, name or None, split=split)
+    return datasets.load_dataset(path, name or None, split=split, data_dir=data_dir or None)
+
+
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def hh_transcript_prompt(transcript: Any, as_messages: bool = True) -> list[dict[str, str]] | str | None:
+    """The prompt of an Anthropic HH-RLHF transcript: everything before its final assistant reply.
+
+    A transcript (the "chosen" / "rejected" columns) is "\\n\\nHuman: h1\\n\\nAssistant: a1\\n\\nHuman: h2\\n\\n
+    Assistant: a2". With i the position of the last "\\n\\nAssistant:":
+      text      transcript[:i] + "\\n\\nAssistant:"   (a base model continues after the colon)
+      messages  the turns of transcript[:i]: [{"role": "user", "content": "h1"}, {"role": "assistant", "content":
+                "a1"}, {"role": "user", "content": "h2"}], contents stripped, consecutive turns of one role joined
+                with a blank line (chat templates expect alternating roles)
+    None (the row is rejected like a blank prompt) when there is no "\\n\\nAssistant:" or the dialogue before it
+    does not end with a human turn.
+    """
+    if not isinstance(transcript, str):
+        return None
+    i = transcript.rfind(HH_ASSISTANT)
+    if i < 0:
+        return None
+    head = transcript[:i]
+    pieces = re.split(r"(\n\nHuman:|\n\nAssistant:)", head)
+    messages: list[dict[str, str]] = []
+    if pieces[0].strip():  # text before the first marker: part of the first human turn
+        messages.append({"role": "user", "content": pieces[0].strip()})
+    for marker, content in zip(pieces[1::2], pieces[2::2]):
+        role = "user" if marker == HH_HUMAN else "assistant"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = (messages[-1]["content"] + "\n\n" + content.strip()).strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
+    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"]:
+        return None
+    return messages if as_messages else head + HH_ASSISTANT
+
+
+# name -> function(raw prompt field value) -> prompt (str or chat messages) or None (reject the row)
+PROMPT_PARSERS = {
+    "hh_transcript": hh_transcript_prompt,                                     # chat messages
+    "hh_transcript_text": lambda t: hh_transcript_prompt(t, as_messages=False),  # raw text
+}
 
 
 def _format_fields(template: str) -> list[str]:
@@ -110,6 +156,9 @@ class _PromptSource:
 
     def __init__(self, cfg: ml_collections.ConfigDict, columns: list[str]):
         self.template = cfg.prompt_format
+        if cfg.prompt_parser and cfg.prompt_parser not in PROMPT_PARSERS:
+            raise ValueError(f"config.data.prompt_parser={cfg.prompt_parser!r}; use one of {sorted(PROMPT_PARSERS)} or ''")
+        self.parser = PROMPT_PARSERS[cfg.prompt_parser] if cfg.prompt_parser else None
         self.fields = _format_fields(self.template) if self.template else [cfg.prompt_field]
         missing = [f for f in self.fields if f not in columns]
         if missing:
@@ -123,9 +172,8 @@ class _PromptSource:
         values = {f: row.get(f) for f in self.fields}
         if any(_is_blank(v) for v in values.values()):
             return None
-        if self.template:
-            return self.template.format(**values)
-        return values[self.fields[0]]
+        prompt = self.template.format(**values) if self.template else values[self.fields[0]]
+        return self.parser(prompt) if self.parser else prompt
 
 
 def _messages(prompt: Any, system_prompt: str) -> list[dict[str, str]]:
@@ -227,12 +275,12 @@ class PromptSplits(NamedTuple):
 
 def load_prompt_splits(cfg: ml_collections.ConfigDict, tokenizer: Any) -> PromptSplits:
     """Train prompts and held-out eval prompts (None when no eval source is configured)."""
-    raw = load_raw(cfg.path, cfg.split, cfg.name)
+    raw = load_raw(cfg.path, cfg.split, cfg.name, cfg.data_dir)
     raw_eval = None
     if cfg.eval_path:
-        raw_eval = load_raw(cfg.eval_path, cfg.eval_split or "train", cfg.name)
+        raw_eval = load_raw(cfg.eval_path, cfg.eval_split or "train", cfg.name, cfg.data_dir)
     elif cfg.eval_split:
-        raw_eval = load_raw(cfg.path, cfg.eval_split, cfg.name)
+        raw_eval = load_raw(cfg.path, cfg.eval_split, cfg.name, cfg.data_dir)
     elif cfg.eval_fraction > 0:
         if not 0 < cfg.eval_fraction < 1:
             raise ValueError(f"config.data.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")

@@ -358,8 +358,9 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
 
 
 def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
-    """Multi-host: `jax.distributed.initialize` from flags, or from the cluster's environment (TPU pods, SLURM,
-    or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Must run before any other jax call."""
+    """Multi-host: `jax.distributed.initialize` from flags, or from the environment: JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID, or auto-detection on TPU pods (RLAIF_DISTRIBUTED=1, as
+    scripts/launch_tpu_pod.sh sets) and SLURM. Must run before any other jax call."""
     env = os.environ
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
     # CPU processes exchange collectives through gloo (accelerators use their own interconnect).
@@ -368,7 +369,10 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         num_processes = num_processes or int(env["JAX_NUM_PROCESSES"])
         process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"])
         jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES"):
+    elif (env.get("RLAIF_DISTRIBUTED") == "1" or env.get("TPU_WORKER_HOSTNAMES")
+          or ("SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)):
+        # TPU pods (the launcher sets RLAIF_DISTRIBUTED=1; the topology comes from the metadata server) and SLURM:
+        # jax.distributed finds coordinator, process count and index by itself.
         jax.distributed.initialize()
 
 

@@ -3,7 +3,7 @@
     python scripts/report.py WORKDIR [WORKDIR ...] [--out DIR] [--labels a,b] [--smooth 0.9]
 
 Reads each WORKDIR/metrics.jsonl and, for every known curve that at least one run logged (train
-`judge_score`, `kl`, `response_length`; eval `eval/judge_score`, `eval/gt_pass_rate`, `eval/kl`,
+`judge/score`, `kl/k1`, `response/length`; eval `eval/judge_score`, `eval/gt/pass_rate`, `eval/kl`,
 `eval/win_rate`, `eval/response_length`), writes DIR/<key>.png with the runs overlaid. Writes DIR/summary.md,
 a markdown table with each run's final value of every key and, for keys with a direction, its best value
 and the step it was reached at; the table is also printed.
@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (key, title, direction): +1 higher is better, -1 lower is better, 0 no "best"
 CURVES: tuple[tuple[str, str, int], ...] = (
-    ("judge_score", "judge score (train)", +1),
-    ("kl", "KL to reference (train)", 0),
-    ("response_length", "response length (train)", 0),
+    ("judge/score", "judge score (train)", +1),
+    ("kl/k1", "KL to reference (train)", 0),
+    ("response/length", "response length (train)", 0),
     ("eval/judge_score", "judge score (eval)", +1),
-    ("eval/gt_pass_rate", "ground-truth pass rate (eval)", +1),
+    ("eval/gt/pass_rate", "ground-truth pass rate (eval)", +1),
     ("eval/kl", "KL to reference (eval)", 0),
     ("eval/win_rate", "win rate vs reference (eval)", +1),
     ("eval/response_length", "response length (eval)", 0),

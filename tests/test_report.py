@@ -25,12 +25,12 @@ def write_run(path, records, torn_tail=False):
 
 @pytest.fixture
 def two_runs(tmp_path):
-    a = [{"step": s, "judge_score": v, "kl": 0.1 * s, "response_length": 10 + s}
+    a = [{"step": s, "judge/score": v, "kl/k1": 0.1 * s, "response/length": 10 + s}
          for s, v in zip(range(1, 7), [0.1, 0.3, 0.6, 0.5, 0.4, 0.45])]
     a += [{"step": 3, "eval/judge_score": 0.5, "eval/win_rate": 0.6},
           {"step": 6, "eval/judge_score": 0.7, "eval/win_rate": 0.55}]
-    b = [{"step": s, "judge_score": 0.2 * s, "kl": 0.05 * s} for s in range(1, 5)]
-    b += [{"step": 4, "eval/judge_score": 0.65, "eval/gt_pass_rate": 0.25}]
+    b = [{"step": s, "judge/score": 0.2 * s, "kl/k1": 0.05 * s} for s in range(1, 5)]
+    b += [{"step": 4, "eval/judge_score": 0.65, "eval/gt/pass_rate": 0.25}]
     write_run(tmp_path / "run_a", a, torn_tail=True)
     write_run(tmp_path / "run_b", b)
     return str(tmp_path / "run_a"), str(tmp_path / "run_b")
@@ -43,7 +43,7 @@ def test_cli_writes_pngs_and_table(tmp_path, two_runs):
     assert proc.returncode == 0, proc.stderr
     import matplotlib.image
 
-    expected = {"judge_score", "kl", "response_length", "eval_judge_score", "eval_gt_pass_rate", "eval_win_rate"}
+    expected = {"judge_score", "kl_k1", "response_length", "eval_judge_score", "eval_gt_pass_rate", "eval_win_rate"}
     assert {f[:-4] for f in os.listdir(out) if f.endswith(".png")} == expected  # eval/kl etc. never logged
     for name in expected:
         img = matplotlib.image.imread(out / f"{name}.png")
@@ -55,12 +55,12 @@ def test_cli_writes_pngs_and_table(tmp_path, two_runs):
     cells = {r[0].strip("| "): dict(zip(header, (c.strip("| ") for c in r))) for r in rows[2:]}
     ra, rb = cells["run_a"], cells["run_b"]
     assert ra["last step"] == "6" and rb["last step"] == "4"
-    assert ra["judge_score final"] == "0.45" and ra["judge_score best (step)"] == "0.6 (3)"
-    assert rb["judge_score final"] == "0.8" and rb["judge_score best (step)"] == "0.8 (4)"
-    assert ra["kl final"] == "0.6" and rb["kl final"] == "0.2" and "kl best (step)" not in header
+    assert ra["judge/score final"] == "0.45" and ra["judge/score best (step)"] == "0.6 (3)"
+    assert rb["judge/score final"] == "0.8" and rb["judge/score best (step)"] == "0.8 (4)"
+    assert ra["kl/k1 final"] == "0.6" and rb["kl/k1 final"] == "0.2" and "kl/k1 best (step)" not in header
     assert ra["eval/judge_score final"] == "0.7" and ra["eval/win_rate best (step)"] == "0.6 (3)"
-    assert ra["eval/gt_pass_rate final"] == "-" and rb["eval/gt_pass_rate final"] == "0.25"
-    assert rb["response_length final"] == "-"
+    assert ra["eval/gt/pass_rate final"] == "-" and rb["eval/gt/pass_rate final"] == "0.25"
+    assert rb["response/length final"] == "-"
 
 
 def test_series_ema_best():

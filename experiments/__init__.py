@@ -1,0 +1,91 @@
+"""Experiment configs: one file per published setup, each with `get_config(arg)` returning a locked ConfigDict.
+
+    python -m rlaif_jax.train --config experiments/rlaif_tldr.py:variant=direct,fsdp=8 --workdir DIR
+
+The argument after the colon is a short comma-separated string (big_vision style) read by `parse_arg`; any
+field can still be overridden with `--config.a.b=value`. Every file has a `runlocal` switch that shrinks the
+same experiment (batch, lengths, steps) to a one-host smoke run, so the real config and the smoke test cannot
+drift apart.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """"a=1,b=x,flag" over `defaults` -> ConfigDict(a=1, b="x", flag=True).
+
+    Each value takes the type of its default: bool (a bare `flag` means True, or flag=true/false/1/0), int,
+    float or str. Keys not in `defaults` are an error that lists the known ones.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if not sep:
+                value = True
+            elif raw.lower() in ("true", "1", "yes"):
+                value = True
+            elif raw.lower() in ("false", "0", "no"):
+                value = False
+            else:
+                raise ValueError(f"config argument {key}={raw!r} is not a boolean (true/false)")
+        elif not sep:
+            raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+        elif isinstance(default, int):
+            value = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        else:
+            value = raw
+        out[key] = value
+    return out
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> None:
+    """Shrinks an experiment to a few steps of a small batch with short prompts and responses (a smoke run on
+    one host with small models); everything else (models, judge, algorithm, data source) stays the same."""
+    c.train.batch_size = 8
+    c.train.steps = 2
+    c.optim.grad_accum = 1
+    c.algo.minibatches = 1
+    c.data.max_prompt_len = 128
+    c.data.eval_max_prompts = 8
+    c.rollout.max_new_tokens = 16
+    c.judge.max_len = 384
+    c.eval.every = 2
+    c.eval.max_prompts = 8
+    c.checkpoint.every_steps = 1000
+    c.logging.progress_bar = False
+
+
+# ---------------------------------------------------------------------------------------------- Reddit TL;DR
+# The filtered Reddit TL;DR of Stiennon et al. 2020 (OpenAI's `tldr_3_filtered`: 116,722 / 6,447 / 6,553 posts),
+# as published by the PPO-details reproduction (Huang et al. 2024). Its raw columns are id, subreddit, title,
+# post, summary (+ the reproduction's pre-tokenised query / reference columns, which we do not use).
+TLDR_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+# OpenAI's query format (summarize-from-feedback tasks.py), assembled here from the raw columns.
+TLDR_PROMPT_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+
+def set_tldr_data(d: ml_collections.ConfigDict) -> None:
+    """`config.data` for TL;DR: the hub dataset, OpenAI's prompt format over its columns, held-out validation.
+
+    OpenAI truncates long posts inside the POST field; our loader cuts prompts longer than max_prompt_len from
+    the left instead (keeping "TL;DR:"). The filtered posts are short enough that at 512 tokens this is rare; the
+    loader logs how many prompts it cut.
+    """
+    d.path = TLDR_DATASET
+    d.split = "train"
+    d.eval_split = "validation"
+    d.eval_max_prompts = 512
+    d.prompt_format = TLDR_PROMPT_FORMAT
+    d.use_chat_template = False  # the policy is an SFT summariser continuing after "TL;DR:"
+    d.max_prompt_len = 512

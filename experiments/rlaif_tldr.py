@@ -1,0 +1,137 @@
+"""RLAIF on Reddit TL;DR summarisation, after Lee et al. 2023, "RLAIF vs. RLHF" (arXiv:2309.00267).
+
+    python -m rlaif_jax.train --config experiments/rlaif_tldr.py:variant=direct,fsdp=8 --workdir DIR
+    python -m rlaif_jax.train --config experiments/rlaif_tldr.py:variant=canonical,rm=RM_DIR --workdir DIR
+
+Arguments (comma-separated): variant=direct|canonical, policy=HF id or folder, judge=HF id or folder (direct),
+rm=reward-model folder (canonical), fsdp=N (mesh), steps=N, runlocal (a 2-step smoke run of the same setup).
+
+Variants
+  direct     d-RLAIF (the paper's Section on direct RLAIF): during RL the off-the-shelf judge LLM is asked for a
+             1-10 score of each sampled summary; the reward is the expected score under the judge's probabilities of
+             the ten score tokens, rescaled to [-1, 1] (`judging.pointwise_scores`). No reward model.
+  canonical  the judge's pairwise preferences are distilled into a reward model first, and RL optimises that reward
+             model (`judge.mode = "reward_model"`). Pipeline:
+               1. pairs of summaries per post as JSONL {"prompt", "response_a", "response_b"} (the paper relabels
+                  the pairs of OpenAI's TL;DR comparison set; or sample two summaries per post from the SFT policy);
+               2. python scripts/train_reward_model.py --model POLICY_OR_BASE --data pairs.jsonl --out RM_DIR \\
+                      --rm.max_len=768 --label_judge.path=JUDGE   (labels the pairs with AI preferences, trains)
+               3. this config with rm=RM_DIR.
+Both variants, as the paper states them: REINFORCE with a learned baseline (`algo.estimator = "reinforce"`, one
+on-policy update per batch), KL penalty in the reward with coefficient beta = 0.05, sampling temperature 0.9. Batch
+size, learning rate, step count, lengths and the critic's form are this codebase's choices, not the paper's.
+
+Models. The paper's policy is a PaLM 2 XS fine-tuned (SFT) on TL;DR and its labeler PaLM 2 L. Here the user names
+open models of a supported family (llama, mistral, qwen2, qwen3, gemma); for a faithful run the policy should be
+an SFT summariser of TL;DR in OpenAI's prompt format. The default pair is Llama 3 because its tokenizer writes
+"1".."10" as single tokens, which the 1-10 pointwise scale needs (Qwen, Gemma and Mistral split "10" into two
+digits: with those judges set --config.judge.num_scores=9 and the template's scale follows). Policy and judge share
+a tokenizer, so the judge reads the policy's tokens directly (the token-space path, one compiled step).
+
+Data: the filtered TL;DR of Stiennon et al. 2020, as published by Huang et al. 2024 (`experiments.TLDR_DATASET`,
+columns subreddit / title / post / summary), prompts in OpenAI's "SUBREDDIT / TITLE / POST / TL;DR:" format; the
+paper trains on this filtered set. Held-out: its validation split.
+
+Target (paper, Table 1 / Figure 1; human evaluators, win rate against the SFT policy):
+  canonical RLAIF vs SFT 71%, RLHF vs SFT 73%, RLAIF vs RLHF head-to-head 50%;
+  d-RLAIF vs SFT about 74% (above canonical RLAIF; see the d-RLAIF results table of arXiv v3 for the exact value).
+What this run reports instead: `eval/win_rate` is the judge LLM's pairwise preference of the trained policy over
+the initial (SFT) policy, both presentation orders averaged; it is an AI-judged proxy of the paper's human win
+rate, so expect it to move well above 0.5 when training works, not to equal 0.71-0.74. (In the canonical variant
+the judge is the reward model, which cannot compare two summaries; there `eval/judge_score` tracks the reward.)
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
+    sys.path.insert(0, _ROOT)
+
+from rlaif_jax import config as config_lib  # noqa: E402
+
+from experiments import apply_runlocal, parse_arg, set_tldr_data  # noqa: E402
+
+# The d-RLAIF scoring prompt, adapted from the paper's appendix; {num_scores} becomes the top of the scale.
+DIRECT_TEMPLATE = (
+    "You are an expert summary rater. Given a TEXT (a Reddit post with its SUBREDDIT and TITLE) and a SUMMARY, "
+    "rate the quality of the SUMMARY given the TEXT with a SCORE from 1 to {num_scores}, where 1 is an awful "
+    "summary and {num_scores} a perfect one. A good summary is short, accurate, covers the most important points "
+    "of the TEXT and adds nothing that is not in it.\n\n"
+    "TEXT:\n{prompt}\n\nSUMMARY:\n{response}\n\nReply with the SCORE only."
+)
+# Evaluation: which of two summaries is better (the paper's preference-labelling task, OpenAI preamble adapted).
+PAIRWISE_TEMPLATE = (
+    "A good summary is a shorter piece of text that has the essence of the original. It tries to accomplish the "
+    "same purpose and conveys the key information from the original post. Below is a Reddit post and two summaries "
+    "of it, A and B. Which summary is better?\n\n"
+    "TEXT:\n{prompt}\n\nSUMMARY A:\n{response}\n\nSUMMARY B:\n{response_b}\n\nReply with A or B only."
+)
+
+
+def get_config(arg: str = ""):
+    a = parse_arg(arg, variant="direct", policy="meta-llama/Llama-3.2-1B-Instruct",
+                  judge="meta-llama/Llama-3.1-8B-Instruct", rm="checkpoints/tldr_rlaif_rm", fsdp=1, steps=1000,
+                  runlocal=False)
+    if a.variant not in ("direct", "canonical"):
+        raise ValueError(f"variant={a.variant!r}; use variant=direct (d-RLAIF) or variant=canonical (distilled RM)")
+    c = config_lib.base_config()
+
+    # ---- models: a trained policy (its initial copy is the frozen reference), bf16 compute, f32 master weights
+    c.policy.path = a.policy
+    c.policy.dtype = "bfloat16"
+    c.policy.param_dtype = "float32"
+
+    # ---- the judge
+    c.judge.dtype = c.judge.param_dtype = "bfloat16"  # frozen: no f32 master copy needed
+    c.judge.chat_template = True  # instruct judges answer inside their chat format; the score is the first token
+    c.judge.max_len = 768  # template + 512-token prompt + response (+ a second response for the eval pairwise)
+    if a.variant == "direct":
+        c.judge.path = a.judge
+        c.judge.mode = "pointwise"
+        c.judge.num_scores = 10
+        c.judge.template = DIRECT_TEMPLATE
+    else:
+        c.judge.path = a.rm  # written by scripts/train_reward_model.py; its template is read back and checked
+        c.judge.mode = "reward_model"
+        c.judge.chat_template = False
+    c.eval.pairwise_template = PAIRWISE_TEMPLATE
+
+    # ---- data
+    set_tldr_data(c.data)
+
+    # ---- sampling: temperature 0.9 (the paper); summaries are short
+    c.rollout.temperature = 0.9
+    c.rollout.max_new_tokens = 64
+
+    # ---- reward: the judge's score in [-1, 1], KL penalty in the reward, beta = 0.05 (the paper)
+    c.reward.kl_coef = 0.05
+    c.reward.kl_estimator = "k1"
+    c.reward.kl_in_reward = True
+    c.reward.adaptive_kl = False
+    c.reward.missing_stop_mode = "none"  # the paper scores every summary as sampled; no extra penalty
+    c.reward.score_norm = "none"
+
+    # ---- REINFORCE with a learned baseline: one on-policy gradient step per batch, A = R - V(prompt)
+    c.algo.estimator = "reinforce"
+    c.algo.epochs = 1
+    c.algo.minibatches = 1
+    c.algo.whiten_advantages = False  # plain REINFORCE: the baseline centres the return, nothing rescales it
+    c.critic.kind = "separate"  # a value model next to the policy (--config.critic.kind=value_head shares its trunk)
+    c.critic.init = "policy"
+
+    # ---- optimisation and loop (this codebase's choices)
+    c.train.batch_size = 128
+    c.optim.grad_accum = 2
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.train.steps = a.steps
+    c.mesh.fsdp = a.fsdp
+    c.eval.every = 50
+    c.eval.max_prompts = 256
+    c.checkpoint.every_steps = 100
+    c.logging.wandb_project = "rlaif_tldr"
+
+    if a.runlocal:
+        apply_runlocal(c)
+    c.lock()
+    return c
