@@ -1,0 +1,344 @@
+"""Builds the testbed's tokenizer, SFT policy and judge as HF checkpoints, deterministically, with a cache.
+
+    from rlaif_jax.testbed import build
+    art = build.build(build.default_config())      # or build.fast_config() for tests
+    art.policy_dir, art.judge_dir                  # HF folders: hf.load_model / AutoModelForCausalLM load them
+
+Both models are tiny Llama-family transformers trained here with optax on rlaif_jax.models.transformer.forward:
+  policy  next-token cross-entropy on the response tokens (and <eos>) of noisy SFT demonstrations;
+  judge   next-token cross-entropy on the answer token of noisily labelled judge questions (data.judge_batch).
+Everything is seeded (numpy data stream, jax init), so a config always gives the same checkpoints.
+
+Cache: <cache_dir>/<key>/ where key hashes the config and the source of the world, grader, data and build
+modules. A build is written into a temporary sibling folder, finished with a COMPLETE marker, then renamed
+into place, so an interrupted build is never mistaken for a finished one and the next call reuses a finished one.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from rlaif_jax.models import hf
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+from rlaif_jax.testbed import data, grader, tokenizer, world
+
+COMPLETE_MARKER = "COMPLETE"
+BUILD_INFO = "build_info.json"
+
+
+def _model_config_dict(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int
+                       ) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                          num_kv_heads=kv_heads, intermediate_size=intermediate))
+
+
+def _train_config_dict(steps: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+        warmup_steps=max(steps // 20, 1),  # then cosine decay to 10% of the peak
+        weight_decay=0.01, clip_norm=1.0))
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full build (the demo's): about 2-3 minutes on 2 busy CPU cores."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.cache_dir = ""  # "" = $RLAIF_JAX_CACHE/testbed or ~/.cache/rlaif_jax/testbed
+    c.data = data.default_config()
+    # Tiny Llama-family models (head_dim = hidden / heads).
+    c.policy = _model_config_dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    c.judge = _model_config_dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    c.sft = _train_config_dict(steps=600, batch_size=64, learning_rate=3e-3)
+    # Many small steps: the judge's skills (comparing topics, checking the asked adjective) appear suddenly
+    # after enough updates, so updates count more than examples per update.
+    c.judge_train = _train_config_dict(steps=2400, batch_size=32, learning_rate=3e-3)
+    c.judge_train.relevance_only_steps = 800  # curriculum: see judge_curriculum_batch
+    c.eval_examples = 1024  # fresh clean-labelled judge questions to measure the judge's agreement with
+    return c
+
+
+def fast_config() -> ml_collections.ConfigDict:
+    """A small, quick build for tests (well under a minute): same models, fewer steps."""
+    c = default_config()
+    c.sft.steps = 250
+    c.sft.warmup_steps = 12
+    c.judge_train.steps = 400
+    c.judge_train.batch_size = 64
+    c.judge_train.warmup_steps = 20
+    # Too few steps for the relevance curriculum to pay off: train all questions equally from the start.
+    c.judge_train.relevance_only_steps = 0
+    c.data.judge_question_probs = (0.25, 0.25, 0.25, 0.25)
+    c.eval_examples = 256
+    return c
+
+
+class Artifacts(NamedTuple):
+    """Where a finished build lives, and what it measured (build_info.json)."""
+    root: str
+    tokenizer_dir: str
+    policy_dir: str
+    judge_dir: str
+    info: dict
+
+
+# ---------------------------------------------------------------------------- models and training
+def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
+    """A Llama ModelConfig over the world's vocabulary from a config section (policy / judge)."""
+    return ModelConfig(
+        family="llama", vocab_size=world.VOCAB_SIZE, hidden_size=section.hidden_size,
+        intermediate_size=section.intermediate_size, num_layers=section.num_layers, num_heads=section.num_heads,
+        num_kv_heads=section.num_kv_heads, head_dim=section.hidden_size // section.num_heads,
+        max_position_embeddings=128, bos_token_id=world.BOS_ID, eos_token_ids=(world.EOS_ID,),
+        pad_token_id=world.PAD_ID)
+
+
+def masked_next_token_loss(logits_btv: jax.Array, tokens_bt: jax.Array, loss_mask_bt: jax.Array) -> jax.Array:
+    """Mean cross-entropy of the target tokens:  sum_t m_t * -log softmax(logits_{t-1})[x_t] / sum_t m_t,
+    over t >= 1 (logits at t - 1 predict token t)."""
+    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    weights_bt = loss_mask_bt[:, 1:]
+    return -(target_logp_bt * weights_bt).sum() / jnp.maximum(weights_bt.sum(), 1.0)
+
+
+class TrainState(NamedTuple):
+    params: tfm.Params
+    opt_state: optax.OptState
+
+
+class TrainHParams(NamedTuple):
+    """The hashable (jit-static) form of a training config section."""
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    clip_norm: float
+
+    @classmethod
+    def from_config(cls, train: ml_collections.ConfigDict) -> "TrainHParams":
+        return cls(int(train.steps), float(train.learning_rate), int(train.warmup_steps),
+                   float(train.weight_decay), float(train.clip_norm))
+
+
+def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; linear warmup, then cosine decay to 10% of the peak."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=hp.learning_rate, warmup_steps=hp.warmup_steps,
+        decay_steps=max(hp.steps, hp.warmup_steps + 1), end_value=0.1 * hp.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(hp.clip_norm),
+                       optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=hp.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _train_step(cfg: ModelConfig, hp: TrainHParams, state: TrainState, tokens_bt, mask_bt, loss_mask_bt
+                ) -> tuple[TrainState, jax.Array]:
+    def loss_fn(params):
+        logits = tfm.forward(params, cfg, tokens_bt, mask_bt).logits
+        return masked_next_token_loss(logits, tokens_bt, loss_mask_bt)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+
+
+def train_lm(cfg: ModelConfig, train: ml_collections.ConfigDict, next_batch: Callable[[int], data.LMBatch],
+             key: jax.Array, desc: str, show_progress: bool = True, log: Callable[[str], None] | None = None,
+             stop_after: int | None = None) -> tuple[tfm.Params, list[float]]:
+    """Trains a fresh model (init from `key`) for train.steps steps on batches `next_batch(step)` with masked
+    next-token cross-entropy. Returns the params and the loss of every step. Progress: a tqdm bar (when
+    show_progress) and, through `log`, a line with the loss five times per run. `stop_after` ends the run
+    early (the schedule is still the one of train.steps)."""
+    hp = TrainHParams.from_config(train)
+    params = tfm.init_params(cfg, key)
+    state = TrainState(params, make_optimizer(hp).init(params))
+    losses = []
+    log_every = max(hp.steps // 5, 1)
+    t0 = time.time()
+    bar = tqdm(range(hp.steps if stop_after is None else min(stop_after, hp.steps)), desc=desc, disable=not show_progress, file=sys.stderr, mininterval=1.0,
+               leave=False)
+    for step in bar:
+        b = next_batch(step)
+        state, loss = _train_step(cfg, hp, state, b.tokens_bt, b.mask_bt, b.loss_mask_bt)
+        losses.append(loss)
+        if show_progress and step % 25 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        if log is not None and ((step + 1) % log_every == 0 or step == 0):
+            log(f"{desc}: step {step + 1}/{hp.steps}, loss {float(loss):.3f} ({time.time() - t0:.0f}s)")
+    return state.params, [float(x) for x in jax.device_get(losses)]
+
+
+def judge_curriculum_batch(rng: np.random.Generator, config: ml_collections.ConfigDict, step: int
+                           ) -> data.LMBatch:
+    """The judge's batch at `step`: relevance questions only for the first judge_train.relevance_only_steps
+    steps, then all questions (config.data.judge_question_probs). Why: judging relevance means comparing the
+    response's topic with the instruction's, a circuit that a mixed-question start often fails to find in
+    time (it settles for "Yes when it looks fine"); alone, relevance is learnt within a few hundred steps."""
+    data_cfg = config.data
+    if step < config.judge_train.relevance_only_steps:
+        data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+        data_cfg.judge_question_probs = (1.0, 0.0, 0.0, 0.0)
+    return data.judge_batch(rng, config.judge_train.batch_size, data_cfg)
+
+
+# ---------------------------------------------------------------------------- judge agreement
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(cfg: ModelConfig, params, tokens_bt, mask_bt) -> jax.Array:
+    """Logits of the next token after each row's last real token (rows are left-padded, so position -1)."""
+    return tfm.forward(params, cfg, tokens_bt, mask_bt).logits[:, -1]
+
+
+def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collections.ConfigDict,
+                    rng: np.random.Generator, n: int, batch_size: int = 256) -> dict[str, float]:
+    """How often the judge's answer (argmax over the allowed answer words: Yes/No, or the five scores) equals
+    the ground truth, on n fresh judge questions: per question (relevant / coherent / harmless / score),
+    "rubric" (the three Yes/No questions together) and "chance" (always answering the majority answer of
+    each question in this sample, the baseline to beat)."""
+    yes_no_ids = np.asarray(world.words_to_ids(world.JUDGE_ANSWERS))
+    score_ids = np.asarray(world.words_to_ids(world.SCORE_WORDS))
+    questions, hits, truths = [], [], []
+    for start in range(0, n, batch_size):
+        examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0)
+        # The judge sees everything before the answer, as at judging time.
+        b = data.left_pad([e.ids[:-1] for e in examples], [e.loss_mask[:-1] for e in examples],
+                          data_cfg.judge_max_len)
+        logits = np.asarray(_last_logits(cfg, params, b.tokens_bt, b.mask_bt))
+        for row, e in zip(logits, examples):
+            allowed = score_ids if e.question == "score" else yes_no_ids
+            answer = int(allowed[np.argmax(row[allowed])])
+            questions.append(e.question)
+            hits.append(answer == e.clean_answer_id)
+            truths.append(e.clean_answer_id)
+    questions, hits, truths = np.asarray(questions), np.asarray(hits), np.asarray(truths)
+    out = {q: float(hits[questions == q].mean()) for q in data.JUDGE_QUESTIONS if (questions == q).any()}
+    out["rubric"] = float(hits[questions != "score"].mean())
+    majority_hits = 0
+    for q in set(questions.tolist()):
+        _, counts = np.unique(truths[questions == q], return_counts=True)
+        majority_hits += counts.max()
+    out["chance"] = float(majority_hits / len(questions))
+    return out
+
+
+# ---------------------------------------------------------------------------- cache
+def default_cache_dir() -> str:
+    root = os.environ.get("RLAIF_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rlaif_jax")
+    return os.path.join(root, "testbed")
+
+
+def cache_key(config: ml_collections.ConfigDict) -> str:
+    """A hash of everything that determines the build: the config (less cache_dir) and the source code of
+    the modules that define the world, its data and the training, so editing them invalidates old builds."""
+    settings = config.to_dict()
+    settings.pop("cache_dir", None)
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for module in (world, grader, data, sys.modules[__name__]):
+        h.update(inspect.getsource(module).encode())
+    h.update(f"jax={jax.__version__}".encode())  # numerics can change between jax versions
+    return h.hexdigest()[:16]
+
+
+def is_complete(root: str) -> bool:
+    return os.path.exists(os.path.join(root, COMPLETE_MARKER))
+
+
+def _artifacts(root: str) -> Artifacts:
+    with open(os.path.join(root, BUILD_INFO)) as f:
+        info = json.load(f)
+    return Artifacts(root, os.path.join(root, "tokenizer"), os.path.join(root, "policy"),
+                     os.path.join(root, "judge"), info)
+
+
+# ---------------------------------------------------------------------------- build
+def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None = None, force: bool = False,
+          show_progress: bool = True, log: Callable[[str], None] | None = None) -> Artifacts:
+    """Builds (or reuses) tokenizer, SFT policy and judge. `out_dir` overrides the cache folder
+    <cache_dir>/<cache_key(config)>; `force` rebuilds even when a finished build is there."""
+    config = default_config() if config is None else config
+    log = log or (lambda msg: print(f"[testbed] {msg}", file=sys.stderr, flush=True))
+    root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
+    if is_complete(root) and not force:
+        log(f"reusing the testbed built in {root}")
+        return _artifacts(root)
+
+    tmp = f"{root.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    log(f"building the testbed into {root} (seed {config.seed})")
+    t_start = time.time()
+
+    # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly
+    tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))
+    tok = hf.load_tokenizer(os.path.join(tmp, "tokenizer"))
+
+    key_policy, key_judge = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    # -- SFT policy: imitate the noisy demonstrations
+    t0 = time.time()
+    policy_cfg = model_config(config.policy)
+    sft_rng = np.random.default_rng([config.seed, 1])
+    policy_params, sft_losses = train_lm(
+        policy_cfg, config.sft, lambda step: data.sft_batch(sft_rng, config.sft.batch_size, config.data), key_policy,
+        desc="SFT policy", show_progress=show_progress, log=log)
+    sft_seconds = time.time() - t0
+    log(f"SFT policy: {config.sft.steps} steps in {sft_seconds:.1f}s, final loss {np.mean(sft_losses[-20:]):.3f}")
+    hf.save_model(policy_params, policy_cfg, os.path.join(tmp, "policy"), tokenizer=tok)
+
+    # -- judge: answer the rubric questions / give a score, on noisy labels
+    t0 = time.time()
+    judge_cfg = model_config(config.judge)
+    judge_rng = np.random.default_rng([config.seed, 2])
+    judge_params, judge_losses = train_lm(
+        judge_cfg, config.judge_train,
+        functools.partial(judge_curriculum_batch, judge_rng, config), key_judge,
+        desc="judge", show_progress=show_progress, log=log)
+    judge_seconds = time.time() - t0
+    agreement = judge_agreement(judge_params, judge_cfg, config.data, np.random.default_rng([config.seed, 3]),
+                                config.eval_examples)
+    log(f"judge: {config.judge_train.steps} steps in {judge_seconds:.1f}s, final loss "
+        f"{np.mean(judge_losses[-20:]):.3f}; agreement with the ground truth on fresh examples: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    hf.save_model(judge_params, judge_cfg, os.path.join(tmp, "judge"), tokenizer=tok)
+
+    info = {
+        "cache_key": cache_key(config), "config": config.to_dict(),
+        "sft": {"seconds": sft_seconds, "final_loss": float(np.mean(sft_losses[-20:])),
+                "loss_every_50": sft_losses[::50]},
+        "judge": {"seconds": judge_seconds, "final_loss": float(np.mean(judge_losses[-20:])),
+                  "loss_every_50": judge_losses[::50], "agreement": agreement},
+        "total_seconds": time.time() - t_start,
+    }
+    with open(os.path.join(tmp, BUILD_INFO), "w") as f:
+        json.dump(info, f, indent=2, default=str)
+    with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:  # written last: the folder is now whole
+        f.write("ok\n")
+
+    # Move into place; a concurrent build may have finished first, then use that one.
+    if os.path.exists(root):
+        if is_complete(root) and not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _artifacts(root)
+        shutil.rmtree(root)
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if not is_complete(root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"testbed built in {info['total_seconds']:.1f}s: {root}")
+    return _artifacts(root)

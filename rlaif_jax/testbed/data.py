@@ -1,0 +1,334 @@
+"""Training data of the testbed: noisy SFT demonstrations and noisily labelled judge examples.
+
+Responses are drawn from a mixture of *modes*:
+  good        follows the instruction: on topic, has the asked adjective, well formed, harmless;
+  off_topic   a good response about another topic, or (for "describe a <adj> <topic>") without the adjective;
+  incoherent  a good response corrupted: a stuttered word, a missing or extra ".", a looping phrase, too short;
+  harmful     a good response with a forbidden word in it;
+  salad       (judge data only) random response words, with or without a final ".";
+  runaway     (judge data only) a looping response cut at the length limit, never terminated.
+The mode is only how a response was made; its labels always come from grader.grade, the ground truth.
+
+The SFT policy imitates the noisy mixture (so it starts well below a perfect pass rate); the judge is trained
+as a language model on the rubric questions and pointwise score of world.JUDGE_*_TEMPLATE, with labels flipped
+at random (so it agrees with the ground truth imperfectly, as a real LLM judge does).
+All sampling uses a numpy Generator, so a seed fixes the data.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import ml_collections
+import numpy as np
+
+from rlaif_jax.testbed import grader, world
+
+MODES = ("good", "off_topic", "incoherent", "harmful", "salad", "runaway")
+
+# Good-response templates. {T}: topic, {R1} {R2}: two distinct related words, {A}: adjective.
+# Every filled template passes the grader (tested); templates with {A} serve "describe a <adj> <topic>".
+GOOD_TEMPLATES_WITH_ADJECTIVE = (
+    "the {T} is {A} .",
+    "the {T} is very {A} .",
+    "the {A} {T} has {R1} .",
+    "a {A} {T} has {R1} and {R2} .",
+    "i like the {A} {T} and its {R1} .",
+    "the {T} has {A} {R1} .",
+    "it is a {A} {T} with {R1} .",
+    "{R1} and {R2} are always {A} .",
+    "some {A} {R1} are in the {T} .",
+)
+GOOD_TEMPLATES_NO_ADJECTIVE = (
+    "the {T} has {R1} and {R2} .",
+    "i like {R1} .",
+    "its {R1} is in the {T} .",
+    "many {R1} have {R2} .",
+)
+# Harmful templates; {F} is a forbidden word. Otherwise they obey every rule (relevant, coherent).
+HARMFUL_TEMPLATES = ("i {F} the {A} {T} .", "the {A} {T} is {F} .", "{F} the {A} {T} and its {R1} .")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # SFT demonstrations: mode -> probability (good, off_topic, incoherent, harmful). About a third good, so the
+    # SFT policy's ground-truth pass rate (sampled at temperature 1) starts around 0.4 and RL has room to grow.
+    c.sft_mode_probs = (0.35, 0.25, 0.2, 0.2)
+    # Judge examples: mode -> probability over all MODES; broader than the SFT mixture so that the judge has
+    # seen the kinds of mistakes an RL policy drifts into. Off-topic responses are frequent because telling
+    # them apart (comparing the response's topic with the instruction's) is the hardest skill to learn.
+    c.judge_mode_probs = (0.25, 0.35, 0.15, 0.1, 0.1, 0.05)
+    # Judge questions: probability of each of JUDGE_QUESTIONS (relevant, coherent, harmless, score); the
+    # harmless question (spotting a forbidden word) is learnt from few examples, relevance needs many.
+    c.judge_question_probs = (0.4, 0.3, 0.1, 0.2)
+    c.label_noise = 0.12  # probability that a judge training label is replaced by a wrong one
+    # The judge's deliberate bias, like a real judge's taste for keywords: the noise on a "relevant" label is
+    # label_noise * relevance_noise_decay ** (topic-word mentions - 1), so the judge grows surer that a response
+    # is relevant the more topic words it stuffs in (even when it is incoherent). 1.0 = no bias.
+    c.relevance_noise_decay = 0.5
+    c.eos_in_judge_prob = 0.5  # terminated responses are shown to the judge with / without their <eos>
+    # The judge is also trained to predict the response's tokens, with this weight per token (the answer
+    # token has weight 1): modelling which words go with which instruction teaches it what "relevant" means.
+    c.response_lm_weight = 0.1
+    c.max_response_tokens = 16  # runaway responses are cut here (the grader's MAX_WORDS + "." fits)
+    c.sft_max_len = 24  # <bos> + instruction (<= 4) + response (<= 16) + <eos>, left-padded
+    c.judge_max_len = 40  # judge template + instruction + response + answer, left-padded
+    return c
+
+
+class Sample(NamedTuple):
+    """One (instruction, response) pair with its ground-truth grade."""
+    instruction: world.Instruction
+    words: list[str]  # response words, without <eos>
+    terminated: bool  # whether the response ends with <eos>
+    mode: str
+    grade: grader.GradeResult
+
+
+class LMBatch(NamedTuple):
+    """A left-padded batch of sequences for next-token training; numpy arrays.
+
+    tokens_bt int32 (B, T); mask_bt int32 (B, T), 1 = real token; loss_mask_bt float32 (B, T), 1 where the token
+    is a training target (the model predicts tokens_bt[:, t] from positions < t).
+    clean_targets_bt int32 (B, T): the noise-free target where loss_mask_bt is 1 (equal to tokens_bt for SFT),
+    used to measure agreement with the ground truth.
+    """
+    tokens_bt: np.ndarray
+    mask_bt: np.ndarray
+    loss_mask_bt: np.ndarray
+    clean_targets_bt: np.ndarray
+
+
+# ---------------------------------------------------------------------------- responses
+def _choice(rng: np.random.Generator, seq: Sequence):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _fill(template: str, rng: np.random.Generator, topic: str, adjective: str,
+          forbidden: str | None = None) -> list[str]:
+    r1, r2 = rng.choice(world.TOPICS[topic], size=2, replace=False)
+    return template.format(T=topic, A=adjective, R1=r1, R2=r2, F=forbidden).split()
+
+
+def good_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
+    """A response that passes the grader for this instruction."""
+    if instruction.adjective is not None:
+        template = _choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE)
+        adjective = instruction.adjective
+    else:
+        template = _choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE + GOOD_TEMPLATES_NO_ADJECTIVE)
+        adjective = _choice(rng, world.ADJECTIVES)
+    return _fill(template, rng, instruction.topic, adjective)
+
+
+def off_topic_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
+    """A well-formed response about another topic, or (when an adjective is asked for) lacking it."""
+    if instruction.adjective is not None and rng.random() < 0.5:
+        other_adjective = _choice(rng, [a for a in world.ADJECTIVES if a != instruction.adjective])
+        return _fill(_choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE), rng, instruction.topic, other_adjective)
+    other_topic = _choice(rng, [t for t in world.TOPICS if t != instruction.topic])
+    return good_response(rng, world.Instruction(instruction.template, other_topic, instruction.adjective))
+
+
+def incoherent_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
+    """A good response broken in one of five ways that the coherence rule rejects."""
+    body = good_response(rng, instruction)[:-1]  # without the final "."
+    kind = int(rng.integers(5))
+    if kind == 0:  # stutter: one word immediately repeated
+        i = int(rng.integers(len(body)))
+        return body[:i + 1] + body[i:] + [world.PERIOD]
+    if kind == 1:  # no final "."
+        return body
+    if kind == 2:  # a "." in the middle as well as at the end
+        i = int(rng.integers(1, len(body)))
+        return body[:i] + [world.PERIOD] + body[i:] + [world.PERIOD]
+    if kind == 3:  # looping phrase: a two-word phrase said three times
+        i = int(rng.integers(len(body) - 1))
+        return body[i:i + 2] * 3 + [world.PERIOD]
+    return [body[-1], world.PERIOD]  # too short: one word
+
+
+def harmful_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
+    """A relevant, well-formed response containing a forbidden word."""
+    forbidden = _choice(rng, world.FORBIDDEN)
+    adjective = instruction.adjective or _choice(rng, world.ADJECTIVES)
+    if rng.random() < 0.5:
+        return _fill(_choice(rng, HARMFUL_TEMPLATES), rng, instruction.topic, adjective, forbidden)
+    body = good_response(rng, instruction)[:-1]
+    i = int(rng.integers(len(body) + 1))
+    return body[:i] + [forbidden] + body[i:] + [world.PERIOD]
+
+
+_SALAD_WORDS = sorted(world.RESPONSE_WORDS - {world.PERIOD})
+
+
+def salad_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
+    """Random response words (the instruction is ignored), usually ending with "."."""
+    n = int(rng.integers(1, 12))
+    words = [str(w) for w in rng.choice(_SALAD_WORDS, size=n)]
+    return words + [world.PERIOD] if rng.random() < 0.7 else words
+
+
+def runaway_response(rng: np.random.Generator, instruction: world.Instruction, max_tokens: int) -> list[str]:
+    """A looping phrase that never stops: max_tokens words and no <eos>."""
+    body = good_response(rng, instruction)[:-1]
+    i = int(rng.integers(len(body) - 1))
+    phrase = body[i:i + 2 + int(rng.integers(2))]
+    return (phrase * max_tokens)[:max_tokens]
+
+
+def sample_response(rng: np.random.Generator, instruction: world.Instruction, mode: str,
+                    max_tokens: int = 16) -> tuple[list[str], bool]:
+    """(response words, terminated) for one mode."""
+    if mode == "runaway":
+        return runaway_response(rng, instruction, max_tokens), False
+    makers = {"good": good_response, "off_topic": off_topic_response, "incoherent": incoherent_response,
+              "harmful": harmful_response, "salad": salad_response}
+    return makers[mode](rng, instruction), True
+
+
+def sample_pairs(rng: np.random.Generator, n: int, mode_probs: Sequence[float], max_tokens: int = 16
+                 ) -> list[Sample]:
+    """n (instruction, response) pairs: instructions uniform over world.all_instructions(), modes from
+    mode_probs (over MODES[:len(mode_probs)]), each graded by the ground-truth grader."""
+    instructions = world.all_instructions()
+    probs = np.asarray(mode_probs, np.float64)
+    modes = MODES[:len(probs)]
+    out = []
+    for _ in range(n):
+        instruction = instructions[int(rng.integers(len(instructions)))]
+        mode = modes[int(rng.choice(len(modes), p=probs / probs.sum()))]
+        words, terminated = sample_response(rng, instruction, mode, max_tokens)
+        out.append(Sample(instruction, words, terminated, mode, grader.grade(instruction, words, terminated)))
+    return out
+
+
+# ---------------------------------------------------------------------------- sequences and batches
+def sft_sequence(sample: Sample) -> tuple[list[int], list[float]]:
+    """Ids `<bos> instruction response [<eos>]` and the loss mask (1 on response tokens and <eos>)."""
+    prompt = sample.instruction.prompt_ids()
+    response = world.words_to_ids(sample.words) + ([world.EOS_ID] if sample.terminated else [])
+    return prompt + response, [0.0] * len(prompt) + [1.0] * len(response)
+
+
+def judge_prompt_words(instruction: world.Instruction, response_words: Sequence[str], question: str
+                       ) -> list[str]:
+    """The judge's input words for one question: a criterion of world.RUBRIC_CRITERIA, or "score"."""
+    response = " ".join(response_words)
+    if question == "score":
+        text = world.JUDGE_POINTWISE_TEMPLATE.format(prompt=instruction.text, response=response)
+    else:
+        text = world.JUDGE_RUBRIC_TEMPLATE.format(prompt=instruction.text, response=response, criterion=question)
+    return world.split_words(text)
+
+
+def true_answer(grade: grader.GradeResult, question: str) -> str:
+    """The ground-truth answer word. Rubric: "Yes"/"No". Score: 1 + relevance + coherence + harmlessness,
+    plus 1 more when all three pass, so "5" means "passes" and 4 never occurs."""
+    if question == "score":
+        return str(int(1 + grade.relevance + grade.coherence + grade.harmlessness + grade.passed))
+    value = grade[world.RUBRIC_CRITERIA.index(question)]
+    return world.JUDGE_ANSWERS[0] if value else world.JUDGE_ANSWERS[1]
+
+
+def noisy_answer(rng: np.random.Generator, answer: str, label_noise: float) -> str:
+    """With probability label_noise, a wrong answer of the same kind (the other of Yes/No, another score)."""
+    if rng.random() >= label_noise:
+        return answer
+    pool = world.JUDGE_ANSWERS if answer in world.JUDGE_ANSWERS else world.SCORE_WORDS
+    return _choice(rng, [a for a in pool if a != answer])
+
+
+JUDGE_QUESTIONS = (*world.RUBRIC_CRITERIA, "score")
+
+
+def topic_mentions(words: Sequence[str]) -> int:
+    """How many words of the response are a topic or a topic's related word (repeats counted)."""
+    return sum(w in world.RELATED_TO_TOPIC for w in words)
+
+
+def label_noise_for(sample: Sample, question: str, label_noise: float, relevance_noise_decay: float) -> float:
+    """The probability of a wrong label for this question (see default_config: relevance_noise_decay)."""
+    if question != "relevant":
+        return label_noise
+    return label_noise * relevance_noise_decay ** max(topic_mentions(sample.words) - 1, 0)
+
+
+def judge_sequence(rng: np.random.Generator, sample: Sample, question: str, label_noise: float,
+                   eos_in_judge_prob: float, response_lm_weight: float = 0.0
+                   ) -> tuple[list[int], list[float], int]:
+    """Ids `<bos> template(instruction, response) answer`, the loss mask (1 on the answer, response_lm_weight on
+    the response's tokens, 0 elsewhere) and the clean (noise-free) answer id. `label_noise` is this example's
+    probability of a wrong answer."""
+    response = list(sample.words)
+    if sample.terminated and rng.random() < eos_in_judge_prob:
+        response.append(world.EOS)
+    clean = true_answer(sample.grade, question)
+    ids = [world.BOS_ID] + world.words_to_ids(judge_prompt_words(sample.instruction, response, question))
+    ids.append(world.WORD_TO_ID[noisy_answer(rng, clean, label_noise)])
+    loss_mask = [0.0] * (len(ids) - 1) + [1.0]
+    start = 1 + len(world.split_words("Instruction :")) + len(sample.instruction.words) + len(
+        world.split_words("Response :"))
+    loss_mask[start:start + len(response)] = [response_lm_weight] * len(response)
+    return ids, loss_mask, world.WORD_TO_ID[clean]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[float]], length: int,
+             clean_targets: Sequence[Sequence[int]] | None = None) -> LMBatch:
+    """Left-pads sequences to `length` (an error if one is longer)."""
+    b = len(seqs)
+    tokens = np.full((b, length), world.PAD_ID, np.int32)
+    mask = np.zeros((b, length), np.int32)
+    loss = np.zeros((b, length), np.float32)
+    for i, (s, m) in enumerate(zip(seqs, loss_masks)):
+        if len(s) > length:
+            raise ValueError(f"sequence of length {len(s)} does not fit max_len={length}; raise the max_len")
+        tokens[i, length - len(s):] = s
+        mask[i, length - len(s):] = 1
+        loss[i, length - len(s):] = m
+    clean = tokens.copy()
+    if clean_targets is not None:
+        for i, c in enumerate(clean_targets):
+            clean[i, length - len(c):] = c
+    return LMBatch(tokens, mask, loss, clean)
+
+
+def sft_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.ConfigDict) -> LMBatch:
+    samples = sample_pairs(rng, batch_size, cfg.sft_mode_probs, cfg.max_response_tokens)
+    seqs, masks = zip(*(sft_sequence(s) for s in samples))
+    return left_pad(seqs, masks, cfg.sft_max_len)
+
+
+class JudgeExample(NamedTuple):
+    """One judge training / evaluation sequence."""
+    ids: list[int]  # <bos> template(instruction, response) answer
+    loss_mask: list[float]  # 1 on the answer only
+    clean_answer_id: int  # the noise-free answer
+    question: str  # a criterion of world.RUBRIC_CRITERIA, or "score"
+    sample: Sample
+
+
+def judge_examples(rng: np.random.Generator, n: int, cfg: ml_collections.ConfigDict,
+                   label_noise: float | None = None) -> list[JudgeExample]:
+    """n judge examples, each with a question drawn from JUDGE_QUESTIONS with cfg.judge_question_probs.
+    label_noise defaults to cfg.label_noise (pass 0 for clean evaluation labels)."""
+    noise = cfg.label_noise if label_noise is None else label_noise
+    q_probs = np.asarray(cfg.judge_question_probs, np.float64)
+    out = []
+    for s in sample_pairs(rng, n, cfg.judge_mode_probs, cfg.max_response_tokens):
+        question = JUDGE_QUESTIONS[int(rng.choice(len(JUDGE_QUESTIONS), p=q_probs / q_probs.sum()))]
+        p_wrong = label_noise_for(s, question, noise, cfg.relevance_noise_decay)
+        ids, m, clean_id = judge_sequence(rng, s, question, p_wrong, cfg.eos_in_judge_prob, cfg.response_lm_weight)
+        out.append(JudgeExample(ids, m, clean_id, question, s))
+    return out
+
+
+def judge_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.ConfigDict,
+                label_noise: float | None = None) -> LMBatch:
+    """A left-padded batch of judge_examples (clean_targets_bt holds the noise-free answers)."""
+    examples = judge_examples(rng, batch_size, cfg, label_noise)
+    return collate_judge(examples, cfg.judge_max_len)
+
+
+def collate_judge(examples: Sequence[JudgeExample], length: int) -> LMBatch:
+    return left_pad([e.ids for e in examples], [e.loss_mask for e in examples], length,
+                    [e.ids[:-1] + [e.clean_answer_id] for e in examples])
