@@ -1,0 +1,429 @@
+"""Benchmark: our compiled GRPO train step vs TRL's `GRPOTrainer` (PyTorch CPU), same models, same machine, one process.
+
+Workload (both sides): the tiny random Llama of bench_rollout.py (vocab 512, hidden 256, MLP 688, 4 layers, 4 heads
+of 64, 2 KV heads, f32) as the policy, a second one (another seed) as the judge; 32 prompts of 32 tokens (BOS + 31
+words) x 4 generations = 128 completions of exactly 64 tokens sampled at temperature 1 (no top-k / top-p); the judge
+scores each (prompt, completion) pointwise with the template TEMPLATE (one batched forward, expected score over the
+score tokens "1".."5" rescaled to [-1, 1]); GRPO advantages (group mean / std), PPO-clip token-mean (DAPO) loss,
+beta = 0, one epoch, one minibatch: one AdamW update from all 128 completions per step.
+
+How the sides are matched (and where they still differ):
+  * Full-length responses. Ours: rollout.stop_ids = [VOCAB], an id the policy can never sample, so no row stops.
+    TRL: generation_kwargs min_new_tokens=64, which suppresses EOS for the whole budget (HF's
+    MinNewTokensLengthLogitsProcessor). Either way every completion is 64 tokens.
+  * Beta 0. Ours: reward.kl_coef=0 with kl_in_reward=True, so the reward is the judge score exactly (0 * kl).
+    TRL: beta=0.0 (it then never runs a reference model). Our learn phase still runs the frozen reference's
+    forward and a forward for the "old" log-probs (TRL with num_iterations=1 and generation aligned to the
+    optimizer step uses logp.detach() instead): two extra (128 x 96)-token forwards that are ours to lose.
+  * One optimizer step per generation: TRL per_device_train_batch_size=128 (counted in completions),
+    gradient_accumulation_steps=1, so generation_batch_size = 128 = 32 prompts x 4; ours algo.epochs=1,
+    algo.minibatches=1, optim.grad_accum=1.
+  * Judge. Ours: token-space templating inside the compiled step. TRL: a reward function (TRL's signature:
+    prompts, completions -> list[float]) that renders the same template as text, tokenises it with the same
+    tokenizer, runs one batched forward of the judge through transformers (only the last position's logits) and
+    returns the same pointwise expected score. neutral_threshold is 0 on ours (a random judge puts ~1% of its mass
+    on the score tokens, below the default 0.05, which would make every score neutral).
+  * Other knobs set alike: learning rate 1e-6, AdamW b1 0.9 b2 0.999 eps 1e-8, no weight decay, clip grad norm 1,
+    PPO clip 0.2, GRPO std eps 1e-4, no advantage whitening, no missing-EOS penalty, no score normalisation.
+
+Timing. Everything of ours is compiled first (the fused step, and each phase compiled alone with the same shapes:
+rollout, judge, update = learn_phase). Then TRL trains for --warmup + --steps steps; a TrainerCallback records each
+TRL step from on_step_begin to on_step_end (generation, reward, loss, backward, optimizer), and after every TRL
+step runs one fused step of ours and one call of each phase alone, so load from other processes on this shared
+machine falls on both sides alike. Reported: medians (and every raw time) of the steps after the warm-up. TRL is run
+once per torch thread count in {os.cpu_count(), 1} (multi-threaded torch suffers badly on a loaded machine); the
+faster is the baseline, the conservative choice for our ratio. speedup_vs_trl = median TRL step of the baseline run /
+median of our fused steps interleaved with that same run (same load window); the ratio over all our rounds, the
+best-vs-best ratio and the median of per-step pairs are printed too.
+
+FLOPs are counted analytically, as executed by each side (model matmuls: 2 * matmul params per token, attention
+4 * H * E per (query, real key) pair, the LM head where logits are used, backward = 2 x forward). The matmul peak is
+measured in this run (bench_rollout.matmul_peak, 2048^3 in JAX and torch, the larger of the two, best of several
+measurements spread over the run). XLA's own cost_analysis of each compiled phase is printed for reference only: it
+counts a while_loop / scan body once, and the layers run as a lax.scan, so it shows about 1 / num_layers of the
+work (and the rollout's decode loop once).
+
+Usage:  python scripts/bench_step.py [--steps 5] [--warmup 1]
+Last line: speedup_vs_trl=<TRL seconds per step / our seconds per step>.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, matmul_peak  # noqa: E402
+
+from rlaif_jax import config as config_lib  # noqa: E402
+from rlaif_jax import judging, train  # noqa: E402
+from rlaif_jax import rollout as rollout_lib  # noqa: E402
+from rlaif_jax import sharding as shd  # noqa: E402
+from rlaif_jax import train_step as ts  # noqa: E402
+
+PROMPTS, GENERATIONS, PROMPT_LEN, NEW = 32, 4, 32, 64
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+PAD, BOS, EOS = 0, 1, 2
+SCORE_WORDS = ["1", "2", "3", "4", "5"]
+TEMPLATE_WORDS = ["Q", "R", "S", ":"] + SCORE_WORDS
+WORDS = SPECIALS + TEMPLATE_WORDS + [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(TEMPLATE_WORDS))]
+TEMPLATE = "Q : {prompt} R : {response} S :"
+# BOS + "Q :" + prompt (31 words, its BOS stripped) + "R :" + response (64) + "S :": every judge row fits exactly.
+JUDGE_LEN = 1 + 2 + (PROMPT_LEN - 1) + 2 + NEW + 2
+LEARNING_RATE = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- the world
+def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over exactly VOCAB words; BOS in front of every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces (no word has "##")
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                                eos_token="<eos>")
+
+
+def write_model(folder: str, seed: int, tokenizer) -> str:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS,
+        max_position_embeddings=256, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_prompt_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    content = WORDS[len(SPECIALS) + len(TEMPLATE_WORDS):]
+    return [" ".join(rng.choice(content, size=PROMPT_LEN - 1)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def forward_flops(cfg, rows: int, tokens: int, keys_per_query: float, head_positions: int) -> float:
+    """FLOPs of a forward over `rows` x `tokens` new tokens whose queries see `keys_per_query` real keys on average,
+    with the LM head applied at `head_positions` positions per row."""
+    D, H, K, E, F, V, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                           cfg.vocab_size, cfg.num_layers)
+    per_token = 2 * L * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F)
+    attn_per_pair = 4 * H * E * L
+    return rows * (tokens * per_token + tokens * keys_per_query * attn_per_pair + head_positions * 2 * D * V)
+
+
+def causal_keys(prefix: int, tokens: int) -> float:
+    """Mean number of keys a query sees: queries at positions prefix + 1 .. prefix + tokens (causal)."""
+    return prefix + (tokens + 1) / 2
+
+
+def step_flops(cfg, prefill_rows: int, ours: bool) -> dict[str, float]:
+    """Executed FLOPs per phase. prefill_rows: 32 (ours shares one prefill between a prompt's 4 samples) or 128."""
+    N, P, R = PROMPTS * GENERATIONS, PROMPT_LEN, NEW
+    fed = R - 1  # the last sampled token is never fed back
+    rollout = (forward_flops(cfg, prefill_rows, P, causal_keys(0, P), 1)
+               + forward_flops(cfg, N, fed, P + (fed + 1) / 2 + 0.5, 1))
+    judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
+    full = forward_flops(cfg, N, P + R, causal_keys(0, P + R), R)
+    # ours: reference forward + "old" forward + training forward and backward; TRL: training forward and backward.
+    update = (5 if ours else 3) * full
+    return {"rollout": rollout, "judge": judge, "update": update, "step": rollout + judge + update}
+
+
+def cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- ours
+def our_config(world: dict[str, str]):
+    c = config_lib.base_config()
+    c.policy.path = world["policy"]
+    c.judge.path = world["judge"]
+    c.judge.mode = "pointwise"
+    c.judge.template = TEMPLATE
+    c.judge.max_len = JUDGE_LEN
+    c.judge.neutral_threshold = 0.0
+    c.critic.kind = "none"
+    c.algo.estimator = "grpo"
+    c.algo.whiten_advantages = False
+    c.algo.adv_eps = 1e-4
+    c.algo.epochs = 1
+    c.algo.minibatches = 1
+    c.algo.loss_agg = "token_mean"
+    c.rollout.n_samples = GENERATIONS
+    c.rollout.max_new_tokens = NEW
+    c.rollout.temperature = 1.0
+    c.rollout.stop_ids = [VOCAB]  # never sampled: every response runs the full budget
+    c.reward.kl_coef = 0.0
+    c.reward.kl_in_reward = True
+    c.reward.adaptive_kl = False
+    c.reward.missing_stop_mode = "none"
+    c.reward.score_norm = "none"
+    c.optim.learning_rate = LEARNING_RATE
+    c.optim.b2 = 0.999
+    c.optim.grad_accum = 1
+    c.train.batch_size = PROMPTS
+    c.train.steps = 1000
+    c.mesh.data = 1
+    c.data.max_prompt_len = PROMPT_LEN
+    config_lib.validate(c, num_devices=1)
+    return c
+
+
+class Ours:
+    """Our fused step and each phase compiled alone, with the state threaded through calls."""
+
+    def __init__(self, c, batches):
+        self.mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        self.rules = [tuple(r) for r in c.mesh.rules]
+        self.c, self.batches, self.i = c, batches, 0
+        self.keys = iter(jax.random.split(jax.random.key(123), 100000))
+        with self._ctx():
+            s = train.setup(c, self.mesh, self.rules)
+            self.s, self.frozen = s, s.frozen
+            models, spec = s.models, s.judge_spec
+            assert spec.path == "token_space", spec.path
+            sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
+            tokens, mask = batches[0]
+            self.compile_s = {}
+
+            t0 = time.perf_counter()
+            lowered = s.step_fn.lower(s.state, s.frozen, tokens, mask)
+            self.compile_s["lower"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.step = lowered.compile()
+            self.compile_s["compile"] = time.perf_counter() - t0
+
+            self.rollout = self._compile("rollout", jax.jit(functools.partial(ts.rollout_phase, c, models, sampling)),
+                                         s.state.params, tokens, mask, next(self.keys))
+
+            def judge(judge_params, roll, key):
+                scores_b, metrics = judging.score(judge_params, models.judge, spec, roll.prompt_tokens_bp,
+                                                  roll.prompt_mask_bp, roll.response_tokens_br,
+                                                  roll.response_mask_br, key)
+                return scores_b, metrics.summary(spec)
+
+            def learn(state, frozen, roll, scores_b, judge_metrics, key):
+                return ts.learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+
+            self.state = jax.tree.map(jnp.copy, s.state)        # threaded through the fused step
+            self.learn_state = jax.tree.map(jnp.copy, s.state)  # threaded through the learn phase alone
+            self.roll = self.rollout(self.state.params, tokens, mask, next(self.keys))
+            assert int(self.roll.lengths_b.min()) == NEW, "every row must run the full budget"
+            self.judge = self._compile("judge", jax.jit(judge), self.frozen.judge, self.roll, next(self.keys))
+            self.scores, self.judge_metrics = self.judge(self.frozen.judge, self.roll, next(self.keys))
+            self.learn = self._compile("update", jax.jit(learn, donate_argnums=0), self.learn_state, self.frozen,
+                                       self.roll, self.scores, self.judge_metrics, next(self.keys))
+        self.cost = {"step": cost_flops(self.step), **{k: cost_flops(getattr(self, k)) for k in
+                                                         ("rollout", "judge")}, "update": cost_flops(self.learn)}
+        self.times = {"step": [], "rollout": [], "judge": [], "update": []}
+
+    def _ctx(self):
+        class Ctx:
+            def __enter__(ctx):
+                ctx.a, ctx.b = shd.use_rules(self.rules), jax.set_mesh(self.mesh)
+                ctx.a.__enter__(), ctx.b.__enter__()
+
+            def __exit__(ctx, *exc):
+                ctx.b.__exit__(*exc), ctx.a.__exit__(*exc)
+        return Ctx()
+
+    def _compile(self, name, fn, *args):
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        self.compile_s[name] = time.perf_counter() - t0
+        return compiled
+
+    def run_step(self) -> float:
+        tokens, mask = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        t0 = time.perf_counter()
+        self.state, metrics = self.step(self.state, self.frozen, tokens, mask)
+        self.last_metrics = jax.device_get(metrics)  # what the training loop reads back every step
+        return time.perf_counter() - t0
+
+    def run_phases(self) -> dict[str, float]:
+        tokens, mask = self.batches[self.i % len(self.batches)]
+        out = {}
+        t0 = time.perf_counter()
+        roll = jax.block_until_ready(self.rollout(self.learn_state.params, tokens, mask, next(self.keys)))
+        out["rollout"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores, jm = jax.block_until_ready(self.judge(self.frozen.judge, roll, next(self.keys)))
+        out["judge"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.learn_state, metrics = self.learn(self.learn_state, self.frozen, roll, scores, jm, next(self.keys))
+        jax.device_get(metrics)
+        out["update"] = time.perf_counter() - t0
+        return out
+
+    def record_round(self):
+        """One fused step, then one call of each phase alone (alternated with TRL's steps by the caller)."""
+        self.times["step"].append(self.run_step())
+        for k, v in self.run_phases().items():
+            self.times[k].append(v)
+
+
+# ---------------------------------------------------------------------------------------------- TRL
+def make_judge_reward(judge_folder: str, tokenizer):
+    """TRL reward function: the pointwise expected score of the judge, read from its last-position logits over the
+    score tokens (same template, same rescaling 2 (E - 1) / (K - 1) - 1 as judging.pointwise_scores)."""
+    judge = transformers.AutoModelForCausalLM.from_pretrained(judge_folder, dtype=torch.float32).eval()
+    score_ids = torch.tensor(tokenizer.convert_tokens_to_ids(SCORE_WORDS))
+    ks = torch.arange(1, len(SCORE_WORDS) + 1, dtype=torch.float32)
+
+    def judge_reward(prompts, completions, **kwargs) -> list[float]:
+        texts = [TEMPLATE.format(prompt=p, response=r) for p, r in zip(prompts, completions)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = judge(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1]
+        probs = torch.softmax(logits[:, score_ids].float(), dim=-1)
+        expected = probs @ ks
+        return (2.0 * (expected - 1.0) / (len(SCORE_WORDS) - 1) - 1.0).tolist()
+
+    return judge_reward
+
+
+class Interleave(transformers.TrainerCallback):
+    """Times each TRL optimizer step and runs one round of ours after it."""
+
+    def __init__(self, ours: Ours | None):
+        self.ours, self.trl_s, self._t0 = ours, [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trl_s.append(time.perf_counter() - self._t0)
+        if self.ours is not None:
+            self.ours.record_round()
+
+
+def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, ours: Ours | None, workdir: str):
+    import datasets
+    import trl
+    torch.set_num_threads(threads)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(world["policy"], dtype=torch.float32)
+    args = trl.GRPOConfig(
+        output_dir=workdir, use_cpu=True, bf16=False, fp16=False, report_to="none", logging_strategy="no",
+        save_strategy="no", disable_tqdm=True, seed=0, learning_rate=LEARNING_RATE, adam_beta2=0.999,
+        max_grad_norm=1.0, num_generations=GENERATIONS, max_completion_length=NEW, beta=0.0, temperature=1.0,
+        top_k=0, top_p=1.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        per_device_train_batch_size=PROMPTS * GENERATIONS, gradient_accumulation_steps=1, max_steps=steps,
+        generation_kwargs={"min_new_tokens": NEW}, dataloader_num_workers=0)
+    callback = Interleave(ours)
+    trainer = trl.GRPOTrainer(model=policy, reward_funcs=make_judge_reward(world["judge"], tokenizer), args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": prompt_texts}),
+                              processing_class=tokenizer, callbacks=[callback])
+    assert trainer.args.generation_batch_size == PROMPTS * GENERATIONS, trainer.args.generation_batch_size
+    trainer.train()
+    length = trainer._metrics["train"].get("completions/min_length", [NEW])
+    assert min(length) == NEW, f"TRL completions shorter than {NEW}: {length}"
+    torch.set_num_threads(os.cpu_count())
+    return callback.trl_s
+
+
+# ---------------------------------------------------------------------------------------------- main
+def fmt(xs):
+    return [round(x, 3) for x in xs]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each TRL run")
+    parser.add_argument("--peak_repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"devices: jax={jax.devices()} cpu_count={os.cpu_count()} load_avg={os.getloadavg()}", flush=True)
+    root = tempfile.mkdtemp(prefix="bench_step_")
+    tokenizer = make_tokenizer()
+    world = {"policy": write_model(os.path.join(root, "policy"), 0, tokenizer),
+             "judge": write_model(os.path.join(root, "judge"), 1, tokenizer)}
+    total = args.warmup + args.steps
+    prompt_texts = make_prompt_texts(PROMPTS * total)
+    ids = np.asarray(tokenizer(prompt_texts)["input_ids"], np.int32)
+    assert ids.shape == (PROMPTS * total, PROMPT_LEN), ids.shape
+    batches = [(jnp.asarray(ids[i:i + PROMPTS]), jnp.ones((PROMPTS, PROMPT_LEN), jnp.int32))
+               for i in range(0, len(ids), PROMPTS)]
+
+    peaks = [matmul_peak(args.peak_repeats)]
+    ours = Ours(our_config(world), batches)
+    print(f"ours_compile_s: fused step lower={ours.compile_s['lower']:.2f} compile={ours.compile_s['compile']:.2f}; "
+          f"alone: rollout={ours.compile_s['rollout']:.2f} judge={ours.compile_s['judge']:.2f} "
+          f"update={ours.compile_s['update']:.2f}", flush=True)
+    for _ in range(args.warmup):
+        ours.run_step(), ours.run_phases()
+
+    thread_counts = sorted({os.cpu_count(), 1}, reverse=True)
+    trl_all = {}
+    for threads in thread_counts:
+        trl_s = run_trl(world, tokenizer, prompt_texts, total, threads, ours, os.path.join(root, f"trl{threads}"))
+        trl_all[threads] = trl_s[args.warmup:]
+        print(f"trl[torch_threads={threads}] step_s all (first {args.warmup} = warm-up): {fmt(trl_s)}", flush=True)
+        peaks.append(matmul_peak(args.peak_repeats))
+    # Our rounds ran after every TRL step, warm-up steps included: drop as many from each TRL run.
+    keep = [i for r in range(len(thread_counts)) for i in range(r * total + args.warmup, (r + 1) * total)]
+    ours_t = {k: [v[i] for i in keep] for k, v in ours.times.items()}
+    med = {k: statistics.median(v) for k, v in ours_t.items()}
+    trl_med = {t: statistics.median(v) for t, v in trl_all.items()}
+    best = min(trl_med, key=trl_med.get)
+    trl_s = trl_med[best]
+
+    peak_jax, peak_torch = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    peak = max(peak_jax, peak_torch)
+    cfg = ours.s.models.policy
+    f_ours, f_trl = step_flops(cfg, PROMPTS, ours=True), step_flops(cfg, PROMPTS * GENERATIONS, ours=False)
+    phase_sum = med["rollout"] + med["judge"] + med["update"]
+    m = ours.last_metrics
+
+    print(f"model: llama vocab={VOCAB} hidden={HIDDEN} mlp={MLP} layers={LAYERS} heads={HEADS} kv_heads={KV_HEADS} "
+          f"f32 (policy and judge); {PROMPTS} prompts x {GENERATIONS} generations, prompt={PROMPT_LEN} "
+          f"completion={NEW} judge_row={JUDGE_LEN} tokens; GRPO beta=0, 1 epoch x 1 minibatch")
+    print(f"ours: response/length={m['response/length']:.1f} stopped_frac={m['response/stopped_frac']:.2f} "
+          f"judge/score={m['judge/score']:.4f} optim/loss={m['optim/loss']:.4g} logp_mismatch="
+          f"{m['policy/logp_mismatch']:.2e}")
+    print(f"ours_compile_s={ours.compile_s['lower'] + ours.compile_s['compile']:.2f}")
+    print(f"ours_step_s_median={med['step']:.4f} all={fmt(ours_t['step'])}")
+    for k in ("rollout", "judge", "update"):
+        print(f"ours_{k}_alone_s_median={med[k]:.4f} all={fmt(ours_t[k])} share={med[k] / phase_sum:.3f}")
+    print(f"ours_phases_sum_s={phase_sum:.4f} (fused step / sum of phases = {med['step'] / phase_sum:.3f})")
+    for t in thread_counts:
+        print(f"trl_step_s_median[torch_threads={t}]={trl_med[t]:.4f} all={fmt(trl_all[t])}")
+    print(f"trl_baseline=torch_threads={best}")
+    print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
+          f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
+    print("flops_gflop analytic ours: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_ours.items())
+          + "; xla cost_analysis: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in ours.cost.items()))
+    print("flops_gflop analytic trl:  " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_trl.items()))
+    for k in ("rollout", "judge", "update"):
+        print(f"ours_{k}_gflops={f_ours[k] / med[k] / 1e9:.2f} fraction_of_peak={f_ours[k] / med[k] / peak:.3f}")
+    print(f"ours_step_gflops={f_ours['step'] / med['step'] / 1e9:.2f} "
+          f"ours_fraction_of_peak={f_ours['step'] / med['step'] / peak:.3f} "
+          f"trl_fraction_of_peak={f_trl['step'] / trl_s / peak:.3f}")
+    # The ratio compares TRL's baseline run with our steps interleaved with that same run (same load window).
+    window = ours_t["step"][thread_counts.index(best) * args.steps:][:args.steps]
+    pairs = [h / o for h, o in zip(trl_all[best], window)]
+    print(f"ours_step_s_median_in_baseline_window={statistics.median(window):.4f} all={fmt(window)}")
+    print(f"speedup_all_rounds={trl_s / med['step']:.2f} speedup_min_over_min={min(trl_all[best]) / min(window):.2f} "
+          f"speedup_median_of_pairs={statistics.median(pairs):.2f}")
+    print(f"speedup_vs_trl={trl_s / statistics.median(window):.2f}")
+
+
+if __name__ == "__main__":
+    main()
