@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     # --- KL to the frozen reference policy ---
     c.kl_estimator = "k1"         # "k1" | "k2" | "k3" (Schulman, "Approximating KL"), used in reward or loss
     c.kl_in_reward = True         # True: -coef * kl_t per token in the reward; False: coef * kl as a loss term
-    c.kl_coef = 0.05              # initial (or fixed) KL coefficient
+    c.kl_coef = 0.05              # initial (or fixed) KL coefficient; 0 (not adaptive) skips the reference forward
     c.adaptive_kl = False         # Ziegler et al. 2019 proportional controller on the coefficient
     c.kl_target = 6.0             # target KL per sequence (nats, summed over response tokens)
     c.kl_horizon = 10000          # controller horizon, in episodes (sequences)

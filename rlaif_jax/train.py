@@ -78,7 +78,9 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
     policy_cfg, policy_params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
     # The reference is a second copy: the policy's buffers are donated to the step and updated in place.
     _, reference = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
-    judge = judging.load_judge(c.judge, policy_tok, policy_cfg.eos_token_ids or None, mesh, rules)
+    # The judge cuts responses at the stop ids the sampler actually stops on.
+    stop_ids = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg).stop_ids
+    judge = judging.load_judge(c.judge, policy_tok, stop_ids or None, mesh, rules)
     if judge.spec.path == "host" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "
@@ -135,7 +137,7 @@ class Evaluator:
         pair_cfg = ml_collections.ConfigDict(c.judge.to_dict())
         pair_cfg.mode, pair_cfg.template = "pairwise", c.eval.pairwise_template
         self.pair_spec = (judging.make_spec(pair_cfg, s.judge_tokenizer, s.policy_tokenizer,
-                                            s.models.policy.eos_token_ids or None)
+                                            sampling.stop_ids or None)
                           if c.eval.win_rate and s.judge_spec.mode != "reward_model" else None)
         models, spec, pair_spec, temperature = s.models, s.judge_spec, self.pair_spec, c.rollout.temperature
 
@@ -299,7 +301,8 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
         policy_cfg = hf.load_config(policy_folder, c.policy.dtype, c.policy.param_dtype)
         judge_cfg = hf.load_config(judge_folder, c.judge.dtype, c.judge.param_dtype)
         policy_tok, judge_tok = hf.load_tokenizer(policy_folder), hf.load_tokenizer(judge_folder)
-        spec = judging.make_spec(c.judge, judge_tok, policy_tok, policy_cfg.eos_token_ids or None)
+        stop_ids = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg).stop_ids
+        spec = judging.make_spec(c.judge, judge_tok, policy_tok, stop_ids or None)
         critic_cfg = critic = None
         if c.critic.kind == "separate" and c.critic.init == "reward_model":
             critic_cfg = hf.load_config(hf.resolve_path(c.critic.path, weights=False), c.policy.dtype,

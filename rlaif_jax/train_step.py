@@ -62,16 +62,19 @@ class Models:
 def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_bp, response_br, response_mask_br,
                       temperature: float):
     """One full forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
-    logits at the response positions (B, R, V) and the hidden states that precede each response token."""
+    logits at the response positions (B, R, V) and the hidden states that precede each response token.
+
+    Only the R positions that predict a response token go through the LM head (the forward's own all-position
+    logits are unused, so XLA drops them): at real vocabulary sizes the prompt positions' projection is large."""
     P = prompt_bp.shape[1]
     tokens = jnp.concatenate([prompt_bp, response_br], axis=1)
     mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(prompt_mask_bp.dtype)], axis=1)
-    out = tfm.forward(params, cfg, tokens, mask)
-    # Position P - 1 + t holds the logits that predict response token t.
-    logits_brv = out.logits[:, P - 1:-1] / temperature
+    # Position P - 1 + t holds the hidden state that predicts response token t.
+    hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
+    logits_brv = shd.constrain(tfm.unembed(params, cfg, hidden_brd), ("batch", "length", "vocab")) / temperature
     logp_brv = jax.nn.log_softmax(logits_brv, axis=-1)
     logp_br = jnp.take_along_axis(logp_brv, response_br[..., None], axis=-1)[..., 0]
-    return logp_br, logits_brv, out.hidden[:, P - 1:-1]
+    return logp_br, logits_brv, hidden_brd
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
@@ -182,10 +185,18 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
     resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
 
-    # 3 reference log-probs, the policy's own log-probs before the update ("old"), critic values
-    ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature)
-    old_logp, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
-                                                temperature)
+    # 3 log-probs before the update, reference log-probs, critic values.
+    # "Old" log-probs are the sampler's own: log pi(token) at the temperature under these very params (a second
+    # forward would agree to ~1e-7; `policy/logp_mismatch` measures that at the first update).
+    old_logp = roll.policy_logp_br
+    if c.reward.kl_coef == 0 and not c.reward.adaptive_kl:
+        ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward
+    else:
+        ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature)
+    old_hidden = None
+    if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
+        _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
+                                             temperature)
     old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask)
     ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
 
@@ -208,6 +219,8 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
                                                  d["resp"], d["rmask"], temperature)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
+        metrics["policy/logp_mismatch"] = rewards.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
+                                                              d["rmask"])
         ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
         if c.critic.kind != "none":
@@ -251,7 +264,9 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
 
     (params, opt_state, skipped), update_metrics = jax.lax.scan(
         epoch, (state.params, state.opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, c.algo.epochs))
-    # Averaged over every update of the step, except the NaN-safe ones averaged only where finite.
+    # The first update's forward runs with the params that sampled: its distance to the sampler's log-probs is
+    # the rollout / training mismatch. Every other metric is averaged over the step's updates (NaN-safe).
+    mismatch = update_metrics.pop("policy/logp_mismatch")[0, 0]
     update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
 
     lengths = rmask.sum(-1)
@@ -261,7 +276,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         "response/length": jnp.mean(lengths),
         "response/stopped_frac": jnp.mean(roll.stopped_b.astype(jnp.float32)),
         # Rollout sampled with the cache; the training forward recomputes without it: they should agree.
-        "policy/logp_mismatch": rewards.masked_mean(jnp.abs(roll.policy_logp_br - old_logp), rmask),
+        "policy/logp_mismatch": mismatch,
         "value/explained_variance_before": algorithms.explained_variance(old_values, adv.returns_br, rmask),
         "guard/skipped_updates": skipped,
     }
