@@ -74,11 +74,12 @@ def eval_config() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.every = 25            # evaluate every N steps (and after the last); 0 = never
     e.max_prompts = 64      # held-out prompts per evaluation (rounded up to whole batches)
+    e.samples_per_prompt = 1  # responses sampled per held-out prompt (more: less noisy rates)
     e.win_rate = True       # pairwise judge: current policy vs the initial policy, both orders
     e.pairwise_template = ""  # "" = judging's default pairwise template
     e.num_samples_logged = 16
-    # A ground-truth grader the judge never sees: "module:function" taking (prompt_texts, response_texts) and
-    # returning {metric: per-example list}; "" = none.
+    # A ground-truth grader the judge never sees: "module:function" taking (prompt_texts, response_texts,
+    # stopped) and returning {metric: per-example list}; "" = none.
     e.ground_truth = ""
     return e
 

@@ -133,7 +133,7 @@ class Evaluator:
         self.initial = [None] * len(self.batches)
         self.ground_truth = load_function(c.eval.ground_truth) if c.eval.ground_truth else None
         sampling = dataclasses.replace(rollout_lib.SamplingConfig.from_config(c.rollout, s.models.policy),
-                                       n_samples=1)
+                                       n_samples=c.eval.samples_per_prompt)
         pair_cfg = ml_collections.ConfigDict(c.judge.to_dict())
         pair_cfg.mode, pair_cfg.template = "pairwise", c.eval.pairwise_template
         self.pair_spec = (judging.make_spec(pair_cfg, s.judge_tokenizer, s.policy_tokenizer,
@@ -179,13 +179,15 @@ class Evaluator:
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
             out = jax.tree.map(gather_to_host, self._judge(state.params["policy"], frozen, roll, self.initial[i],
                                                            k_judge))
-            valid = gather_to_host(np.asarray(batch.valid_b)) > 0
+            # Rows are prompt-major (prompt * n + sample), like the rollout's.
+            valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
                 roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
             prompts = self.s.policy_tokenizer.batch_decode(prompt_tokens, skip_special_tokens=True)
             responses = [self.s.policy_tokenizer.decode(t[m > 0], skip_special_tokens=True)
                          for t, m in zip(response_tokens, response_mask)]
-            gt = self.ground_truth(prompts, responses) if self.ground_truth else {}
+            stopped = gather_to_host(roll.stopped_b)
+            gt = self.ground_truth(prompts, responses, stopped) if self.ground_truth else {}
             for name, values in {**{k: v for k, v in out.items() if k != "criteria" and v is not None},
                                  **{f"gt/{k}": np.asarray(v) for k, v in gt.items()}}.items():
                 per_example.setdefault(name, []).extend(np.asarray(values)[valid].tolist())

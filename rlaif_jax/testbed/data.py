@@ -121,8 +121,19 @@ def good_response(rng: np.random.Generator, instruction: world.Instruction) -> l
 
 
 def off_topic_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
-    """A well-formed response about another topic, or (when an adjective is asked for) lacking it."""
-    if instruction.adjective is not None and rng.random() < 0.5:
+    """A well-formed response about another topic, one that mixes in another topic's words, or (when an
+    adjective is asked for) one with another adjective or none at all."""
+    if rng.random() < 0.3:  # mixed topics: each topic word swapped for another topic's with probability 1/2
+        words = good_response(rng, instruction)
+        other = world.TOPICS[_choice(rng, [t for t in world.TOPICS if t != instruction.topic])]
+        related = [i for i, w in enumerate(words) if w in world.RELATED_TO_TOPIC]
+        swap = [i for i in related if rng.random() < 0.5] or [related[int(rng.integers(len(related)))]]
+        for i in swap:
+            words[i] = _choice(rng, other)
+        return words
+    if instruction.adjective is not None and rng.random() < 0.6:
+        if rng.random() < 0.5:
+            return _fill(_choice(rng, GOOD_TEMPLATES_NO_ADJECTIVE), rng, instruction.topic, "")
         other_adjective = _choice(rng, [a for a in world.ADJECTIVES if a != instruction.adjective])
         return _fill(_choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE), rng, instruction.topic, other_adjective)
     other_topic = _choice(rng, [t for t in world.TOPICS if t != instruction.topic])
@@ -130,9 +141,11 @@ def off_topic_response(rng: np.random.Generator, instruction: world.Instruction)
 
 
 def incoherent_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
-    """A good response broken in one of five ways that the coherence rule rejects."""
+    """A good response broken in one of six ways that the coherence rule rejects."""
     body = good_response(rng, instruction)[:-1]  # without the final "."
-    kind = int(rng.integers(5))
+    kind = int(rng.integers(6))
+    if kind == 5:  # the final "." repeated
+        return body + [world.PERIOD] * int(rng.integers(2, 4))
     if kind == 0:  # stutter: one word immediately repeated
         i = int(rng.integers(len(body)))
         return body[:i + 1] + body[i:] + [world.PERIOD]

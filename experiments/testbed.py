@@ -1,0 +1,87 @@
+"""RLAIF on the built-in testbed: a tiny SFT policy trained against a tiny LLM judge, on a laptop CPU.
+
+    python -m rlaif_jax.train --config experiments/testbed.py --workdir runs/testbed
+    python -m rlaif_jax.train --config experiments/testbed.py:small --workdir /tmp/tb   # 40 steps: the tests
+
+Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance,
+kl=COEF, steps=N.
+
+The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
+sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
+("Is the response relevant / coherent / harmless ? Answer :" -> Yes / No). The judge's score is the mean P(yes)
+over the three criteria (`judge.mode = "rubric"`). The ground-truth grader is only used by the evaluation
+(`eval.ground_truth`), never by the reward.
+
+`judge=relevance` is the reward-hacking ablation: the judge asks only the relevance question, which it answers
+with a bias towards responses that repeat topic words, so the policy can raise the judge score by stuffing
+keywords while coherence (and the ground-truth pass rate) falls. `kl=0` removes the other guard-rail.
+
+The testbed's judge is not trained to compare two responses, so the pairwise win-rate evaluation is off here.
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
+    sys.path.insert(0, _ROOT)
+
+from experiments import parse_arg  # noqa: E402
+from rlaif_jax import config as config_lib  # noqa: E402
+from rlaif_jax.testbed import build, task, world  # noqa: E402
+
+CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "harmless"}
+
+
+def get_config(arg: str = ""):
+    a = parse_arg(arg, small=False, seed=0, judge="rubric", kl=0.05, steps=0)
+    if a.judge not in ("rubric", "relevance"):
+        raise ValueError(f"testbed judge={a.judge!r}; use rubric or relevance")
+    # Builds the SFT policy and judge on first use (deterministic, cached: later runs reuse them). The small
+    # variant uses the same models (a faster-built judge does not learn relevance well enough to train against).
+    art = build.build(build.default_config())
+
+    c = config_lib.base_config()
+    c.seed = a.seed
+    c.policy.path = art.policy_dir
+    c.judge.path = art.judge_dir
+    c.judge.mode = "rubric"
+    c.judge.template = world.JUDGE_RUBRIC_TEMPLATE
+    c.judge.yes_no_tokens = world.JUDGE_ANSWERS
+    names = list(CRITERIA) if a.judge == "rubric" else ["relevance"]
+    c.judge.criteria = tuple(dict(name=n, question=CRITERIA[n], weight=1.0 / len(names)) for n in names)
+    c.judge.max_len = 40
+
+    c.data.path = task.write_prompts(os.path.join(art.root, "prompts.jsonl"))
+    c.data.max_prompt_len = 5
+    c.data.eval_fraction = 0.25  # 20 of the 80 instructions are held out for evaluation
+    c.data.seed = 0
+
+    c.rollout.max_new_tokens = 20
+    c.rollout.temperature = 1.0
+    c.rollout.n_samples = 4
+
+    c.critic.kind = "none"
+    c.algo.estimator = "grpo"
+    c.algo.epochs = 1
+    c.algo.minibatches = 2
+    c.reward.kl_coef = a.kl
+    c.reward.kl_estimator = "k3"
+    c.reward.kl_in_reward = False  # GRPO-style: KL as a loss term
+    # A response that never emits <eos> gets the lowest rubric score: the judge reads text, not termination.
+    c.reward.missing_stop_mode = "replace"
+    c.reward.missing_stop_penalty = 0.0
+
+    c.optim.learning_rate = 1e-3
+    c.optim.max_grad_norm = 1.0
+    c.train.batch_size = 16
+    c.train.steps = a.steps or (40 if a.small else 200)
+
+    c.eval.every = 20 if a.small else 50
+    c.eval.max_prompts = 20
+    c.eval.samples_per_prompt = 8
+    c.eval.win_rate = False
+    c.eval.ground_truth = "rlaif_jax.testbed.task:ground_truth"
+    c.checkpoint.every_steps = 50
+    c.logging.progress_bar = True
+    c.lock()
+    return c
