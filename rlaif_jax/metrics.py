@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.wandb_tags = ""  # comma-separated
     c.progress_bar = True
     # Metrics shown in the progress bar's postfix, when present.
-    c.progress_keys = "judge_score,kl,response_length,eval/judge_score"
+    c.progress_keys = "judge/score,kl/k1,response/length,eval/judge_score,eval/gt/pass_rate"
     return c
 
 

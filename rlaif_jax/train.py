@@ -381,15 +381,20 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         jax.distributed.initialize()
 
 
-def main(argv):
-    del argv
-    # Our own progress lines at INFO; the libraries' (orbax logs every checkpoint file) only from WARNING.
+def configure_logging() -> None:
+    """Our own progress lines at INFO; the libraries' (orbax logs every checkpoint file) only from WARNING."""
     absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def main(argv):
+    del argv
+    configure_logging()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/testbed.py:small")

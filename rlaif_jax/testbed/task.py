@@ -34,3 +34,20 @@ def write_prompts(path: str) -> str:
                 f.write(json.dumps({"prompt": instruction.text}) + "\n")
         os.replace(tmp, path)
     return path
+
+
+def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234) -> str:
+    """Fresh (instruction, response) pairs drawn like the SFT data, labelled 1 / 0 by the ground truth's pass,
+    in scripts/judge_eval.py's format: {"prompt", "response", "label"}. Unterminated responses are left out
+    (their text cannot show the missing <eos>; training scores them with the missing-stop rule instead)."""
+    import numpy as np
+
+    from rlaif_jax.testbed import data
+
+    rng = np.random.default_rng(seed)
+    samples = [s for s in data.sample_pairs(rng, 2 * n, data.default_config().sft_mode_probs) if s.terminated][:n]
+    with open(path, "w") as f:
+        for s in samples:
+            f.write(json.dumps({"prompt": s.instruction.text, "response": " ".join(s.words),
+                                "label": float(s.grade.passed)}) + "\n")
+    return path
