@@ -34,12 +34,6 @@ from rlaif_jax import rollout as rollout_lib  # noqa: E402
 from rlaif_jax import sharding as shd  # noqa: E402
 from rlaif_jax.models import hf  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
-_OUT = flags.DEFINE_string("out", None, "output JSONL")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 256, "prompts to sample pairs for")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-
-
 def sample_pairs(c, out_path: str, num_prompts: int, seed: int) -> int:
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     rules = [tuple(r) for r in c.mesh.rules]
@@ -69,11 +63,17 @@ def sample_pairs(c, out_path: str, num_prompts: int, seed: int) -> int:
 
 def main(argv):
     del argv
-    if _CONFIG.value is None or not _OUT.value:
+    F = flags.FLAGS
+    if F.config is None or not F.out:
         raise app.UsageError("--config and --out are required")
-    n = sample_pairs(_CONFIG.value, _OUT.value, _NUM_PROMPTS.value, _SEED.value)
-    print(f"wrote {n} pairs to {_OUT.value}")
+    n = sample_pairs(F.config, F.out, F.num_prompts, F.seed)
+    print(f"wrote {n} pairs to {F.out}")
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a script, so importing sample_pairs (tests) defines none.
+    config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
+    flags.DEFINE_string("out", None, "output JSONL")
+    flags.DEFINE_integer("num_prompts", 256, "prompts to sample pairs for")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
     app.run(main)

@@ -128,8 +128,8 @@ def off_topic_response(rng: np.random.Generator, instruction: world.Instruction)
         other = world.TOPICS[_choice(rng, [t for t in world.TOPICS if t != instruction.topic])]
         related = [i for i, w in enumerate(words) if w in world.RELATED_TO_TOPIC]
         swap = [i for i in related if rng.random() < 0.5] or [related[int(rng.integers(len(related)))]]
-        for i in swap:
-            words[i] = _choice(rng, other)
+        for i in swap:  # a word not in the response yet, so no word repeats (coherence stays intact)
+            words[i] = _choice(rng, [w for w in other if w not in words])
         return words
     if instruction.adjective is not None and rng.random() < 0.6:
         if rng.random() < 0.5:
