@@ -33,7 +33,7 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, small=False, seed=0, judge="rubric", kl=0.05, steps=0)
+    a = parse_arg(arg, small=False, seed=0, judge="rubric", kl=0.1, steps=0)
     if a.judge not in ("rubric", "relevance"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric or relevance")
     # Builds the SFT policy and judge on first use (deterministic, cached: later runs reuse them). The small
@@ -74,9 +74,12 @@ def get_config(arg: str = ""):
     c.optim.learning_rate = 1e-3
     c.optim.max_grad_norm = 1.0
     c.train.batch_size = 16
-    c.train.steps = a.steps or (40 if a.small else 200)
+    # 100 steps: the ground truth peaks around here. Longer runs find the judge's blind spots (a stuttered
+    # word it calls coherent, repeated "."): the judge score keeps rising while the ground truth falls, the
+    # over-optimisation of Gao et al. 2022 (try steps=400).
+    c.train.steps = a.steps or (40 if a.small else 100)
 
-    c.eval.every = 20 if a.small else 50
+    c.eval.every = 20 if a.small else 25
     c.eval.max_prompts = 20
     c.eval.samples_per_prompt = 8
     c.eval.win_rate = False

@@ -141,11 +141,26 @@ def off_topic_response(rng: np.random.Generator, instruction: world.Instruction)
 
 
 def incoherent_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
-    """A good response broken in one of six ways that the coherence rule rejects."""
+    """A good response broken in one of seven ways that the coherence rule rejects."""
     body = good_response(rng, instruction)[:-1]  # without the final "."
-    kind = int(rng.integers(6))
+    kind = int(rng.integers(7))
     if kind == 5:  # the final "." repeated
         return body + [world.PERIOD] * int(rng.integers(2, 4))
+    if kind == 6:  # several breakages at once: the shapes a policy drifting from the data produces
+        words = body + [world.PERIOD]
+        for _ in range(int(rng.integers(2, 4))):
+            i = int(rng.integers(len(words) + 1))
+            edit = int(rng.integers(3))
+            if edit == 0:  # a cluster of "."
+                words = words[:i] + [world.PERIOD] * int(rng.integers(1, 4)) + words[i:]
+            elif edit == 1:  # a span said again
+                j = int(rng.integers(len(words)))
+                words = words[:i] + words[j:j + int(rng.integers(1, 4))] + words[i:]
+            else:  # a word dropped
+                words = words[:i] + words[i + 1:] if i < len(words) else words[:-1]
+        if coherence_ok(words):  # rare: the edits cancelled out; break it surely
+            words = words + [world.PERIOD]
+        return words[:20]
     if kind == 0:  # stutter: one word immediately repeated
         i = int(rng.integers(len(body)))
         return body[:i + 1] + body[i:] + [world.PERIOD]
@@ -158,6 +173,10 @@ def incoherent_response(rng: np.random.Generator, instruction: world.Instruction
         i = int(rng.integers(len(body) - 1))
         return body[i:i + 2] * 3 + [world.PERIOD]
     return [body[-1], world.PERIOD]  # too short: one word
+
+
+def coherence_ok(words: Sequence[str]) -> bool:
+    return grader.coherence(words, True) == 1.0
 
 
 def harmful_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
