@@ -189,8 +189,9 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # "Old" log-probs are the sampler's own: log pi(token) at the temperature under these very params (a second
     # forward would agree to ~1e-7; `policy/logp_mismatch` measures that at the first update).
     old_logp = roll.policy_logp_br
-    if c.reward.kl_coef == 0 and not c.reward.adaptive_kl:
-        ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward
+    kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
+    if kl_off:
+        ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
     else:
         ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature)
     old_hidden = None
@@ -203,6 +204,8 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # 4 shaping: scores -> per-token rewards (KL, penalties, normalisation)
     token_rewards, reward_state, reward_metrics = rewards.shape_rewards(
         c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b)
+    if kl_off:  # they would read 0 without a reference forward: not reported rather than wrong
+        reward_metrics = {k: v for k, v in reward_metrics.items() if not k.startswith("kl/k")}
 
     # 5 advantages
     adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, None, rmask, c.rollout.n_samples)
