@@ -13,6 +13,7 @@ import transformers
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
+from tests.tiny import left_padded_batch
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -33,12 +34,7 @@ T = 8
 
 
 def batch(vocab=97, seed=0):
-    rng = np.random.RandomState(seed)
-    tokens = rng.randint(3, vocab, size=(len(LENGTHS), T))
-    mask = np.zeros((len(LENGTHS), T), np.int32)
-    for i, n in enumerate(LENGTHS):
-        mask[i, T - n:] = 1
-    return np.where(mask == 1, tokens, 0).astype(np.int32), mask
+    return left_padded_batch(LENGTHS, T, vocab, seed)
 
 
 def make_hf_model(family, folder):

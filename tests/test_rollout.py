@@ -14,6 +14,7 @@ from rlaif_jax import rollout as rl
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models.config import ModelConfig
+from tests.tiny import left_padded_batch
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -29,12 +30,7 @@ rollout = jax.jit(rl.rollout, static_argnums=(1, 5))
 
 
 def prompts(seed=0, lengths=LENGTHS):
-    rng = np.random.RandomState(seed)
-    tokens = rng.randint(3, VOCAB, size=(len(lengths), P))
-    mask = np.zeros((len(lengths), P), np.int32)
-    for i, n in enumerate(lengths):
-        mask[i, P - n:] = 1
-    return np.where(mask == 1, tokens, 0).astype(np.int32), mask
+    return left_padded_batch(lengths, P, VOCAB, seed)
 
 
 def make_hf_model(family, folder):

@@ -29,6 +29,17 @@ TEMPLATE = "Q : {prompt} R : {response} S :"
 PAD, BOS, EOS = 0, 1, 2
 
 
+def left_padded_batch(lengths, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random token rows (ids >= 3, clear of pad / bos / eos), row i holding lengths[i] real tokens at its end:
+    (tokens (N, length) int32 with 0 at padding, mask (N, length) int32)."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(3, vocab, size=(len(lengths), length))
+    mask = np.zeros((len(lengths), length), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, length - n:] = 1
+    return np.where(mask == 1, tokens, 0).astype(np.int32), mask
+
+
 def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
