@@ -22,6 +22,7 @@ with `jax.make_array_from_process_local_data`.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import string
@@ -433,6 +434,24 @@ def load_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any, global_batch_si
         held_out = PromptLoader(splits.eval, global_batch_size, process_index=process_index,
                                 process_count=process_count, shuffle=False, num_epochs=1, drop_last=False)
     return train, held_out
+
+
+def read_jsonl(path: str, required: set[str], what: str = "records") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line of a JSONL file; a record without one of the `required`
+    keys, or a file without records, is an error naming the file and line."""
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            missing = set(required) - set(record)
+            if missing:
+                raise ValueError(f"{path}:{i}: missing keys {sorted(missing)} (expected {sorted(required)})")
+            records.append((i, record))
+    if not records:
+        raise ValueError(f"{path} holds no {what}")
+    return records
 
 
 def to_global(batch: Any, sharding: jax.sharding.Sharding) -> Any:

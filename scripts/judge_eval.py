@@ -72,21 +72,9 @@ def _label(value: Any) -> float:
 
 
 def read_labelled(path: str, pairwise: bool) -> list[dict[str, Any]]:
+    from rlaif_jax.data import read_jsonl
     keys = {"prompt", "response_a", "response_b", "label"} if pairwise else {"prompt", "response", "label"}
-    records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            missing = keys - set(r)
-            if missing:
-                raise ValueError(f"{path}:{i}: missing keys {sorted(missing)} (mode "
-                                 f"{'pairwise' if pairwise else 'pointwise-like'} expects {sorted(keys)})")
-            records.append(dict(r, label=_label(r["label"])))
-    if not records:
-        raise ValueError(f"{path} holds no examples")
-    return records
+    return [dict(r, label=_label(r["label"])) for _, r in read_jsonl(path, keys, "examples")]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

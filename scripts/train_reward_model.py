@@ -40,22 +40,13 @@ log = logging.getLogger("train_reward_model")
 # ---------------------------------------------------------------------------------------------- data
 def read_preferences(path: str) -> list[dict[str, Any]]:
     """Reads and validates the preference JSONL; p_a_better may be missing (labelled later)."""
-    records = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            missing = {"prompt", "response_a", "response_b"} - set(r)
-            if missing:
-                raise ValueError(f"{path}:{i}: missing keys {sorted(missing)}")
-            p = r.get("p_a_better")
-            if p is not None and not 0.0 <= float(p) <= 1.0:
-                raise ValueError(f"{path}:{i}: p_a_better={p} is not a probability")
-            records.append(r)
-    if not records:
-        raise ValueError(f"{path} holds no preference pairs")
-    return records
+    from rlaif_jax.data import read_jsonl
+    records = read_jsonl(path, {"prompt", "response_a", "response_b"}, "preference pairs")
+    for i, r in records:
+        p = r.get("p_a_better")
+        if p is not None and not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{path}:{i}: p_a_better={p} is not a probability")
+    return [r for _, r in records]
 
 
 def label_preferences(records: list[dict[str, Any]], judge: judging.Judge, batch_size: int, seed: int

@@ -1,14 +1,15 @@
 """The compiled RLAIF step on tiny models: one compilation, 1 vs 8 devices, learning, KL, the NaN guard."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaif_jax import config as config_lib
 from rlaif_jax import judging
 from rlaif_jax import sharding as shd
 from rlaif_jax import train
-from tests import tiny
+from tests import tiny, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -17,20 +18,10 @@ def world(tmp_path_factory):
 
 
 def make_config(world, **overrides):
-    c = config_lib.base_config()
-    c.policy.path = world["policy"]
-    c.judge.path = world["judge"]
+    """tests/tiny_config.py's run (pointwise judge counting TARGET), with PPO's epochs x minibatches = 2 x 2."""
+    c = tiny_config.get_config(os.path.dirname(world["policy"]))
     c.judge.mode = "pointwise"
-    c.judge.template = tiny.TEMPLATE
-    c.judge.max_len = 24
-    c.data.path = world["prompts"]
-    c.data.max_prompt_len = 6
-    c.rollout.max_new_tokens = 6
-    c.train.batch_size = 8
     c.train.steps = 40
-    c.optim.learning_rate = 3e-3
-    c.optim.max_grad_norm = 1.0
-    c.reward.kl_coef = 0.01
     c.reward.missing_stop_mode = "none"
     c.algo.epochs = 2
     c.algo.minibatches = 2
