@@ -66,6 +66,26 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
     c.logging.progress_bar = False
 
 
+def set_lee2023_rl(c: ml_collections.ConfigDict) -> None:
+    """The RL recipe of Lee et al. 2023 (RLAIF vs RLHF), shared by its TL;DR and harmless-dialogue configs:
+    sampling temperature 0.9, a KL penalty of 0.05 (k1) in the reward, the score as sampled (no extra penalty or
+    normalisation), and REINFORCE with a learned baseline: one on-policy gradient step per batch, A = R - V(prompt),
+    no advantage whitening (the baseline centres the return; nothing rescales it)."""
+    c.rollout.temperature = 0.9
+    c.reward.kl_coef = 0.05
+    c.reward.kl_estimator = "k1"
+    c.reward.kl_in_reward = True
+    c.reward.adaptive_kl = False
+    c.reward.missing_stop_mode = "none"
+    c.reward.score_norm = "none"
+    c.algo.estimator = "reinforce"
+    c.algo.epochs = 1
+    c.algo.minibatches = 1
+    c.algo.whiten_advantages = False
+    c.critic.kind = "separate"  # a value model next to the policy (--config.critic.kind=value_head shares its trunk)
+    c.critic.init = "policy"
+
+
 # ---------------------------------------------------------------------------------------------- Reddit TL;DR
 # The filtered Reddit TL;DR of Stiennon et al. 2020 (OpenAI's `tldr_3_filtered`: 116,722 / 6,447 / 6,553 posts),
 # as published by the PPO-details reproduction (Huang et al. 2024). Its raw columns are id, subreddit, title,

@@ -38,7 +38,7 @@ if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments`
 
 from rlaif_jax import config as config_lib  # noqa: E402
 
-from experiments import apply_runlocal, parse_arg  # noqa: E402
+from experiments import apply_runlocal, parse_arg, set_lee2023_rl  # noqa: E402
 
 HH_DATASET = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"
@@ -99,22 +99,9 @@ def get_config(arg: str = ""):
     c.data.use_chat_template = True
     c.data.max_prompt_len = 512
 
-    # ---- sampling and reward (Lee et al. 2023): temperature 0.9, KL penalty 0.05 in the reward
-    c.rollout.temperature = 0.9
+    # ---- sampling, reward and REINFORCE with a learned baseline (Lee et al. 2023)
+    set_lee2023_rl(c)
     c.rollout.max_new_tokens = 128
-    c.reward.kl_coef = 0.05
-    c.reward.kl_estimator = "k1"
-    c.reward.kl_in_reward = True
-    c.reward.missing_stop_mode = "none"
-    c.reward.score_norm = "none"
-
-    # ---- REINFORCE with a learned baseline
-    c.algo.estimator = "reinforce"
-    c.algo.epochs = 1
-    c.algo.minibatches = 1
-    c.algo.whiten_advantages = False
-    c.critic.kind = "separate"
-    c.critic.init = "policy"
 
     # ---- optimisation and loop (this codebase's choices)
     c.train.batch_size = 64

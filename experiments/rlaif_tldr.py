@@ -49,7 +49,7 @@ if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments`
 
 from rlaif_jax import config as config_lib  # noqa: E402
 
-from experiments import apply_runlocal, parse_arg, set_tldr_data  # noqa: E402
+from experiments import apply_runlocal, parse_arg, set_lee2023_rl, set_tldr_data  # noqa: E402
 
 # The d-RLAIF scoring prompt, adapted from the paper's appendix; {num_scores} becomes the top of the scale.
 DIRECT_TEMPLATE = (
@@ -99,25 +99,10 @@ def get_config(arg: str = ""):
     # ---- data
     set_tldr_data(c.data)
 
-    # ---- sampling: temperature 0.9 (the paper); summaries are short
-    c.rollout.temperature = 0.9
+    # ---- sampling, reward (the judge's score in [-1, 1], beta = 0.05) and REINFORCE with a learned baseline,
+    # as in the paper; summaries are short
+    set_lee2023_rl(c)
     c.rollout.max_new_tokens = 64
-
-    # ---- reward: the judge's score in [-1, 1], KL penalty in the reward, beta = 0.05 (the paper)
-    c.reward.kl_coef = 0.05
-    c.reward.kl_estimator = "k1"
-    c.reward.kl_in_reward = True
-    c.reward.adaptive_kl = False
-    c.reward.missing_stop_mode = "none"  # the paper scores every summary as sampled; no extra penalty
-    c.reward.score_norm = "none"
-
-    # ---- REINFORCE with a learned baseline: one on-policy gradient step per batch, A = R - V(prompt)
-    c.algo.estimator = "reinforce"
-    c.algo.epochs = 1
-    c.algo.minibatches = 1
-    c.algo.whiten_advantages = False  # plain REINFORCE: the baseline centres the return, nothing rescales it
-    c.critic.kind = "separate"  # a value model next to the policy (--config.critic.kind=value_head shares its trunk)
-    c.critic.init = "policy"
 
     # ---- optimisation and loop (this codebase's choices)
     c.train.batch_size = 128
