@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
-from tests.tiny import left_padded_batch
+from tests.tiny import hf_logits, left_padded_batch, save_random_hf_model
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -39,22 +38,7 @@ def batch(vocab=97, seed=0):
 
 def make_hf_model(family, folder):
     cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    config = cls(**{**COMMON, **extra})
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():  # perturb every weight so norms and biases are not at their trivial init
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
-
-
-def hf_logits(model, tokens, mask):
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions, dtype=torch.long))
-    return out.logits.float().numpy()
+    return save_random_hf_model(cls(**{**COMMON, **extra}), folder, noise=0.05)
 
 
 @pytest.fixture(scope="module")

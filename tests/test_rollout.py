@@ -14,7 +14,7 @@ from rlaif_jax import rollout as rl
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models.config import ModelConfig
-from tests.tiny import left_padded_batch
+from tests.tiny import hf_logits, left_padded_batch, save_random_hf_model
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -35,14 +35,8 @@ def prompts(seed=0, lengths=LENGTHS):
 
 def make_hf_model(family, folder):
     cls, extra = FAMILIES[family]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cls(**{**COMMON, **extra}), attn_implementation="eager")
-    model = model.eval()
-    with torch.no_grad():  # larger weights than the init, so the distributions are far from uniform
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
+    # Larger weights than the init, so the distributions are far from uniform.
+    return save_random_hf_model(cls(**{**COMMON, **extra}), folder, noise=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +49,6 @@ def models(tmp_path_factory):
         cfg, params = hf.load_model(folder)
         out[family] = (folder, model, cfg, params)
     return out
-
-
-def hf_logits(model, tokens, mask):
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions, dtype=torch.long))
-    return out.logits.double().numpy()
 
 
 def hf_generate_greedy(model, tokens, mask, max_new, eos, min_new=0):

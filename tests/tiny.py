@@ -40,6 +40,29 @@ def left_padded_batch(lengths, length: int, vocab: int, seed: int = 0) -> tuple[
     return np.where(mask == 1, tokens, 0).astype(np.int32), mask
 
 
+def save_random_hf_model(config, folder: str, noise: float):
+    """A transformers model of `config` (seeded), every weight perturbed by `noise` * N(0, 1) so norms and biases
+    are off their trivial init, saved with save_pretrained; returned in eval mode (eager attention)."""
+    import torch
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, tokens, mask) -> np.ndarray:
+    """HF logits of a left-padded batch, with the padding-aware positions our model uses (float64)."""
+    import torch
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions, dtype=torch.long))
+    return out.logits.double().numpy()
+
+
 def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
