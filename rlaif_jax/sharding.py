@@ -54,6 +54,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
     )
 
 
+def mesh_from_config(mesh_cfg) -> tuple[Mesh, list[tuple[str, Any]]]:
+    """The mesh and the logical-axis rules of a `config.mesh` section."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), [tuple(r) for r in mesh_cfg.rules]
+
+
 @contextlib.contextmanager
 def use_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
     """Makes `rules` the logical->mesh table for `constrain` and `logical_to_spec` inside the block."""

@@ -76,8 +76,9 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
     `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`."""
     policy_tok = hf.load_tokenizer(c.policy.path)
     policy_cfg, policy_params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
-    # The reference is a second copy: the policy's buffers are donated to the step and updated in place.
-    _, reference = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+    # The reference is a device-side copy (same shardings): the policy's buffers are donated to the step and
+    # updated in place, and the checkpoint is read only once.
+    reference = jax.tree.map(jnp.copy, policy_params)
     # The judge cuts responses at the stop ids the sampler actually stops on.
     stop_ids = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg).stop_ids
     judge = judging.load_judge(c.judge, policy_tok, stop_ids or None, mesh, rules)
@@ -212,8 +213,7 @@ class Evaluator:
 def run(c: ml_collections.ConfigDict, workdir: str) -> None:
     """Trains (or resumes) the run of config `c` in `workdir`."""
     # ---- 2 mesh, then models, state and the compiled step (born sharded)
-    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    rules = [tuple(r) for r in c.mesh.rules]
+    mesh, rules = shd.mesh_from_config(c.mesh)
     with shd.use_rules(rules), jax.set_mesh(mesh):
         s = setup(c, mesh, rules)
         train_loader, eval_loader = data_lib.load_prompts(c.data, s.policy_tokenizer, c.train.batch_size)
@@ -286,8 +286,7 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
 def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, Any]:
     """Compiles the full train step ahead of time from shapes alone (config.json files and tokenizers; no
     weights are read or allocated) on the configured mesh, and reports per-device memory, FLOPs and fit."""
-    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    rules = [tuple(r) for r in c.mesh.rules]
+    mesh, rules = shd.mesh_from_config(c.mesh)
     with shd.use_rules(rules), jax.set_mesh(mesh):
         def abstract(cfg):
             shapes = tfm.abstract_params(cfg)

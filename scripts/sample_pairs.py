@@ -35,8 +35,7 @@ from rlaif_jax import sharding as shd  # noqa: E402
 from rlaif_jax.models import hf  # noqa: E402
 
 def sample_pairs(c, out_path: str, num_prompts: int, seed: int) -> int:
-    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    rules = [tuple(r) for r in c.mesh.rules]
+    mesh, rules = shd.mesh_from_config(c.mesh)
     with shd.use_rules(rules), jax.set_mesh(mesh):
         tokenizer = hf.load_tokenizer(c.policy.path)
         cfg, params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
