@@ -17,7 +17,6 @@ judging.REWARD_MODEL_META_FILE recording the template).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
