@@ -165,8 +165,9 @@ class _LoopState(NamedTuple):
 
 
 def _constrain_cache(cache: tfm.KVCache) -> tfm.KVCache:
-    kv_axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-    return cache.replace(k=constrain(cache.k, kv_axes), v=constrain(cache.v, kv_axes),
+    k_axes, v_axes = ("batch", "kv_heads", "head_dim", "cache_length"), ("batch", "kv_heads", "cache_length", "head_dim")
+    return cache.replace(k=tuple(constrain(k, k_axes) for k in cache.k),
+                         v=tuple(constrain(v, v_axes) for v in cache.v),
                          key_mask=constrain(cache.key_mask, ("batch", "cache_length")),
                          next_position=constrain(cache.next_position, ("batch",)))
 
@@ -193,10 +194,11 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
 
     # --- prefill the B prompts once; the last real token is at P - 1 (left padding). The last sampled token
     # is never fed back, so P + R - 1 slots suffice.
+    params = tfm.decoding_params(params, cfg)
     out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, P + R - 1, sc.cache_dtype)
     logits_bv = out.logits[:, -1]
     # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
-    cache = cache.replace(k=_repeat_rows(cache.k, n, 1), v=_repeat_rows(cache.v, n, 1),
+    cache = cache.replace(k=tuple(_repeat_rows(k, n) for k in cache.k), v=tuple(_repeat_rows(v, n) for v in cache.v),
                           key_mask=_repeat_rows(cache.key_mask, n), next_position=_repeat_rows(cache.next_position, n))
     cache = _constrain_cache(cache)
     logits_bv = constrain(_repeat_rows(logits_bv, n), ("batch", "vocab"))
