@@ -172,8 +172,8 @@ def _constrain_cache(cache: tfm.KVCache) -> tfm.KVCache:
                          next_position=constrain(cache.next_position, ("batch",)))
 
 
-def _repeat_rows(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
-    return x if n == 1 else jnp.repeat(x, n, axis=axis)
+def _repeat_rows(x: jax.Array, n: int) -> jax.Array:
+    return x if n == 1 else jnp.repeat(x, n, axis=0)
 
 
 def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, prompt_mask_bp: jax.Array,
@@ -193,14 +193,14 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
     prompt_mask_bp = prompt_mask_bp.astype(jnp.int32)
 
     # --- prefill the B prompts once; the last real token is at P - 1 (left padding). The last sampled token
-    # is never fed back, so P + R - 1 slots suffice.
+    # is never fed back, so P + R - 1 slots suffice; rounded up to a multiple of 16 so that each row of the
+    # (B, K, E, S) key buffer starts on a cache line (the unused slots stay masked out).
     params = tfm.decoding_params(params, cfg)
-    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, P + R - 1, sc.cache_dtype)
+    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, -(-(P + R - 1) // 16) * 16,
+                              sc.cache_dtype)
     logits_bv = out.logits[:, -1]
     # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
-    cache = cache.replace(k=tuple(_repeat_rows(k, n) for k in cache.k), v=tuple(_repeat_rows(v, n) for v in cache.v),
-                          key_mask=_repeat_rows(cache.key_mask, n), next_position=_repeat_rows(cache.next_position, n))
-    cache = _constrain_cache(cache)
+    cache = _constrain_cache(cache.repeat_rows(n))
     logits_bv = constrain(_repeat_rows(logits_bv, n), ("batch", "vocab"))
 
     def emit(state: _LoopState, logits_bv: jax.Array) -> _LoopState:

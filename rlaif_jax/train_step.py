@@ -60,21 +60,39 @@ class Models:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_bp, response_br, response_mask_br,
-                      temperature: float):
-    """One full forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
+                      temperature: float, rows_per_prompt: int = 1):
+    """One forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
     logits at the response positions (B, R, V) and the hidden states that precede each response token.
 
-    Only the R positions that predict a response token go through the LM head (the forward's own all-position
-    logits are unused, so XLA drops them): at real vocabulary sizes the prompt positions' projection is large."""
+    rows_per_prompt = n > 1 says rows b * n .. b * n + n - 1 share one prompt (the n samples of a group): each
+    prompt then runs once (`tfm.forward_shared_prefix`), which saves (n - 1) / n of the prompt positions'
+    forward and backward. Only the R positions that predict a response token go through the LM head (the
+    forward's own all-position logits are unused, so XLA drops them): at real vocabulary sizes the prompt
+    positions' projection is large."""
     P = prompt_bp.shape[1]
-    tokens = jnp.concatenate([prompt_bp, response_br], axis=1)
-    mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(prompt_mask_bp.dtype)], axis=1)
-    # Position P - 1 + t holds the hidden state that predicts response token t.
-    hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
+    mask_dtype = prompt_mask_bp.dtype
+    if rows_per_prompt > 1:
+        n = rows_per_prompt
+        prompt_out, response_out = tfm.forward_shared_prefix(
+            params, cfg, prompt_bp[::n], prompt_mask_bp[::n], response_br, response_mask_br.astype(mask_dtype))
+        # The last prompt position predicts response token 0, response position t - 1 predicts token t.
+        last_prompt_b1d = jnp.repeat(prompt_out.hidden[:, -1:], n, axis=0)
+        hidden_brd = jnp.concatenate([last_prompt_b1d, response_out.hidden[:, :-1]], axis=1)
+    else:
+        tokens = jnp.concatenate([prompt_bp, response_br], axis=1)
+        mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(mask_dtype)], axis=1)
+        # Position P - 1 + t holds the hidden state that predicts response token t.
+        hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
     logits_brv = shd.constrain(tfm.unembed(params, cfg, hidden_brd), ("batch", "length", "vocab")) / temperature
     logp_brv = jax.nn.log_softmax(logits_brv, axis=-1)
     logp_br = jnp.take_along_axis(logp_brv, response_br[..., None], axis=-1)[..., 0]
     return logp_br, logits_brv, hidden_brd
+
+
+def group_permutation(key: jax.Array, rows: int, n: int) -> jax.Array:
+    """A random order of `rows` rows that shuffles groups of n consecutive rows (the samples of one prompt) and
+    keeps each group's rows together and in order, so every minibatch cut from it holds whole groups."""
+    return (jax.random.permutation(key, rows // n)[:, None] * n + jnp.arange(n)).reshape(rows)
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
@@ -159,14 +177,14 @@ def init_state_sharded(c: ml_collections.ConfigDict, models: Models, mesh: jax.s
 
 
 def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,
-            prompt_mask_bp, response_br, response_mask_br):
+            prompt_mask_bp, response_br, response_mask_br, rows_per_prompt: int):
     """Critic values V(s_t) at the state before each response token, (B, R) float32 (zeros without a critic)."""
     if c.critic.kind == "value_head":
         return tfm.apply_value_head(params["value_head"], policy_hidden_brd)
     if c.critic.kind == "separate":
         ccfg = models.critic or models.policy
         _, _, hidden = response_logprobs(params["critic"]["backbone"], ccfg, prompt_bp, prompt_mask_bp,
-                                         response_br, response_mask_br, 1.0)
+                                         response_br, response_mask_br, 1.0, rows_per_prompt)
         return tfm.apply_value_head(params["critic"]["head"], hidden)
     return jnp.zeros(response_br.shape, jnp.float32)
 
@@ -189,16 +207,19 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # "Old" log-probs are the sampler's own: log pi(token) at the temperature under these very params (a second
     # forward would agree to ~1e-7; `policy/logp_mismatch` measures that at the first update).
     old_logp = roll.policy_logp_br
+    # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
+    n = c.rollout.n_samples
     kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
     if kl_off:
         ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
     else:
-        ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature)
+        ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature,
+                                           n)
     old_hidden = None
     if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
         _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
-                                             temperature)
-    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask)
+                                             temperature, n)
+    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, n)
     ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
 
     # 4 shaping: scores -> per-token rewards (KL, penalties, normalisation)
@@ -217,17 +238,20 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     B = resp.shape[0]
     mb, accum = c.algo.minibatches, c.optim.grad_accum
     optimizer = make_optimizer(c, total_updates(c))
+    # Minibatches are drawn as whole groups (see `epoch`), so a micro-batch holds whole groups whenever its
+    # row count is a multiple of n, and its forward shares each prompt too.
+    micro_share = n if (B // (mb * accum)) % n == 0 else 1
 
     def loss_fn(params, d):
         logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                 d["resp"], d["rmask"], temperature)
+                                                 d["resp"], d["rmask"], temperature, micro_share)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
         metrics["policy/logp_mismatch"] = rewards.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
                                                               d["rmask"])
         ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
         if c.critic.kind != "none":
-            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"])
+            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"], micro_share)
             v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo)
             loss, metrics = loss + v_loss, {**metrics, **v_metrics}
         if not c.reward.kl_in_reward:
@@ -261,7 +285,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
 
     def epoch(carry, epoch_key):
-        perm = jax.random.permutation(epoch_key, B)
+        perm = group_permutation(epoch_key, B, n)
         shuffled = jax.tree.map(lambda x: x[perm].reshape((mb, B // mb) + x.shape[1:]), data)
         return jax.lax.scan(minibatch_update, carry, shuffled)
 

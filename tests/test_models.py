@@ -81,6 +81,40 @@ def test_kv_cache_decoding_matches_full_forward(checkpoints, family):
     assert int(cache.index) == T
 
 
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_shared_prefix_forward_equals_full_forward(checkpoints, family):
+    """Three left-padded prefixes (8, 5, 3 real tokens), two continuations each, some ending in padding (a response
+    after its stop token): the shared-prefix forward equals `forward` on the concatenated rows, and so do its
+    gradients (the n continuations' gradients sum into the shared prefix)."""
+    folder, _ = checkpoints[family]
+    cfg, params = hf.load_model(folder)
+    prefix, prefix_mask = batch(seed=2)
+    n, C = 2, 5
+    rng = np.random.default_rng(3)
+    cont = rng.integers(3, 97, size=(len(LENGTHS) * n, C)).astype(np.int32)
+    cont_mask = (np.arange(C)[None, :] < np.array([5, 2, 4, 5, 1, 3])[:, None]).astype(np.int32)
+    rows, rows_mask = np.repeat(prefix, n, axis=0), np.repeat(prefix_mask, n, axis=0)
+    full_tokens, full_mask = np.concatenate([rows, cont], 1), np.concatenate([rows_mask, cont_mask], 1)
+    real = full_mask == 1
+
+    def full_logits(p):
+        return tfm.forward(p, cfg, full_tokens, full_mask).logits
+
+    def shared_logits(p):
+        prefix_out, cont_out = tfm.forward_shared_prefix(p, cfg, prefix, prefix_mask, cont, cont_mask)
+        return jax.numpy.concatenate([jax.numpy.repeat(prefix_out.logits, n, axis=0), cont_out.logits], axis=1)
+
+    diff = np.abs(np.asarray(jax.jit(shared_logits)(params)) - np.asarray(jax.jit(full_logits)(params)))[real]
+    assert diff.max() <= 1e-5
+
+    weights = rng.normal(size=full_tokens.shape + (cfg.vocab_size,)).astype(np.float32) * real[..., None]
+    grad_full = jax.jit(jax.grad(lambda p: (full_logits(p) * weights).sum()))(params)
+    grad_shared = jax.jit(jax.grad(lambda p: (shared_logits(p) * weights).sum()))(params)
+    for a, b in zip(jax.tree.leaves(grad_full), jax.tree.leaves(grad_shared)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
 def test_round_trip_export_then_hf_load(checkpoints, tmp_path):
     folder, model = checkpoints["qwen3"]
     cfg, params = hf.load_model(folder)

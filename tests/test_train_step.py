@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from rlaif_jax import judging
+from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train
+from rlaif_jax import train_step as ts
+from rlaif_jax.models import transformer as tfm
 from tests import tiny, tiny_config
 
 
@@ -194,3 +197,35 @@ def test_other_estimators_and_critics_run(world, batches, tmp_path, variant):
     if variant == "gae_critic_from_reward_model":
         np.testing.assert_allclose(np.asarray(s.state.params["critic"]["head"]["kernel"]),
                                    np.linspace(-1.0, 1.0, s.models.critic.hidden_size), rtol=1e-6)
+
+
+def test_group_permutation_keeps_groups_whole():
+    perm = np.asarray(ts.group_permutation(jax.random.key(0), 12, 3))
+    assert sorted(perm) == list(range(12))
+    groups = perm.reshape(4, 3)
+    np.testing.assert_array_equal(groups - groups[:, :1], np.tile(np.arange(3), (4, 1)))  # whole, in order
+    assert (groups[:, 0] % 3 == 0).all() and not np.array_equal(groups[:, 0], np.arange(0, 12, 3))  # shuffled
+
+
+def test_shared_prompt_logprobs_equal_per_row_forward(world, single):
+    """The learn phase runs each prompt once for the n samples of a group: its log-probs, logits and hidden
+    states equal the per-row forward's (1e-5), on one device and sharded over 8."""
+    s = single
+    cfg, params = s.models.policy, s.state.params["policy"]
+    tokens, mask = prompts(world, seed=5)
+    sc = rollout_lib.SamplingConfig(max_new_tokens=6, n_samples=2, stop_ids=(2,))
+    roll = jax.jit(rollout_lib.rollout, static_argnums=(1, 5))(params, cfg, tokens, mask, jax.random.key(1), sc)
+    assert not bool(roll.stopped_b.all()) and bool(roll.stopped_b.any())  # padded and full-length responses
+    args = (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br,
+            roll.response_mask_br.astype(jnp.float32), 1.0)
+    logprobs = jax.jit(ts.response_logprobs, static_argnums=(1, 7))
+    per_row = logprobs(params, cfg, *args, 1)
+    real = np.asarray(roll.response_mask_br) == 1
+    rules = [tuple(r) for r in make_config(world).mesh.rules]
+    for mesh in (one_device_mesh(), shd.make_mesh(2, 2, 2)):
+        with shd.use_rules(rules), jax.set_mesh(mesh):
+            on_mesh = jax.device_put(params, shd.tree_shardings(mesh, tfm.param_logical_axes(cfg), params))
+            batch = [jax.device_put(x, shd.batch_sharding(mesh, x.ndim)) for x in args[:4]]
+            shared = logprobs(on_mesh, cfg, *batch, 1.0, 2)
+        for a, b in zip(per_row, shared):
+            np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5)

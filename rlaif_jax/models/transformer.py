@@ -42,6 +42,14 @@ class KVCache:
     next_position: jax.Array  # (B,) int32: RoPE position of the row's next token
     index: jax.Array  # () int32: first free slot
 
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each row repeated n times (row b -> rows b * n .. b * n + n - 1): n continuations of one prefix."""
+        if n == 1:
+            return self
+        rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+        return self.replace(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), key_mask=rep(self.key_mask),
+                            next_position=rep(self.next_position))
+
 
 # ---------------------------------------------------------------------------------------------- params
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -200,9 +208,10 @@ def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig):
     return out.reshape(B, K, H // K, T, E)
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv, index):
-    """One pre-norm block. With `cache_kv`=(k_lbske, v_lbske, layer) the new k, v are written at slot `index`
-    of that layer, in the full buffers, and the updated full buffers are returned."""
+def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv, index, attend_to_cache):
+    """One pre-norm block. With `cache_kv` = (k_bkes, v_bkse), this layer's cache buffers, the T new keys and
+    values are written at slot `index` and the updated buffers returned. The queries attend to the whole
+    buffers if `attend_to_cache`, else only to the T new tokens (a prefill into an empty cache)."""
     dt = jnp.dtype(cfg.dtype)
     B, T = x_btd.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
@@ -210,8 +219,9 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     qkv = jnp.einsum("btd,dkce->btkce", h, lp["qkv"].astype(dt))  # (B, T, K, G + 2, E), see fuse_projections
     if cfg.qkv_bias:
         qkv = qkv + lp["qkv_bias"].astype(dt)
-    q = qkv[:, :, :, :G].reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
+    # One split (not three slices): its gradient is one concatenate, where slices' would be pads and adds.
+    q, k, v = jnp.split(qkv, [G, G + 1], axis=3)
+    q, k, v = q.reshape(B, T, cfg.num_heads, cfg.head_dim), k[:, :, :, 0], v[:, :, :, 0]
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, False)
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, False)
@@ -227,7 +237,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, index))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-        keys, values, new_kv = ck, cv, (ck, cv)
+        keys, values, new_kv = (ck, cv, (ck, cv)) if attend_to_cache else (k, v, (ck, cv))
     attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg)
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
@@ -241,7 +251,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     gate_up = jnp.einsum("btd,dcf->btcf", h, lp["gate_up"].astype(dt))  # (B, T, 2, F)
     if cfg.mlp_bias:
         gate_up = gate_up + lp["gate_up_bias"].astype(dt)
-    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    gate, up = (x[:, :, 0] for x in jnp.split(gate_up, 2, axis=2))
     act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
     hidden = constrain(act * up, ("batch", "length", "mlp"))
     out = jnp.einsum("btf,fd->btd", hidden, lp["down"].astype(dt))
@@ -258,7 +268,8 @@ def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
     return allowed
 
 
-def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None):
+def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None,
+           attend_to_cache: bool = True):
     dt = jnp.dtype(cfg.dtype)
     x = params["embed"].astype(dt)[tokens_bt]
     if cfg.scale_embeddings:
@@ -268,7 +279,7 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
 
     if cache is None:
         def body(x, lp):
-            x, _ = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, None, None)
+            x, _ = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, None, None, False)
             return x, None
 
         x, _ = jax.lax.scan(body, x, fuse_projections(params["layers"], cfg))
@@ -278,7 +289,8 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
         layers = decoding_params(params, cfg)["layers"]
         ks, vs = [], []
         for lp, ck, cv in zip(layers, cache.k, cache.v):
-            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index)
+            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index,
+                                 attend_to_cache)
             ks.append(ck)
             vs.append(cv)
         new_kv = (tuple(ks), tuple(vs))
@@ -323,9 +335,10 @@ def decoding_params(params: Params, cfg: ModelConfig) -> Params:
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
-    layers = fuse_projections(layers, cfg)
+    # Split, then fuse each layer: XLA then writes each fused weight in one pass over the stacked ones.
     num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda w: w[i], layers) for i in range(num_layers)]}
+    return {**params, "layers": [fuse_projections(jax.tree.map(lambda w: w[i], layers), cfg)
+                                 for i in range(num_layers)]}
 
 
 def unembed(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array:
@@ -383,8 +396,35 @@ def decode(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, cache: KVCach
     return out, new_cache
 
 
+def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array, prefix_mask_bp: jax.Array,
+                          tokens_nt: jax.Array, mask_nt: jax.Array) -> tuple[Output, Output]:
+    """The forward of N = B * n rows [prefix b, continuation i] (row i = b * n + j continues prefix b) that runs
+    each prefix once: prefill the B prefixes, repeat the cache rows n times, decode the N continuations.
+
+    Equal to `forward` on the concatenated rows (attention is causal, so a prefix's states do not depend on
+    its continuations) at B / N of the prefix's cost, forward and backward: gradients from the n continuations
+    sum into the shared prefix. Returns (prefix Output (B, P), continuation Output (N, T)).
+    """
+    (B, P), (N, T) = prefix_tokens_bp.shape, tokens_nt.shape
+    if N % B:
+        raise ValueError(f"{N} continuation rows are not a whole number of copies of {B} prefixes")
+    prefix_out, cache = prefill(params, cfg, prefix_tokens_bp, prefix_mask_bp, P + T)
+    out, _ = decode(params, cfg, tokens_nt, cache.repeat_rows(N // B), mask_nt)
+    return prefix_out, out
+
+
 def prefill(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array, max_len: int,
             cache_dtype: str | None = None) -> tuple[Output, KVCache]:
-    """Runs a left-padded prompt batch into a fresh cache of `max_len` slots."""
-    cache = init_cache(cfg, tokens_bt.shape[0], max_len, cache_dtype)
-    return decode(params, cfg, tokens_bt, cache, mask_bt)
+    """Runs a left-padded prompt batch into a fresh cache of `max_len` slots.
+
+    Equal to `decode` of the prompt into an empty cache, but the prompt attends only to its own T keys rather
+    than to all `max_len` slots of the buffers (most of them still empty)."""
+    B, T = tokens_bt.shape
+    cache = init_cache(cfg, B, max_len, cache_dtype)
+    mask = mask_bt.astype(bool)
+    slots = jnp.arange(T)
+    allowed = _allowed(cfg, jnp.broadcast_to(slots, (B, T)), slots, mask)
+    out, (k, v) = _stack(params, cfg, tokens_bt, positions_from_mask(mask_bt), allowed, cache, attend_to_cache=False)
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, 0))
+    return out, KVCache(k=k, v=v, key_mask=key_mask, next_position=mask.sum(axis=1, dtype=jnp.int32),
+                        index=jnp.asarray(T, jnp.int32))
