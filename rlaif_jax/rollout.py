@@ -126,10 +126,11 @@ def _take(x_bv: jax.Array, token_b: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_bv, token_b[:, None], axis=-1)[:, 0]
 
 
-def sample_token(key: jax.Array, logits_bv: jax.Array, sc: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One token per row -> (token_b, sample_logp_b, policy_logp_b).
+def sample_token(uniform_b: jax.Array, logits_bv: jax.Array, sc: SamplingConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row from one uniform u ~ U[0, 1) per row -> (token_b, sample_logp_b, policy_logp_b).
 
-    token ~ p = softmax(filter_logits(logits)) by inversion: with u ~ U[0, 1) per row and c = cumsum(p),
+    token ~ p = softmax(filter_logits(logits)) by inversion: with u per row and c = cumsum(p),
     token = #{i : c_i <= u * c_V} (the first i with c_i > u * c_V), so token i is drawn with probability p_i and
     a filtered token (p_i = 0, a flat step of c) never is. One uniform per row instead of V Gumbels: the
     sampling step costs O(V) arithmetic and O(1) random bits per row.
@@ -144,7 +145,7 @@ def sample_token(key: jax.Array, logits_bv: jax.Array, sc: SamplingConfig) -> tu
     filtered = 0 < sc.top_k < logits_bv.shape[-1] or sc.top_p < 1.0
     sample_logp_bv = jax.nn.log_softmax(filter_logits(logits_bv, sc), axis=-1) if filtered else policy_logp_bv
     cdf_bv = jnp.cumsum(jnp.exp(sample_logp_bv), axis=-1)
-    u_b = jax.random.uniform(key, cdf_bv.shape[:1], jnp.float32) * cdf_bv[:, -1]
+    u_b = uniform_b.astype(jnp.float32) * cdf_bv[:, -1]
     token_b = jnp.sum(cdf_bv <= u_b[:, None], axis=-1, dtype=jnp.int32)
     # u * c_V can round up to c_V (probability ~2^-24): then clamp to the last token with mass.
     last_b = cdf_bv.shape[-1] - 1 - jnp.argmax(jnp.flip(sample_logp_bv > -jnp.inf, axis=-1), axis=-1)
@@ -180,8 +181,8 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
             key: jax.Array, sc: SamplingConfig) -> Rollout:
     """Samples up to R = sc.max_new_tokens tokens for each of the B left-padded prompts, n_samples times.
 
-    `cfg` and `sc` are static under jit. Token t of every row is drawn with key fold_in(key, t); the rows of
-    one step get independent draws from that key. A row that has stopped keeps emitting the pad id (the
+    `cfg` and `sc` are static under jit. Token t of row i is drawn with uniform u[t, i] of one (R, N) draw
+    from `key`, made before the loop (one random-bits call rather than one per step). A row that has stopped keeps emitting the pad id (the
     model's pad id, else 0) with mask 0, and the loop exits once every row has stopped.
     """
     B, P = prompt_tokens_bp.shape
@@ -198,13 +199,15 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
     params = tfm.decoding_params(params, cfg)
     out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, -(-(P + R - 1) // 16) * 16,
                               sc.cache_dtype)
-    logits_bv = out.logits[:, -1]
+    # Only the last position's logits are needed: unembedding just it lets XLA drop the prefill's (B, P, V) head.
+    logits_bv = tfm.unembed(params, cfg, out.hidden[:, -1])
+    uniforms_rn = jax.random.uniform(key, (R, N), jnp.float32)
     # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
     cache = _constrain_cache(cache.repeat_rows(n))
     logits_bv = constrain(_repeat_rows(logits_bv, n), ("batch", "vocab"))
 
     def emit(state: _LoopState, logits_bv: jax.Array) -> _LoopState:
-        token_b, sample_logp_b, policy_logp_b = sample_token(jax.random.fold_in(key, state.step), logits_bv, sc)
+        token_b, sample_logp_b, policy_logp_b = sample_token(uniforms_rn[state.step], logits_bv, sc)
         live_b = ~state.done_b
         token_b = jnp.where(live_b, token_b, pad_id)
         done_b = state.done_b | (live_b & jnp.any(token_b[:, None] == stop_ids[None, :], axis=-1))

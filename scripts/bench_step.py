@@ -11,10 +11,13 @@ How the sides are matched (and where they still differ):
   * Full-length responses. Ours: rollout.stop_ids = [VOCAB], an id the policy can never sample, so no row stops.
     TRL: generation_kwargs min_new_tokens=64, which suppresses EOS for the whole budget (HF's
     MinNewTokensLengthLogitsProcessor). Either way every completion is 64 tokens.
-  * Beta 0. Ours: reward.kl_coef=0 with kl_in_reward=True, so the reward is the judge score exactly (0 * kl).
-    TRL: beta=0.0 (it then never runs a reference model). Our learn phase still runs the frozen reference's
-    forward and a forward for the "old" log-probs (TRL with num_iterations=1 and generation aligned to the
-    optimizer step uses logp.detach() instead): two extra (128 x 96)-token forwards that are ours to lose.
+  * Beta 0. Ours: reward.kl_coef=0 with kl_in_reward=True, so the reward is the judge score exactly (0 * kl), and
+    the learn phase then skips the reference forward; its "old" log-probs are the sampler's own. TRL: beta=0.0
+    (it then never runs a reference model) and, with num_iterations=1, logp.detach() as the old log-probs. Each
+    side runs one training forward and backward per update.
+  * Shared prompts. Ours runs each prompt once for its 4 samples, in the rollout's prefill and in the training
+    forward / backward (`tfm.forward_shared_prefix`); TRL runs every completion's prompt. The FLOP counts below
+    count what each side executes.
   * One optimizer step per generation: TRL per_device_train_batch_size=128 (counted in completions),
     gradient_accumulation_steps=1, so generation_batch_size = 128 = 32 prompts x 4; ours algo.epochs=1,
     algo.minibatches=1, optim.grad_accum=1.
@@ -130,16 +133,18 @@ def causal_keys(prefix: int, tokens: int) -> float:
     return prefix + (tokens + 1) / 2
 
 
-def step_flops(cfg, prefill_rows: int, ours: bool) -> dict[str, float]:
-    """Executed FLOPs per phase. prefill_rows: 32 (ours shares one prefill between a prompt's 4 samples) or 128."""
+def step_flops(cfg, ours: bool) -> dict[str, float]:
+    """Executed FLOPs per phase. Ours runs each prompt once per group (32 rows) in the prefill and in the training
+    forward; TRL runs all 128 rows' prompts. Each side: one training forward + backward (= 3 forwards)."""
     N, P, R = PROMPTS * GENERATIONS, PROMPT_LEN, NEW
+    prompt_rows = PROMPTS if ours else N
     fed = R - 1  # the last sampled token is never fed back
-    rollout = (forward_flops(cfg, prefill_rows, P, causal_keys(0, P), 1)
+    rollout = (forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 1)
                + forward_flops(cfg, N, fed, P + (fed + 1) / 2 + 0.5, 1))
     judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
-    full = forward_flops(cfg, N, P + R, causal_keys(0, P + R), R)
-    # ours: reference forward + "old" forward + training forward and backward; TRL: training forward and backward.
-    update = (5 if ours else 3) * full
+    # The training forward: prompt positions (no LM head) + response positions (LM head on all R of them).
+    forward = forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 0) + forward_flops(cfg, N, R, causal_keys(P, R), R)
+    update = 3 * forward
     return {"rollout": rollout, "judge": judge, "update": update, "step": rollout + judge + update}
 
 
@@ -388,7 +393,7 @@ def main():
     peak_jax, peak_torch = max(p[0] for p in peaks), max(p[1] for p in peaks)
     peak = max(peak_jax, peak_torch)
     cfg = ours.s.models.policy
-    f_ours, f_trl = step_flops(cfg, PROMPTS, ours=True), step_flops(cfg, PROMPTS * GENERATIONS, ours=False)
+    f_ours, f_trl = step_flops(cfg, ours=True), step_flops(cfg, ours=False)
     phase_sum = med["rollout"] + med["judge"] + med["update"]
     m = ours.last_metrics
 

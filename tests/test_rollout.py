@@ -133,7 +133,7 @@ def test_sampling_frequencies_match_numpy(temperature, top_k, top_p):
     logits_v = np.random.RandomState(2).randn(12).astype(np.float32) * 1.5
     sc = rl.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     token, sample_logp, policy_logp = jax.jit(rl.sample_token, static_argnums=2)(
-        jax.random.key(3), jnp.broadcast_to(jnp.asarray(logits_v), (N, 12)), sc)
+        jax.random.uniform(jax.random.key(3), (N,)), jnp.broadcast_to(jnp.asarray(logits_v), (N, 12)), sc)
     token = np.asarray(token)
     probs = np_sampling_probs(logits_v, temperature, top_k, top_p)
     assert_frequencies_match(token, probs, f"T={temperature} k={top_k} p={top_p}")
