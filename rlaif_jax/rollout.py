@@ -1,5 +1,9 @@
-"""The jitted sampler: prefill a left-padded prompt batch once, then a `lax.while_loop` of one-token decodes
+"""The jitted sampler: prefill a left-padded prompt batch once, then `lax.while_loop`s of one-token decodes
 over the preallocated KV cache, exiting as soon as every row has emitted a stop token.
+
+The decode runs in `cache_phases` phases: each phase's cache holds just the slots its last step needs and is
+grown (padded with masked slots) between phases, so the early steps do not attend over, and stream through
+memory, the empty slots of the later ones.
 
 Shapes: B prompts, N = B * n_samples rows, P prompt length, R = max_new_tokens, V vocab.
 
@@ -45,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.n_samples = 1         # responses per prompt (group estimators); they share one prefill
     c.stop_ids = []         # token ids that end a response; empty = the model's eos ids
     c.cache_dtype = ""      # KV cache dtype; "" = the model's compute dtype
+    # The decode loop runs in this many phases, each over a KV cache just long enough for its last token (grown
+    # between phases), so early tokens attend over fewer empty slots. Each phase compiles its own loop body:
+    # 4 phases took the benchmark rollout from 0.115 to 0.100 s for +0.8 s compile; 1 = one loop, one body.
+    c.cache_phases = 4
     return c
 
 
@@ -59,6 +67,7 @@ class SamplingConfig:
     n_samples: int = 1
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str | None = None
+    cache_phases: int = 4
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -71,6 +80,8 @@ class SamplingConfig:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1] (1.0 turns it off)")
         if self.n_samples < 1:
             raise ValueError(f"rollout.n_samples={self.n_samples} must be >= 1")
+        if self.cache_phases < 1:
+            raise ValueError(f"rollout.cache_phases={self.cache_phases} must be >= 1")
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> "SamplingConfig":
@@ -78,7 +89,7 @@ class SamplingConfig:
         stop_ids = tuple(int(i) for i in c.stop_ids) or tuple(model_cfg.eos_token_ids)
         return cls(max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature), top_k=int(c.top_k),
                    top_p=float(c.top_p), greedy=bool(c.greedy), n_samples=int(c.n_samples), stop_ids=stop_ids,
-                   cache_dtype=c.cache_dtype or None)
+                   cache_dtype=c.cache_dtype or None, cache_phases=int(c.cache_phases))
 
 
 @flax.struct.dataclass
@@ -173,6 +184,23 @@ def _constrain_cache(cache: tfm.KVCache) -> tfm.KVCache:
                          next_position=constrain(cache.next_position, ("batch",)))
 
 
+def cache_phase_lengths(P: int, R: int, phases: int) -> list[tuple[int, int]]:
+    """(last step + 1, cache slots) of each decode phase. Step t feeds token t - 1 into slot P + t - 1 (the
+    last sampled token is never fed back), so a phase ending before step `end` needs P + end - 1 slots,
+    rounded up to a multiple of 16 so that each row of the (B, K, E, S) key buffer starts on a cache line
+    (the unused slots stay masked out)."""
+    ends = sorted({R * (j + 1) // phases for j in range(phases)} - {0})
+    return [(end, -(-(P + end - 1) // 16) * 16) for end in ends]
+
+
+def _grow_cache(cache: tfm.KVCache, slots: int) -> tfm.KVCache:
+    """The cache with empty (masked) slots appended up to `slots`."""
+    pad = slots - cache.key_mask.shape[1]
+    return cache.replace(k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad))) for k in cache.k),
+                         v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))) for v in cache.v),
+                         key_mask=jnp.pad(cache.key_mask, ((0, 0), (0, pad))))
+
+
 def _repeat_rows(x: jax.Array, n: int) -> jax.Array:
     return x if n == 1 else jnp.repeat(x, n, axis=0)
 
@@ -193,12 +221,10 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
     prompt_tokens_bp = prompt_tokens_bp.astype(jnp.int32)
     prompt_mask_bp = prompt_mask_bp.astype(jnp.int32)
 
-    # --- prefill the B prompts once; the last real token is at P - 1 (left padding). The last sampled token
-    # is never fed back, so P + R - 1 slots suffice; rounded up to a multiple of 16 so that each row of the
-    # (B, K, E, S) key buffer starts on a cache line (the unused slots stay masked out).
+    # --- prefill the B prompts once (the last real token is at P - 1: left padding) into the first phase's cache.
     params = tfm.decoding_params(params, cfg)
-    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, -(-(P + R - 1) // 16) * 16,
-                              sc.cache_dtype)
+    phases = cache_phase_lengths(P, R, sc.cache_phases)
+    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, phases[0][1], sc.cache_dtype)
     # Only the last position's logits are needed: unembedding just it lets XLA drop the prefill's (B, P, V) head.
     logits_bv = tfm.unembed(params, cfg, out.hidden[:, -1])
     uniforms_rn = jax.random.uniform(key, (R, N), jnp.float32)
@@ -225,9 +251,6 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
             mask_br=put(state.mask_br, live_b.astype(jnp.int32)),
         )
 
-    def cond(state: _LoopState) -> jax.Array:
-        return (state.step < R) & ~jnp.all(state.done_b)
-
     def body(state: _LoopState) -> _LoopState:
         out, cache = tfm.decode(params, cfg, state.last_token_b[:, None], state.cache)
         state = state._replace(cache=_constrain_cache(cache))
@@ -239,7 +262,13 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
         sample_logp_br=jnp.zeros((N, R), jnp.float32), policy_logp_br=jnp.zeros((N, R), jnp.float32),
         mask_br=jnp.zeros((N, R), jnp.int32),
     )
-    state = jax.lax.while_loop(cond, body, emit(state, logits_bv))
+    state = emit(state, logits_bv)
+    # One loop per phase; each exits at its last step or as soon as every row has stopped (then the later
+    # phases' loops exit at once).
+    for i, (end, slots) in enumerate(phases):
+        if i:
+            state = state._replace(cache=_constrain_cache(_grow_cache(state.cache, slots)))
+        state = jax.lax.while_loop(lambda st, end=end: (st.step < end) & ~jnp.all(st.done_b), body, state)
 
     return Rollout(
         prompt_tokens_bp=_repeat_rows(prompt_tokens_bp, n), prompt_mask_bp=_repeat_rows(prompt_mask_bp, n),

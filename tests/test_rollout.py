@@ -264,6 +264,29 @@ def test_n_samples_share_one_prefill(models, monkeypatch):
                                                                                  n, 0))
 
 
+# ---------------------------------------------------------------------------------------------- cache phases
+def test_cache_phase_lengths():
+    # Step t writes slot P + t - 1; each phase's cache covers its last step, rounded up to 16 slots.
+    assert rl.cache_phase_lengths(32, 64, 4) == [(16, 48), (32, 64), (48, 80), (64, 96)]
+    assert rl.cache_phase_lengths(32, 64, 1) == [(64, 96)]
+    assert rl.cache_phase_lengths(6, 3, 4) == [(1, 16), (2, 16), (3, 16)]  # no empty phases
+
+
+def test_cache_phases_do_not_change_the_samples(models):
+    """Sampling with rows stopping at different steps, n = 2: one phase and four phases draw the same tokens
+    with the same log-probs (the grown slots are masked, so attention sees the same keys)."""
+    _, _, cfg, params = models["qwen2"]
+    tokens, mask = prompts(seed=6)
+    outs = [rollout(params, cfg, tokens, mask, jax.random.key(7),
+                    rl.SamplingConfig(max_new_tokens=9, n_samples=2, stop_ids=tuple(range(3, 12)), cache_phases=k))
+            for k in (1, 4)]
+    lengths = np.asarray(outs[0].lengths_b)
+    assert lengths.min() < 9 and len(set(lengths.tolist())) > 1, lengths  # stops inside the window, at different steps
+    np.testing.assert_array_equal(np.asarray(outs[1].response_tokens_br), np.asarray(outs[0].response_tokens_br))
+    np.testing.assert_allclose(np.asarray(outs[1].policy_logp_br), np.asarray(outs[0].policy_logp_br), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(outs[1].sample_logp_br), np.asarray(outs[0].sample_logp_br), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- sharded
 def test_sharded_greedy_equals_unsharded(models):
     folder, _, cfg, params = models["llama"]
@@ -296,3 +319,5 @@ def test_config_resolution_and_validation():
         rl.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="greedy"):
         rl.SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="cache_phases"):
+        rl.SamplingConfig(cache_phases=0)
