@@ -3,7 +3,11 @@
 Model: a tiny random Llama (vocab 512, hidden 256, MLP 688 = 8/3 * hidden rounded up to a multiple of 16 as
 Llama sizes it, 4 layers, 4 heads of 64, 2 KV heads, f32). Work: batch 32, prompt 32, 64 new tokens sampled
 at temperature 1 (no top-k / top-p), every row forced to run all 64 tokens (HF: min_new_tokens=64; ours: no
-stop ids). Timings are medians of warm runs, ours and HF's alternated so that load from other processes on a shared\nmachine falls on both alike; our compile time is reported apart.
+stop ids). Timings are medians of warm runs, ours and HF's alternated so that load from other processes on a shared
+machine falls on both alike. Each timed run directly follows an untimed run of the same side and setting: a run
+right after the other side's is slower (its weights and buffers were pushed out of the CPU caches; measured here:
+our first run after HF's ~10% slower than the next), and this way neither side pays for the other. Our compile time
+is reported apart.
 
 Also prints the achieved FLOP/s of our rollout as a fraction of this machine's f32 matmul peak, measured
 here with a 2048^3 matmul in JAX (and in torch; the larger of the two is the peak). FLOPs are counted
@@ -129,14 +133,14 @@ def main():
         torch.set_num_threads(threads)
         hf_run()
 
-    # Warm both, then alternate them so that load from other processes falls on all sides alike.
-    ours_run()
-    for threads in thread_counts:
-        hf_run_with(threads)
+    # Alternate the sides so that load from other processes falls on all alike; before each timed run, one
+    # untimed run of the same side and setting (see the module docstring).
     ours_all, hf_all = [], {t: [] for t in thread_counts}
     for _ in range(args.repeats):
+        ours_run()
         ours_all.append(median_time(ours_run, 1)[0])
         for threads in thread_counts:
+            hf_run_with(threads)
             hf_all[threads].append(median_time(lambda: hf_run_with(threads), 1)[0])
     torch.set_num_threads(os.cpu_count())
     ours_s = statistics.median(ours_all)
