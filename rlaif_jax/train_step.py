@@ -209,17 +209,18 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     old_logp = roll.policy_logp_br
     # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
     n = c.rollout.n_samples
+    share = n if c.algo.share_prompt_forward else 1
     kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
     if kl_off:
         ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
     else:
         ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature,
-                                           n)
+                                           share)
     old_hidden = None
     if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
         _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
-                                             temperature, n)
-    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, n)
+                                             temperature, share)
+    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
     ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
 
     # 4 shaping: scores -> per-token rewards (KL, penalties, normalisation)
@@ -240,7 +241,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     optimizer = make_optimizer(c, total_updates(c))
     # Minibatches are drawn as whole groups (see `epoch`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
-    micro_share = n if (B // (mb * accum)) % n == 0 else 1
+    micro_share = share if (B // (mb * accum)) % n == 0 else 1
 
     def loss_fn(params, d):
         logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],

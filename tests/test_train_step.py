@@ -229,3 +229,23 @@ def test_shared_prompt_logprobs_equal_per_row_forward(world, single):
             shared = logprobs(on_mesh, cfg, *batch, 1.0, 2)
         for a, b in zip(per_row, shared):
             np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5)
+
+
+def test_shared_prompt_forward_step_equals_per_row_step(world, batches):
+    """GRPO with 2 samples per prompt, one update per step: the learn phase whose forwards run each prompt once
+    computes the same loss, gradient norm and policy metrics as the per-row forward (1e-5 relative). One update,
+    because Adam turns f32 rounding differences in near-zero gradient entries into differences of a whole
+    learning rate, and later updates would compare diverged params (tests/test_models.py compares the shared
+    forward's gradients with the full forward's directly). KL coefficient 0: with a KL term in the reward, two
+    identical samples of a group differ only by f32 noise in their KL, which GRPO's division by the group std
+    blows up into O(1e-3) advantages of either sign."""
+    runs = []
+    for share in (True, False):
+        c = make_config(world, **{"algo.estimator": "grpo", "critic.kind": "none", "rollout.n_samples": 2,
+                                  "algo.epochs": 1, "algo.minibatches": 1, "reward.kl_coef": 0.0,
+                                  "algo.share_prompt_forward": share})
+        s = build(c, one_device_mesh())
+        runs.append(run_steps(s, one_device_mesh(), s.state, 1, batches)[1][0])
+    shared, per_row = runs
+    for key in ("judge/score", "optim/loss", "optim/grad_norm", "policy/clipfrac", "policy/entropy"):
+        np.testing.assert_allclose(shared[key], per_row[key], rtol=1e-5, atol=1e-7, err_msg=key)
