@@ -208,10 +208,14 @@ def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig):
     return out.reshape(B, K, H // K, T, E)
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv, index, attend_to_cache):
-    """One pre-norm block. With `cache_kv` = (k_bkes, v_bkse), this layer's cache buffers, the T new keys and
-    values are written at slot `index` and the updated buffers returned. The queries attend to the whole
-    buffers if `attend_to_cache`, else only to the T new tokens (a prefill into an empty cache)."""
+def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv=None, index=None,
+           context_kv=None):
+    """One pre-norm block -> (x_btd, kv). Keys are laid out (B, K, E, S), values (B, K, S, E) (see `attention`).
+
+    With `cache_kv`, this layer's cache buffers: the T new keys and values are written at slot `index`, the
+    queries attend over the whole buffers, and kv is the updated buffers (decoding). Otherwise the queries attend
+    over `context_kv` (if given: keys and values of earlier tokens, e.g. a shared prompt's) followed by the
+    T tokens themselves, and kv is the T tokens' own keys and values."""
     dt = jnp.dtype(cfg.dtype)
     B, T = x_btd.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
@@ -229,15 +233,19 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, K, E, T), (B, K, T, E)
-    if cache_kv is None:
-        keys, values, new_kv = k, v, None
-    else:
+    if cache_kv is not None:
         # This layer's own buffers: the T new slots are written in place and the attention dots read the
         # buffers directly (no per-step slice or transpose of the cache).
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, index))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-        keys, values, new_kv = (ck, cv, (ck, cv)) if attend_to_cache else (k, v, (ck, cv))
+        keys, values, new_kv = ck, cv, (ck, cv)
+    elif context_kv is not None:
+        keys = jnp.concatenate([context_kv[0].astype(dt), k], axis=3)
+        values = jnp.concatenate([context_kv[1].astype(dt), v], axis=2)
+        new_kv = (k, v)
+    else:
+        keys, values, new_kv = k, v, (k, v)
     attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg)
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
@@ -268,36 +276,46 @@ def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
     return allowed
 
 
-def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None,
-           attend_to_cache: bool = True):
+def _embed(params: Params, cfg: ModelConfig, tokens_bt) -> jax.Array:
     dt = jnp.dtype(cfg.dtype)
     x = params["embed"].astype(dt)[tokens_bt]
     if cfg.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
-    x = constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def _output(params: Params, cfg: ModelConfig, x_btd) -> Output:
+    hidden = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    return Output(constrain(unembed(params, cfg, hidden), ("batch", "length", "vocab")), hidden)
+
+
+def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None,
+           attend_to_cache: bool = True):
+    """Embed, layers, final norm and head. Without a cache the layers run under `lax.scan`. With one they run
+    unrolled over per-layer params and buffers (see `decoding_params`): the tokens' keys and values are written
+    at `cache.index`, and attend over the whole buffers if `attend_to_cache`, else only over themselves (a
+    prefill into an empty cache). Returns (Output, (k buffers, v buffers) or None)."""
+    x = _embed(params, cfg, tokens_bt)
     inv_freq = rope_inv_freq(cfg)
 
     if cache is None:
         def body(x, lp):
-            x, _ = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, None, None, False)
-            return x, None
+            return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)[0], None
 
         x, _ = jax.lax.scan(body, x, fuse_projections(params["layers"], cfg))
-        new_kv = None
-    else:
-        # With a cache the layers are unrolled over per-layer params and buffers (see `decoding_params`).
-        layers = decoding_params(params, cfg)["layers"]
-        ks, vs = [], []
-        for lp, ck, cv in zip(layers, cache.k, cache.v):
-            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index,
-                                 attend_to_cache)
-            ks.append(ck)
-            vs.append(cv)
-        new_kv = (tuple(ks), tuple(vs))
+        return _output(params, cfg, x), None
 
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    logits = constrain(unembed(params, cfg, hidden), ("batch", "length", "vocab"))
-    return Output(logits, hidden), new_kv
+    ks, vs = [], []
+    for lp, ck, cv in zip(decoding_params(params, cfg)["layers"], cache.k, cache.v):
+        if attend_to_cache:
+            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index)
+        else:
+            x, (k, v) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache.index))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache.index, 0))
+        ks.append(ck)
+        vs.append(cv)
+    return _output(params, cfg, x), (tuple(ks), tuple(vs))
 
 
 def fuse_projections(layer_params: Params, cfg: ModelConfig) -> Params:
@@ -399,18 +417,39 @@ def decode(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, cache: KVCach
 def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array, prefix_mask_bp: jax.Array,
                           tokens_nt: jax.Array, mask_nt: jax.Array) -> tuple[Output, Output]:
     """The forward of N = B * n rows [prefix b, continuation i] (row i = b * n + j continues prefix b) that runs
-    each prefix once: prefill the B prefixes, repeat the cache rows n times, decode the N continuations.
+    each prefix once. Equal to `forward` on the concatenated rows (attention is causal, so a prefix's states do
+    not depend on its continuations) at B / N of the prefix's cost, forward and backward: gradients from the n
+    continuations sum into the shared prefix. Returns (prefix Output (B, P), continuation Output (N, T)).
 
-    Equal to `forward` on the concatenated rows (attention is causal, so a prefix's states do not depend on
-    its continuations) at B / N of the prefix's cost, forward and backward: gradients from the n continuations
-    sum into the shared prefix. Returns (prefix Output (B, P), continuation Output (N, T)).
+    One `lax.scan` over the layers carries both streams: in each layer the B prefixes run first, and the N
+    continuations attend over their prefix's keys and values (rows repeated n times) followed by their own.
+    Under the scan, compile time does not grow with depth.
     """
     (B, P), (N, T) = prefix_tokens_bp.shape, tokens_nt.shape
     if N % B:
         raise ValueError(f"{N} continuation rows are not a whole number of copies of {B} prefixes")
-    prefix_out, cache = prefill(params, cfg, prefix_tokens_bp, prefix_mask_bp, P + T)
-    out, _ = decode(params, cfg, tokens_nt, cache.repeat_rows(N // B), mask_nt)
-    return prefix_out, out
+    n = N // B
+    prefix_mask, mask = prefix_mask_bp.astype(bool), mask_nt.astype(bool)
+    prefix_slots, slots = jnp.arange(P), jnp.arange(P + T)
+    prefix_allowed = _allowed(cfg, jnp.broadcast_to(prefix_slots, (B, P)), prefix_slots, prefix_mask)
+    # Continuation row i: key slots [0, P) hold its prefix, [P, P + T) itself.
+    allowed = _allowed(cfg, jnp.broadcast_to(P + jnp.arange(T), (N, T)), slots,
+                       jnp.concatenate([jnp.repeat(prefix_mask, n, axis=0), mask], axis=1))
+    prefix_positions = positions_from_mask(prefix_mask_bp)
+    positions = (jnp.repeat(prefix_mask.sum(axis=1, dtype=jnp.int32), n)[:, None]
+                 + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0))
+    inv_freq = rope_inv_freq(cfg)
+
+    def body(carry, lp):
+        prefix_x, x = carry
+        prefix_x, (k, v) = _layer(cfg, inv_freq, prefix_x, lp, prefix_positions, prefix_allowed)
+        context = (jnp.repeat(k, n, axis=0), jnp.repeat(v, n, axis=0))
+        x, _ = _layer(cfg, inv_freq, x, lp, positions, allowed, context_kv=context)
+        return (prefix_x, x), None
+
+    carry = (_embed(params, cfg, prefix_tokens_bp), _embed(params, cfg, tokens_nt))
+    (prefix_x, x), _ = jax.lax.scan(body, carry, fuse_projections(params["layers"], cfg))
+    return _output(params, cfg, prefix_x), _output(params, cfg, x)
 
 
 def prefill(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array, max_len: int,
