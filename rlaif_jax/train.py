@@ -76,6 +76,7 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
     `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`."""
     policy_tok = hf.load_tokenizer(c.policy.path)
     policy_cfg, policy_params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+    policy_cfg = policy_cfg.replace(scan_unroll=c.policy.scan_unroll)
     # The reference is a device-side copy (same shardings): the policy's buffers are donated to the step and
     # updated in place, and the checkpoint is read only once.
     reference = jax.tree.map(jnp.copy, policy_params)
@@ -90,6 +91,7 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
     critic_params = critic_cfg = None
     if c.critic.kind == "separate" and c.critic.init == "reward_model":
         critic_cfg, backbone = hf.load_model(c.critic.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+        critic_cfg = critic_cfg.replace(scan_unroll=c.policy.scan_unroll)
         critic_params = {"backbone": backbone, "head": judging.load_value_head(hf.resolve_path(c.critic.path),
                                                                                 critic_cfg)}
     models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
@@ -299,7 +301,8 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
 
         policy_folder = hf.resolve_path(c.policy.path, weights=False)
         judge_folder = hf.resolve_path(c.judge.path, weights=False)
-        policy_cfg = hf.load_config(policy_folder, c.policy.dtype, c.policy.param_dtype)
+        policy_cfg = hf.load_config(policy_folder, c.policy.dtype, c.policy.param_dtype).replace(
+            scan_unroll=c.policy.scan_unroll)
         judge_cfg = hf.load_config(judge_folder, c.judge.dtype, c.judge.param_dtype)
         policy_tok, judge_tok = hf.load_tokenizer(policy_folder), hf.load_tokenizer(judge_folder)
         stop_ids = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg).stop_ids
@@ -307,7 +310,7 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
         critic_cfg = critic = None
         if c.critic.kind == "separate" and c.critic.init == "reward_model":
             critic_cfg = hf.load_config(hf.resolve_path(c.critic.path, weights=False), c.policy.dtype,
-                                        c.policy.param_dtype)
+                                        c.policy.param_dtype).replace(scan_unroll=c.policy.scan_unroll)
             critic = {"backbone": abstract(critic_cfg), "head": value_head(critic_cfg)}
         judge = abstract(judge_cfg)
         if spec.mode == "reward_model":

@@ -28,6 +28,8 @@ How the sides are matched (and where they still differ):
     on the score tokens, below the default 0.05, which would make every score neutral).
   * Other knobs set alike: learning rate 1e-6, AdamW b1 0.9 b2 0.999 eps 1e-8, no weight decay, clip grad norm 1,
     PPO clip 0.2, GRPO std eps 1e-4, no advantage whitening, no missing-EOS penalty, no score normalisation.
+  * Our compile settings for this size: policy.scan_unroll=4 unrolls the training forward's 4 layers (the default
+    1 keeps compile time flat in depth for real models; unrolled, XLA:CPU's backward is ~10% faster here).
 
 Timing. Everything of ours is compiled first (the fused step, and each phase compiled alone with the same shapes:
 rollout, judge, update = learn_phase). Then TRL trains for --warmup + --steps steps; a TrainerCallback records each
@@ -164,6 +166,7 @@ def our_config(world: dict[str, str]):
     c.judge.max_len = JUDGE_LEN
     c.judge.neutral_threshold = 0.0
     c.critic.kind = "none"
+    c.policy.scan_unroll = LAYERS  # all 4 layers unrolled: ~10% faster backward on XLA:CPU at this size
     c.algo.estimator = "grpo"
     c.algo.whiten_advantages = False
     c.algo.adv_eps = 1e-4

@@ -45,6 +45,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Layers unrolled per iteration of the forward's lax.scan (jax.lax.scan's `unroll`; not an HF field). 1 keeps
+    # compile time flat in depth; unrolling all layers speeds XLA:CPU's backward on small models.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.family not in SUPPORTED_FAMILIES:

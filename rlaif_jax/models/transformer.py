@@ -302,7 +302,7 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
         def body(x, lp):
             return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)[0], None
 
-        x, _ = jax.lax.scan(body, x, fuse_projections(params["layers"], cfg))
+        x, _ = jax.lax.scan(body, x, fuse_projections(params["layers"], cfg), unroll=cfg.scan_unroll)
         return _output(params, cfg, x), None
 
     ks, vs = [], []
@@ -448,7 +448,7 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
         return (prefix_x, x), None
 
     carry = (_embed(params, cfg, prefix_tokens_bp), _embed(params, cfg, tokens_nt))
-    (prefix_x, x), _ = jax.lax.scan(body, carry, fuse_projections(params["layers"], cfg))
+    (prefix_x, x), _ = jax.lax.scan(body, carry, fuse_projections(params["layers"], cfg), unroll=cfg.scan_unroll)
     return _output(params, cfg, prefix_x), _output(params, cfg, x)
 
 
