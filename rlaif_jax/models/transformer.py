@@ -1,15 +1,18 @@
 """A pure-functional decoder-only transformer for the Llama / Mistral / Qwen2 / Qwen3 / Gemma families.
 
 Params are a nested dict of arrays; every function here is pure and jittable with `cfg` static.
-Layers are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not grow
-with depth. Shapes use these letters:
+Layers are stacked on a leading `layers` axis. `forward` and `forward_shared_prefix` run them with
+`lax.scan`, so their compile time does not grow with depth; decoding (`prefill` / `decode`) runs them
+unrolled (see `decoding_params`). Each layer's q/k/v and gate/up weights are fused into one matmul each
+(`fuse_projections`). Shapes use these letters:
   B batch, T new tokens, S key slots (= T without a cache, = cache length with one), D hidden,
   H query heads, K kv heads, G = H // K query heads per kv head, E head dim, F mlp width, V vocab, L layers.
 
 Left padding: `mask_bt` marks real tokens; positions are `cumsum(mask) - 1`, so a row's first real token
 has position 0 whatever its padding, and pad keys are masked out of attention.
 
-KV cache: preallocated (L, B, S, K, E) buffers plus the mask of filled slots. `prefill` writes the prompt
+KV cache: preallocated per-layer buffers, keys (B, K, E, S) and values (B, K, S, E) (the layouts the
+attention matmuls read in place, see `attention`), plus the mask of filled slots. `prefill` writes the prompt
 at slots [0, P), each `decode` call writes its T tokens at [index, index + T) with dynamic_update_slice on
 the loop carry, which XLA performs in place.
 """
