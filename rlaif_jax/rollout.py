@@ -148,20 +148,25 @@ def sample_token(uniform_b: jax.Array, logits_bv: jax.Array, sc: SamplingConfig
     greedy: token = argmax logits, sample_logp = log 1 = 0.
     policy_logp = log_softmax(logits / temperature)[token].
     """
-    logits_bv = logits_bv.astype(jnp.float32)
-    policy_logp_bv = jax.nn.log_softmax(logits_bv / sc.temperature, axis=-1)
+    x_bv = logits_bv.astype(jnp.float32) / sc.temperature
     if sc.greedy:
-        token_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        return token_b, jnp.zeros(token_b.shape, jnp.float32), _take(policy_logp_bv, token_b)
-    filtered = 0 < sc.top_k < logits_bv.shape[-1] or sc.top_p < 1.0
-    sample_logp_bv = jax.nn.log_softmax(filter_logits(logits_bv, sc), axis=-1) if filtered else policy_logp_bv
-    cdf_bv = jnp.cumsum(jnp.exp(sample_logp_bv), axis=-1)
+        token_b = jnp.argmax(x_bv, axis=-1).astype(jnp.int32)
+        return token_b, jnp.zeros(token_b.shape, jnp.float32), _take(jax.nn.log_softmax(x_bv, axis=-1), token_b)
+    filtered = 0 < sc.top_k < x_bv.shape[-1] or sc.top_p < 1.0
+    sample_x_bv = filter_logits(logits_bv, sc) if filtered else x_bv
+    # c = cumsum(exp(x - max x)): unnormalised, its last entry is the normaliser, so one exp pass serves the
+    # draw and both log-probs (log p_i = x_i - max x - log c_V).
+    max_b = jnp.max(sample_x_bv, axis=-1)
+    cdf_bv = jnp.cumsum(jnp.exp(sample_x_bv - max_b[:, None]), axis=-1)
     u_b = uniform_b.astype(jnp.float32) * cdf_bv[:, -1]
     token_b = jnp.sum(cdf_bv <= u_b[:, None], axis=-1, dtype=jnp.int32)
     # u * c_V can round up to c_V (probability ~2^-24): then clamp to the last token with mass.
-    last_b = cdf_bv.shape[-1] - 1 - jnp.argmax(jnp.flip(sample_logp_bv > -jnp.inf, axis=-1), axis=-1)
+    last_b = cdf_bv.shape[-1] - 1 - jnp.argmax(jnp.flip(sample_x_bv > -jnp.inf, axis=-1), axis=-1)
     token_b = jnp.minimum(token_b, last_b.astype(jnp.int32))
-    return token_b, _take(sample_logp_bv, token_b), _take(policy_logp_bv, token_b)
+    sample_logp_b = _take(sample_x_bv, token_b) - max_b - jnp.log(cdf_bv[:, -1])
+    if not filtered:
+        return token_b, sample_logp_b, sample_logp_b
+    return token_b, sample_logp_b, _take(x_bv, token_b) - jax.nn.logsumexp(x_bv, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
