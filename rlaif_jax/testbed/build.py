@@ -57,7 +57,7 @@ def _train_config_dict(steps: int, batch_size: int, learning_rate: float) -> ml_
 def default_config() -> ml_collections.ConfigDict:
     """The full build (the demo's): about 2-3 minutes on 2 busy CPU cores."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 1  # the build seed: the judge's blind spots depend on it (README, "What the demo shows")
     c.cache_dir = ""  # "" = $RLAIF_JAX_CACHE/testbed or ~/.cache/rlaif_jax/testbed
     c.data = data.default_config()
     # Tiny Llama-family models (head_dim = hidden / heads).
@@ -242,11 +242,12 @@ def default_cache_dir() -> str:
 
 def cache_key(config: ml_collections.ConfigDict) -> str:
     """A hash of everything that determines the build: the config (less cache_dir) and the source code of
-    the modules that define the world, its data and the training, so editing them invalidates old builds."""
+    the modules that define the world, its data, the model and the training, so editing them invalidates old
+    builds (a change to the model's float order alone gives different trained weights)."""
     settings = config.to_dict()
     settings.pop("cache_dir", None)
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for module in (world, grader, data, sys.modules[__name__]):
+    for module in (world, grader, data, tfm, sys.modules[__name__]):
         h.update(inspect.getsource(module).encode())
     h.update(f"jax={jax.__version__}".encode())  # numerics can change between jax versions
     return h.hexdigest()[:16]
