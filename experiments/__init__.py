@@ -86,6 +86,23 @@ def set_lee2023_rl(c: ml_collections.ConfigDict) -> None:
     c.critic.init = "policy"
 
 
+def set_lee2023_loop(c: ml_collections.ConfigDict, *, batch_size: int, steps: int, fsdp: int,
+                     wandb_project: str) -> None:
+    """The training loop of the Lee et al. 2023 configs (this codebase's choices; the paper does not give
+    them): `batch_size` prompts per step over 2 gradient-accumulation micro-batches, learning rate 1e-6 after 10
+    warm-up steps, evaluation on 256 prompts every 50 steps, a checkpoint every 100."""
+    c.train.batch_size = batch_size
+    c.optim.grad_accum = 2
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.train.steps = steps
+    c.mesh.fsdp = fsdp
+    c.eval.every = 50
+    c.eval.max_prompts = 256
+    c.checkpoint.every_steps = 100
+    c.logging.wandb_project = wandb_project
+
+
 # ---------------------------------------------------------------------------------------------- Reddit TL;DR
 # The filtered Reddit TL;DR of Stiennon et al. 2020 (OpenAI's `tldr_3_filtered`: 116,722 / 6,447 / 6,553 posts),
 # as published by the PPO-details reproduction (Huang et al. 2024). Its raw columns are id, subreddit, title,

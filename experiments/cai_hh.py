@@ -38,7 +38,7 @@ if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments`
 
 from rlaif_jax import config as config_lib  # noqa: E402
 
-from experiments import apply_runlocal, parse_arg, set_lee2023_rl  # noqa: E402
+from experiments import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl  # noqa: E402
 
 HH_DATASET = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"
@@ -104,16 +104,7 @@ def get_config(arg: str = ""):
     c.rollout.max_new_tokens = 128
 
     # ---- optimisation and loop (this codebase's choices)
-    c.train.batch_size = 64
-    c.optim.grad_accum = 2
-    c.optim.learning_rate = 1e-6
-    c.optim.warmup_steps = 10
-    c.train.steps = a.steps
-    c.mesh.fsdp = a.fsdp
-    c.eval.every = 50
-    c.eval.max_prompts = 256
-    c.checkpoint.every_steps = 100
-    c.logging.wandb_project = "cai_hh"
+    set_lee2023_loop(c, batch_size=64, steps=a.steps, fsdp=a.fsdp, wandb_project="cai_hh")
 
     if a.runlocal:
         apply_runlocal(c)
