@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlaif_jax.rewards import (LOSS_AGGS, aggregate, kl_estimate, masked_mean, masked_sum, masked_var,
-                               masked_whiten)
+from rlaif_jax.ops import (LOSS_AGGS, aggregate, kl_estimate, masked_mean, masked_sum, masked_var,
+                           masked_whiten)
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce")
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlaif_jax import algorithms, judging, rewards
+from rlaif_jax import algorithms, judging, ops, rewards
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import transformer as tfm
@@ -247,7 +247,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
                                                  d["resp"], d["rmask"], temperature, micro_share)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
-        metrics["policy/logp_mismatch"] = rewards.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
+        metrics["policy/logp_mismatch"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
                                                               d["rmask"])
         ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}

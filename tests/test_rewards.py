@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaif_jax import rewards
+from rlaif_jax import ops, rewards
 
 NEG_INF = -np.inf
 
@@ -39,21 +39,21 @@ def test_kl_estimators_match_numpy(name):
     rng = np.random.default_rng(0)
     logp = rng.normal(-2.0, 1.0, size=(3, 5)).astype(np.float32)
     logp_ref = logp + rng.normal(0.0, 0.5, size=(3, 5)).astype(np.float32)
-    got = jax.jit(rewards.kl_estimate, static_argnums=0)(name, logp, logp_ref)
+    got = jax.jit(ops.kl_estimate, static_argnums=0)(name, logp, logp_ref)
     np.testing.assert_allclose(np.asarray(got), _np_kl(name, logp, logp_ref), rtol=1e-5, atol=1e-6)
-    both = rewards.all_kl_estimates(jnp.asarray(logp), jnp.asarray(logp_ref))
+    both = ops.all_kl_estimates(jnp.asarray(logp), jnp.asarray(logp_ref))
     np.testing.assert_allclose(np.asarray(both[name]), np.asarray(got), rtol=1e-6)
 
 
 def test_k3_is_accurate_and_nonnegative_for_close_policies():
     logp = np.array([-1.0, -1.0, -1.0], np.float32)
     delta = np.array([1e-4, -1e-4, 0.0], np.float32)
-    got = np.asarray(rewards.kl_estimate("k3", logp, logp + delta))
+    got = np.asarray(ops.kl_estimate("k3", logp, logp + delta))
     # (r - 1) - log r ~= d^2 / 2 for small d
     np.testing.assert_allclose(got, 0.5 * delta.astype(np.float64) ** 2, rtol=1e-2, atol=1e-12)
     assert (got >= 0).all()
     with pytest.raises(ValueError, match="k4"):
-        rewards.kl_estimate("k4", logp, logp)
+        ops.kl_estimate("k4", logp, logp)
 
 
 # ------------------------------------------------------------------------------------------------- KL controller
@@ -110,14 +110,14 @@ def test_masked_whiten_and_aggregate_ignore_padding():
     mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
     valid = np.array([1.0, 2.0, 4.0])
     mean, std = valid.mean(), valid.std()
-    whiten = jax.jit(rewards.masked_whiten, static_argnums=(2,))
+    whiten = jax.jit(ops.masked_whiten, static_argnums=(2,))
     got = np.asarray(whiten(x, mask, True))
     want = np.array([[(1 - mean) / std, (2 - mean) / std, 0.0], [(4 - mean) / std, 0.0, 0.0]])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     got_keep = np.asarray(whiten(x, mask, False))
     np.testing.assert_allclose(got_keep, np.where(mask > 0, want + mean, 0.0), rtol=1e-5, atol=1e-6)
 
-    agg = jax.jit(rewards.aggregate, static_argnums=2)
+    agg = jax.jit(ops.aggregate, static_argnums=2)
     np.testing.assert_allclose(float(agg(x, mask, "token_mean")), 7.0 / 3.0, rtol=1e-6)
     np.testing.assert_allclose(float(agg(x, mask, "seq_mean")), (1.5 + 4.0) / 2.0, rtol=1e-6)
     # a row with no valid token does not count as a sequence in seq_mean
