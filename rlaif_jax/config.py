@@ -2,8 +2,8 @@
 
 Each module owns the defaults of its own section (`rewards.default_config()` is `config.reward`, and so on);
 this file only assembles them and holds the sections that belong to no single module (policy, critic,
-mesh, optimiser, train loop). Experiment files in experiments/ start from `base_config()`, change fields,
-and return it locked.
+mesh, optimiser, train loop, compute settings, evaluation). Experiment files in experiments/ start from
+`base_config()`, change fields, and return it locked.
 
 `validate(config)` runs before anything is compiled or loaded, and every message says what to change.
 """
@@ -29,9 +29,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.policy.path = ""                 # HF folder or hub id of the initial policy (also the frozen reference)
     c.policy.dtype = "float32"         # compute dtype
     c.policy.param_dtype = "float32"   # storage dtype of the trained params
-    # Layers unrolled per step of the training forward's lax.scan (policy, reference, separate critic): 1 keeps
-    # compile time flat in depth; all layers made bench_step.py's update phase ~10% faster on its 4-layer model.
-    c.policy.scan_unroll = 1
 
     c.critic = ml_collections.ConfigDict()
     c.critic.kind = "value_head"       # "value_head" on the policy backbone | "separate" model | "none"
@@ -46,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging = metrics.default_config()
     c.checkpoint = checkpoint.default_config()
     c.eval = eval_config()
+    c.compute = compute_config()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5
@@ -72,8 +70,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def compute_config() -> ml_collections.ConfigDict:
+    """Defaults of `config.compute`: how the step is computed, not what it computes (each setting changes speed or
+    memory, the results only by float rounding)."""
+    c = ml_collections.ConfigDict()
+    # Layers unrolled per step of the training forward's lax.scan (policy, reference, separate critic): 1 keeps
+    # compile time flat in depth; all layers made bench_step.py's update phase ~10% faster on its 4-layer model.
+    c.scan_unroll = 1
+    # Forwards over whole groups (n_samples > 1) run each prompt once (tfm.forward_shared_prefix): update phase of
+    # bench_step.py 1.44 -> 1.04 s. False: every row runs its prompt (the reference the shared path is tested against).
+    c.share_prompt_forward = True
+    return c
+
+
 def eval_config() -> ml_collections.ConfigDict:
-    """Defaults of `config.eval` (the held-out evaluation of train.py)."""
+    """Defaults of `config.eval` (the held-out evaluation of evaluate.py)."""
     e = ml_collections.ConfigDict()
     e.every = 25            # evaluate every N steps (and after the last); 0 = never
     e.max_prompts = 64      # held-out prompts per evaluation (rounded up to whole batches)
@@ -100,8 +111,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
 
     if not c.policy.path:
         raise ValueError("config.policy.path is empty: set it to an HF checkpoint folder or hub id")
-    if c.policy.scan_unroll < 1:
-        raise ValueError(f"config.policy.scan_unroll={c.policy.scan_unroll} must be >= 1 (1 = a rolled scan)")
+    if c.compute.scan_unroll < 1:
+        raise ValueError(f"config.compute.scan_unroll={c.compute.scan_unroll} must be >= 1 (1 = a rolled scan)")
     _check_choice(c.critic.kind, CRITICS, "config.critic.kind")
     _check_choice(c.critic.init, ("policy", "reward_model"), "config.critic.init")
     if c.critic.kind == "separate" and c.critic.init == "reward_model" and not c.critic.path:

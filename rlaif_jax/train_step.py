@@ -132,7 +132,8 @@ def init_trainable(c: ml_collections.ConfigDict, models: Models, policy_params: 
 
 def init_state(c: ml_collections.ConfigDict, models: Models, policy_params: Params, key: jax.Array,
                critic_params: Params | None = None) -> TrainState:
-    """A fresh train state. Jit it (see `init_state_sharded`) so every array is created in place."""
+    """A fresh train state. Jit it with `state_shardings` as out_shardings (rlaif_jax/builder.py does) so every
+    array is created in its shards."""
     init_key, rng = jax.random.split(key)
     trainable = init_trainable(c, models, policy_params, init_key, critic_params)
     optimizer = make_optimizer(c, total_updates(c))
@@ -163,17 +164,6 @@ def state_shardings(c: ml_collections.ConfigDict, models: Models, mesh: jax.shar
                                       transform_non_params=lambda _: replicated)
     rest = jax.tree.map(lambda _: replicated, abstract_state.replace(params=None, opt_state=None))
     return rest.replace(params=params, opt_state=opt_state)
-
-
-def init_state_sharded(c: ml_collections.ConfigDict, models: Models, mesh: jax.sharding.Mesh,
-                       policy_params: Params, key: jax.Array, critic_params: Params | None = None
-                       ) -> tuple[TrainState, TrainState]:
-    """The train state created by a jitted init with out_shardings, so every array is born sharded (arguments
-    may be arrays or ShapeDtypeStructs; with the latter, call `.lower` on the returned function instead).
-    Returns (state, its shardings)."""
-    init = functools.partial(init_state, c, models)
-    shardings = state_shardings(c, models, mesh, jax.eval_shape(init, policy_params, key, critic_params))
-    return jax.jit(init, out_shardings=shardings)(policy_params, key, critic_params), shardings
 
 
 def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,
@@ -209,7 +199,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     old_logp = roll.policy_logp_br
     # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
     n = c.rollout.n_samples
-    share = n if c.algo.share_prompt_forward else 1
+    share = n if c.compute.share_prompt_forward else 1
     kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
     if kl_off:
         ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
@@ -343,9 +333,23 @@ def make_train_step(c: ml_collections.ConfigDict, models: Models, judge_spec: ju
                    donate_argnums=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostJudgeStep:
+    """The step of the host judge path (`make_host_judge_step`), called like the fused step. Its two compiled
+    programs are fields so that plan mode can compile each from shapes."""
+    sample: Callable  # jit: (state, prompts_bp, prompt_mask_bp) -> (rollout, keys = (rng, k_judge, k_update))
+    judge: Callable   # host: (frozen, rollout, k_judge) -> (scores_b, judge metrics summary)
+    learn: Callable   # jit, state donated: (state, frozen, rollout, scores_b, judge_metrics, keys) -> (state, metrics)
+
+    def __call__(self, state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
+        roll, keys = self.sample(state, prompts_bp, prompt_mask_bp)
+        scores_b, judge_metrics = self.judge(frozen, roll, keys[1])
+        return self.learn(state, frozen, roll, scores_b, judge_metrics, keys)
+
+
 def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec,
                          mesh: jax.sharding.Mesh, state_shardings, frozen_shardings, policy_tokenizer,
-                         judge_tokenizer) -> Callable:
+                         judge_tokenizer) -> HostJudgeStep:
     """The step when the judge's tokenizer differs from the policy's: two compiled programs (rollout; learn)
     with host-side decode -> render -> re-tokenise -> judge forward between them. Same signature and the same
     PRNG stream as the fused step, so both paths sample the same responses."""
@@ -358,6 +362,12 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
         return rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll), (
             rng, k_judge, k_update)
 
+    def judge(frozen, roll, k_judge):
+        scores_b, judge_metrics = judging.score_host(
+            frozen.judge, models.judge, judge_spec, policy_tokenizer, judge_tokenizer, roll.prompt_tokens_bp,
+            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, k_judge)
+        return scores_b, judge_metrics.summary(judge_spec)
+
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
     def learn(state, frozen, roll, scores_b, judge_metrics, keys):
@@ -365,11 +375,4 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
 
-    def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
-        roll, keys = sample(state, prompts_bp, prompt_mask_bp)
-        scores_b, judge_metrics = judging.score_host(
-            frozen.judge, models.judge, judge_spec, policy_tokenizer, judge_tokenizer, roll.prompt_tokens_bp,
-            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, keys[1])
-        return learn(state, frozen, roll, scores_b, judge_metrics.summary(judge_spec), keys)
-
-    return step
+    return HostJudgeStep(sample, judge, learn)

@@ -28,7 +28,7 @@ How the sides are matched (and where they still differ):
     on the score tokens, below the default 0.05, which would make every score neutral).
   * Other knobs set alike: learning rate 1e-6, AdamW b1 0.9 b2 0.999 eps 1e-8, no weight decay, clip grad norm 1,
     PPO clip 0.2, GRPO std eps 1e-4, no advantage whitening, no missing-EOS penalty, no score normalisation.
-  * Our compile settings for this size: policy.scan_unroll=4 unrolls the training forward's 4 layers (the default
+  * Our compile settings for this size: compute.scan_unroll=4 unrolls the training forward's 4 layers (the default
     1 keeps compile time flat in depth for real models; unrolled, XLA:CPU's backward is ~10% faster here).
 
 Timing. Everything of ours is compiled first (the fused step, and each phase compiled alone with the same shapes:
@@ -71,7 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, matmul_peak  # noqa: E402
 
 from rlaif_jax import config as config_lib  # noqa: E402
-from rlaif_jax import judging, train  # noqa: E402
+from rlaif_jax import builder, judging  # noqa: E402
 from rlaif_jax import rollout as rollout_lib  # noqa: E402
 from rlaif_jax import sharding as shd  # noqa: E402
 from rlaif_jax import train_step as ts  # noqa: E402
@@ -166,7 +166,7 @@ def our_config(world: dict[str, str]):
     c.judge.max_len = JUDGE_LEN
     c.judge.neutral_threshold = 0.0
     c.critic.kind = "none"
-    c.policy.scan_unroll = LAYERS  # all 4 layers unrolled: ~10% faster backward on XLA:CPU at this size
+    c.compute.scan_unroll = LAYERS  # all 4 layers unrolled: ~10% faster backward on XLA:CPU at this size
     c.algo.estimator = "grpo"
     c.algo.whiten_advantages = False
     c.algo.adv_eps = 1e-4
@@ -202,7 +202,7 @@ class Ours:
         self.c, self.batches, self.i = c, batches, 0
         self.keys = iter(jax.random.split(jax.random.key(123), 100000))
         with self._ctx():
-            s = train.setup(c, self.mesh, self.rules)
+            s = builder.build(c, self.mesh, self.rules)
             self.s, self.frozen = s, s.frozen
             models, spec = s.models, s.judge_spec
             assert spec.path == "token_space", spec.path

@@ -9,7 +9,7 @@ import pytest
 from rlaif_jax import judging
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
-from rlaif_jax import train
+from rlaif_jax import builder
 from rlaif_jax import train_step as ts
 from rlaif_jax.models import transformer as tfm
 from tests import tiny, tiny_config
@@ -53,7 +53,7 @@ def one_device_mesh():
 def build(c, mesh):
     rules = [tuple(r) for r in c.mesh.rules]
     with shd.use_rules(rules), jax.set_mesh(mesh):
-        return train.setup(c, mesh, rules)
+        return builder.build(c, mesh, rules)
 
 
 def run_steps(s, mesh, state, steps, batches, frozen=None):
@@ -243,7 +243,7 @@ def test_shared_prompt_forward_step_equals_per_row_step(world, batches):
     for share in (True, False):
         c = make_config(world, **{"algo.estimator": "grpo", "critic.kind": "none", "rollout.n_samples": 2,
                                   "algo.epochs": 1, "algo.minibatches": 1, "reward.kl_coef": 0.0,
-                                  "algo.share_prompt_forward": share})
+                                  "compute.share_prompt_forward": share})
         s = build(c, one_device_mesh())
         runs.append(run_steps(s, one_device_mesh(), s.state, 1, batches)[1][0])
     shared, per_row = runs

@@ -1,0 +1,134 @@
+"""The one builder of a run's models, train state and compiled step, shared by training and plan mode.
+
+    build(c, mesh, rules)                 training: weights read straight into their shards, the train state
+                                          created by a jitted init (born sharded), the step ready to call
+    build(c, mesh, rules, weights=False)  plan mode: from config.json and tokenizer files alone; params and state
+                                          are ShapeDtypeStructs (with shardings) to `.lower` the step with
+
+What plan mode compiles is by construction what training compiles: every decision is taken here, once, for both:
+  - the model configs, with `config.compute.scan_unroll` on the trained models (policy, reference, critic)
+  - the sampler's settings (`rollout.SamplingConfig`): its stop ids are the ones the judge cuts responses at
+  - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" -> one fused program
+    (`train_step.make_train_step`); "host" -> two programs with the judge on the host between them
+    (`train_step.make_host_judge_step`), only with `config.train.allow_tokenizer_mismatch`
+  - the shardings of the params, the train state and the frozen models
+
+Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlaif_jax import checkpoint as ckpt_lib
+from rlaif_jax import judging
+from rlaif_jax import rollout as rollout_lib
+from rlaif_jax import sharding as shd
+from rlaif_jax import train_step as ts
+from rlaif_jax.models import hf
+from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import ModelConfig
+
+
+class RunParts(NamedTuple):
+    """What `build` returns. With weights=False, `state` and `frozen` hold ShapeDtypeStructs."""
+    models: ts.Models
+    sampling: rollout_lib.SamplingConfig  # the rollout's settings, stop ids resolved
+    judge_spec: judging.JudgeSpec
+    policy_tokenizer: Any
+    judge_tokenizer: Any
+    state: ts.TrainState
+    state_shardings: Any
+    frozen: ts.Frozen
+    step_fn: Callable  # make_train_step's jit, or make_host_judge_step's HostJudgeStep (judge_spec.path)
+
+
+def _abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules) -> Any:
+    """A model's params as ShapeDtypeStructs with the shardings `hf.load_model` would give them."""
+    shapes = tfm.abstract_params(cfg)
+    return ckpt_lib.with_shardings(shapes, shd.tree_shardings(mesh, tfm.param_logical_axes(cfg), shapes, rules))
+
+
+def _abstract_value_head(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A value head {kernel (D,), bias ()} as ShapeDtypeStructs, replicated like a loaded one."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    return {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), dtype, sharding=shd.replicated(mesh)),
+            "bias": jax.ShapeDtypeStruct((), dtype, sharding=shd.replicated(mesh))}
+
+
+def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token_ids, mesh: jax.sharding.Mesh,
+                      rules) -> judging.Judge:
+    """`judging.load_judge`'s result from config.json and tokenizer files alone (params as ShapeDtypeStructs):
+    the same spec, built by the same `judging.make_spec` from the same arguments."""
+    folder = hf.resolve_path(config.path, weights=False)
+    cfg = hf.load_config(folder, config.dtype, config.param_dtype)
+    tok = hf.load_tokenizer(folder)
+    spec = judging.make_spec(config, tok, policy_tok, stop_token_ids)
+    params = _abstract_params(cfg, mesh, rules)
+    if spec.mode == "reward_model":
+        params = judging.RewardModelParams(params, _abstract_value_head(cfg, mesh))
+    return judging.Judge(cfg, params, spec, tok)
+
+
+def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights: bool = True) -> RunParts:
+    """Models, train state and compiled step of the run of config `c` on `mesh` (see the module docstring)."""
+
+    def trained_model(folder: str) -> tuple[ModelConfig, Any]:
+        """Config and params of a model the step trains (policy, separate critic): the compute settings apply."""
+        if weights:
+            cfg, params = hf.load_model(folder, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+        else:
+            cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
+            params = _abstract_params(cfg, mesh, rules)
+        return cfg.replace(scan_unroll=c.compute.scan_unroll), params
+
+    # ---- policy, the sampler's settings, the judge and its path
+    policy_folder = hf.resolve_path(c.policy.path, weights)
+    policy_tok = hf.load_tokenizer(policy_folder)
+    policy_cfg, policy_params = trained_model(policy_folder)
+    sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
+    if weights:  # load_judge logs the judge's path: the run's one line about it
+        judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
+    else:
+        judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
+    if judge.spec.path == "host" and not c.train.allow_tokenizer_mismatch:
+        raise ValueError(
+            f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "
+            "cannot be assembled in token space; set --config.train.allow_tokenizer_mismatch=True to use the "
+            "host re-tokenisation path (two compiled programs per step), or use a judge with the policy's tokenizer")
+
+    # ---- a separate critic initialised from a reward model
+    critic_cfg = critic_params = None
+    if c.critic.kind == "separate" and c.critic.init == "reward_model":
+        critic_folder = hf.resolve_path(c.critic.path, weights)
+        critic_cfg, backbone = trained_model(critic_folder)
+        head = judging.load_value_head(critic_folder, critic_cfg) if weights else _abstract_value_head(critic_cfg, mesh)
+        critic_params = {"backbone": backbone, "head": head}
+
+    # ---- the train state (born sharded) and the frozen models
+    models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
+    # The reference is a device-side copy (same shardings): the policy's buffers are donated to the step and
+    # updated in place, and the checkpoint is read only once.
+    reference = jax.tree.map(jnp.copy, policy_params) if weights else policy_params
+    frozen = ts.Frozen(reference=reference, judge=judge.params)
+    init = functools.partial(ts.init_state, c, models)
+    key = jax.random.key(c.seed)
+    state_shapes = jax.eval_shape(init, policy_params, key, critic_params)
+    state_shardings = ts.state_shardings(c, models, mesh, state_shapes)
+    # Jitted with out_shardings, so every array is created in its shards, never whole on one device.
+    state = (jax.jit(init, out_shardings=state_shardings)(policy_params, key, critic_params) if weights
+             else ckpt_lib.with_shardings(state_shapes, state_shardings))
+
+    # ---- the compiled step of the judge's path
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    if judge.spec.path == "token_space":
+        step_fn = ts.make_train_step(c, models, judge.spec, mesh, state_shardings, frozen_shardings)
+    else:
+        step_fn = ts.make_host_judge_step(c, models, judge.spec, mesh, state_shardings, frozen_shardings,
+                                          policy_tok, judge.tokenizer)
+    return RunParts(models, sampling, judge.spec, policy_tok, judge.tokenizer, state, state_shardings, frozen,
+                    step_fn)

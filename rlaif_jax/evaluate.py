@@ -1,0 +1,132 @@
+"""Held-out evaluation during training: the `Evaluator` that `train.run` calls every `config.eval.every` steps.
+
+On a fixed set of held-out prompts (the first `eval.max_prompts`, sampled with the same key every time, so curves
+compare like with like) it measures, per example, then averages into `eval/...` metrics:
+  judge_score         the reward judge's score (and each rubric criterion's P(yes))
+  win_rate            a pairwise judge's P(current policy beats the initial policy), both presentation orders
+  position_agreement  how often both orders agree
+  kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
+  response_length     response tokens
+  gt/...              the task's ground-truth grader (`eval.ground_truth`), which the reward never sees
+and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples.
+Rows are prompt-major (prompt * n + sample), like the rollout's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rlaif_jax import builder
+from rlaif_jax import data as data_lib
+from rlaif_jax import judging, ops
+from rlaif_jax import rollout as rollout_lib
+from rlaif_jax import sharding as shd
+from rlaif_jax import train_step as ts
+
+METRIC_NAMES = {"score": "judge_score", "win": "win_rate", "kl": "kl", "length": "response_length",
+                "position_agree": "position_agreement"}
+
+
+def gather_to_host(x) -> np.ndarray:
+    """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def load_function(path: str) -> Callable:
+    """The function named by "module:function" (`eval.ground_truth`)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Evaluator:
+    """Held-out evaluation: judge score (and criteria), win rate against the initial policy judged pairwise in
+    both orders, KL to the reference, response length, and the task's ground truth. Responses of the initial
+    policy are sampled once (fixed key) and reused at every evaluation."""
+
+    def __init__(self, c: ml_collections.ConfigDict, parts: builder.RunParts,
+                 loader: data_lib.PromptLoader | None, mesh: jax.sharding.Mesh):
+        self.c, self.parts, self.mesh = c, parts, mesh
+        self.batches = []
+        if loader is not None and c.eval.every:
+            n = -(-c.eval.max_prompts // c.train.batch_size)
+            for _, b in zip(range(n), loader):
+                self.batches.append(b)
+        self.initial = [None] * len(self.batches)
+        self.ground_truth = load_function(c.eval.ground_truth) if c.eval.ground_truth else None
+        sampling = dataclasses.replace(parts.sampling, n_samples=c.eval.samples_per_prompt)
+        pair_cfg = ml_collections.ConfigDict(c.judge.to_dict())
+        pair_cfg.mode, pair_cfg.template = "pairwise", c.eval.pairwise_template
+        self.pair_spec = (judging.make_spec(pair_cfg, parts.judge_tokenizer, parts.policy_tokenizer,
+                                            sampling.stop_ids or None)
+                          if c.eval.win_rate and parts.judge_spec.mode != "reward_model" else None)
+        models, spec, pair_spec, temperature = parts.models, parts.judge_spec, self.pair_spec, c.rollout.temperature
+
+        def sample(params, prompts, mask, key):
+            return rollout_lib.rollout(params, models.policy, prompts, mask, key, sampling)
+
+        def judge(policy, frozen, roll, initial, key):
+            k_score, k_pair = jax.random.split(key)
+            args = (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br)
+            scores, jm = judging.score(frozen.judge, models.judge, spec, *args, k_score)
+            out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
+            if pair_spec is not None:
+                out["win"], pm = judging.score(frozen.judge, models.judge, pair_spec, *args, k_pair,
+                                               responses_b_br=initial.response_tokens_br,
+                                               response_b_mask_br=initial.response_mask_br)
+                out["position_agree"] = pm.position_agree_b
+            rmask = roll.response_mask_br.astype(jnp.float32)
+            logp, _, _ = ts.response_logprobs(policy, models.policy, *args[:3], rmask, temperature)
+            ref, _, _ = ts.response_logprobs(frozen.reference, models.policy, *args[:3], rmask, temperature)
+            out["kl"] = ops.masked_sum(ops.kl_estimate("k1", logp, ref), rmask, axis=1)
+            out["length"] = rmask.sum(1)
+            return out
+
+        self._sample = jax.jit(sample)
+        self._judge = jax.jit(judge)
+
+    def evaluate(self, state: ts.TrainState, frozen: ts.Frozen, step: int, writer) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        key = jax.random.key(self.c.seed + 1)  # the same eval key every time: curves compare like with like
+        tokenizer, criterion_names = self.parts.policy_tokenizer, self.parts.judge_spec.criterion_names
+        per_example: dict[str, list] = {}
+        rows = []
+        for i, batch in enumerate(self.batches):
+            k_init, k_roll, k_judge = jax.random.split(jax.random.fold_in(key, i), 3)
+            tokens, mask = data_lib.to_global((batch.tokens_bp, batch.mask_bp), shd.batch_sharding(self.mesh, 1))
+            if self.initial[i] is None:
+                self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
+            roll = self._sample(state.params["policy"], tokens, mask, k_roll)
+            # Every process sees the whole evaluation batch on the host (the arrays span all processes).
+            out = jax.tree.map(gather_to_host, self._judge(state.params["policy"], frozen, roll, self.initial[i],
+                                                           k_judge))
+            valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
+            prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
+                roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
+            prompts = tokenizer.batch_decode(prompt_tokens, skip_special_tokens=True)
+            responses = [tokenizer.decode(t[m > 0], skip_special_tokens=True)
+                         for t, m in zip(response_tokens, response_mask)]
+            stopped = gather_to_host(roll.stopped_b)
+            gt = self.ground_truth(prompts, responses, stopped) if self.ground_truth else {}
+            for name, values in {**{k: v for k, v in out.items() if k != "criteria" and v is not None},
+                                 **{f"gt/{k}": np.asarray(v) for k, v in gt.items()}}.items():
+                per_example.setdefault(name, []).extend(np.asarray(values)[valid].tolist())
+            if out.get("criteria") is not None:
+                for j, name in enumerate(criterion_names):
+                    per_example.setdefault(f"criterion/{name}", []).extend(out["criteria"][valid, j].tolist())
+            for b in np.nonzero(valid)[0]:
+                if len(rows) < self.c.eval.num_samples_logged:
+                    row = {"prompt": prompts[b], "response": responses[b], "judge_score": float(out["score"][b])}
+                    if out.get("criteria") is not None:
+                        row["criteria"] = {n: float(out["criteria"][b, j]) for j, n in enumerate(criterion_names)}
+                    row.update({f"gt/{k}": float(np.asarray(v)[b]) for k, v in gt.items()})
+                    rows.append(row)
+        writer.write_samples(step, rows)
+        return {f"eval/{METRIC_NAMES.get(k, k)}": float(np.mean(v)) for k, v in per_example.items()}

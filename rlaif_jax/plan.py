@@ -1,0 +1,150 @@
+"""Plan mode: the train step compiled ahead of time on simulated devices, from shapes alone.
+
+    python -m rlaif_jax.train --config experiments/X.py --plan --plan_devices=N [--device_memory_gib=G]
+
+`plan` builds the run with `builder.build(..., weights=False)`: the model configs, judge spec, shardings and
+step that training builds, from config.json and tokenizer files alone (no weights are read or allocated). It
+compiles the step on the configured mesh and prints per-device memory (XLA's memory analysis of the compiled
+program), matmul FLOPs per step by phase and whether the step fits in one device's memory.
+
+With the host judge path (the judge's tokenizer differs from the policy's) a step is three programs, each
+compiled here on its own: the rollout, the judge forward over the re-tokenised rows (`max_len` judge tokens
+each; the host work between the programs is not planned) and the learn phase. Each program's memory is
+printed; the step's peak is the largest of theirs.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlaif_jax import builder
+from rlaif_jax import checkpoint as ckpt_lib
+from rlaif_jax import judging
+from rlaif_jax import sharding as shd
+from rlaif_jax import train_step as ts
+
+GIB = 2.0 ** 30
+
+
+def matmul_params(cfg) -> int:
+    """Weights a token passes through in one forward (every projection and the LM head; not the lookup)."""
+    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return cfg.num_layers * (2 * D * H * E + 2 * D * K * E + 3 * D * F) + D * cfg.vocab_size
+
+
+def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.JudgeSpec) -> dict[str, float]:
+    """Matmul FLOPs of one step, by phase (2 per weight per token forward, 3x that for forward + backward;
+    attention scores omitted). XLA's own count is not used because it counts a while-loop body once."""
+    B, n = c.train.batch_size, c.rollout.n_samples
+    P, R = c.data.max_prompt_len, c.rollout.max_new_tokens
+    Np, Nj = matmul_params(models.policy), matmul_params(models.judge)
+    rows, seq = B * n, B * n * (P + R)
+    flops = {
+        "rollout": 2 * Np * (B * P + rows * R),          # one prefill of the B prompts, then n x R decode steps
+        "judge": 2 * Nj * rows * spec.queries_per_example * spec.max_len,
+        "reference+old logprobs": 2 * 2 * Np * seq,
+        "update": c.algo.epochs * 3 * 2 * Np * seq,
+    }
+    if c.critic.kind == "separate":
+        Nc = matmul_params(models.critic or models.policy)
+        flops["critic"] = 2 * Nc * seq * (1 + 3 * c.algo.epochs)
+    return flops
+
+
+def memory_gib(compiled) -> dict[str, float]:
+    """Per-device memory of a compiled program: arguments, outputs (and the part aliased to donated arguments),
+    temporaries, and the peak they add up to."""
+    mem = compiled.memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return {"arguments_gib": mem.argument_size_in_bytes / GIB, "outputs_gib": mem.output_size_in_bytes / GIB,
+            "aliased_gib": mem.alias_size_in_bytes / GIB, "temporaries_gib": mem.temp_size_in_bytes / GIB,
+            "peak_gib": peak / GIB}
+
+
+def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, prompts_bp) -> dict[str, Any]:
+    """The host path's three programs compiled from shapes, each fed what the one before hands it in training:
+    {"rollout": compiled, "judge forward": compiled, "learn": compiled}."""
+    step, models, spec = parts.step_fn, parts.models, parts.judge_spec
+    rollout = step.sample.lower(parts.state, prompts_bp, prompts_bp).compile()
+    roll, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
+    # The judge rows come from the host: re-tokenised, padded to max_len, one query per row, query-major.
+    rows = c.train.batch_size * c.rollout.n_samples
+    queries = rows * spec.queries_per_example
+    tokens_nt = jax.ShapeDtypeStruct((queries, spec.max_len), jnp.int32)
+    truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
+    principle_index_b = jax.eval_shape(functools.partial(judging.sample_principles, spec, batch=rows), keys[1])
+    score_queries = jax.jit(judging.score_queries, static_argnums=(1, 2))
+    judge = score_queries.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt, truncated_n,
+                                principle_index_b).compile()
+    scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
+    summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
+    learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, keys).compile()
+    return {"rollout": rollout, "judge forward": judge, "learn": learn}
+
+
+def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, Any]:
+    """Compiles the train step ahead of time from shapes alone on the configured mesh, prints per-device memory,
+    FLOPs and fit, and returns them."""
+    mesh, rules = shd.mesh_from_config(c.mesh)
+    with shd.use_rules(rules), jax.set_mesh(mesh):
+        parts = builder.build(c, mesh, rules, weights=False)
+        prompts_bp = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
+                                          sharding=shd.batch_sharding(mesh, 2))
+        t0 = time.perf_counter()
+        if parts.judge_spec.path == "token_space":
+            programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, prompts_bp, prompts_bp).compile()}
+        else:
+            programs = compile_host_path(c, parts, prompts_bp)
+        compile_s = time.perf_counter() - t0
+
+    memory = {name: memory_gib(compiled) for name, compiled in programs.items()}
+    largest = max(memory.values(), key=lambda m: m["peak_gib"])
+    spec, flops = parts.judge_spec, step_flops(c, parts.models, parts.judge_spec)
+    report = {
+        "devices": mesh.size, "mesh": dict(mesh.shape), "judge_mode": spec.mode, "judge_path": spec.path,
+        "policy_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.frozen.reference)) / 1e9,
+        "judge_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.frozen.judge)) / 1e9,
+        **largest, "device_memory_gib": device_memory_gib, "fits": largest["peak_gib"] <= device_memory_gib,
+        "tflops_per_step": sum(flops.values()) / 1e12,
+        "tflops_per_step_per_device": sum(flops.values()) / 1e12 / mesh.size,
+        **{f"tflops/{k}": v / 1e12 for k, v in flops.items()},
+        "compile_s": compile_s,
+    }
+    if len(memory) > 1:
+        report["programs"] = memory
+    print_report(c, report, flops)
+    return report
+
+
+def print_report(c: ml_collections.ConfigDict, report: dict[str, Any], flops: dict[str, float]) -> None:
+    fit = f"of {report['device_memory_gib']:g}: " + ("fits" if report["fits"] else "DOES NOT FIT")
+    lines = [f"plan: {report['policy_params_b']:.2f}B policy, {report['judge_params_b']:.2f}B judge "
+             f"({report['judge_mode']}, {report['judge_path']} path), {report['devices']} devices {report['mesh']}, "
+             f"batch {c.train.batch_size} x {c.rollout.n_samples} samples, "
+             f"prompt {c.data.max_prompt_len} + {c.rollout.max_new_tokens} tokens"]
+    if "programs" in report:
+        lines += ["per-device memory (GiB) of the host path's programs, each compiled alone (the host work between "
+                  "them is not planned):",
+                  f"  {'program':<14} {'arguments':>10} {'outputs':>10} {'donated':>10} {'temporaries':>12} "
+                  f"{'peak':>10}"]
+        lines += [f"  {name:<14} {m['arguments_gib']:10.4g} {m['outputs_gib']:10.4g} {m['aliased_gib']:10.4g} "
+                  f"{m['temporaries_gib']:12.4g} {m['peak_gib']:10.4g}" for name, m in report["programs"].items()]
+        lines.append(f"  peak (the largest program's) {report['peak_gib']:.4g}   {fit}")
+    else:
+        lines += ["per-device memory (GiB):",
+                  f"  arguments   {report['arguments_gib']:10.4g}   (params, optimizer state, frozen models, batch)",
+                  f"  outputs     {report['outputs_gib']:10.4g}   ({report['aliased_gib']:.4g} of it donated in "
+                  "place)",
+                  f"  temporaries {report['temporaries_gib']:10.4g}",
+                  f"  peak        {report['peak_gib']:10.4g}   {fit}"]
+    lines += [f"FLOPs per step: {report['tflops_per_step']:.4g} TFLOP "
+              f"({report['tflops_per_step_per_device']:.4g} per device): "
+              + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in flops.items()),
+              f"compile time: {report['compile_s']:.1f} s"]
+    print("\n".join(lines), flush=True)
