@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests import tiny
+from rlaif_jax import config as config_lib
+from tests import tiny, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -108,14 +109,16 @@ def test_error_judge_template_without_slot(world, cache_dir, tmp_path):
 
 
 def test_error_tokenizer_mismatch_not_allowed(world, cache_dir, tmp_path):
-    other = tmp_path / "other_judge"
-    tiny.write_counting_judge(str(other))
-    tok = json.loads((other / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    vocab["zz"] = len(vocab)  # one extra word: a different tokenizer
-    (other / "tokenizer.json").write_text(json.dumps(tok))
+    other = tiny.write_judge_with_other_tokenizer(str(tmp_path / "other_judge"))
     err = run_expecting_error(world, cache_dir, tmp_path, f"--config.judge.path={other}")
     assert "differs from the policy's" in err and "--config.train.allow_tokenizer_mismatch=True" in err
+
+
+def test_error_compute_section():
+    c = tiny_config.get_config()
+    c.compute.scan_unroll = 0
+    with pytest.raises(ValueError, match=r"^config.compute.scan_unroll=0 must be >= 1 \(1 = a rolled scan\)$"):
+        config_lib.validate(c, num_devices=1)
 
 
 def free_port():
@@ -188,3 +191,20 @@ def test_plan_1b_policy_7b_judge_on_16_devices(world, cache_dir, tmp_path):
     assert "fits" in out and peak < 32
     small = plan(world, cache_dir, *common, "--device_memory_gib=4", devices=16)
     assert "DOES NOT FIT" in small
+
+
+def test_plan_host_judge_path_compiles_its_three_programs(world, cache_dir, tmp_path):
+    """A judge whose tokenizer differs from the policy's: plan mode compiles the rollout, the judge forward over
+    re-tokenised rows and the learn phase, one by one, and reports each one's memory."""
+    judge = tiny.write_judge_with_other_tokenizer(str(tmp_path / "other_judge"))
+    out = plan(world, cache_dir, f"--config.judge.path={judge}", "--config.train.allow_tokenizer_mismatch=True",
+               "--config.mesh.data=2", devices=2)
+    assert "judge (pointwise, host path), 2 devices" in out
+    rows = {line.split()[0]: [float(x) for x in line.split()[-5:]] for line in out.splitlines()
+            if line.strip().startswith(("rollout", "learn", "judge forward"))}
+    assert set(rows) == {"rollout", "learn", "judge"}
+    # arguments, outputs, donated, temporaries, peak; only the learn phase donates (the train state).
+    assert rows["learn"][2] > 0 and rows["rollout"][2] == rows["judge"][2] == 0
+    for arguments, outputs, donated, temporaries, peak in rows.values():  # printed to 4 digits
+        assert peak == pytest.approx(arguments + outputs - donated + temporaries, rel=3e-3, abs=1e-9)
+    assert f"peak (the largest program's) {max(r[4] for r in rows.values()):.4g}" in out and "fits" in out

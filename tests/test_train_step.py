@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaif_jax import judging
+from rlaif_jax import builder, judging
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
-from rlaif_jax import builder
 from rlaif_jax import train_step as ts
 from rlaif_jax.models import transformer as tfm
 from tests import tiny, tiny_config
@@ -249,3 +248,42 @@ def test_shared_prompt_forward_step_equals_per_row_step(world, batches):
     shared, per_row = runs
     for key in ("judge/score", "optim/loss", "optim/grad_norm", "policy/clipfrac", "policy/entropy"):
         np.testing.assert_allclose(shared[key], per_row[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_plan_mode_builds_what_training_builds(world, tmp_path):
+    """`builder.build` from config.json and tokenizer files alone (plan mode) gives the model configs, judge spec
+    and sampling settings, and the shapes, dtypes and shardings of the train state and frozen models, that the
+    build with real weights gives, on a (data=2, fsdp=2, tensor=2) mesh. A reward-model judge and a separate critic
+    initialised from it cover the value heads; compute.scan_unroll reaches the trained models only."""
+    rm = write_reward_model(world, str(tmp_path / "rm"))
+    c = make_config(world, **{"judge.mode": "reward_model", "judge.path": rm, "critic.kind": "separate",
+                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2})
+    mesh = shd.make_mesh(2, 2, 2)
+    rules = [tuple(r) for r in c.mesh.rules]
+    with shd.use_rules(rules), jax.set_mesh(mesh):
+        real = builder.build(c, mesh, rules)
+        shapes = builder.build(c, mesh, rules, weights=False)
+    assert shapes.models == real.models
+    assert (real.models.policy.scan_unroll, real.models.critic.scan_unroll, real.models.judge.scan_unroll) == (2, 2, 1)
+    assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
+    assert isinstance(shapes.frozen.judge, judging.RewardModelParams)
+    for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):
+        assert jax.tree.structure(want) == jax.tree.structure(got)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            assert isinstance(b, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (b.shape, b.dtype)
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+
+
+def test_host_judge_path_step_equals_token_space_step(world, single, batches, tmp_path):
+    """The same judge behind a tokenizer that differs only by an unused word: the host path (two compiled programs,
+    judge prompts decoded, rendered and re-tokenised on the host) takes the same step as the fused token-space
+    step, from the same state and PRNG stream."""
+    judge = tiny.write_judge_with_other_tokenizer(str(tmp_path / "judge"))
+    host = build(make_config(world, **{"judge.path": judge, "train.allow_tokenizer_mismatch": True}),
+                 one_device_mesh())
+    assert (host.judge_spec.path, single.judge_spec.path) == ("host", "token_space")
+    assert isinstance(host.step_fn, ts.HostJudgeStep)
+    _, fused = run_steps(single, one_device_mesh(), single.state, 1, batches)
+    _, split = run_steps(host, one_device_mesh(), host.state, 1, batches)
+    for key in ("judge/score", "judge/valid_mass", "response/length", "optim/loss", "optim/grad_norm", "kl/k1"):
+        np.testing.assert_allclose(split[0][key], fused[0][key], rtol=1e-5, atol=1e-7, err_msg=key)

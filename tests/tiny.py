@@ -9,6 +9,7 @@ rest of the vocabulary far below). Pointwise score = rescaled E[k] rises monoton
 """
 from __future__ import annotations
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -119,6 +120,20 @@ def write_counting_judge(folder: str, strength: float = 4.0) -> str:
         "lm_head": lm_head,
     }
     hf.save_model(jax_tree(params), cfg, folder, tokenizer=make_tokenizer())
+    return folder
+
+
+def write_judge_with_other_tokenizer(folder: str) -> str:
+    """The counting judge with one extra, never used word in its tokenizer's vocabulary: a tokenizer that differs
+    from the policy's (so the run takes the host judge path) yet encodes every text of this world to the same ids."""
+    write_counting_judge(folder)
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    vocab["zz"] = len(vocab)
+    with open(path, "w") as f:
+        json.dump(tok, f)
     return folder
 
 
