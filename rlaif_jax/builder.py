@@ -10,7 +10,8 @@ What plan mode compiles is by construction what training compiles: every decisio
   - the sampler's settings (`rollout.SamplingConfig`): its stop ids are the ones the judge cuts responses at
   - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" -> one fused program
     (`train_step.make_train_step`); "host" -> two programs with the judge on the host between them
-    (`train_step.make_host_judge_step`), only with `config.train.allow_tokenizer_mismatch`
+    (`train_step.make_host_judge_step`), only with `config.train.allow_tokenizer_mismatch`. The run's one log
+    line about it is `judging.load_judge`'s; plan mode prints it in its report
   - the shardings of the params, the train state and the frozen models
 
 Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
@@ -91,7 +92,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     policy_tok = hf.load_tokenizer(policy_folder)
     policy_cfg, policy_params = trained_model(policy_folder)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
-    if weights:  # load_judge logs the judge's path: the run's one line about it
+    if weights:  # load_judge logs the judge's path
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
         judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
