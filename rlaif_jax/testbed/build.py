@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from rlaif_jax import data as data_lib
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -214,9 +215,8 @@ def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collectio
     for start in range(0, n, batch_size):
         examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0)
         # The judge sees everything before the answer, as at judging time.
-        b = data.left_pad([e.ids[:-1] for e in examples], [e.loss_mask[:-1] for e in examples],
-                          data_cfg.judge_max_len)
-        logits = np.asarray(_last_logits(cfg, params, b.tokens_bt, b.mask_bt))
+        tokens_bt, mask_bt = data_lib.left_pad([e.ids[:-1] for e in examples], data_cfg.judge_max_len, world.PAD_ID)
+        logits = np.asarray(_last_logits(cfg, params, tokens_bt, mask_bt))
         for row, e in zip(logits, examples):
             allowed = score_ids if e.question == "score" else yes_no_ids
             answer = int(allowed[np.argmax(row[allowed])])
