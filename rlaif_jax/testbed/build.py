@@ -117,7 +117,8 @@ def masked_next_token_loss(logits_btv: jax.Array, tokens_bt: jax.Array, loss_mas
     return -(target_logp_bt * weights_bt).sum() / jnp.maximum(weights_bt.sum(), 1.0)
 
 
-class TrainState(NamedTuple):
+class SupervisedState(NamedTuple):
+    """What supervised (next-token) training of a testbed model updates: its params and AdamW state."""
     params: tfm.Params
     opt_state: optax.OptState
 
@@ -146,15 +147,15 @@ def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def _train_step(cfg: ModelConfig, hp: TrainHParams, state: TrainState, tokens_bt, mask_bt, loss_mask_bt
-                ) -> tuple[TrainState, jax.Array]:
+def _train_step(cfg: ModelConfig, hp: TrainHParams, state: SupervisedState, tokens_bt, mask_bt, loss_mask_bt
+                ) -> tuple[SupervisedState, jax.Array]:
     def loss_fn(params):
         logits = tfm.forward(params, cfg, tokens_bt, mask_bt).logits
         return masked_next_token_loss(logits, tokens_bt, loss_mask_bt)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+    return SupervisedState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
 def train_lm(cfg: ModelConfig, train: ml_collections.ConfigDict, next_batch: Callable[[int], data.LMBatch],
@@ -166,7 +167,7 @@ def train_lm(cfg: ModelConfig, train: ml_collections.ConfigDict, next_batch: Cal
     early (the schedule is still the one of train.steps)."""
     hp = TrainHParams.from_config(train)
     params = tfm.init_params(cfg, key)
-    state = TrainState(params, make_optimizer(hp).init(params))
+    state = SupervisedState(params, make_optimizer(hp).init(params))
     losses = []
     log_every = max(hp.steps // 5, 1)
     t0 = time.time()
