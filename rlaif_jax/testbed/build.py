@@ -1,8 +1,12 @@
-"""Builds the testbed's tokenizer, SFT policy and judge as HF checkpoints, deterministically, with a cache.
+"""Builds the testbed's tokenizer, SFT policy, judge (HF checkpoints) and prompt file, deterministically, cached.
 
     from rlaif_jax.testbed import build
     art = build.build(build.default_config())      # or build.fast_config() for tests
     art.policy_dir, art.judge_dir                  # HF folders: hf.load_model / AutoModelForCausalLM load them
+    build.locate(build.default_config())           # the same folders, known without building
+
+experiments/testbed.py names the folders of `locate` and sets `config.testbed.build`; the training program (and
+the demo) then call `ensure_built(config)` before loading anything, so a config stays a pure description.
 
 Both models are tiny Llama-family transformers trained here with optax on rlaif_jax.models.transformer.forward:
   policy  next-token cross-entropy on the response tokens (and <eos>) of noisy SFT demonstrations;
@@ -36,7 +40,7 @@ from rlaif_jax import data as data_lib
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
-from rlaif_jax.testbed import data, grader, tokenizer, world
+from rlaif_jax.testbed import data, grader, task, tokenizer, world
 
 COMPLETE_MARKER = "COMPLETE"
 BUILD_INFO = "build_info.json"
@@ -89,12 +93,17 @@ def fast_config() -> ml_collections.ConfigDict:
 
 
 class Artifacts(NamedTuple):
-    """Where a finished build lives, and what it measured (build_info.json)."""
+    """Where a build lives (`locate`); `info` reads what a finished one measured (build_info.json)."""
     root: str
     tokenizer_dir: str
     policy_dir: str
     judge_dir: str
-    info: dict
+    prompts_file: str  # every instruction of the world as JSONL {"prompt": text} (the run's config.data.path)
+
+    @property
+    def info(self) -> dict:
+        with open(os.path.join(self.root, BUILD_INFO)) as f:
+            return json.load(f)
 
 
 # ---------------------------------------------------------------------------- models and training
@@ -258,11 +267,12 @@ def is_complete(root: str) -> bool:
     return os.path.exists(os.path.join(root, COMPLETE_MARKER))
 
 
-def _artifacts(root: str) -> Artifacts:
-    with open(os.path.join(root, BUILD_INFO)) as f:
-        info = json.load(f)
+def locate(config: ml_collections.ConfigDict | None = None, out_dir: str | None = None) -> Artifacts:
+    """The folders of the build of `config`: <cache_dir>/<cache_key(config)>, or `out_dir`; nothing is built."""
+    config = default_config() if config is None else config
+    root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
     return Artifacts(root, os.path.join(root, "tokenizer"), os.path.join(root, "policy"),
-                     os.path.join(root, "judge"), info)
+                     os.path.join(root, "judge"), os.path.join(root, "prompts.jsonl"))
 
 
 # ---------------------------------------------------------------------------- build
@@ -272,10 +282,11 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     <cache_dir>/<cache_key(config)>; `force` rebuilds even when a finished build is there."""
     config = default_config() if config is None else config
     log = log or (lambda msg: print(f"[testbed] {msg}", file=sys.stderr, flush=True))
-    root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
+    art = locate(config, out_dir)
+    root = art.root
     if is_complete(root) and not force:
         log(f"reusing the testbed built in {root}")
-        return _artifacts(root)
+        return art
 
     tmp = f"{root.rstrip(os.sep)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -283,9 +294,10 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     log(f"building the testbed into {root} (seed {config.seed})")
     t_start = time.time()
 
-    # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly
+    # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly; the prompt file
     tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))
     tok = hf.load_tokenizer(os.path.join(tmp, "tokenizer"))
+    task.write_prompts(os.path.join(tmp, os.path.basename(art.prompts_file)))
 
     key_policy, key_judge = jax.random.split(jax.random.PRNGKey(config.seed))
 
@@ -333,7 +345,7 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     if os.path.exists(root):
         if is_complete(root) and not force:
             shutil.rmtree(tmp, ignore_errors=True)
-            return _artifacts(root)
+            return art
         shutil.rmtree(root)
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     try:
@@ -343,4 +355,13 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"testbed built in {info['total_seconds']:.1f}s: {root}")
-    return _artifacts(root)
+    return art
+
+
+def ensure_built(run_config: ml_collections.ConfigDict) -> None:
+    """The training program's (and the demo's) hook, called before any model or prompt file is read: when a
+    run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds its
+    default build, or reuses the cached one; its config already names the folders `locate` gives. Other
+    configs have no `testbed` section and are left alone."""
+    if "testbed" in run_config and run_config.testbed.build:
+        build(default_config())
