@@ -39,8 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss_agg = "token_mean"    # "token_mean" (all valid tokens weigh the same) | "seq_mean" (sequences do)
     c.epochs = 4                 # passes over each rollout batch (used by train_step)
     c.minibatches = 1            # minibatches per epoch (used by train_step); they hold whole groups of samples
-    # Forwards over whole groups (n_samples > 1) run each prompt once (tfm.forward_shared_prefix): update phase of
-    # bench_step.py 1.44 -> 1.04 s. False: every row runs its prompt (the reference the shared path is tested against).
+    # Forwards over whole groups (n_samples > 1) run each prompt once (tfm.forward_shared_prefix), which shortens
+    # the update phase (README, "Performance"). False: every row runs its prompt (the reference the shared path is
+    # tested against).
     c.share_prompt_forward = True
     return c
 
