@@ -29,16 +29,9 @@ harmless rate comparable to the paper's needs raters (human, or a separate stron
 Models are named by the user (families llama, mistral, qwen2, qwen3, gemma); the default pairs share the Qwen2.5
 tokenizer, so the judge reads the policy's tokens directly (token-space path).
 """
-import os
-import sys
+from rlaif_jax import config as config_lib
+from rlaif_jax.recipes import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
-    sys.path.insert(0, _ROOT)
-
-from rlaif_jax import config as config_lib  # noqa: E402
-
-from experiments import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl  # noqa: E402
 
 HH_DATASET = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"

@@ -21,7 +21,7 @@ reproduction of Stiennon et al. 2020. The details carried over, with their value
                        value clip 0.2, vf_coef 0.1, advantages whitened; Adam lr 3e-6, eps 1e-5, linear decay to 0;
                        1M episodes = 1953 updates
 Prompts: OpenAI's "SUBREDDIT / TITLE / POST / TL;DR:" format over the reproduction's own dataset
-(`experiments.TLDR_DATASET`, filtered TL;DR), max 512 prompt tokens.
+(`recipes.TLDR_DATASET`, filtered TL;DR), max 512 prompt tokens.
 
 Models. The paper trains Pythia 1B / 2.8B / 6.9B (GPT-NeoX, not a family this codebase loads). Name your own of
 a supported family (llama, mistral, qwen2, qwen3, gemma):
@@ -40,16 +40,9 @@ RM score (`judge_score`, `eval/judge_score`), KL and response length; the EOS ra
 not hit by the missing-EOS penalty. Matching the paper's preference rate needs a pairwise judge against the
 "summary" column of the validation split (e.g. scripts/judge_eval.py on exported samples).
 """
-import os
-import sys
+from rlaif_jax import config as config_lib
+from rlaif_jax.recipes import apply_runlocal, parse_arg, set_tldr_data
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
-    sys.path.insert(0, _ROOT)
-
-from rlaif_jax import config as config_lib  # noqa: E402
-
-from experiments import apply_runlocal, parse_arg, set_tldr_data  # noqa: E402
 
 EPISODES = 1_000_000  # total sampled responses of the reproduction
 

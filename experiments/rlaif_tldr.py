@@ -28,7 +28,7 @@ an SFT summariser of TL;DR in OpenAI's prompt format. The default pair is Llama 
 digits: with those judges set --config.judge.num_scores=9 and the template's scale follows). Policy and judge share
 a tokenizer, so the judge reads the policy's tokens directly (the token-space path, one compiled step).
 
-Data: the filtered TL;DR of Stiennon et al. 2020, as published by Huang et al. 2024 (`experiments.TLDR_DATASET`,
+Data: the filtered TL;DR of Stiennon et al. 2020, as published by Huang et al. 2024 (`recipes.TLDR_DATASET`,
 columns subreddit / title / post / summary), prompts in OpenAI's "SUBREDDIT / TITLE / POST / TL;DR:" format; the
 paper trains on this filtered set. Held-out: its validation split.
 
@@ -40,16 +40,9 @@ the initial (SFT) policy, both presentation orders averaged; it is an AI-judged 
 rate, so expect it to move well above 0.5 when training works, not to equal 0.71-0.74. (In the canonical variant
 the judge is the reward model, which cannot compare two summaries; there `eval/judge_score` tracks the reward.)
 """
-import os
-import sys
+from rlaif_jax import config as config_lib
+from rlaif_jax.recipes import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl, set_tldr_data
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
-    sys.path.insert(0, _ROOT)
-
-from rlaif_jax import config as config_lib  # noqa: E402
-
-from experiments import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl, set_tldr_data  # noqa: E402
 
 # The d-RLAIF scoring prompt, adapted from the paper's appendix; {num_scores} becomes the top of the scale.
 DIRECT_TEMPLATE = (

@@ -17,17 +17,16 @@ with a bias towards responses that repeat topic words, so the policy can raise t
 keywords while coherence (and the ground-truth pass rate) falls. `kl=0` removes the other guard-rail.
 
 The testbed's judge is not trained to compare two responses, so the pairwise win-rate evaluation is off here.
+
+The models and the prompt file are those of the testbed's default build (rlaif_jax/testbed/build.py). This
+config only names their cache folders; `testbed.build` asks the training program to build them (deterministic,
+about 2-3 minutes on a laptop CPU) or reuse the cached build before it loads anything.
 """
-import os
-import sys
+import ml_collections
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # the CLI loads this file by path; make `experiments` importable from any folder
-    sys.path.insert(0, _ROOT)
-
-from experiments import parse_arg  # noqa: E402
-from rlaif_jax import config as config_lib  # noqa: E402
-from rlaif_jax.testbed import build, task, world  # noqa: E402
+from rlaif_jax import config as config_lib
+from rlaif_jax.recipes import parse_arg
+from rlaif_jax.testbed import build, world
 
 CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "harmless"}
 
@@ -36,11 +35,12 @@ def get_config(arg: str = ""):
     a = parse_arg(arg, small=False, seed=0, judge="rubric", kl=0.1, steps=0)
     if a.judge not in ("rubric", "relevance"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric or relevance")
-    # Builds the SFT policy and judge on first use (deterministic, cached: later runs reuse them). The small
-    # variant uses the same models (a faster-built judge does not learn relevance well enough to train against).
-    art = build.build(build.default_config())
+    # The small variant uses the same models (a faster-built judge does not learn relevance well enough to train
+    # against).
+    art = build.locate(build.default_config())
 
     c = config_lib.base_config()
+    c.testbed = ml_collections.ConfigDict({"build": True})  # the program builds or reuses `art` (build.ensure_built)
     c.seed = a.seed
     c.policy.path = art.policy_dir
     c.judge.path = art.judge_dir
@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
     c.judge.criteria = tuple(dict(name=n, question=CRITERIA[n], weight=1.0 / len(names)) for n in names)
     c.judge.max_len = 40
 
-    c.data.path = task.write_prompts(os.path.join(art.root, "prompts.jsonl"))
+    c.data.path = art.prompts_file
     c.data.max_prompt_len = 5
     c.data.eval_fraction = 0.25  # 20 of the 80 instructions are held out for evaluation
     c.data.seed = 0

@@ -27,7 +27,7 @@ import os
 import re
 import string
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -320,17 +320,20 @@ class LoaderState(NamedTuple):
         return cls(int(d["epoch"]), int(d["index"]))
 
 
-def left_pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, mask) of shape (len(seqs), length): sequence i fills the last len(seqs[i]) positions."""
-    tokens = np.full((len(seqs), length), pad_id, np.int32)
+def left_pad(seqs: Sequence[Sequence[Any]], length: int, pad_value: Any = 0, dtype: Any = np.int32
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(values, mask) of shape (len(seqs), length): row i holds seqs[i] in its last len(seqs[i]) positions and
+    `pad_value` before them; mask (int32) is 1 on those positions. The one left-padding of token rows (and of
+    anything aligned with them, such as per-token loss weights) in this codebase."""
+    values = np.full((len(seqs), length), pad_value, dtype)
     mask = np.zeros((len(seqs), length), np.int32)
     for i, s in enumerate(seqs):
         if len(s) > length:
             raise ValueError(f"sequence of {len(s)} tokens does not fit in {length}")
         if len(s):
-            tokens[i, length - len(s):] = s
+            values[i, length - len(s):] = s
             mask[i, length - len(s):] = 1
-    return tokens, mask
+    return values, mask
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

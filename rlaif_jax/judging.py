@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rlaif_jax import data as data_lib
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
 from rlaif_jax.sharding import constrain
@@ -773,9 +774,8 @@ def encode_texts(spec: JudgeSpec, judge_tok, slot_texts: dict[str, Sequence[str]
     kept, truncated = kept_lengths(spec, lengths)
     kept = {s: np.asarray(v) for s, v in kept.items()}
     truncated = np.asarray(truncated).copy()
-    tokens = np.full((n_rows, spec.max_len), spec.pad_id, np.int32)
-    mask = np.zeros((n_rows, spec.max_len), np.int32)
     prefix = list(spec.special_prefix_ids)
+    rows = []
     for n in range(n_rows):
         texts = {}
         for s in spec.slots:
@@ -791,9 +791,8 @@ def encode_texts(spec: JudgeSpec, judge_tok, slot_texts: dict[str, Sequence[str]
         room = spec.max_len - len(prefix)
         if len(ids) > room:
             ids, truncated[n] = ids[len(ids) - room:], True
-        row = prefix + ids
-        tokens[n, spec.max_len - len(row):] = row
-        mask[n, spec.max_len - len(row):] = 1
+        rows.append(prefix + ids)
+    tokens, mask = data_lib.left_pad(rows, spec.max_len, spec.pad_id)
     return tokens, mask, truncated
 
 

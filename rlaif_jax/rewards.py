@@ -258,20 +258,17 @@ def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: 
 
     # 1 composite score
     score_b = composite_score(cfg, scores_b, rule_terms)
-    metrics["reward/judge"] = jnp.mean(scores_b.astype(jnp.float32))
     for name, term_b in sorted(rule_terms.items()):
         metrics[f"reward/rule/{name}"] = jnp.mean(term_b.astype(jnp.float32))
     metrics["reward/composite"] = jnp.mean(score_b)
 
     # 2 missing stop token
     score_b = apply_missing_stop(score_b, stopped_b, cfg.missing_stop_penalty, cfg.missing_stop_mode)
-    metrics["reward/missing_stop_frac"] = 1.0 - jnp.mean(stopped_b.astype(jnp.float32))
 
     # 3 length penalty
     penalty_b = length_penalty(mask_br, cfg.length_penalty, cfg.length_target)
     score_b = score_b - penalty_b
     metrics["reward/length_penalty"] = jnp.mean(penalty_b)
-    metrics["reward/response_length"] = jnp.mean(jnp.sum(mask_br, axis=-1))
 
     # 4 clip
     if cfg.clip > 0:

@@ -50,8 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.stop_ids = []         # token ids that end a response; empty = the model's eos ids
     c.cache_dtype = ""      # KV cache dtype; "" = the model's compute dtype
     # The decode loop runs in this many phases, each over a KV cache just long enough for its last token (grown
-    # between phases), so early tokens attend over fewer empty slots. Each phase compiles its own loop body:
-    # 4 phases took the benchmark rollout from 0.115 to 0.100 s for +0.8 s compile; 1 = one loop, one body.
+    # between phases), so early tokens attend over fewer empty slots. Each phase compiles its own loop body, so
+    # more phases trade compile time for rollout time (README, "Performance"); 1 = one loop, one body.
     c.cache_phases = 4
     return c
 

@@ -41,6 +41,7 @@ from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
+from rlaif_jax.testbed import build as testbed_build
 
 log = logging.getLogger("rlaif_jax")
 
@@ -151,12 +152,16 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
         jax.config.update("jax_platforms", "cpu")
         config_lib.validate(config, num_devices=n)
+        testbed_build.ensure_built(config)  # plan mode reads the testbed's config.json files and tokenizers
         plan_lib.plan(config, _DEVICE_MEMORY.value)
         return
     maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     config_lib.validate(config)
+    # The built-in testbed (config.testbed.build) is built, or reused from its cache, here in the program, not in
+    # its config: after the device setup above, before anything reads its models or prompt file.
+    testbed_build.ensure_built(config)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     run(config, _WORKDIR.value)
 

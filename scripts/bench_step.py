@@ -57,7 +57,6 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -67,14 +66,13 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, matmul_peak  # noqa: E402
+from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, matmul_peak
 
-from rlaif_jax import config as config_lib  # noqa: E402
-from rlaif_jax import builder, judging  # noqa: E402
-from rlaif_jax import rollout as rollout_lib  # noqa: E402
-from rlaif_jax import sharding as shd  # noqa: E402
-from rlaif_jax import train_step as ts  # noqa: E402
+from rlaif_jax import config as config_lib
+from rlaif_jax import builder, judging
+from rlaif_jax import rollout as rollout_lib
+from rlaif_jax import sharding as shd
+from rlaif_jax import train_step as ts
 
 PROMPTS, GENERATIONS, PROMPT_LEN, NEW = 32, 4, 32, 64
 SPECIALS = ["<pad>", "<bos>", "<eos>"]

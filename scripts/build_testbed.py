@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from rlaif_jax.testbed import build  # noqa: E402
+from rlaif_jax.testbed import build
 
 
 def main(argv=None) -> int:
@@ -24,7 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="the test-scale build (fewer training steps)")
     parser.add_argument("--out", default=None, help="build into this folder instead of the cache")
     parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/rlaif_jax/testbed)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of data and init (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of data and init (default: the build config's)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a finished build exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only log lines")
     args = parser.parse_args(argv)

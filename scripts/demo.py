@@ -6,19 +6,17 @@
 2 measures the judge against the ground truth it never sees (scripts/judge_eval.py on fresh labelled examples)
 3 runs RLAIF with the training program (experiments/testbed.py); a rerun resumes or reuses a finished run
 4 prints SFT vs RLAIF (ground-truth pass rate, judge score, KL to the reference) from the held-out evaluations,
-  writes WORKDIR/summary.json and the plots (scripts/report.py) in WORKDIR/report
+  writes WORKDIR/summary.json and the plots (rlaif_jax.report) in WORKDIR/report
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+TESTBED_CONFIG = os.path.join(ROOT, "experiments", "testbed.py")
 
 
 def summarize(workdir: str) -> dict:
@@ -46,12 +44,16 @@ def main():
     t0 = time.time()
 
     # ---- 1 the testbed (built once, then cached)
-    from experiments import testbed
+    from ml_collections import config_flags
+
+    from rlaif_jax.testbed import build
     arg = ",".join(a for a in (f"seed={args.seed}", args.config_arg) if a)
-    config = testbed.get_config(arg)
+    # Loaded as the training program's --config flag loads it; then built (or reused) as the program does.
+    config = config_flags.ConfigFileFlagParser("config").parse(f"{TESTBED_CONFIG}:{arg}")
+    build.ensure_built(config)
 
     # ---- 2 the judge against the ground truth
-    import judge_eval
+    import judge_eval  # scripts/judge_eval.py, next to this file
     from rlaif_jax import judging
     from rlaif_jax.testbed import task
     labelled = task.write_judge_eval_file(os.path.join(os.path.dirname(config.data.path), "judge_eval.jsonl"))
@@ -68,7 +70,7 @@ def main():
     train.run(config, args.workdir)
 
     # ---- 4 the summary
-    import report
+    from rlaif_jax import report
     summary = summarize(args.workdir)
     summary["judge_auc_vs_ground_truth"] = agreement["agreement_auc"]
     summary["minutes"] = round((time.time() - t0) / 60, 2)

@@ -19,13 +19,9 @@ Printed:
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---------------------------------------------------------------------------------------------- statistics

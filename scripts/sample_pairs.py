@@ -18,21 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rlaif_jax import data as data_lib
+from rlaif_jax import rollout as rollout_lib
+from rlaif_jax import sharding as shd
+from rlaif_jax.models import hf
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from rlaif_jax import data as data_lib  # noqa: E402
-from rlaif_jax import rollout as rollout_lib  # noqa: E402
-from rlaif_jax import sharding as shd  # noqa: E402
-from rlaif_jax.models import hf  # noqa: E402
 
 def sample_pairs(c, out_path: str, num_prompts: int, seed: int) -> int:
     mesh, rules = shd.mesh_from_config(c.mesh)

@@ -16,7 +16,7 @@ as "-" and "," as "__">. Launchers:
   print   prints one `python -m rlaif_jax.train ...` command per run;
   gpu / tpu / slurm   print one launcher command per run (scripts/launch_gpu_node.sh, launch_tpu_pod.sh,
           `sbatch scripts/launch_slurm.sbatch`); run them on the cluster, then `--report_only` to aggregate.
-Afterwards (not with the printing launchers) the runs that have metrics are aggregated by scripts/report.py into
+Afterwards (not with the printing launchers) the runs that have metrics are aggregated by rlaif_jax.report into
 OUT/report/ (summary.md, one PNG per metric with the runs overlaid), the table printed; OUT/sweep.json records the
 grid and each run's overrides, workdir and status.
 
@@ -35,10 +35,7 @@ import sys
 import time
 from typing import Sequence
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(SCRIPTS)
-sys.path.insert(0, SCRIPTS)  # report.py sits next to this file
-sys.path.insert(0, ROOT)  # and the package above it
+from rlaif_jax import metrics, report
 
 DONE_MARKER = "SWEEP_RUN_DONE"
 LAUNCHERS = ("local", "print", "gpu", "tpu", "slurm")
@@ -129,7 +126,7 @@ def run_local(command: list[str], workdir: str, env: dict[str, str]) -> int:
     with open(os.path.join(workdir, "train.log"), "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
-        # From the caller's folder (relative config paths mean what they meant there); the package via PYTHONPATH.
+        # From the caller's folder: relative config paths mean what they meant there.
         return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -181,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "xla_cache"))
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     failed = 0
     for i, r in enumerate(runs, 1):
         done = os.path.exists(os.path.join(r["workdir"], DONE_MARKER))
@@ -202,15 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump({"config": args.config, "grid": dict(grid), "fixed": fixed, "runs": runs}, f, indent=2)
 
     # ---- aggregate: one table, overlaid plots
-    from report import make_report
-    from rlaif_jax.metrics import METRICS_FILE
-
-    have = [r for r in runs if os.path.exists(os.path.join(r["workdir"], METRICS_FILE))]
+    have = [r for r in runs if os.path.exists(os.path.join(r["workdir"], metrics.METRICS_FILE))]
     if not have:
         print("no run has metrics yet; nothing to report", file=sys.stderr)
         return 1
-    _, table = make_report([r["workdir"] for r in have], os.path.join(out, "report"), [r["label"] for r in have],
-                           smooth=args.smooth)
+    _, table = report.make_report([r["workdir"] for r in have], os.path.join(out, "report"),
+                                  [r["label"] for r in have], smooth=args.smooth)
     print(table)
     print(f"report: {os.path.join(out, 'report')} ({len(have)} of {len(runs)} runs)", file=sys.stderr)
     return 1 if failed else 0

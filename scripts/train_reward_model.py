@@ -18,8 +18,6 @@ judging.REWARD_MODEL_META_FILE recording the template).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -27,11 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rlaif_jax import judging  # noqa: E402
-from rlaif_jax.models import hf  # noqa: E402
-from rlaif_jax.models import transformer as tfm  # noqa: E402
+from rlaif_jax import judging
+from rlaif_jax.models import hf
+from rlaif_jax.models import transformer as tfm
 
 log = logging.getLogger("train_reward_model")
 

@@ -135,7 +135,7 @@ def test_runlocal_changes_only_the_size(name):
 
 
 def test_parse_arg_types_and_errors():
-    from experiments import parse_arg
+    from rlaif_jax.recipes import parse_arg
     a = parse_arg("n=3,lr=0.5,name=x/y,flag", n=1, lr=1.0, name="a", flag=False, other=True)
     assert (a.n, a.lr, a.name, a.flag, a.other) == (3, 0.5, "x/y", True, True)
     assert parse_arg("other=false", other=True).other is False

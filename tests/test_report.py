@@ -1,5 +1,5 @@
-"""scripts/report.py on two small fake runs: PNGs for the curves present, and the summary table."""
-import importlib.util
+"""rlaif_jax.report and its CLI scripts/report.py on two small fake runs: PNGs for the curves present, and the
+summary table."""
 import json
 import os
 import subprocess
@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
+from rlaif_jax import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "report.py")
-
-spec = importlib.util.spec_from_file_location("report", SCRIPT)
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
 
 
 def write_run(path, records, torn_tail=False):

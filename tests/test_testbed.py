@@ -343,7 +343,7 @@ def test_judge_agrees_with_grader_above_chance(fast_build):
     for criterion in world.RUBRIC_CRITERIA:
         seqs = [[world.BOS_ID] + world.words_to_ids(data.judge_prompt_words(s.instruction, s.words, criterion))
                 for s in samples]
-        b = data.left_pad(seqs, [[0.0] * len(x) for x in seqs], cfg.judge_max_len)
+        b = data.collate(seqs, [[0.0] * len(x) for x in seqs], cfg.judge_max_len)
         with torch.no_grad():
             logits = judge(input_ids=torch.tensor(b.tokens_bt, dtype=torch.long),
                            attention_mask=torch.tensor(b.mask_bt)).logits[:, -1].numpy()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rlaif_jax import builder, judging
+from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
@@ -38,11 +39,7 @@ def prompts(world, n=8, seed=0):
     tok = tiny.make_tokenizer()
     rng = np.random.default_rng(seed)
     rows = [tok(" ".join(rng.choice(tiny.CONTENT[1:], size=rng.integers(2, 5))))["input_ids"] for _ in range(n)]
-    tokens = np.zeros((n, 6), np.int32)
-    mask = np.zeros((n, 6), np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, 6 - len(r):], mask[i, 6 - len(r):] = r, 1
-    return tokens, mask
+    return data_lib.left_pad(rows, 6)
 
 
 def one_device_mesh():
@@ -110,7 +107,7 @@ def test_judge_score_rises(learning_run):
     assert int(state.skipped_updates) == 0
     for key in ("kl/k1", "kl/k2", "kl/k3", "policy/entropy", "policy/clipfrac", "policy/approx_kl_k3",
                 "value/explained_variance", "response/length", "response/stopped_frac", "optim/grad_norm",
-                "policy/logp_mismatch", "reward/judge", "reward/kl_penalty"):
+                "policy/logp_mismatch", "reward/kl_penalty"):
         assert key in history[-1], key
     # The rollout's log-probs (KV cache) and the training forward's agree.
     assert max(h["policy/logp_mismatch"] for h in history) < 1e-4

@@ -17,6 +17,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from rlaif_jax import data as data_lib
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -35,10 +36,7 @@ def left_padded_batch(lengths, length: int, vocab: int, seed: int = 0) -> tuple[
     (tokens (N, length) int32 with 0 at padding, mask (N, length) int32)."""
     rng = np.random.RandomState(seed)
     tokens = rng.randint(3, vocab, size=(len(lengths), length))
-    mask = np.zeros((len(lengths), length), np.int32)
-    for i, n in enumerate(lengths):
-        mask[i, length - n:] = 1
-    return np.where(mask == 1, tokens, 0).astype(np.int32), mask
+    return data_lib.left_pad([row[length - n:] for row, n in zip(tokens, lengths)], length)
 
 
 def save_random_hf_model(config, folder: str, noise: float):

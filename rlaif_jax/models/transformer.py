@@ -199,7 +199,7 @@ def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig):
     Keys are (B, K, E, S) and values (B, K, S, E), the cache's layouts: both einsums are then batched
     (G*T, E) x (E, S) and (G*T, S) x (S, E) matmuls over (B, K) with each right operand in the [contract, out]
     layout that XLA:CPU's matmul reads fastest and in place (keys stored as (B, K, S, E) make the scores
-    ~2.5x slower per decode step), with no per-step transpose of the cache."""
+    slower per decode step; README, "Performance"), with no per-step transpose of the cache."""
     B, T, H, E = q_bthe.shape
     K = k_bkes.shape[1]
     q = q_bthe.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4).reshape(B, K, (H // K) * T, E)

@@ -4,5 +4,6 @@
   grader     the programmatic ground truth (relevance, coherence, harmlessness); never seen during RL
   tokenizer  a `tokenizers` WordLevel tokenizer saved for transformers.AutoTokenizer
   data       noisy SFT demonstrations and noisily labelled judge examples
-  build      trains and caches the SFT policy and the judge as HF checkpoints (scripts/build_testbed.py)
+  build      trains and caches the SFT policy and the judge as HF checkpoints, with the prompt file
+             (scripts/build_testbed.py); `ensure_built` is the training program's hook for experiments/testbed.py
 """

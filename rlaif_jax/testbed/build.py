@@ -1,8 +1,12 @@
-"""Builds the testbed's tokenizer, SFT policy and judge as HF checkpoints, deterministically, with a cache.
+"""Builds the testbed's tokenizer, SFT policy, judge (HF checkpoints) and prompt file, deterministically, cached.
 
     from rlaif_jax.testbed import build
     art = build.build(build.default_config())      # or build.fast_config() for tests
     art.policy_dir, art.judge_dir                  # HF folders: hf.load_model / AutoModelForCausalLM load them
+    build.locate(build.default_config())           # the same folders, known without building
+
+experiments/testbed.py names the folders of `locate` and sets `config.testbed.build`; the training program (and
+the demo) then call `ensure_built(config)` before loading anything, so a config stays a pure description.
 
 Both models are tiny Llama-family transformers trained here with optax on rlaif_jax.models.transformer.forward:
   policy  next-token cross-entropy on the response tokens (and <eos>) of noisy SFT demonstrations;
@@ -32,10 +36,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from rlaif_jax import data as data_lib
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
-from rlaif_jax.testbed import data, grader, tokenizer, world
+from rlaif_jax.testbed import data, grader, task, tokenizer, world
 
 COMPLETE_MARKER = "COMPLETE"
 BUILD_INFO = "build_info.json"
@@ -88,12 +93,17 @@ def fast_config() -> ml_collections.ConfigDict:
 
 
 class Artifacts(NamedTuple):
-    """Where a finished build lives, and what it measured (build_info.json)."""
+    """Where a build lives (`locate`); `info` reads what a finished one measured (build_info.json)."""
     root: str
     tokenizer_dir: str
     policy_dir: str
     judge_dir: str
-    info: dict
+    prompts_file: str  # every instruction of the world as JSONL {"prompt": text} (the run's config.data.path)
+
+    @property
+    def info(self) -> dict:
+        with open(os.path.join(self.root, BUILD_INFO)) as f:
+            return json.load(f)
 
 
 # ---------------------------------------------------------------------------- models and training
@@ -116,7 +126,8 @@ def masked_next_token_loss(logits_btv: jax.Array, tokens_bt: jax.Array, loss_mas
     return -(target_logp_bt * weights_bt).sum() / jnp.maximum(weights_bt.sum(), 1.0)
 
 
-class TrainState(NamedTuple):
+class SupervisedState(NamedTuple):
+    """What supervised (next-token) training of a testbed model updates: its params and AdamW state."""
     params: tfm.Params
     opt_state: optax.OptState
 
@@ -145,15 +156,15 @@ def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def _train_step(cfg: ModelConfig, hp: TrainHParams, state: TrainState, tokens_bt, mask_bt, loss_mask_bt
-                ) -> tuple[TrainState, jax.Array]:
+def _train_step(cfg: ModelConfig, hp: TrainHParams, state: SupervisedState, tokens_bt, mask_bt, loss_mask_bt
+                ) -> tuple[SupervisedState, jax.Array]:
     def loss_fn(params):
         logits = tfm.forward(params, cfg, tokens_bt, mask_bt).logits
         return masked_next_token_loss(logits, tokens_bt, loss_mask_bt)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+    return SupervisedState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
 def train_lm(cfg: ModelConfig, train: ml_collections.ConfigDict, next_batch: Callable[[int], data.LMBatch],
@@ -165,7 +176,7 @@ def train_lm(cfg: ModelConfig, train: ml_collections.ConfigDict, next_batch: Cal
     early (the schedule is still the one of train.steps)."""
     hp = TrainHParams.from_config(train)
     params = tfm.init_params(cfg, key)
-    state = TrainState(params, make_optimizer(hp).init(params))
+    state = SupervisedState(params, make_optimizer(hp).init(params))
     losses = []
     log_every = max(hp.steps // 5, 1)
     t0 = time.time()
@@ -214,9 +225,8 @@ def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collectio
     for start in range(0, n, batch_size):
         examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0)
         # The judge sees everything before the answer, as at judging time.
-        b = data.left_pad([e.ids[:-1] for e in examples], [e.loss_mask[:-1] for e in examples],
-                          data_cfg.judge_max_len)
-        logits = np.asarray(_last_logits(cfg, params, b.tokens_bt, b.mask_bt))
+        tokens_bt, mask_bt = data_lib.left_pad([e.ids[:-1] for e in examples], data_cfg.judge_max_len, world.PAD_ID)
+        logits = np.asarray(_last_logits(cfg, params, tokens_bt, mask_bt))
         for row, e in zip(logits, examples):
             allowed = score_ids if e.question == "score" else yes_no_ids
             answer = int(allowed[np.argmax(row[allowed])])
@@ -257,11 +267,12 @@ def is_complete(root: str) -> bool:
     return os.path.exists(os.path.join(root, COMPLETE_MARKER))
 
 
-def _artifacts(root: str) -> Artifacts:
-    with open(os.path.join(root, BUILD_INFO)) as f:
-        info = json.load(f)
+def locate(config: ml_collections.ConfigDict | None = None, out_dir: str | None = None) -> Artifacts:
+    """The folders of the build of `config`: <cache_dir>/<cache_key(config)>, or `out_dir`; nothing is built."""
+    config = default_config() if config is None else config
+    root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
     return Artifacts(root, os.path.join(root, "tokenizer"), os.path.join(root, "policy"),
-                     os.path.join(root, "judge"), info)
+                     os.path.join(root, "judge"), os.path.join(root, "prompts.jsonl"))
 
 
 # ---------------------------------------------------------------------------- build
@@ -271,10 +282,11 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     <cache_dir>/<cache_key(config)>; `force` rebuilds even when a finished build is there."""
     config = default_config() if config is None else config
     log = log or (lambda msg: print(f"[testbed] {msg}", file=sys.stderr, flush=True))
-    root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
+    art = locate(config, out_dir)
+    root = art.root
     if is_complete(root) and not force:
         log(f"reusing the testbed built in {root}")
-        return _artifacts(root)
+        return art
 
     tmp = f"{root.rstrip(os.sep)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -282,9 +294,10 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     log(f"building the testbed into {root} (seed {config.seed})")
     t_start = time.time()
 
-    # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly
+    # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly; the prompt file
     tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))
     tok = hf.load_tokenizer(os.path.join(tmp, "tokenizer"))
+    task.write_prompts(os.path.join(tmp, os.path.basename(art.prompts_file)))
 
     key_policy, key_judge = jax.random.split(jax.random.PRNGKey(config.seed))
 
@@ -332,7 +345,7 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     if os.path.exists(root):
         if is_complete(root) and not force:
             shutil.rmtree(tmp, ignore_errors=True)
-            return _artifacts(root)
+            return art
         shutil.rmtree(root)
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     try:
@@ -342,4 +355,13 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"testbed built in {info['total_seconds']:.1f}s: {root}")
-    return _artifacts(root)
+    return art
+
+
+def ensure_built(run_config: ml_collections.ConfigDict) -> None:
+    """The training program's (and the demo's) hook, called before any model or prompt file is read: when a
+    run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds its
+    default build, or reuses the cached one; its config already names the folders `locate` gives. Other
+    configs have no `testbed` section and are left alone."""
+    if "testbed" in run_config and run_config.testbed.build:
+        build(default_config())

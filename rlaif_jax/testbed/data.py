@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 import ml_collections
 import numpy as np
 
+from rlaif_jax import data as data_lib
 from rlaif_jax.testbed import grader, world
 
 MODES = ("good", "off_topic", "incoherent", "harmful", "salad", "runaway")
@@ -304,30 +305,21 @@ def judge_sequence(rng: np.random.Generator, sample: Sample, question: str, labe
     return ids, loss_mask, world.WORD_TO_ID[clean]
 
 
-def left_pad(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[float]], length: int,
-             clean_targets: Sequence[Sequence[int]] | None = None) -> LMBatch:
-    """Left-pads sequences to `length` (an error if one is longer)."""
-    b = len(seqs)
-    tokens = np.full((b, length), world.PAD_ID, np.int32)
-    mask = np.zeros((b, length), np.int32)
-    loss = np.zeros((b, length), np.float32)
-    for i, (s, m) in enumerate(zip(seqs, loss_masks)):
-        if len(s) > length:
-            raise ValueError(f"sequence of length {len(s)} does not fit max_len={length}; raise the max_len")
-        tokens[i, length - len(s):] = s
-        mask[i, length - len(s):] = 1
-        loss[i, length - len(s):] = m
-    clean = tokens.copy()
-    if clean_targets is not None:
-        for i, c in enumerate(clean_targets):
-            clean[i, length - len(c):] = c
-    return LMBatch(tokens, mask, loss, clean)
+def collate(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[float]], length: int,
+            clean_targets: Sequence[Sequence[int]] | None = None) -> LMBatch:
+    """Sequences (each with its loss mask and, for judge data, its clean targets) left-padded to `length` (an
+    error if one is longer)."""
+    tokens_bt, mask_bt = data_lib.left_pad(seqs, length, world.PAD_ID)
+    loss_mask_bt, _ = data_lib.left_pad(loss_masks, length, 0.0, np.float32)
+    clean_bt = (tokens_bt.copy() if clean_targets is None
+                else data_lib.left_pad(clean_targets, length, world.PAD_ID)[0])
+    return LMBatch(tokens_bt, mask_bt, loss_mask_bt, clean_bt)
 
 
 def sft_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.ConfigDict) -> LMBatch:
     samples = sample_pairs(rng, batch_size, cfg.sft_mode_probs, cfg.max_response_tokens)
     seqs, masks = zip(*(sft_sequence(s) for s in samples))
-    return left_pad(seqs, masks, cfg.sft_max_len)
+    return collate(seqs, masks, cfg.sft_max_len)
 
 
 class JudgeExample(NamedTuple):
@@ -362,5 +354,5 @@ def judge_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.C
 
 
 def collate_judge(examples: Sequence[JudgeExample], length: int) -> LMBatch:
-    return left_pad([e.ids for e in examples], [e.loss_mask for e in examples], length,
-                    [e.ids[:-1] + [e.clean_answer_id] for e in examples])
+    return collate([e.ids for e in examples], [e.loss_mask for e in examples], length,
+                   [e.ids[:-1] + [e.clean_answer_id] for e in examples])

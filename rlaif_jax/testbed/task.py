@@ -7,7 +7,6 @@ policy's reward nor the judge ever reads it.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 from rlaif_jax.testbed import grader, world
@@ -26,13 +25,11 @@ def ground_truth(prompt_texts: Sequence[str], response_texts: Sequence[str], sto
 
 
 def write_prompts(path: str) -> str:
-    """Every instruction of the world as JSONL {"prompt": text} (written once, atomically)."""
-    if not os.path.exists(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            for instruction in world.all_instructions():
-                f.write(json.dumps({"prompt": instruction.text}) + "\n")
-        os.replace(tmp, path)
+    """Every instruction of the world as JSONL {"prompt": text}: the RL prompts (build.build writes this file
+    into a build, whose folder only becomes visible once whole)."""
+    with open(path, "w") as f:
+        for instruction in world.all_instructions():
+            f.write(json.dumps({"prompt": instruction.text}) + "\n")
     return path
 
 

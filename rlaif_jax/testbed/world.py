@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rlaif_jax import data as data_lib
+
 # ---------------------------------------------------------------------------- special tokens
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -120,15 +122,7 @@ def prompt_arrays(instructions: Sequence[Instruction] | None = None, length: int
     """Left-padded policy prompts: (tokens (N, length) int32, mask (N, length) int32), all instructions by
     default. The longest prompt (<bos> + 4 words) has length 5."""
     instructions = all_instructions() if instructions is None else list(instructions)
-    tokens = np.full((len(instructions), length), PAD_ID, np.int32)
-    mask = np.zeros((len(instructions), length), np.int32)
-    for i, ins in enumerate(instructions):
-        ids = ins.prompt_ids()
-        if len(ids) > length:
-            raise ValueError(f"prompt {ins.text!r} has {len(ids)} tokens > length={length}")
-        tokens[i, length - len(ids):] = ids
-        mask[i, length - len(ids):] = 1
-    return tokens, mask
+    return data_lib.left_pad([ins.prompt_ids() for ins in instructions], length, PAD_ID)
 
 
 def parse_instruction(text_or_words: str | Sequence[str]) -> Instruction:

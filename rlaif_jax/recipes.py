@@ -1,11 +1,14 @@
-"""Experiment configs: one file per published setup, each with `get_config(arg)` returning a locked ConfigDict.
+"""What the experiment configs share: their argument parser, the `runlocal` shrink, and published recipes.
+
+An experiment is one file in experiments/ with `get_config(arg)` returning a locked ConfigDict, a pure
+description of the run (it builds, downloads and writes nothing):
 
     python -m rlaif_jax.train --config experiments/rlaif_tldr.py:variant=direct,fsdp=8 --workdir DIR
 
 The argument after the colon is a short comma-separated string (big_vision style) read by `parse_arg`; any
-field can still be overridden with `--config.a.b=value`. Every file has a `runlocal` switch that shrinks the
-same experiment (batch, lengths, steps) to a one-host smoke run, so the real config and the smoke test cannot
-drift apart.
+field can still be overridden with `--config.a.b=value`. Every file has a `runlocal` switch (`apply_runlocal`)
+that shrinks the same experiment (batch, lengths, steps) to a one-host smoke run, so the real config and the
+smoke test cannot drift apart. The configs load by path, so they import what they share from this module.
 """
 from __future__ import annotations
 
