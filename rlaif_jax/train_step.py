@@ -112,6 +112,48 @@ def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.Gr
     return optax.chain(*chain)
 
 
+def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, accum: int):
+    """Loss, aux and gradients of one minibatch from `accum` micro-batches of its rows (a lax.scan).
+
+    `loss_fn(params, micro) -> (loss, (metrics, rows))` returns a micro-batch's *share* of the minibatch's loss
+    and metrics (normalised by the whole minibatch's counts, ops.LossNorm), so shares and their gradients are
+    summed, never averaged: the result is the same for any `accum`. `rows` is None or per-row arrays of the
+    micro-batch, returned concatenated over the minibatch's rows. Returns (loss, (metrics, rows), grads).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), minibatch)
+
+    def add_micro_batch(total, m):
+        (loss, (metrics, rows)), grads = grad_fn(params, m)
+        return jax.tree.map(jnp.add, total, (loss, metrics, grads)), rows
+
+    (loss, (metrics, _)), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
+    (loss, metrics, grads), rows = jax.lax.scan(add_micro_batch, zeros, micro)
+    rows = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+    return loss, (metrics, rows), grads
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """() bool: no NaN or inf in any leaf (integer leaves are always finite)."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)],
+                            jnp.array(True))
+
+
+def guarded_update(optimizer: optax.GradientTransformation, grads: Params, opt_state, params: Params,
+                   loss: jax.Array):
+    """One optax update behind the non-finite guard: it is kept only when the loss, the gradients and the
+    resulting params and optimizer state are all finite; otherwise params and optimizer state come back as they
+    were. Returns (params, opt_state, kept: () bool, grad_norm)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    kept = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite((new_params, new_opt_state))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(kept, new, old), (new_params, new_opt_state),
+                                     (params, opt_state))
+    return params, opt_state, kept, grad_norm
+
+
 def total_updates(c: ml_collections.ConfigDict) -> int:
     return c.train.steps * c.algo.epochs * c.algo.minibatches
 
@@ -230,7 +272,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         reward_metrics = {k: v for k, v in reward_metrics.items() if not k.startswith("kl/k")}
 
     # 5 advantages
-    adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, None, rmask, c.rollout.n_samples)
+    adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, rmask, c.rollout.n_samples)
 
     # 6 update: lax.scan over epochs x minibatches, each minibatch over grad_accum micro-batches
     kl_coef = state.reward.kl.coef
@@ -243,47 +285,38 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # row count is a multiple of n, and its forward shares each prompt too.
     micro_share = share if (B // (mb * accum)) % n == 0 else 1
 
-    def loss_fn(params, d):
+    def loss_fn(params, d, norm: ops.LossNorm):
+        """One micro-batch's share of the minibatch loss (norm: the minibatch's counts), its metrics' shares,
+        and the critic's values (rows of the micro-batch) for the minibatch's explained variance."""
         logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
                                                  d["resp"], d["rmask"], temperature, micro_share)
-        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
-        metrics["policy/logp_mismatch"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
-                                                              d["rmask"])
-        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
+        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
+        metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
+                                                        d["rmask"], "token_mean", norm)
+        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
+        values = None
         if c.critic.kind != "none":
             values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"], micro_share)
-            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo)
+            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo,
+                                                      norm)
             loss, metrics = loss + v_loss, {**metrics, **v_metrics}
+            values = jax.lax.stop_gradient(values)
         if not c.reward.kl_in_reward:
             kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
-                                               c.algo.loss_agg)
+                                               c.algo.loss_agg, norm)
             loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
-        return loss, metrics
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        return loss, (metrics, values)
 
     def minibatch_update(carry, d):
         params, opt_state, skipped = carry
-        # Micro-batches: average gradients of `accum` slices before one optimizer update.
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), d)
-
-        def accumulate(acc, m):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, m)), None
-
-        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # Non-finite guard: a NaN/inf loss or gradient leaves params and optimizer state as they were.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (new_params, new_opt_state), (params, opt_state))
+        norm = ops.loss_norm(d["rmask"])
+        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum)
+        if values is not None:  # not a mean, so computed on the whole minibatch rather than summed
+            metrics["value/explained_variance"] = algorithms.explained_variance(values, d["returns"], d["rmask"])
+        params, opt_state, ok, grad_norm = guarded_update(optimizer, grads, opt_state, params, loss)
         metrics = {**metrics, "optim/loss": loss, "optim/grad_norm": grad_norm}
-        return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
+        return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
     def epoch(carry, epoch_key):
         perm = group_permutation(epoch_key, B, n)
@@ -296,6 +329,10 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # the rollout / training mismatch. Every other metric is averaged over the step's updates (NaN-safe).
     mismatch = update_metrics.pop("policy/logp_mismatch")[0, 0]
     update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
+    # A step with a skipped update saw non-finite numbers: its scores and KL must not enter the running score
+    # statistics or the KL controller either, or one NaN score would make every later step NaN.
+    keep_reward = (skipped == 0) & tree_all_finite(reward_state)
+    reward_state = jax.tree.map(lambda new, old: jnp.where(keep_reward, new, old), reward_state, state.reward)
 
     lengths = rmask.sum(-1)
     metrics = {
