@@ -231,6 +231,40 @@ def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy
     return jnp.zeros(response_br.shape, jnp.float32)
 
 
+def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Array, rows_per_prompt: int
+                 ) -> Callable:
+    """`loss_fn(params, micro, norm) -> (loss, (metrics, values))`: the update's loss on one micro-batch (a dict
+    of the learn phase's per-row arrays), as its share of the minibatch's (norm: the minibatch's ops.LossNorm):
+    PPO-clip policy loss, entropy bonus, value loss (with a critic) and the KL loss term (KL not in the reward),
+    all aggregated with c.algo.loss_agg. Metrics are shares of the minibatch's token means too; `values` are the
+    critic's values of the micro-batch's rows (None without a critic), for the minibatch's explained variance."""
+    temperature = c.rollout.temperature
+
+    def loss_fn(params: Params, d: dict, norm: ops.LossNorm):
+        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
+                                                 d["resp"], d["rmask"], temperature, rows_per_prompt)
+        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
+        metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
+                                                        d["rmask"], "token_mean", norm)
+        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
+        loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
+        values = None
+        if c.critic.kind != "none":
+            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"],
+                             rows_per_prompt)
+            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo,
+                                                      norm)
+            loss, metrics = loss + v_loss, {**metrics, **v_metrics}
+            values = jax.lax.stop_gradient(values)
+        if not c.reward.kl_in_reward:
+            kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
+                                               c.algo.loss_agg, norm)
+            loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
+        return loss, (metrics, values)
+
+    return loss_fn
+
+
 # ---------------------------------------------------------------------------------------------- phases
 def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, params: Params, prompts_bp, prompt_mask_bp,
                   key) -> rollout_lib.Rollout:
@@ -275,7 +309,6 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, rmask, c.rollout.n_samples)
 
     # 6 update: lax.scan over epochs x minibatches, each minibatch over grad_accum micro-batches
-    kl_coef = state.reward.kl.coef
     data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
                 old_values=old_values, advantages=adv.advantages_br, returns=adv.returns_br)
     B = resp.shape[0]
@@ -284,29 +317,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # Minibatches are drawn as whole groups (see `epoch`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
     micro_share = share if (B // (mb * accum)) % n == 0 else 1
-
-    def loss_fn(params, d, norm: ops.LossNorm):
-        """One micro-batch's share of the minibatch loss (norm: the minibatch's counts), its metrics' shares,
-        and the critic's values (rows of the micro-batch) for the minibatch's explained variance."""
-        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                 d["resp"], d["rmask"], temperature, micro_share)
-        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
-        metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
-                                                        d["rmask"], "token_mean", norm)
-        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
-        loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
-        values = None
-        if c.critic.kind != "none":
-            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"], micro_share)
-            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo,
-                                                      norm)
-            loss, metrics = loss + v_loss, {**metrics, **v_metrics}
-            values = jax.lax.stop_gradient(values)
-        if not c.reward.kl_in_reward:
-            kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
-                                               c.algo.loss_agg, norm)
-            loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
-        return loss, (metrics, values)
+    loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share)
 
     def minibatch_update(carry, d):
         params, opt_state, skipped = carry
