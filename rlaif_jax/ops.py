@@ -106,6 +106,10 @@ def kl_estimate(name: str, logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
     k1 = logp - logp_ref                     unbiased, high variance, can be negative
     k2 = 0.5 * (logp - logp_ref)^2           biased, low variance, >= 0
     k3 = (r - 1) - log r,  r = exp(logp_ref - logp)   unbiased, low variance, >= 0
+
+    As a loss, differentiated through logp on tokens sampled from pi (the KL loss term), the expected gradients
+    are those of other objectives: k1 -> 0, k2 -> grad KL(pi || pi_ref), k3 -> grad KL(pi_ref || pi) (tests/
+    test_conformance.py checks these exactly on a small softmax).
     """
     log_ratio = logp.astype(jnp.float32) - logp_ref.astype(jnp.float32)
     if name == "k1":
