@@ -89,7 +89,7 @@ def get_config(arg: str = ""):
     c.algo.clip_low = c.algo.clip_high = 0.2
     c.algo.vf_clip = 0.2
     c.algo.vf_coef = 0.1
-    c.algo.whiten_advantages = True
+    c.algo.whiten_advantages = True  # the reproduction whitens GAE's advantages (its `whiten(advantages)`)
     c.algo.ent_coef = 0.0
 
     # ---- optimisation: 512 prompts per update, 1M episodes

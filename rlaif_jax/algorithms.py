@@ -5,7 +5,9 @@ the stop token; per-sequence arrays are `(B,)`. Critic-free estimators see n sam
 consecutive rows (B = num_prompts * n). All functions are pure, jittable and float32; `cfg` (the `algo` config
 section) and `n_samples` are static Python values, closed over by the caller before jit.
 
-The scan over epochs x minibatches lives in train_step.py; `epochs` and `minibatches` are only held here.
+The scan over epochs x minibatches lives in train_step.py; `epochs` and `minibatches` are only held here. The
+losses reduce per-token terms with `ops.aggregate` (`cfg.loss_agg`); given the whole minibatch's counts
+(`ops.LossNorm`), a loss of one micro-batch is its share of the minibatch's, so gradient accumulation sums them.
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlaif_jax.ops import (LOSS_AGGS, aggregate, kl_estimate, masked_mean, masked_sum, masked_var,
-                           masked_whiten)
+from rlaif_jax.ops import LOSS_AGGS, LossNorm, aggregate, kl_estimate, masked_var, masked_whiten
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce")
 
@@ -25,18 +26,21 @@ def default_config() -> ml_collections.ConfigDict:
     """Defaults of the `algo` config section."""
     c = ml_collections.ConfigDict()
     c.estimator = "gae"          # "gae" (PPO with critic) | "grpo" | "rloo" | "reinforce" (learned baseline)
-    c.gamma = 1.0                # discount over response tokens
+    c.gamma = 1.0                # GAE's discount over response tokens (the sequence-level estimators need 1)
     c.lam = 0.95                 # GAE lambda
-    c.whiten_advantages = True   # whiten advantages over the valid tokens of the batch (after estimation)
+    # Whitening after estimation, an extra normalisation the name of no estimator includes: PPO recipes use it
+    # on GAE's advantages (over valid tokens); on the sequence-level estimators it runs over sequences.
+    c.whiten_advantages = False
     c.whiten_shift_mean = True   # whitening subtracts the mean (False: rescale only, keep the mean)
     c.grpo_scale_std = True      # GRPO divides by the group std; False = Dr. GRPO (mean-centring only)
-    c.adv_eps = 1e-6             # GRPO: (r - mean) / (std + adv_eps)
+    c.grpo_std_eps = 1e-4        # GRPO: (r - mean) / (std + grpo_std_eps); 1e-4 as TRL's GRPOTrainer
     c.clip_low = 0.2             # PPO ratio clipped to [1 - clip_low, 1 + clip_high]
     c.clip_high = 0.2            #   (clip_high > clip_low: DAPO's "clip-higher")
     c.vf_clip = 0.2              # value clipped to old +- vf_clip; <= 0 turns clipping off
     c.vf_coef = 0.1              # weight of the value loss
     c.ent_coef = 0.0             # weight of the entropy bonus (loss -= ent_coef * entropy)
-    c.loss_agg = "token_mean"    # "token_mean" (all valid tokens weigh the same) | "seq_mean" (sequences do)
+    c.loss_agg = "token_mean"    # one of ops.LOSS_AGGS: "token_mean" (DAPO) | "seq_mean_token_mean" (GRPO) |
+    #                              "seq_mean_token_sum_norm" (Dr. GRPO); every loss term uses it
     c.epochs = 4                 # passes over each rollout batch (used by train_step)
     c.minibatches = 1            # minibatches per epoch (used by train_step); they hold whole groups of samples
     return c
@@ -52,13 +56,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"algo.clip_low={cfg.clip_low} must be in [0, 1) and algo.clip_high={cfg.clip_high} >= 0")
     if not (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.lam <= 1.0):
         raise ValueError(f"algo.gamma={cfg.gamma} and algo.lam={cfg.lam} must lie in [0, 1]")
+    if cfg.estimator != "gae" and cfg.gamma != 1.0:
+        raise ValueError(f"algo.gamma={cfg.gamma} discounts only GAE; {cfg.estimator!r} uses the undiscounted "
+                         "return: set algo.gamma=1.0")
     if cfg.epochs < 1 or cfg.minibatches < 1:
         raise ValueError(f"algo.epochs={cfg.epochs} and algo.minibatches={cfg.minibatches} must be >= 1")
 
 
 class Advantages(NamedTuple):
     advantages_br: jax.Array  # (B, R) float32, 0 at padding
-    returns_br: jax.Array     # (B, R) float32, value targets (A + V for GAE, the sequence return otherwise)
+    returns_br: jax.Array     # (B, R) float32, value targets (A + V for GAE, the reward-to-go otherwise)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,9 +100,16 @@ def gae(rewards_br: jax.Array, values_br: jax.Array, response_mask_br: jax.Array
     return Advantages(advantages_br, jnp.where(valid_br, advantages_br + values_br, 0.0))
 
 
-def sequence_returns(token_rewards_br: jax.Array, response_mask_br: jax.Array) -> jax.Array:
-    """(B,) undiscounted return sum_t r_t over valid tokens: the shaped score plus any per-token KL penalty."""
-    return masked_sum(token_rewards_br, response_mask_br, axis=-1)
+def reward_to_go(token_rewards_br: jax.Array, response_mask_br: jax.Array) -> jax.Array:
+    """(B, R) undiscounted return from each token on, G_t = sum_{t' >= t} r_t' over valid tokens, 0 at padding.
+
+    G_0 is the sequence return: the shaped score plus any per-token KL penalty. It is the Monte-Carlo value
+    target of V(s_t) (gradient Monte Carlo, Sutton & Barto 2018, section 9.3).
+    """
+    valid_br = response_mask_br > 0
+    rewards_br = jnp.where(valid_br, token_rewards_br.astype(jnp.float32), 0.0)
+    to_go_br = jnp.flip(jnp.cumsum(jnp.flip(rewards_br, axis=-1), axis=-1), axis=-1)
+    return jnp.where(valid_br, to_go_br, 0.0)
 
 
 def _groups(scores_b: jax.Array, n_samples: int) -> jax.Array:
@@ -106,9 +120,12 @@ def _groups(scores_b: jax.Array, n_samples: int) -> jax.Array:
     return scores_b.astype(jnp.float32).reshape(-1, n_samples)
 
 
-def grpo_advantages(scores_b: jax.Array, n_samples: int, scale_std: bool = True, eps: float = 1e-6) -> jax.Array:
-    """GRPO (Shao et al. 2024), per sequence: A_i = (r_i - mean_g r) / (std_g r + eps), std with ddof=1 over the
-    group of the i-th prompt. scale_std=False gives Dr. GRPO (Liu et al. 2025): A_i = r_i - mean_g r."""
+def grpo_advantages(scores_b: jax.Array, n_samples: int, scale_std: bool = True, eps: float = 1e-4) -> jax.Array:
+    """GRPO (Shao et al. 2024), per sequence: A_i = (r_i - mean_g r) / (std_g r + eps) over the group of the
+    i-th prompt, std with Bessel's correction (ddof=1) and eps = 1e-4 as TRL's GRPOTrainer
+    (trl/trainer/grpo_trainer.py, `_generate_and_score_completions`: `advantages / (std_rewards + 1e-4)`,
+    std_rewards = trl.trainer.utils.nanstd, which applies count / (count - 1)).
+    scale_std=False gives Dr. GRPO (Liu et al. 2025; TRL scale_rewards="none"): A_i = r_i - mean_g r."""
     groups_pn = _groups(scores_b, n_samples)
     adv_pn = groups_pn - jnp.mean(groups_pn, axis=1, keepdims=True)
     if scale_std:
@@ -117,22 +134,24 @@ def grpo_advantages(scores_b: jax.Array, n_samples: int, scale_std: bool = True,
 
 
 def rloo_advantages(scores_b: jax.Array, n_samples: int) -> jax.Array:
-    """RLOO (Ahmadian et al. 2024), per sequence: A_i = r_i - (1/(n-1)) sum_{j != i} r_j within the group."""
+    """RLOO (Ahmadian et al. 2024), per sequence: A_i = r_i - (1/(n-1)) sum_{j != i} r_j within the group; the
+    leave-one-out baseline alone, as TRL's RLOOTrainer with its default normalize_advantages=False
+    (trl/trainer/rloo_trainer.py: `baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)`)."""
     groups_pn = _groups(scores_b, n_samples)
     others_mean_pn = (jnp.sum(groups_pn, axis=1, keepdims=True) - groups_pn) / (n_samples - 1)
     return (groups_pn - others_mean_pn).reshape(-1)
 
 
-def reinforce_advantages(scores_b: jax.Array, values_br: jax.Array) -> jax.Array:
-    """REINFORCE with a learned baseline, per sequence: A = R - b, b = V(prompt) = values_br[:, 0].
+def reinforce_advantages(returns_b: jax.Array, values_br: jax.Array) -> jax.Array:
+    """REINFORCE with a learned baseline (Williams 1992), per sequence: A = G_0 - b, b = V(s_0) = values_br[:, 0].
 
-    The baseline is the value head's output at the first response token, i.e. its prediction from the prompt
-    alone: one baseline per sequence that does not depend on the sampled tokens, so the estimator stays
-    unbiased. The value head is trained with MSE towards R on every valid token (`compute_advantages` returns
-    R broadcast as `returns_br`; use `value_loss`), which is the Monte-Carlo target for V(s_t) when gamma = 1.
-    The baseline is a constant for the policy gradient (stop_gradient).
+    G_0 is the sequence return. The baseline is the value head's output at the first response token, i.e. its
+    prediction from the prompt alone: one baseline per sequence that does not depend on the sampled tokens, so
+    the estimator stays unbiased. The baseline is a constant for the policy gradient (stop_gradient). The value
+    head is trained at every valid token towards the reward-to-go G_t (`compute_advantages` returns it as
+    `returns_br`; use `value_loss`), the Monte-Carlo target of V(s_t), whose value at t = 0 is the baseline.
     """
-    return scores_b.astype(jnp.float32) - jax.lax.stop_gradient(values_br[:, 0].astype(jnp.float32))
+    return returns_b.astype(jnp.float32) - jax.lax.stop_gradient(values_br[:, 0].astype(jnp.float32))
 
 
 def broadcast_to_tokens(x_b: jax.Array, response_mask_br: jax.Array) -> jax.Array:
@@ -140,34 +159,36 @@ def broadcast_to_tokens(x_b: jax.Array, response_mask_br: jax.Array) -> jax.Arra
     return jnp.where(response_mask_br > 0, x_b[:, None].astype(jnp.float32), 0.0)
 
 
-def compute_advantages(cfg: ml_collections.ConfigDict, token_rewards_br: jax.Array, values_br: jax.Array | None,
-                       scores_b: jax.Array | None, response_mask_br: jax.Array, n_samples: int) -> Advantages:
-    """Advantages and value targets with the estimator `cfg.estimator`, then optional masked whitening.
+def compute_advantages(cfg: ml_collections.ConfigDict, token_rewards_br: jax.Array, values_br: jax.Array,
+                       response_mask_br: jax.Array, n_samples: int) -> Advantages:
+    """Advantages and value targets with the estimator `cfg.estimator`, then whitening if cfg.whiten_advantages.
 
-    gae        token_rewards_br and values_br (critic)
-    grpo/rloo  scores_b per sequence, n_samples consecutive rows per prompt
-    reinforce  scores_b and values_br (baseline read at the first response token)
-    For the critic-free estimators `scores_b=None` means the sequence return `sequence_returns(token_rewards_br)`
-    (the shaped score, minus the summed KL penalty when the KL is in the reward), which is normally what you want.
+    gae        per token, from token_rewards_br and the critic's values_br; returns A + V; whitening runs over
+               the valid tokens of the batch (the PPO recipes, e.g. the N+ implementation details reproduction)
+    grpo/rloo  per sequence, from the sequence returns G_0 of n_samples consecutive rows per prompt
+    reinforce  per sequence, G_0 minus the baseline V(s_0) read from values_br
+    The sequence-level advantages are the same on every valid token of their row, their value targets the
+    reward-to-go G_t; whitening, when asked for, runs over the sequences (each counts once, whatever its length).
     """
-    if cfg.estimator != "gae" and scores_b is None:
-        scores_b = sequence_returns(token_rewards_br, response_mask_br)
     if cfg.estimator == "gae":
         out = gae(token_rewards_br, values_br, response_mask_br, cfg.gamma, cfg.lam)
-    elif cfg.estimator == "grpo":
-        adv_b = grpo_advantages(scores_b, n_samples, cfg.grpo_scale_std, cfg.adv_eps)
-        out = Advantages(broadcast_to_tokens(adv_b, response_mask_br), broadcast_to_tokens(scores_b, response_mask_br))
+        if cfg.whiten_advantages:
+            out = out._replace(advantages_br=masked_whiten(out.advantages_br, response_mask_br, cfg.whiten_shift_mean))
+        return out
+    returns_br = reward_to_go(token_rewards_br, response_mask_br)
+    returns_b = returns_br[:, 0]
+    if cfg.estimator == "grpo":
+        adv_b = grpo_advantages(returns_b, n_samples, cfg.grpo_scale_std, cfg.grpo_std_eps)
     elif cfg.estimator == "rloo":
-        adv_b = rloo_advantages(scores_b, n_samples)
-        out = Advantages(broadcast_to_tokens(adv_b, response_mask_br), broadcast_to_tokens(scores_b, response_mask_br))
+        adv_b = rloo_advantages(returns_b, n_samples)
     elif cfg.estimator == "reinforce":
-        adv_b = reinforce_advantages(scores_b, values_br)
-        out = Advantages(broadcast_to_tokens(adv_b, response_mask_br), broadcast_to_tokens(scores_b, response_mask_br))
+        adv_b = reinforce_advantages(returns_b, values_br)
     else:
         raise ValueError(f"algo.estimator={cfg.estimator!r}; choose one of {ESTIMATORS}")
     if cfg.whiten_advantages:
-        out = out._replace(advantages_br=masked_whiten(out.advantages_br, response_mask_br, cfg.whiten_shift_mean))
-    return out
+        has_tokens_b = jnp.sum(response_mask_br, axis=-1) > 0
+        adv_b = masked_whiten(adv_b, has_tokens_b, cfg.whiten_shift_mean)
+    return Advantages(broadcast_to_tokens(adv_b, response_mask_br), returns_br)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,16 +196,19 @@ def compute_advantages(cfg: ml_collections.ConfigDict, token_rewards_br: jax.Arr
 # ---------------------------------------------------------------------------------------------------------------
 
 def ppo_policy_loss(logp_new_br: jax.Array, logp_old_br: jax.Array, advantages_br: jax.Array,
-                    response_mask_br: jax.Array, cfg: ml_collections.ConfigDict,
+                    response_mask_br: jax.Array, cfg: ml_collections.ConfigDict, norm: LossNorm | None = None,
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO clipped surrogate with separate clip ranges (Schulman et al. 2017; DAPO's clip-higher):
+    """PPO clipped surrogate with separate clip ranges (Schulman et al. 2017; DAPO's clip-higher, Yu et al. 2025):
 
       rho_t  = exp(logp_new - logp_old)
       l_t    = max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_low, 1 + clip_high))
       loss   = aggregate(l_t)  (cfg.loss_agg)
 
-    Metrics (over valid tokens): clipfrac = fraction where the clipped term is strictly larger (active),
-    approx_kl_k3 / approx_kl_k2 = KL(old || new) estimated from the old policy's samples.
+    which is TRL GRPOTrainer's `-min(coef_1 * A, coef_2 * A)`, coef_2 = clamp(coef_1, 1 - epsilon_low,
+    1 + epsilon_high). Metrics (token means): clipfrac = fraction where the clipped term is strictly larger
+    (active), approx_kl_k3 / approx_kl_k2 = KL(old || new) estimated from the old policy's samples.
+    `norm`: the whole minibatch's counts when this is one micro-batch of it (ops.LossNorm); the loss and every
+    metric are then this micro-batch's share, and the shares add up to the minibatch's value.
     """
     valid_br = response_mask_br > 0
     # Padding may hold any log-prob; zero the log-ratio there so exp() cannot overflow into a NaN gradient.
@@ -193,7 +217,7 @@ def ppo_policy_loss(logp_new_br: jax.Array, logp_old_br: jax.Array, advantages_b
     advantages_br = jax.lax.stop_gradient(advantages_br.astype(jnp.float32))
     unclipped_br = -advantages_br * ratio_br
     clipped_br = -advantages_br * jnp.clip(ratio_br, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    loss = aggregate(jnp.maximum(unclipped_br, clipped_br), response_mask_br, cfg.loss_agg)
+    loss = aggregate(jnp.maximum(unclipped_br, clipped_br), response_mask_br, cfg.loss_agg, norm)
 
     # The tokens were sampled from pi_old, so KL(old || new) is kl_estimate(logp=old, logp_ref=new); only the
     # log-ratio matters, and the sanitised one keeps padding at exactly 0.
@@ -201,22 +225,29 @@ def ppo_policy_loss(logp_new_br: jax.Array, logp_old_br: jax.Array, advantages_b
     zeros_br = jnp.zeros_like(old_minus_new_br)
     metrics = {
         "policy/loss": loss,
-        "policy/clipfrac": masked_mean((clipped_br > unclipped_br).astype(jnp.float32), response_mask_br),
-        "policy/approx_kl_k3": masked_mean(kl_estimate("k3", old_minus_new_br, zeros_br), response_mask_br),
-        "policy/approx_kl_k2": masked_mean(kl_estimate("k2", old_minus_new_br, zeros_br), response_mask_br),
-        "policy/ratio": masked_mean(jnp.exp(-old_minus_new_br), response_mask_br),
+        "policy/clipfrac": aggregate((clipped_br > unclipped_br).astype(jnp.float32), response_mask_br,
+                                     "token_mean", norm),
+        "policy/approx_kl_k3": aggregate(kl_estimate("k3", old_minus_new_br, zeros_br), response_mask_br,
+                                         "token_mean", norm),
+        "policy/approx_kl_k2": aggregate(kl_estimate("k2", old_minus_new_br, zeros_br), response_mask_br,
+                                         "token_mean", norm),
+        "policy/ratio": aggregate(jnp.exp(-old_minus_new_br), response_mask_br, "token_mean", norm),
     }
     return loss, metrics
 
 
 def value_loss(values_new_br: jax.Array, values_old_br: jax.Array, returns_br: jax.Array,
-               response_mask_br: jax.Array, cfg: ml_collections.ConfigDict,
+               response_mask_br: jax.Array, cfg: ml_collections.ConfigDict, norm: LossNorm | None = None,
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped value loss (PPO2 / summarize-from-feedback style), already multiplied by vf_coef:
+    """Clipped value loss (PPO2; the N+ implementation details reproduction, Huang et al. 2024), already
+    multiplied by vf_coef:
 
       V_clip = V_old + clip(V_new - V_old, -vf_clip, vf_clip)
       l_t    = 0.5 * max((V_new - R)^2, (V_clip - R)^2)     (0.5 * (V_new - R)^2 when vf_clip <= 0)
       loss   = vf_coef * aggregate(l_t)
+
+    `norm` as in `ppo_policy_loss`. The explained variance is not a mean, so the caller computes it on the
+    whole minibatch (`explained_variance`).
     """
     valid_br = response_mask_br > 0
     values_new_br = jnp.where(valid_br, values_new_br.astype(jnp.float32), 0.0)
@@ -227,18 +258,12 @@ def value_loss(values_new_br: jax.Array, values_old_br: jax.Array, returns_br: j
         values_clipped_br = values_old_br + jnp.clip(values_new_br - values_old_br, -cfg.vf_clip, cfg.vf_clip)
         clipped_br = jnp.square(values_clipped_br - returns_br)
         per_token_br = 0.5 * jnp.maximum(unclipped_br, clipped_br)
-        clipfrac = masked_mean((clipped_br > unclipped_br).astype(jnp.float32), response_mask_br)
+        clipfrac = aggregate((clipped_br > unclipped_br).astype(jnp.float32), response_mask_br, "token_mean", norm)
     else:
         per_token_br = 0.5 * unclipped_br
         clipfrac = jnp.zeros((), jnp.float32)
-    unscaled = aggregate(per_token_br, response_mask_br, cfg.loss_agg)
-    metrics = {
-        "value/loss": unscaled,
-        "value/clipfrac": clipfrac,
-        "value/explained_variance": explained_variance(jax.lax.stop_gradient(values_new_br), returns_br,
-                                                       response_mask_br),
-    }
-    return cfg.vf_coef * unscaled, metrics
+    unscaled = aggregate(per_token_br, response_mask_br, cfg.loss_agg, norm)
+    return cfg.vf_coef * unscaled, {"value/loss": unscaled, "value/clipfrac": clipfrac}
 
 
 def entropy_from_logits(logits_brv: jax.Array, response_mask_br: jax.Array) -> jax.Array:
@@ -249,9 +274,10 @@ def entropy_from_logits(logits_brv: jax.Array, response_mask_br: jax.Array) -> j
 
 
 def entropy_loss(logits_brv: jax.Array, response_mask_br: jax.Array, cfg: ml_collections.ConfigDict,
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Entropy bonus as a loss: -ent_coef * aggregate(H_t). Returns (loss, {"policy/entropy": aggregate(H_t)})."""
-    entropy = aggregate(entropy_from_logits(logits_brv, response_mask_br), response_mask_br, cfg.loss_agg)
+                 norm: LossNorm | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Entropy bonus as a loss: -ent_coef * aggregate(H_t). Returns (loss, {"policy/entropy": aggregate(H_t)});
+    `norm` as in `ppo_policy_loss`."""
+    entropy = aggregate(entropy_from_logits(logits_brv, response_mask_br), response_mask_br, cfg.loss_agg, norm)
     return -cfg.ent_coef * entropy, {"policy/entropy": entropy}
 
 

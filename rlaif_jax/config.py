@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.95
     c.optim.eps = 1e-8
     c.optim.max_grad_norm = 1.0        # global-norm gradient clipping; 0 = off
-    c.optim.grad_accum = 1             # micro-batches per minibatch, gradients averaged before one update
+    c.optim.grad_accum = 1             # micro-batches per minibatch (memory only: the update is the same for any value)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1: all devices the other axes leave

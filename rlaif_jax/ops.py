@@ -7,11 +7,13 @@ NaN or inf there cannot leak in).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGS = ("token_mean", "seq_mean")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,18 +49,50 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: f
     return jnp.where(mask > 0, whitened, 0.0)
 
 
-def aggregate(x_br: jax.Array, mask_br: jax.Array, mode: str) -> jax.Array:
-    """Masked reduction of a per-token loss to a scalar.
+class LossNorm(NamedTuple):
+    """The denominators of the loss aggregations, counted once over a whole minibatch (`loss_norm`).
 
-    token_mean: sum_{b,t} m x / sum_{b,t} m            (every valid token in the batch weighs the same)
-    seq_mean:   mean_{b: L_b>0} [ sum_t m x / L_b ]     (every sequence weighs the same; L_b = sum_t m_bt)
+    With gradient accumulation each micro-batch's loss is its partial sum over these whole-minibatch counts, so
+    the micro-batch losses (and gradients) add up to the minibatch's, whatever the split.
     """
+    tokens: jax.Array     # () float32, valid tokens
+    sequences: jax.Array  # () float32, rows with at least one valid token
+
+
+def loss_norm(mask_br: jax.Array) -> LossNorm:
+    """LossNorm of the minibatch whose response mask is `mask_br` (B, R)."""
+    length_b = jnp.sum(mask_br.astype(jnp.float32), axis=-1)
+    return LossNorm(tokens=jnp.sum(length_b), sequences=jnp.sum((length_b > 0).astype(jnp.float32)))
+
+
+def aggregate(x_br: jax.Array, mask_br: jax.Array, mode: str, norm: LossNorm | None = None) -> jax.Array:
+    """Masked reduction of a per-token loss x_bt to a scalar, as the literature names it (L_b = sum_t m_bt,
+    N = sum_b L_b valid tokens, S = sequences with L_b > 0, R = the response budget, x_br.shape[-1]):
+
+    token_mean               sum_{b,t} m x / N               DAPO's token-level loss (Yu et al. 2025); TRL
+                                                              GRPOTrainer loss_type="dapo" (trl/trainer/
+                                                              grpo_trainer.py, `_compute_loss`: sum /
+                                                              num_items_in_batch, the token count of the whole
+                                                              accumulated batch)
+    seq_mean_token_mean      (1/S) sum_b (sum_t m x) / L_b   GRPO's objective (Shao et al. 2024: 1/G sum_i
+                                                              1/|o_i| sum_t); TRL loss_type="grpo"
+    seq_mean_token_sum_norm  (1/S) sum_b (sum_t m x) / R     Dr. GRPO (Liu et al. 2025): the per-sequence
+                                                              1/L_b replaced by a constant, the generation
+                                                              budget; TRL loss_type="dr_grpo" (sum / (B *
+                                                              max_completion_length)); verl's mode of this
+                                                              name omits the 1/S
+
+    `norm` holds N and S of the whole minibatch when x_br is one micro-batch of it (see LossNorm); None counts
+    them on mask_br itself.
+    """
+    norm = loss_norm(mask_br) if norm is None else norm
+    sequences = jnp.maximum(norm.sequences, 1.0)
     if mode == "token_mean":
-        return masked_mean(x_br, mask_br)
-    if mode == "seq_mean":
-        per_seq_b = masked_mean(x_br, mask_br, axis=-1)
-        has_tokens_b = (jnp.sum(mask_br, axis=-1) > 0).astype(jnp.float32)
-        return masked_mean(per_seq_b, has_tokens_b)
+        return masked_sum(x_br, mask_br) / jnp.maximum(norm.tokens, 1.0)
+    if mode == "seq_mean_token_mean":
+        return jnp.sum(masked_mean(x_br, mask_br, axis=-1)) / sequences
+    if mode == "seq_mean_token_sum_norm":
+        return masked_sum(x_br, mask_br) / (sequences * x_br.shape[-1])
     raise ValueError(f"loss aggregation {mode!r}; choose one of {LOSS_AGGS}")
 
 
@@ -72,6 +106,10 @@ def kl_estimate(name: str, logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
     k1 = logp - logp_ref                     unbiased, high variance, can be negative
     k2 = 0.5 * (logp - logp_ref)^2           biased, low variance, >= 0
     k3 = (r - 1) - log r,  r = exp(logp_ref - logp)   unbiased, low variance, >= 0
+
+    As a loss, differentiated through logp on tokens sampled from pi (the KL loss term), the expected gradients
+    are those of other objectives: k1 -> 0, k2 -> grad KL(pi || pi_ref), k3 -> grad KL(pi_ref || pi) (tests/
+    test_conformance.py checks these exactly on a small softmax).
     """
     log_ratio = logp.astype(jnp.float32) - logp_ref.astype(jnp.float32)
     if name == "k1":

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlaif_jax.ops import KL_ESTIMATORS, aggregate, all_kl_estimates, kl_estimate, masked_mean, masked_sum, masked_whiten
+from rlaif_jax.ops import (KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_mean,
+                           masked_sum, masked_whiten)
 
 SCORE_NORMS = ("none", "whiten", "running")
 MISSING_STOP_MODES = ("replace", "add", "none")
@@ -85,15 +86,16 @@ def _masked_log_probs(logp_br, logp_ref_br, mask_br):
 
 
 def kl_loss_term(logp_br: jax.Array, logp_ref_br: jax.Array, response_mask_br: jax.Array, coef: jax.Array,
-                 estimator: str, loss_agg: str) -> tuple[jax.Array, jax.Array]:
+                 estimator: str, loss_agg: str, norm: LossNorm | None = None) -> tuple[jax.Array, jax.Array]:
     """The KL penalty as a loss term (used when `kl_in_reward` is False): coef * aggregate(kl_t).
 
     `logp_br` are the current policy's (differentiable) log-probs of the sampled tokens; with k3 this is the
-    GRPO-style penalty. `loss_agg` should be the policy loss's own aggregation. Returns (loss, mean kl).
+    GRPO-style penalty. `loss_agg` should be the policy loss's own aggregation, `norm` the minibatch's counts when
+    this is one micro-batch of it (ops.LossNorm). Returns (loss, aggregated kl).
     """
     logp_br, logp_ref_br = _masked_log_probs(logp_br, jax.lax.stop_gradient(logp_ref_br), response_mask_br)
     kl_br = kl_estimate(estimator, logp_br, logp_ref_br)
-    kl = aggregate(kl_br, response_mask_br, loss_agg)
+    kl = aggregate(kl_br, response_mask_br, loss_agg, norm)
     return jax.lax.stop_gradient(coef) * kl, kl
 
 

@@ -112,6 +112,48 @@ def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.Gr
     return optax.chain(*chain)
 
 
+def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, accum: int):
+    """Loss, aux and gradients of one minibatch from `accum` micro-batches of its rows (a lax.scan).
+
+    `loss_fn(params, micro) -> (loss, (metrics, rows))` returns a micro-batch's *share* of the minibatch's loss
+    and metrics (normalised by the whole minibatch's counts, ops.LossNorm), so shares and their gradients are
+    summed, never averaged: the result is the same for any `accum`. `rows` is None or per-row arrays of the
+    micro-batch, returned concatenated over the minibatch's rows. Returns (loss, (metrics, rows), grads).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), minibatch)
+
+    def add_micro_batch(total, m):
+        (loss, (metrics, rows)), grads = grad_fn(params, m)
+        return jax.tree.map(jnp.add, total, (loss, metrics, grads)), rows
+
+    (loss, (metrics, _)), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
+    (loss, metrics, grads), rows = jax.lax.scan(add_micro_batch, zeros, micro)
+    rows = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rows)
+    return loss, (metrics, rows), grads
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """() bool: no NaN or inf in any leaf (integer leaves are always finite)."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)],
+                            jnp.array(True))
+
+
+def guarded_update(optimizer: optax.GradientTransformation, grads: Params, opt_state, params: Params,
+                   loss: jax.Array):
+    """One optax update behind the non-finite guard: it is kept only when the loss, the gradients and the
+    resulting params and optimizer state are all finite; otherwise params and optimizer state come back as they
+    were. Returns (params, opt_state, kept: () bool, grad_norm)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    kept = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite((new_params, new_opt_state))
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(kept, new, old), (new_params, new_opt_state),
+                                     (params, opt_state))
+    return params, opt_state, kept, grad_norm
+
+
 def total_updates(c: ml_collections.ConfigDict) -> int:
     return c.train.steps * c.algo.epochs * c.algo.minibatches
 
@@ -179,6 +221,40 @@ def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy
     return jnp.zeros(response_br.shape, jnp.float32)
 
 
+def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Array, rows_per_prompt: int
+                 ) -> Callable:
+    """`loss_fn(params, micro, norm) -> (loss, (metrics, values))`: the update's loss on one micro-batch (a dict
+    of the learn phase's per-row arrays), as its share of the minibatch's (norm: the minibatch's ops.LossNorm):
+    PPO-clip policy loss, entropy bonus, value loss (with a critic) and the KL loss term (KL not in the reward),
+    all aggregated with c.algo.loss_agg. Metrics are shares of the minibatch's token means too; `values` are the
+    critic's values of the micro-batch's rows (None without a critic), for the minibatch's explained variance."""
+    temperature = c.rollout.temperature
+
+    def loss_fn(params: Params, d: dict, norm: ops.LossNorm):
+        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
+                                                 d["resp"], d["rmask"], temperature, rows_per_prompt)
+        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
+        metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
+                                                        d["rmask"], "token_mean", norm)
+        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
+        loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
+        values = None
+        if c.critic.kind != "none":
+            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"],
+                             rows_per_prompt)
+            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo,
+                                                      norm)
+            loss, metrics = loss + v_loss, {**metrics, **v_metrics}
+            values = jax.lax.stop_gradient(values)
+        if not c.reward.kl_in_reward:
+            kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
+                                               c.algo.loss_agg, norm)
+            loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
+        return loss, (metrics, values)
+
+    return loss_fn
+
+
 # ---------------------------------------------------------------------------------------------- phases
 def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, params: Params, prompts_bp, prompt_mask_bp,
                   key) -> rollout_lib.Rollout:
@@ -220,10 +296,9 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         reward_metrics = {k: v for k, v in reward_metrics.items() if not k.startswith("kl/k")}
 
     # 5 advantages
-    adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, None, rmask, c.rollout.n_samples)
+    adv = algorithms.compute_advantages(c.algo, token_rewards, old_values, rmask, c.rollout.n_samples)
 
     # 6 update: lax.scan over epochs x minibatches, each minibatch over grad_accum micro-batches
-    kl_coef = state.reward.kl.coef
     data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
                 old_values=old_values, advantages=adv.advantages_br, returns=adv.returns_br)
     B = resp.shape[0]
@@ -232,48 +307,17 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # Minibatches are drawn as whole groups (see `epoch`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
     micro_share = share if (B // (mb * accum)) % n == 0 else 1
-
-    def loss_fn(params, d):
-        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                 d["resp"], d["rmask"], temperature, micro_share)
-        loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo)
-        metrics["policy/logp_mismatch"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
-                                                              d["rmask"])
-        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo)
-        loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
-        if c.critic.kind != "none":
-            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"], micro_share)
-            v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo)
-            loss, metrics = loss + v_loss, {**metrics, **v_metrics}
-        if not c.reward.kl_in_reward:
-            kl_loss, kl = rewards.kl_loss_term(logp, d["ref_logp"], d["rmask"], kl_coef, c.reward.kl_estimator,
-                                               c.algo.loss_agg)
-            loss, metrics = loss + kl_loss, {**metrics, "policy/kl_loss_term": kl}
-        return loss, metrics
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share)
 
     def minibatch_update(carry, d):
         params, opt_state, skipped = carry
-        # Micro-batches: average gradients of `accum` slices before one optimizer update.
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), d)
-
-        def accumulate(acc, m):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, m)), None
-
-        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # Non-finite guard: a NaN/inf loss or gradient leaves params and optimizer state as they were.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (new_params, new_opt_state), (params, opt_state))
+        norm = ops.loss_norm(d["rmask"])
+        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum)
+        if values is not None:  # not a mean, so computed on the whole minibatch rather than summed
+            metrics["value/explained_variance"] = algorithms.explained_variance(values, d["returns"], d["rmask"])
+        params, opt_state, ok, grad_norm = guarded_update(optimizer, grads, opt_state, params, loss)
         metrics = {**metrics, "optim/loss": loss, "optim/grad_norm": grad_norm}
-        return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
+        return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
     def epoch(carry, epoch_key):
         perm = group_permutation(epoch_key, B, n)
@@ -286,6 +330,10 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # the rollout / training mismatch. Every other metric is averaged over the step's updates (NaN-safe).
     mismatch = update_metrics.pop("policy/logp_mismatch")[0, 0]
     update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
+    # A step with a skipped update saw non-finite numbers: its scores and KL must not enter the running score
+    # statistics or the KL controller either, or one NaN score would make every later step NaN.
+    keep_reward = (skipped == 0) & tree_all_finite(reward_state)
+    reward_state = jax.tree.map(lambda new, old: jnp.where(keep_reward, new, old), reward_state, state.reward)
 
     lengths = rmask.sum(-1)
     metrics = {

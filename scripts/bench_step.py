@@ -26,8 +26,12 @@ How the sides are matched (and where they still differ):
     tokenizer, runs one batched forward of the judge through transformers (only the last position's logits) and
     returns the same pointwise expected score. neutral_threshold is 0 on ours (a random judge puts ~1% of its mass
     on the score tokens, below the default 0.05, which would make every score neutral).
+  * The same method. Advantages: ours algo.estimator="grpo" with its defaults (group std with Bessel's correction,
+    grpo_std_eps 1e-4, no whitening) is TRL's scale_rewards="group" formula (r - mean) / (std + 1e-4). Loss:
+    ours algo.loss_agg="token_mean" is TRL's loss_type="dapo" (sum over the valid tokens / their count), with PPO
+    clip 0.2 on both sides (TRL epsilon=0.2). tests/test_conformance.py checks these formulas against TRL's code.
   * Other knobs set alike: learning rate 1e-6, AdamW b1 0.9 b2 0.999 eps 1e-8, no weight decay, clip grad norm 1,
-    PPO clip 0.2, GRPO std eps 1e-4, no advantage whitening, no missing-EOS penalty, no score normalisation.
+    no missing-EOS penalty, no score normalisation.
   * Our compile settings for this size: compute.scan_unroll=4 unrolls the training forward's 4 layers (the default
     1 keeps compile time flat in depth for real models; unrolled, XLA:CPU's backward is ~10% faster here).
 
@@ -166,11 +170,13 @@ def our_config(world: dict[str, str]):
     c.critic.kind = "none"
     c.compute.scan_unroll = LAYERS  # all 4 layers unrolled: ~10% faster backward on XLA:CPU at this size
     c.algo.estimator = "grpo"
-    c.algo.whiten_advantages = False
-    c.algo.adv_eps = 1e-4
+    c.algo.grpo_scale_std = True      # TRL scale_rewards="group"
+    c.algo.grpo_std_eps = 1e-4        # TRL's constant
+    c.algo.whiten_advantages = False  # TRL's GRPOTrainer does not whiten
+    c.algo.clip_low = c.algo.clip_high = 0.2  # TRL epsilon=0.2
     c.algo.epochs = 1
     c.algo.minibatches = 1
-    c.algo.loss_agg = "token_mean"
+    c.algo.loss_agg = "token_mean"    # TRL loss_type="dapo"
     c.rollout.n_samples = GENERATIONS
     c.rollout.max_new_tokens = NEW
     c.rollout.temperature = 1.0

@@ -119,10 +119,12 @@ def test_masked_whiten_and_aggregate_ignore_padding():
 
     agg = jax.jit(ops.aggregate, static_argnums=2)
     np.testing.assert_allclose(float(agg(x, mask, "token_mean")), 7.0 / 3.0, rtol=1e-6)
-    np.testing.assert_allclose(float(agg(x, mask, "seq_mean")), (1.5 + 4.0) / 2.0, rtol=1e-6)
-    # a row with no valid token does not count as a sequence in seq_mean
+    np.testing.assert_allclose(float(agg(x, mask, "seq_mean_token_mean")), (1.5 + 4.0) / 2.0, rtol=1e-6)
+    np.testing.assert_allclose(float(agg(x, mask, "seq_mean_token_sum_norm")), (3.0 + 4.0) / (2 * 3), rtol=1e-6)
+    # a row with no valid token does not count as a sequence
     mask_empty = np.array([[1, 1, 0], [0, 0, 0]], np.float32)
-    np.testing.assert_allclose(float(agg(x, mask_empty, "seq_mean")), 1.5, rtol=1e-6)
+    np.testing.assert_allclose(float(agg(x, mask_empty, "seq_mean_token_mean")), 1.5, rtol=1e-6)
+    np.testing.assert_allclose(float(agg(x, mask_empty, "seq_mean_token_sum_norm")), 3.0 / 3, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- shape_rewards
