@@ -36,6 +36,7 @@ from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
 from rlaif_jax import judging
+from rlaif_jax import reward_model
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import sharding as shd
@@ -92,8 +93,8 @@ def setup(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup
     if c.critic.kind == "separate" and c.critic.init == "reward_model":
         critic_cfg, backbone = hf.load_model(c.critic.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
         critic_cfg = critic_cfg.replace(scan_unroll=c.policy.scan_unroll)
-        critic_params = {"backbone": backbone, "head": judging.load_value_head(hf.resolve_path(c.critic.path),
-                                                                                critic_cfg)}
+        critic_params = {"backbone": backbone, "head": reward_model.load_value_head(hf.resolve_path(c.critic.path),
+                                                                                     critic_cfg)}
     models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
     frozen = ts.Frozen(reference=reference, judge=judge.params)
     state, state_shardings = ts.init_state_sharded(c, models, mesh, policy_params, jax.random.key(c.seed),
@@ -314,7 +315,7 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
             critic = {"backbone": abstract(critic_cfg), "head": value_head(critic_cfg)}
         judge = abstract(judge_cfg)
         if spec.mode == "reward_model":
-            judge = judging.RewardModelParams(judge, value_head(judge_cfg))
+            judge = reward_model.RewardModelParams(judge, value_head(judge_cfg))
         models = ts.Models(policy=policy_cfg, judge=judge_cfg, critic=critic_cfg)
         policy = abstract(policy_cfg)
         key = jax.eval_shape(lambda: jax.random.key(0))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlaif_jax import judging
+from rlaif_jax import judging, reward_model
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train
@@ -166,7 +166,7 @@ def write_reward_model(world, folder):
     """The tiny judge's backbone plus a random value head, saved as a reward-model folder."""
     judge = judging.load_judge(make_config(world).judge)
     head = {"kernel": jnp.linspace(-1.0, 1.0, judge.cfg.hidden_size), "bias": jnp.zeros(())}
-    judging.save_reward_model(folder, judge.cfg, judge.params, head, judge.tokenizer, judge.spec)
+    reward_model.save_reward_model(folder, judge.cfg, judge.params, head, judge.tokenizer, judge.spec)
     return folder
 
 
