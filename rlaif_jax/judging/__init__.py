@@ -31,7 +31,8 @@ Where each piece lives:
   scoring.py   each mode's arithmetic, `SCORERS`, the judge forward and `JudgeMetrics` (both paths)
   host.py      the host path and text judging: `encode_texts`, `score_texts`, `score_host`, preference pairs
   loading.py   `Judge`, `load_judge`
-To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS; nothing else.
+To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a new kind of slot would also
+need assembly.py and host.py to fill it).
 """
 from rlaif_jax.judging.assembly import score, score_jit
 from rlaif_jax.judging.host import encode_pairs, encode_texts, label_preferences, score_host, score_texts

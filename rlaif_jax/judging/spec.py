@@ -81,7 +81,8 @@ def _check_rubric(c) -> None:
         raise ValueError("mode 'rubric' needs at least one entry in config.judge.criteria")
     for criterion in c.criteria:
         if set(criterion.keys()) != {"name", "question", "weight"}:
-            raise ValueError(f"each config.judge.criteria entry needs keys name, question, weight; got {dict(criterion)}")
+            raise ValueError(f"each config.judge.criteria entry needs keys name, question, weight; "
+                             f"got {dict(criterion)}")
 
 
 MODES = {
