@@ -9,7 +9,7 @@ rm=reward-model folder (canonical), fsdp=N (mesh), steps=N, runlocal (a 2-step s
 Variants
   direct     d-RLAIF (the paper's Section on direct RLAIF): during RL the off-the-shelf judge LLM is asked for a
              1-10 score of each sampled summary; the reward is the expected score under the judge's probabilities of
-             the ten score tokens, rescaled to [-1, 1] (`judging.pointwise_scores`). No reward model.
+             the ten score tokens, rescaled to [-1, 1] (`judging.scoring.pointwise_scores`). No reward model.
   canonical  the judge's pairwise preferences are distilled into a reward model first, and RL optimises that reward
              model (`judge.mode = "reward_model"`). Pipeline:
                1. pairs of summaries per post as JSONL {"prompt", "response_a", "response_b"} (the paper relabels

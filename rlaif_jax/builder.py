@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlaif_jax import checkpoint as ckpt_lib
-from rlaif_jax import judging
+from rlaif_jax import judging, reward_model
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
@@ -71,7 +71,7 @@ def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token
     spec = judging.make_spec(config, tok, policy_tok, stop_token_ids)
     params = _abstract_params(cfg, mesh, rules)
     if spec.mode == "reward_model":
-        params = judging.RewardModelParams(params, _abstract_value_head(cfg, mesh))
+        params = reward_model.RewardModelParams(params, _abstract_value_head(cfg, mesh))
     return judging.Judge(cfg, params, spec, tok)
 
 
@@ -107,7 +107,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     if c.critic.kind == "separate" and c.critic.init == "reward_model":
         critic_folder = hf.resolve_path(c.critic.path, weights)
         critic_cfg, backbone = trained_model(critic_folder)
-        head = judging.load_value_head(critic_folder, critic_cfg) if weights else _abstract_value_head(critic_cfg, mesh)
+        head = reward_model.load_value_head(critic_folder, critic_cfg) if weights else _abstract_value_head(critic_cfg, mesh)
         critic_params = {"backbone": backbone, "head": head}
 
     # ---- the train state (born sharded) and the frozen models

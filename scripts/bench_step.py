@@ -294,7 +294,7 @@ class Ours:
 # ---------------------------------------------------------------------------------------------- TRL
 def make_judge_reward(judge_folder: str, tokenizer):
     """TRL reward function: the pointwise expected score of the judge, read from its last-position logits over the
-    score tokens (same template, same rescaling 2 (E - 1) / (K - 1) - 1 as judging.pointwise_scores)."""
+    score tokens (same template, same rescaling 2 (E - 1) / (K - 1) - 1 as judging.scoring.pointwise_scores)."""
     judge = transformers.AutoModelForCausalLM.from_pretrained(judge_folder, dtype=torch.float32).eval()
     score_ids = torch.tensor(tokenizer.convert_tokens_to_ids(SCORE_WORDS))
     ks = torch.arange(1, len(SCORE_WORDS) + 1, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Judge templates in token space, the host path, scoring arithmetic and sharding (rlaif_jax/judging.py).
+"""Judge templates in token space, the host path, scoring arithmetic and sharding (rlaif_jax/judging/).
 
 References are independent of the module: rows are rebuilt by rendering the template with str.replace and
 tokenising the whole text with the tokenizer; truncation by a token-by-token loop; scores by hand.
@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from rlaif_jax import judging
+from rlaif_jax.judging import assembly, scoring
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -31,11 +32,11 @@ def _words(text):
 def make_tokenizer(permute_seed=None):
     """WordLevel + Whitespace: tokenisation is compositional across whitespace. With `permute_seed`, the same
     words get shuffled ids (a different tokenizer of the same texts, for the host path)."""
-    texts = list(judging.DEFAULT_TEMPLATES.values()) + list(PRINCIPLES) + [c["question"] for c in CRITERIA]
+    texts = [m.template for m in judging.MODES.values()] + list(PRINCIPLES) + [c["question"] for c in CRITERIA]
     texts += ["1 2 3 4 5 A B Yes No"]
     words = []
     for t in texts:
-        for w in _words(judging._SLOT_RE.sub(" ", t)):
+        for w in _words(judging.spec._SLOT_RE.sub(" ", t)):
             if w not in words and w not in CONTENT:
                 words.append(w)
     words += CONTENT
@@ -191,6 +192,16 @@ def test_spec_pieces_and_token_errors():
         judging.make_spec(judge_config(templating="token_space"), make_tokenizer(permute_seed=0), TOK)
 
 
+def test_every_mode_has_a_scorer_and_its_queries():
+    assert set(scoring.SCORERS) == set(judging.MODES)
+    pairwise = judging.make_spec(judge_config(mode="pairwise"), TOK)
+    assert pairwise.slot_inputs("response") == ("response", "response_b")
+    assert pairwise.slot_inputs("response_b") == ("response_b", "response")
+    rubric = judging.make_spec(judge_config(mode="rubric"), TOK)
+    assert [q.criterion for q in rubric.queries] == [0, 1, 2] and rubric.slot_inputs("prompt") == ("prompt",) * 3
+    assert judging.make_spec(judge_config(mode="principles"), TOK).queries_per_example == 1
+
+
 def test_chat_template_wraps_the_template():
     tok = make_tokenizer()
     tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
@@ -223,11 +234,11 @@ def test_assembly_equals_tokenised_rendering(mode, rule, max_len, include_stop):
     batch = rollout_batch(rng, 6)
     batch_b = rollout_batch(rng, 6, R=5) if mode == "pairwise" else None
     principle_index = rng.randint(0, len(PRINCIPLES), 6) if mode == "principles" else None
-    sources = judging.query_sources(
+    sources = assembly.query_sources(
         spec, *map(jnp.asarray, batch), None if principle_index is None else jnp.asarray(principle_index),
         *(map(jnp.asarray, batch_b[2:]) if batch_b else (None, None)))
-    tokens, mask, truncated = jax.jit(judging.assemble, static_argnums=0)(spec, sources)
-    template = judging.DEFAULT_TEMPLATES[mode].replace("{num_scores}", "5")
+    tokens, mask, truncated = jax.jit(assembly.assemble, static_argnums=0)(spec, sources)
+    template = judging.MODES[mode].template.replace("{num_scores}", "5")
     want_tokens, want_truncated = reference_query_rows(spec, template, batch, batch_b, principle_index, include_stop)
     np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
     np.testing.assert_array_equal(np.asarray(mask), (want_tokens != PAD).astype(np.int32))
@@ -240,7 +251,7 @@ def test_fill_budget_against_loop():
     rng = np.random.RandomState(1)
     lengths = rng.randint(0, 12, (200, 3))
     budget = rng.randint(0, 40, 200)
-    got = np.asarray(jax.jit(judging.fill_budget)(jnp.asarray(lengths), jnp.asarray(budget)))
+    got = np.asarray(jax.jit(assembly.fill_budget)(jnp.asarray(lengths), jnp.asarray(budget)))
     for l, bgt, g in zip(lengths, budget, got):
         _, rs = ref_truncate([], [[0] * x for x in l], 0, bgt, "prompt_left")
         np.testing.assert_array_equal(g, [len(r) for r in rs])
@@ -256,12 +267,12 @@ def test_pointwise_arithmetic():
     # E = .2 + .6 + 1.5 = 2.3, score = 2 (2.3 - 1) / 2 - 1 = 0.3. Row 1: mass .05 -> neutral.
     logits = _logits_from_probs([[.1, .1, .1, .1, .15, .25, .1, .1],
                                  [.19, .19, .19, .01, .02, .02, .19, .19]])
-    score, mass, neutral = judging.pointwise_scores(logits, (3, 4, 5), 0.1, -0.25)
+    score, mass, neutral = scoring.pointwise_scores(logits, (3, 4, 5), 0.1, -0.25)
     np.testing.assert_allclose(score, [0.3, -0.25], atol=1e-6)
     np.testing.assert_allclose(mass, [0.5, 0.05], atol=1e-6)
     np.testing.assert_array_equal(neutral, [False, True])
     # Without the threshold, row 1: P = .2 .4 .4 -> E = 2.2 -> 0.2.
-    score, _, _ = judging.pointwise_scores(logits, (3, 4, 5), 0.0, -0.25)
+    score, _, _ = scoring.pointwise_scores(logits, (3, 4, 5), 0.0, -0.25)
     np.testing.assert_allclose(score, [0.3, 0.2], atol=1e-6)
 
 
@@ -269,7 +280,7 @@ def test_pairwise_arithmetic_and_swap():
     # option ids A = 0, B = 1 in a vocab of 4.
     ab = _logits_from_probs([[.6, .2, .1, .1], [.7, .1, .1, .1], [.01, .01, .49, .49]])
     ba = _logits_from_probs([[.3, .3, .2, .2], [.1, .4, .25, .25], [.2, .6, .1, .1]])
-    p, mass, neutral, agree, p_orders = judging.pairwise_preference(ab, ba, (0, 1), 0.05)
+    p, mass, neutral, agree, p_orders = scoring.pairwise_preference(ab, ba, (0, 1), 0.05)
     # row 0: P_ab(A) = .75, P_ba(B) = .5 -> .625; row 1: .875 and .8 -> .8375;
     # row 2: order ab undecided (mass .02 < .05) -> .5, P_ba(B) = .75 -> .625.
     np.testing.assert_allclose(p, [0.625, 0.8375, 0.625], atol=1e-6)
@@ -277,7 +288,7 @@ def test_pairwise_arithmetic_and_swap():
     np.testing.assert_allclose(mass, [[.8, .6], [.8, .5], [.02, .8]], atol=1e-6)
     np.testing.assert_array_equal(neutral, [[False, False], [False, False], [True, False]])
     np.testing.assert_array_equal(agree, [False, True, False])
-    p_swapped = judging.pairwise_preference(ba, ab, (0, 1), 0.05)[0]
+    p_swapped = scoring.pairwise_preference(ba, ab, (0, 1), 0.05)[0]
     np.testing.assert_allclose(np.asarray(p_swapped), 1.0 - np.asarray(p), rtol=0, atol=1e-7)
 
 
@@ -285,11 +296,11 @@ def test_rubric_arithmetic():
     # yes = 2, no = 3. Criterion P(yes): row 0: .3/.4 = .75, .1/.5 = .2, .4/.5 = .8; row 1: .5, .9, mass .01 -> .5.
     rows = [[.3, .3, .3, .1], [.4, .1, .1, .4], [.45, .05, .4, .1],
             [.3, .3, .2, .2], [.05, .05, .81, .09], [.5, .49, .005, .005]]
-    p_yes, mass, neutral = judging.yes_probability(_logits_from_probs(rows), (2, 3), 0.05)
+    p_yes, mass, neutral = scoring.yes_probability(_logits_from_probs(rows), (2, 3), 0.05)
     p_yes_bc = np.asarray(p_yes).reshape(2, 3)
     np.testing.assert_allclose(p_yes_bc, [[.75, .2, .8], [.5, .9, .5]], atol=1e-6)
     np.testing.assert_array_equal(neutral, [False] * 5 + [True])
-    score = judging.rubric_score(jnp.asarray(p_yes_bc), (0.5, 0.3, 0.2))
+    score = scoring.rubric_score(jnp.asarray(p_yes_bc), (0.5, 0.3, 0.2))
     np.testing.assert_allclose(score, [.5 * .75 + .3 * .2 + .2 * .8, .5 * .5 + .3 * .9 + .2 * .5], atol=1e-6)
 
 
@@ -311,8 +322,8 @@ def test_last_position_logits_match_forward(judge_model):
 
     @jax.jit
     def both(params, tokens, mask):
-        hidden = judging.judge_last_hidden(params, cfg, tokens, mask)
-        return judging.lm_head_logits(params, cfg, hidden), tfm.forward(params, cfg, tokens, mask).logits[:, -1]
+        hidden = scoring.judge_last_hidden(params, cfg, tokens, mask)
+        return scoring.lm_head_logits(params, cfg, hidden), tfm.forward(params, cfg, tokens, mask).logits[:, -1]
 
     got, want = both(params, tokens, mask)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -360,7 +371,7 @@ def test_host_path_equals_token_space(judge_model, mode):
         assert int(m_tok.summary(spec)["judge/neutral_count"]) == low.sum()
     if mode == "rubric":
         np.testing.assert_allclose(
-            judging.rubric_score(m_tok.criterion_p_yes_bc, [c["weight"] for c in CRITERIA]), s_tok, atol=1e-6)
+            scoring.rubric_score(m_tok.criterion_p_yes_bc, [c["weight"] for c in CRITERIA]), s_tok, atol=1e-6)
 
 
 def test_host_path_with_a_different_tokenizer(judge_model):

@@ -1,10 +1,9 @@
-"""scripts/train_reward_model.py and the judge's reward_model mode.
+"""The reward model (rlaif_jax/reward_model.py: loss, training, files) and the judge's reward_model mode.
 
 A tiny random Llama is built with transformers and saved as an HF folder; the synthetic preferences prefer the
 response whose last word is a "good" word. References: NumPy for the loss, HF PyTorch for the reward values of
 the saved model.
 """
-import importlib.util
 import json
 import os
 
@@ -15,12 +14,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rlaif_jax import judging
+from rlaif_jax import judging, reward_model
+from rlaif_jax.models import hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("train_reward_model", os.path.join(ROOT, "scripts", "train_reward_model.py"))
-trm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(trm)
 
 WORDS = [f"w{i}" for i in range(16)]
 GOOD = [f"g{i}" for i in range(4)]
@@ -36,6 +33,12 @@ def make_tokenizer():
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+def rm_judge_config(**overrides):
+    c = judging.default_config("reward_model")
+    c.update(overrides)
+    return c
 
 
 def make_pairs(rng, n):
@@ -76,14 +79,16 @@ def trained(hf_folder, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("prefs") / "prefs.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in train_records)
-    records = trm.read_preferences(path)
-    rm_config = trm.reward_model_config(max_len=24)
-    result = trm.train(hf_folder, records, rm_config, steps=40, batch_size=16, learning_rate=2e-3, seed=0,
-                       eval_records=eval_records, log_every=0)
+    records = reward_model.read_preferences(path)
+    rm_config = rm_judge_config(max_len=24)
+    cfg, backbone = hf.load_model(hf_folder, dtype=rm_config.dtype, param_dtype=rm_config.param_dtype)
+    tok = hf.load_tokenizer(hf_folder)
+    spec = judging.make_spec(rm_config, tok)
+    result = reward_model.train(cfg, backbone, judging.encode_pairs(spec, tok, records), steps=40, batch_size=16,
+                                learning_rate=2e-3, seed=0, eval_data=judging.encode_pairs(spec, tok, eval_records),
+                                log_every=0)
     out = str(tmp_path_factory.mktemp("rm_out"))
-    tok = make_tokenizer()
-    judging.save_reward_model(out, result.cfg, result.params.model, result.params.value_head, tok,
-                              judging.make_spec(rm_config, tok))
+    reward_model.save_reward_model(out, cfg, result.params.model, result.params.value_head, tok, spec)
     return result, out, eval_records, train_records
 
 
@@ -92,9 +97,9 @@ def test_soft_bradley_terry_loss_against_numpy():
     d = r_a - r_b
     log_sig = lambda x: -np.log1p(np.exp(-x))
     want = -np.mean(p * log_sig(d) + (1 - p) * log_sig(-d))
-    np.testing.assert_allclose(trm.soft_bradley_terry_loss(jnp.asarray(r_a), jnp.asarray(r_b), jnp.asarray(p)),
+    np.testing.assert_allclose(reward_model.soft_bradley_terry_loss(jnp.asarray(r_a), jnp.asarray(r_b), jnp.asarray(p)),
                                want, rtol=1e-6)
-    assert trm.ranking_accuracy(np.array([1., 0, 3]), np.array([0., 1, 1]), np.array([.9, .8, .5])) == 0.5
+    assert reward_model.ranking_accuracy(np.array([1., 0, 3]), np.array([0., 1, 1]), np.array([.9, .8, .5])) == 0.5
 
 
 def test_loss_decreases_and_ranks_held_out_pairs(trained):
@@ -113,9 +118,9 @@ def test_reward_model_mode_matches_hf_torch(trained):
     import torch
     from transformers import AutoModelForCausalLM
     result, out, eval_records, _ = trained
-    config = trm.reward_model_config(max_len=24, path=out)
+    config = rm_judge_config(max_len=24, path=out)
     judge = judging.load_judge(config)
-    assert isinstance(judge.params, judging.RewardModelParams)
+    assert isinstance(judge.params, reward_model.RewardModelParams)
     records = eval_records[:6]
     prompts, responses = [r["prompt"] for r in records], [r["response_a"] for r in records]
     scores, metrics = judging.score_texts(judge.params, judge.cfg, judge.spec, judge.tokenizer, prompts, responses,
@@ -133,7 +138,7 @@ def test_reward_model_mode_matches_hf_torch(trained):
     assert int(metrics.summary(judge.spec)["judge/truncated_count"]) == 0
     # The folder refuses a template it was not trained with.
     with pytest.raises(ValueError, match="another template"):
-        judging.load_judge(trm.reward_model_config(max_len=24, path=out, template="{prompt} ; {response}"))
+        judging.load_judge(rm_judge_config(max_len=24, path=out, template="{prompt} ; {response}"))
 
 
 def test_sample_pairs_writes_two_policy_responses_per_prompt(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlaif_jax import builder, judging, ops
+from rlaif_jax import builder, judging, ops, reward_model
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
@@ -148,7 +148,7 @@ def write_reward_model(world, folder):
     """The tiny judge's backbone plus a random value head, saved as a reward-model folder."""
     judge = judging.load_judge(make_config(world).judge)
     head = {"kernel": jnp.linspace(-1.0, 1.0, judge.cfg.hidden_size), "bias": jnp.zeros(())}
-    judging.save_reward_model(folder, judge.cfg, judge.params, head, judge.tokenizer, judge.spec)
+    reward_model.save_reward_model(folder, judge.cfg, judge.params, head, judge.tokenizer, judge.spec)
     return folder
 
 
@@ -338,7 +338,7 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     assert shapes.models == real.models
     assert (real.models.policy.scan_unroll, real.models.critic.scan_unroll, real.models.judge.scan_unroll) == (2, 2, 1)
     assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
-    assert isinstance(shapes.frozen.judge, judging.RewardModelParams)
+    assert isinstance(shapes.frozen.judge, reward_model.RewardModelParams)
     for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):
         assert jax.tree.structure(want) == jax.tree.structure(got)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
