@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -44,12 +45,13 @@ def main():
     t0 = time.time()
 
     # ---- 1 the testbed (built once, then cached)
-    from ml_collections import config_flags
-
     from rlaif_jax.testbed import build
-    arg = ",".join(a for a in (f"seed={args.seed}", args.config_arg) if a)
-    # Loaded as the training program's --config flag loads it; then built (or reused) as the program does.
-    config = config_flags.ConfigFileFlagParser("config").parse(f"{TESTBED_CONFIG}:{arg}")
+    # The config file loaded by path, as the training program's --config flag loads it; then the testbed is built
+    # (or reused) as the program does before it loads the models.
+    spec = importlib.util.spec_from_file_location("testbed_config", TESTBED_CONFIG)
+    testbed_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(testbed_config)
+    config = testbed_config.get_config(",".join(a for a in (f"seed={args.seed}", args.config_arg) if a))
     build.ensure_built(config)
 
     # ---- 2 the judge against the ground truth
