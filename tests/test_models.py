@@ -111,8 +111,11 @@ def test_shared_prefix_forward_equals_full_forward(checkpoints, family):
     weights = rng.normal(size=full_tokens.shape + (cfg.vocab_size,)).astype(np.float32) * real[..., None]
     grad_full = jax.jit(jax.grad(lambda p: (full_logits(p) * weights).sum()))(params)
     grad_shared = jax.jit(jax.grad(lambda p: (shared_logits(p) * weights).sum()))(params)
+    # Gradients are sums over many positions and the vocabulary, accumulated in another order by each path: the
+    # float32 error scales with the leaf's magnitude, not with each (possibly cancelling) entry.
     for a, b in zip(jax.tree.leaves(grad_full), jax.tree.leaves(grad_shared)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
 def test_round_trip_export_then_hf_load(checkpoints, tmp_path):
