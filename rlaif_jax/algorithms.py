@@ -28,8 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.estimator = "gae"          # "gae" (PPO with critic) | "grpo" | "rloo" | "reinforce" (learned baseline)
     c.gamma = 1.0                # GAE's discount over response tokens (the sequence-level estimators need 1)
     c.lam = 0.95                 # GAE lambda
-    # Whitening after estimation, an extra normalisation the name of no estimator includes: PPO recipes use it
-    # on GAE's advantages (over valid tokens); on the sequence-level estimators it runs over sequences.
+    # Whitening after estimation is an extra normalisation, part of no estimator: PPO recipes apply it to GAE's
+    # advantages (over the valid tokens); for the sequence-level estimators it runs over the sequences.
     c.whiten_advantages = False
     c.whiten_shift_mean = True   # whitening subtracts the mean (False: rescale only, keep the mean)
     c.grpo_scale_std = True      # GRPO divides by the group std; False = Dr. GRPO (mean-centring only)
@@ -159,7 +159,7 @@ def broadcast_to_tokens(x_b: jax.Array, response_mask_br: jax.Array) -> jax.Arra
     return jnp.where(response_mask_br > 0, x_b[:, None].astype(jnp.float32), 0.0)
 
 
-def compute_advantages(cfg: ml_collections.ConfigDict, token_rewards_br: jax.Array, values_br: jax.Array,
+def compute_advantages(cfg: ml_collections.ConfigDict, token_rewards_br: jax.Array, values_br: jax.Array | None,
                        response_mask_br: jax.Array, n_samples: int) -> Advantages:
     """Advantages and value targets with the estimator `cfg.estimator`, then whitening if cfg.whiten_advantages.
 
