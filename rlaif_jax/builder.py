@@ -64,13 +64,15 @@ def _abstract_value_head(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str,
 def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token_ids, mesh: jax.sharding.Mesh,
                       rules) -> judging.Judge:
     """`judging.load_judge`'s result from config.json and tokenizer files alone (params as ShapeDtypeStructs):
-    the same spec, built by the same `judging.make_spec` from the same arguments."""
+    the same spec, built by the same `judging.make_spec` from the same arguments, and the same check of a reward
+    model's settings."""
     folder = hf.resolve_path(config.path, weights=False)
     cfg = hf.load_config(folder, config.dtype, config.param_dtype)
     tok = hf.load_tokenizer(folder)
     spec = judging.make_spec(config, tok, policy_tok, stop_token_ids)
     params = _abstract_params(cfg, mesh, rules)
     if spec.mode == "reward_model":
+        reward_model.check_read_settings(folder, spec)
         params = reward_model.RewardModelParams(params, _abstract_value_head(cfg, mesh))
     return judging.Judge(cfg, params, spec, tok)
 

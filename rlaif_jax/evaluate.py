@@ -9,7 +9,9 @@ compare like with like) it measures, per example, then averages into `eval/...` 
   response_length     response tokens
   gt/...              the task's ground-truth grader (`eval.ground_truth`), which the reward never sees
 and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples.
-Rows are prompt-major (prompt * n + sample), like the rollout's.
+Rows are prompt-major (prompt * n + sample), like the rollout's. Both judges (the reward judge and the pairwise
+one of the win rate) score on their spec's path, token space or host (`judging.score_outside_jit`), as
+`judging.make_spec` decided for the run; the policy's KL and lengths are one jitted program.
 """
 from __future__ import annotations
 
@@ -66,30 +68,41 @@ class Evaluator:
         self.pair_spec = (judging.make_spec(pair_cfg, parts.judge_tokenizer, parts.policy_tokenizer,
                                             sampling.stop_ids or None)
                           if c.eval.win_rate and parts.judge_spec.mode != "reward_model" else None)
-        models, spec, pair_spec, temperature = parts.models, parts.judge_spec, self.pair_spec, c.rollout.temperature
+        models, temperature = parts.models, c.rollout.temperature
 
         def sample(params, prompts, mask, key):
             return rollout_lib.rollout(params, models.policy, prompts, mask, key, sampling)
 
-        def judge(policy, frozen, roll, initial, key):
-            k_score, k_pair = jax.random.split(key)
-            args = (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br)
-            scores, jm = judging.score(frozen.judge, models.judge, spec, *args, k_score)
-            out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
-            if pair_spec is not None:
-                out["win"], pm = judging.score(frozen.judge, models.judge, pair_spec, *args, k_pair,
-                                               responses_b_br=initial.response_tokens_br,
-                                               response_b_mask_br=initial.response_mask_br)
-                out["position_agree"] = pm.position_agree_b
+        def policy_stats(policy, reference, roll):
+            args = (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br)
             rmask = roll.response_mask_br.astype(jnp.float32)
-            logp, _, _ = ts.response_logprobs(policy, models.policy, *args[:3], rmask, temperature)
-            ref, _, _ = ts.response_logprobs(frozen.reference, models.policy, *args[:3], rmask, temperature)
-            out["kl"] = ops.masked_sum(ops.kl_estimate("k1", logp, ref), rmask, axis=1)
-            out["length"] = rmask.sum(1)
-            return out
+            logp, _, _ = ts.response_logprobs(policy, models.policy, *args, rmask, temperature)
+            ref, _, _ = ts.response_logprobs(reference, models.policy, *args, rmask, temperature)
+            return {"kl": ops.masked_sum(ops.kl_estimate("k1", logp, ref), rmask, axis=1), "length": rmask.sum(1)}
 
         self._sample = jax.jit(sample)
-        self._judge = jax.jit(judge)
+        self._policy_stats = jax.jit(policy_stats)
+
+    def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout, key: jax.Array
+               ) -> dict:
+        """The reward judge's scores (and criteria) and the win rate against the initial policy's responses,
+        each on its spec's path (token space or host, as `judging.make_spec` decided)."""
+        k_score, k_pair = jax.random.split(key)
+        parts = self.parts
+
+        def judge(spec, rng, **kwargs):
+            return judging.score_outside_jit(
+                frozen.judge, parts.models.judge, spec, parts.policy_tokenizer, parts.judge_tokenizer,
+                roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, rng,
+                rows_per_prompt=self.c.eval.samples_per_prompt, **kwargs)
+
+        scores, jm = judge(parts.judge_spec, k_score)
+        out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
+        if self.pair_spec is not None:
+            out["win"], pm = judge(self.pair_spec, k_pair, responses_b_br=initial.response_tokens_br,
+                                   response_b_mask_br=initial.response_mask_br)
+            out["position_agree"] = pm.position_agree_b
+        return out
 
     def evaluate(self, state: ts.TrainState, frozen: ts.Frozen, step: int, writer) -> dict[str, float]:
         if not self.batches:
@@ -105,8 +118,8 @@ class Evaluator:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(state.params["policy"], tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
-            out = jax.tree.map(gather_to_host, self._judge(state.params["policy"], frozen, roll, self.initial[i],
-                                                           k_judge))
+            out = jax.tree.map(gather_to_host, {**self._judge(frozen, roll, self.initial[i], k_judge),
+                                                **self._policy_stats(state.params["policy"], frozen.reference, roll)})
             valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
                 roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))

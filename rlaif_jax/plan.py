@@ -78,10 +78,10 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     queries = rows * spec.queries_per_example
     tokens_nt = jax.ShapeDtypeStruct((queries, spec.max_len), jnp.int32)
     truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
-    principle_index_b = jax.eval_shape(functools.partial(judging.sample_principles, spec, batch=rows), keys[1])
-    score_queries = jax.jit(judging.score_queries, static_argnums=(1, 2))
-    judge = score_queries.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt, truncated_n,
-                                principle_index_b).compile()
+    principle_index_b = jax.eval_shape(functools.partial(
+        judging.sample_principles, spec, batch=rows, rows_per_prompt=c.rollout.n_samples), keys[1])
+    judge = judging.score_queries_jit.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt,
+                                            truncated_n, principle_index_b).compile()
     scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
     summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
     learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, keys).compile()

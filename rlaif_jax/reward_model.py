@@ -7,7 +7,8 @@ Rows are the judge template rendered with (prompt, response) and LEFT-padded, ex
 Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft preferences (`train`).
 
 Files: a reward-model folder is the backbone as an HF checkpoint (`hf.save_model`) plus VALUE_HEAD_FILE and
-REWARD_MODEL_META_FILE (the template settings it was trained with, checked when a judge loads the folder).
+REWARD_MODEL_META_FILE (`read_settings`: every judge setting that changes what the reward model reads, as it was
+trained; a judge that loads the folder with another value of any of them is refused, `check_read_settings`).
 
 This module sits below `judging` (whose reward_model mode scores with it) and never imports it: the template's
 `judging.JudgeSpec` is passed in where one is needed. Shapes: N rows, T row length, D hidden.
@@ -32,7 +33,7 @@ from rlaif_jax.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # next to the backbone's model.safetensors in a reward-model folder
-REWARD_MODEL_META_FILE = "reward_model.json"  # the template settings the reward model was trained with
+REWARD_MODEL_META_FILE = "reward_model.json"  # `read_settings` of the judge spec the reward model was trained with
 
 
 # ================================================================================================ model
@@ -156,18 +157,58 @@ def evaluate(params: RewardModelParams, cfg: ModelConfig, data: PairBatch, batch
 
 
 # ================================================================================================ files
+def read_settings(spec) -> dict[str, Any]:
+    """Every setting of `spec` (a judging.JudgeSpec) that changes the rows a reward model reads, as
+    REWARD_MODEL_META_FILE records them: the rendered template (its literal pieces and slots), the row length,
+    the truncation rule and whether a response's stop token is part of the row."""
+    return {"literal_texts": list(spec.literal_texts), "slots": list(spec.slots), "max_len": spec.max_len,
+            "truncation": spec.truncation, "include_stop_token": spec.include_stop_token}
+
+
+def _template_text(settings: dict[str, Any]) -> str:
+    """The template that `read_settings`' literal pieces and slots render, written as config.judge.template."""
+    pieces = [settings["literal_texts"][0]]
+    for slot, literal in zip(settings["slots"], settings["literal_texts"][1:]):
+        pieces += ["{" + slot + "}", literal]
+    return "".join(pieces)
+
+
+def check_read_settings(folder: str, spec) -> None:
+    """Refuses to score with a judge spec whose `read_settings` differ from those the reward model in `folder`
+    was trained with (REWARD_MODEL_META_FILE; a folder without one is not checked): one line naming the
+    config.judge setting, its saved value, this run's value and what to set."""
+    meta_path = os.path.join(folder, REWARD_MODEL_META_FILE)
+    if not os.path.exists(meta_path):
+        return
+    with open(meta_path) as f:
+        saved = json.load(f)
+    now = read_settings(spec)
+    for key, value in now.items():
+        if saved.get(key, "not recorded") == value:
+            continue
+        if key in ("literal_texts", "slots"):
+            field, trained, current = "template", _template_text(saved), _template_text(now)
+            fix = ("set config.judge.template (with chat_template / answer_prefix / num_scores) so that it renders "
+                   "the trained text")
+        else:
+            field, trained, current = key, saved.get(key, "not recorded"), value
+            fix = f"set --config.judge.{field}={trained}"
+        raise ValueError(f"the reward model in {folder} was trained with config.judge.{field}={trained!r} "
+                         f"({meta_path}), this run has {current!r}: it would read other rows than it was trained "
+                         f"on; {fix}, or train a reward model with this setting")
+
+
 def save_reward_model(out_dir: str, cfg: ModelConfig, params, value_head, tokenizer, spec) -> None:
-    """Backbone via hf.save_model, the value head next to it (VALUE_HEAD_FILE), and the template it was trained
-    with (REWARD_MODEL_META_FILE, from `spec`, its judging.JudgeSpec) so reward_model mode can check it scores
-    with the same formatting."""
+    """Backbone via hf.save_model, the value head next to it (VALUE_HEAD_FILE), and the settings of `spec` (its
+    judging.JudgeSpec) that change what it reads (REWARD_MODEL_META_FILE, `read_settings`), so reward_model mode
+    can check it reads rows made the same way."""
     hf.save_model(params, cfg, out_dir, tokenizer=tokenizer)
     if jax.process_index() != 0:
         return
     hf.write_safetensors(os.path.join(out_dir, VALUE_HEAD_FILE), {
         f"value_head.{k}": np.asarray(jax.device_get(v), np.float32) for k, v in value_head.items()})
     with open(os.path.join(out_dir, REWARD_MODEL_META_FILE), "w") as f:
-        json.dump({"literal_texts": list(spec.literal_texts), "slots": list(spec.slots), "max_len": spec.max_len,
-                   "truncation": spec.truncation, "include_stop_token": spec.include_stop_token}, f, indent=2)
+        json.dump(read_settings(spec), f, indent=2)
 
 
 def load_value_head(folder: str, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -188,15 +229,9 @@ def load_value_head(folder: str, cfg: ModelConfig) -> dict[str, jax.Array]:
 def load_reward_model(folder: str, cfg: ModelConfig, backbone, spec, mesh: jax.sharding.Mesh | None = None
                       ) -> RewardModelParams:
     """The loaded `backbone` with the folder's value head (replicated on `mesh`), after checking that `spec` (the
-    judging.JudgeSpec it will score with) has the template it was trained with."""
+    judging.JudgeSpec it will score with) makes rows the way the ones it was trained on were made."""
+    check_read_settings(folder, spec)
     head = load_value_head(folder, cfg)
     if mesh is not None:  # tiny: replicated on the judge's mesh, next to the sharded backbone
         head = jax.device_put(head, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    meta_path = os.path.join(folder, REWARD_MODEL_META_FILE)
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if tuple(meta["literal_texts"]) != spec.literal_texts or tuple(meta["slots"]) != spec.slots:
-            raise ValueError(f"the reward model in {folder} was trained with another template "
-                             f"({meta_path}); set config.judge.template to the one it was trained with")
     return RewardModelParams(backbone, head)

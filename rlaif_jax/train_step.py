@@ -362,7 +362,7 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
         roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
         scores_b, judge_metrics = judging.score(frozen.judge, models.judge, judge_spec, roll.prompt_tokens_bp,
                                                 roll.prompt_mask_bp, roll.response_tokens_br,
-                                                roll.response_mask_br, k_judge)
+                                                roll.response_mask_br, k_judge, rows_per_prompt=c.rollout.n_samples)
         judge_metrics = judge_metrics.summary(judge_spec)
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
@@ -413,7 +413,8 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
     def judge(frozen, roll, k_judge):
         scores_b, judge_metrics = judging.score_host(
             frozen.judge, models.judge, judge_spec, policy_tokenizer, judge_tokenizer, roll.prompt_tokens_bp,
-            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, k_judge)
+            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, k_judge,
+            rows_per_prompt=c.rollout.n_samples)
         return scores_b, judge_metrics.summary(judge_spec)
 
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),

@@ -278,16 +278,26 @@ def test_pointwise_arithmetic():
 
 def test_pairwise_arithmetic_and_swap():
     # option ids A = 0, B = 1 in a vocab of 4.
-    ab = _logits_from_probs([[.6, .2, .1, .1], [.7, .1, .1, .1], [.01, .01, .49, .49]])
-    ba = _logits_from_probs([[.3, .3, .2, .2], [.1, .4, .25, .25], [.2, .6, .1, .1]])
+    ab = _logits_from_probs([[.6, .2, .1, .1], [.7, .1, .1, .1], [.01, .01, .49, .49], [.02, .01, .49, .48],
+                             [.6, .2, .1, .1]])
+    ba = _logits_from_probs([[.3, .3, .2, .2], [.1, .4, .25, .25], [.2, .6, .1, .1], [.01, .02, .48, .49],
+                             [.6, .2, .1, .1]])
     p, mass, neutral, agree, p_orders = scoring.pairwise_preference(ab, ba, (0, 1), 0.05)
     # row 0: P_ab(A) = .75, P_ba(B) = .5 -> .625; row 1: .875 and .8 -> .8375;
-    # row 2: order ab undecided (mass .02 < .05) -> .5, P_ba(B) = .75 -> .625.
-    np.testing.assert_allclose(p, [0.625, 0.8375, 0.625], atol=1e-6)
-    np.testing.assert_allclose(p_orders, [[.75, .5], [.875, .8], [.5, .75]], atol=1e-6)
-    np.testing.assert_allclose(mass, [[.8, .6], [.8, .5], [.02, .8]], atol=1e-6)
-    np.testing.assert_array_equal(neutral, [[False, False], [False, False], [True, False]])
-    np.testing.assert_array_equal(agree, [False, True, False])
+    # row 2: order ab undecided (mass .02 < .05) -> .5, P_ba(B) = .75 -> .625;
+    # row 3: both orders undecided (mass .03 each; leaning to opposite responses, but below threshold) -> .5;
+    # row 4: both orders pick the first response shown, i.e. a in (a, b) and b in (b, a): .75 and .25 -> .5.
+    np.testing.assert_allclose(p, [0.625, 0.8375, 0.625, 0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(p_orders, [[.75, .5], [.875, .8], [.5, .75], [.5, .5], [.75, .25]], atol=1e-6)
+    np.testing.assert_allclose(mass, [[.8, .6], [.8, .5], [.02, .8], [.03, .03], [.8, .8]], atol=1e-6)
+    np.testing.assert_array_equal(neutral, [[False, False], [False, False], [True, False], [True, True],
+                                            [False, False]])
+    # Agreement needs both orders decided and preferring the same response: only row 1. Row 0's second order is
+    # a tie, rows 2 and 3 have neutral orders (two neutral orders are no agreement), row 4 follows the position.
+    np.testing.assert_array_equal(agree, [False, True, False, False, False])
+    metrics = scoring.JudgeMetrics(valid_mass_b=mass.mean(-1), neutral_count_b=neutral.sum(-1),
+                                   truncated_b=jnp.zeros(5, bool), position_agree_b=agree)
+    assert float(metrics.summary(None)["judge/position_agreement"]) == pytest.approx(1 / 5)
     p_swapped = scoring.pairwise_preference(ba, ab, (0, 1), 0.05)[0]
     np.testing.assert_allclose(np.asarray(p_swapped), 1.0 - np.asarray(p), rtol=0, atol=1e-7)
 
@@ -392,6 +402,32 @@ def test_host_path_with_a_different_tokenizer(judge_model):
     np.testing.assert_allclose(s_host, s_tok, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="host path"):
         judging.score(permuted, cfg, other_spec, *map(jnp.asarray, batch), jax.random.key(0))
+    # Callers outside jit take each spec's own path.
+    kw = dict(responses_b_br=batch_b[2], response_b_mask_br=batch_b[3])
+    for params_, spec_, judge_tok in ((params, spec, TOK), (permuted, other_spec, other)):
+        s, _ = judging.score_outside_jit(params_, cfg, spec_, TOK, judge_tok, *batch, jax.random.key(1), **kw)
+        np.testing.assert_allclose(s, s_tok, rtol=0, atol=1e-5)
+
+
+def test_principles_drawn_per_prompt_on_both_paths(judge_model):
+    """Rows are prompt-major with n = 4 samples per prompt: the 4 samples of a prompt are judged by one principle,
+    prompts get different ones, and the host path (another tokenizer) draws the same."""
+    cfg, params = judge_model
+    other = make_tokenizer(permute_seed=1)
+    specs = {TOK: judging.make_spec(SPEC_CONFIGS["principles"], TOK),
+             other: judging.make_spec(SPEC_CONFIGS["principles"], other, TOK)}
+    batch = rollout_batch(np.random.RandomState(12), 32)
+    index = {}
+    for judge_tok, spec in specs.items():
+        _, metrics = judging.score_outside_jit(params, cfg, spec, TOK, judge_tok, *batch, jax.random.key(3),
+                                               rows_per_prompt=4)
+        index[spec.path] = np.asarray(metrics.principle_index_b)
+    group_sample = index["token_space"].reshape(8, 4)
+    np.testing.assert_array_equal(group_sample, np.repeat(group_sample[:, :1], 4, axis=1))
+    assert len(set(group_sample[:, 0])) > 1
+    np.testing.assert_array_equal(index["host"], index["token_space"])
+    with pytest.raises(ValueError, match="not whole groups of rows_per_prompt=3"):
+        judging.sample_principles(specs[TOK], jax.random.key(3), 32, 3)
 
 
 def test_pairwise_swap_gives_one_minus_p(judge_model):

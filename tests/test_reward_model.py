@@ -137,8 +137,25 @@ def test_reward_model_mode_matches_hf_torch(trained):
     np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
     assert int(metrics.summary(judge.spec)["judge/truncated_count"]) == 0
     # The folder refuses a template it was not trained with.
-    with pytest.raises(ValueError, match="another template"):
+    with pytest.raises(ValueError, match=r"trained with config.judge.template='Prompt : \{prompt\}\\nResponse : "
+                                         r"\{response\}' .*this run has '\{prompt\} ; \{response\}'"):
         judging.load_judge(rm_judge_config(max_len=24, path=out, template="{prompt} ; {response}"))
+
+
+@pytest.mark.parametrize("setting,value,saved,fix", [("max_len", 32, "24", "24"),
+                                                     ("truncation", "response_right", "'prompt_left'", "prompt_left"),
+                                                     ("include_stop_token", True, "False", "False")])
+def test_reward_model_refuses_other_read_settings(trained, setting, value, saved, fix):
+    """Each setting that changes the rows a reward model reads must equal the one it was trained with (max_len=24,
+    the defaults otherwise): another value is refused in one line naming the setting, its saved value, this
+    run's and the fix."""
+    _, out, _, _ = trained
+    with pytest.raises(ValueError) as error:
+        judging.load_judge(rm_judge_config(**{"max_len": 24, "path": out, setting: value}))
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"was trained with config.judge.{setting}={saved} (" in message
+    assert f"this run has {value!r}" in message and f"set --config.judge.{setting}={fix}," in message
 
 
 def test_sample_pairs_writes_two_policy_responses_per_prompt(tmp_path):

@@ -47,12 +47,19 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_resume_after_sigkill_reproduces_every_step(world, cache_dir, tmp_path):
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+@pytest.fixture(scope="module")
+def full_run(world, cache_dir, tmp_path_factory):
+    """The metrics of tests/tiny_config.py's run, uninterrupted (token-space judge, evaluation at 0, 3 and 6)."""
+    full = str(tmp_path_factory.mktemp("full"))
     subprocess.run(command(world, full), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
-    reference = read_metrics(full)
-    assert [m["step"] for m in reference] == list(range(7))
     assert os.path.exists(os.path.join(full, "final_policy", "model.safetensors"))
+    return read_metrics(full)
+
+
+def test_resume_after_sigkill_reproduces_every_step(world, cache_dir, tmp_path, full_run):
+    killed = str(tmp_path / "killed")
+    reference = full_run
+    assert [m["step"] for m in reference] == list(range(7))
 
     # Kill (SIGKILL: no cleanup of any kind) as soon as step 3 is logged, i.e. mid-run between checkpoints.
     proc = subprocess.Popen(command(world, killed), env=env(cache_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -69,6 +76,28 @@ def test_resume_after_sigkill_reproduces_every_step(world, cache_dir, tmp_path):
 
     subprocess.run(command(world, killed), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
     assert read_metrics(killed) == reference
+
+
+def test_host_judge_path_run_with_held_out_evaluation(world, cache_dir, tmp_path, full_run):
+    """A judge whose tokenizer differs from the policy's: training and the held-out evaluation (reward judge and
+    win rate) both run on the host path. Its evaluation of the initial policy (step 0, the same eval key) equals
+    the token-space run's: the same judge behind another tokenizer."""
+    judge = tiny.write_judge_with_other_tokenizer(str(tmp_path / "other_judge"))
+    workdir = str(tmp_path / "host")
+    out = subprocess.run(command(world, workdir, f"--config.judge.path={judge}",
+                                 "--config.train.allow_tokenizer_mismatch=True", "--config.train.steps=2",
+                                 "--config.eval.every=2"), env=env(cache_dir), cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "templating path=host" in out.stderr
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert metrics[0]["judge_path_is_token_space"] == 0 and full_run[0]["judge_path_is_token_space"] == 1
+    names = ("eval/judge_score", "eval/win_rate", "eval/position_agreement", "eval/kl", "eval/response_length")
+    for name in names:
+        assert name in metrics[2], name
+        assert metrics[0][name] == pytest.approx(full_run[0][name], abs=1e-5), name
+    assert metrics[0]["eval/kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
 
 
 def run_expecting_error(world, cache_dir, tmp_path, *overrides):

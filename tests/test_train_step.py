@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlaif_jax import builder, judging, ops, reward_model
+from rlaif_jax import builder, evaluate, judging, ops, reward_model
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
@@ -359,3 +359,75 @@ def test_host_judge_path_step_equals_token_space_step(world, single, batches, tm
     _, split = run_steps(host, one_device_mesh(), host.state, 1, batches)
     for key in ("judge/score", "judge/valid_mass", "response/length", "optim/loss", "optim/grad_norm", "kl/k1"):
         np.testing.assert_allclose(split[0][key], fused[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+# A principles judge whose principles are words of the tiny world: 8 prompts x 4 samples per step.
+PRINCIPLES_RUN = {"judge.mode": "principles", "judge.template": "Q : {principle} {prompt} R : {response} S :",
+                  "judge.principles": ("b", "c c", "d d d", "e", "f f", "g"), "judge.max_len": 32,
+                  "rollout.n_samples": 4, "eval.samples_per_prompt": 2}
+
+
+def assert_one_principle_per_prompt(index_b, n):
+    """index_b (prompt-major rows): every prompt's n rows share one principle, and not every prompt the same."""
+    group_sample = np.asarray(index_b).reshape(-1, n)
+    np.testing.assert_array_equal(group_sample, np.repeat(group_sample[:, :1], n, axis=1))
+    assert len(set(group_sample[:, 0].tolist())) > 1, group_sample
+
+
+def test_fused_step_judges_each_group_by_one_principle(world, batches, monkeypatch):
+    used = []
+    score = judging.score
+
+    def recording_score(*args, **kwargs):
+        scores, metrics = score(*args, **kwargs)
+        jax.debug.callback(lambda index_b: used.append(np.asarray(index_b)), metrics.principle_index_b)
+        return scores, metrics
+
+    monkeypatch.setattr(judging, "score", recording_score)
+    s = build(make_config(world, **PRINCIPLES_RUN), one_device_mesh())
+    assert s.judge_spec.path == "token_space"
+    run_steps(s, one_device_mesh(), s.state, 1, batches)
+    assert len(used) == 1 and used[0].shape == (32,)
+    assert_one_principle_per_prompt(used[0], 4)
+
+
+def test_host_path_step_and_evaluation_judge_each_group_by_one_principle(world, monkeypatch, tmp_path):
+    """The host step's judge and the held-out evaluation on the host path draw one principle per prompt; the
+    evaluation on the host path gives every metric."""
+    judge = tiny.write_judge_with_other_tokenizer(str(tmp_path / "judge"))
+    c = make_config(world, **PRINCIPLES_RUN, **{"judge.path": judge, "train.allow_tokenizer_mismatch": True})
+    mesh = one_device_mesh()
+    s = build(c, mesh)
+    assert s.judge_spec.path == "host"
+    used = {}
+    score_host, score_outside_jit = judging.score_host, judging.score_outside_jit
+
+    def recording(name, function):
+        def record(*args, **kwargs):
+            scores, metrics = function(*args, **kwargs)
+            if metrics.principle_index_b is not None:
+                used.setdefault(name, []).append(np.asarray(metrics.principle_index_b))
+            return scores, metrics
+        return record
+
+    monkeypatch.setattr(judging, "score_host", recording("step", score_host))
+    monkeypatch.setattr(judging, "score_outside_jit", recording("eval", score_outside_jit))
+    tokens, mask = prompts(world)
+    with shd.use_rules([tuple(r) for r in c.mesh.rules]), jax.set_mesh(mesh):
+        roll, keys = s.step_fn.sample(s.state, tokens, mask)
+        s.step_fn.judge(s.frozen, roll, keys[1])
+        _, eval_loader = data_lib.load_prompts(c.data, s.policy_tokenizer, c.train.batch_size)
+
+        class Samples:
+            def write_samples(self, step, rows):
+                self.rows = rows
+
+        samples = Samples()
+        metrics = evaluate.Evaluator(c, s, eval_loader, mesh).evaluate(s.state, s.frozen, 0, samples)
+    assert [u.shape for u in used["step"]] == [(32,)]
+    assert_one_principle_per_prompt(used["step"][0], 4)
+    assert [u.shape for u in used["eval"]] == [(16,)]  # the reward judge's; the win rate's template has none
+    assert_one_principle_per_prompt(used["eval"][0], 2)
+    for name in ("judge_score", "win_rate", "position_agreement", "kl", "response_length"):
+        assert np.isfinite(metrics[f"eval/{name}"]), name
+    assert len(samples.rows) == c.eval.num_samples_logged

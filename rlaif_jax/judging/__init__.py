@@ -6,7 +6,8 @@ Its prompt is a text template from `config.judge` with slots
     {prompt} {response}            always available ({response} is required)
     {response_b}                   pairwise: the second response
     {reference}                    an optional reference answer supplied by the caller
-    {principle}                    one principle per example, sampled from `config.judge.principles`
+    {principle}                    one principle per prompt (shared by its n samples), sampled from
+                                   `config.judge.principles` (`sample_principles`)
     {criterion}                    rubric: the yes/no question of each criterion
 
 Two ways to turn (prompt, response) tokens into judge inputs (`JudgeSpec.path`, decided by `choose_path`):
@@ -18,31 +19,35 @@ Two ways to turn (prompt, response) tokens into judge inputs (`JudgeSpec.path`, 
                with the judge's tokenizer, pad, then run the same jitted judge forward and scoring
                (`score_host`). Both paths produce the same rows when the tokenizers are the same and the
                template's slot boundaries are whitespace (tested).
+Callers outside jit (the evaluation) take the spec's path through `score_outside_jit`; the train step compiles
+the path's programs (`train_step`), plan mode lowers them.
 
 One judge forward scores a whole batch: the queries of every example are stacked on the batch axis,
 query-major (row n = q * B + b): pairwise asks both orders (a, b) and (b, a), rubric asks one question per
-criterion. Modes: pointwise (rescaled expected score), principles (pointwise under a sampled principle),
-pairwise (debiased P(first better)), rubric (weighted P(yes)), reward_model (a value head, `reward_model`).
+criterion. Modes: pointwise (rescaled expected score), principles (pointwise under a principle sampled per
+prompt), pairwise (debiased P(first better)), rubric (weighted P(yes)), reward_model (a value head, `reward_model`).
 
 Where each piece lives:
   spec.py      config defaults, the per-mode table `MODES` (template, slots, answer tokens, checks, queries),
                validation, `JudgeSpec` / `make_spec`, the token_space-or-host decision
   assembly.py  token space: slot sources, truncation (`kept_lengths`), row assembly, `score`
   scoring.py   each mode's arithmetic, `SCORERS`, the judge forward and `JudgeMetrics` (both paths)
-  host.py      the host path and text judging: `encode_texts`, `score_texts`, `score_host`, preference pairs
+  host.py      the host path and text judging: `encode_texts`, `score_texts`, `score_host`, `score_outside_jit`,
+               preference pairs
   loading.py   `Judge`, `load_judge`
 To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a new kind of slot would also
 need assembly.py and host.py to fill it).
 """
-from rlaif_jax.judging.assembly import score, score_jit
-from rlaif_jax.judging.host import encode_pairs, encode_texts, label_preferences, score_host, score_texts
+from rlaif_jax.judging.assembly import sample_principles, score, score_jit
+from rlaif_jax.judging.host import (encode_pairs, encode_texts, label_preferences, score_host, score_outside_jit,
+                                   score_texts)
 from rlaif_jax.judging.loading import Judge, load_judge
-from rlaif_jax.judging.scoring import JudgeMetrics
+from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
 from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_config, make_spec, tokenizers_match,
                                     validate_config)
 
 __all__ = [
     "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_texts",
-    "label_preferences", "load_judge", "make_spec", "score", "score_host", "score_jit", "score_texts",
-    "tokenizers_match", "validate_config",
+    "label_preferences", "load_judge", "make_spec", "sample_principles", "score", "score_host", "score_jit",
+    "score_outside_jit", "score_queries_jit", "score_texts", "tokenizers_match", "validate_config",
 ]

@@ -73,11 +73,18 @@ def table_source(table: Sequence[Sequence[int]], rows_n: jax.Array) -> SlotSourc
     return SlotSource(jnp.asarray(padded)[rows_n], jnp.zeros_like(rows_n, jnp.int32), jnp.asarray(lengths)[rows_n])
 
 
-def sample_principles(spec: JudgeSpec, rng: jax.Array, batch: int) -> jax.Array | None:
-    """(B,) index of the principle each example is judged by; None when the template has no {principle}."""
+def sample_principles(spec: JudgeSpec, rng: jax.Array, batch: int, rows_per_prompt: int = 1) -> jax.Array | None:
+    """(B,) index of the principle each example is judged by, drawn once per prompt and repeated over its
+    `rows_per_prompt` = n rows (examples are prompt-major, b = prompt * n + sample): the n samples of a prompt are
+    compared with each other (group baselines), so one principle judges them all and the comparison carries no
+    principle noise. None when the template has no {principle}. The one place principles are drawn (token space,
+    host path, evaluation)."""
     if "principle" not in spec.slots:
         return None
-    return jax.random.randint(rng, (batch,), 0, len(spec.principle_ids))
+    if batch % rows_per_prompt:
+        raise ValueError(f"{batch} examples are not whole groups of rows_per_prompt={rows_per_prompt}")
+    per_prompt = jax.random.randint(rng, (batch // rows_per_prompt,), 0, len(spec.principle_ids))
+    return jnp.repeat(per_prompt, rows_per_prompt)
 
 
 def _stack_queries(per_query: Sequence[SlotSource]) -> SlotSource:
@@ -217,22 +224,23 @@ def assemble(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[jax.Array
 
 
 def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax.Array, prompt_mask_bp: jax.Array,
-          responses_br: jax.Array, response_mask_br: jax.Array, rng: jax.Array, *,
+          responses_br: jax.Array, response_mask_br: jax.Array, rng: jax.Array, *, rows_per_prompt: int = 1,
           responses_b_br: jax.Array | None = None, response_b_mask_br: jax.Array | None = None,
           references_bf: jax.Array | None = None, reference_mask_bf: jax.Array | None = None
           ) -> tuple[jax.Array, JudgeMetrics]:
-    """Token-space judging, jittable (`judge_cfg`, `spec` static): scores_b and metrics.
+    """Token-space judging, jittable (`judge_cfg`, `spec`, `rows_per_prompt` static): scores_b and metrics.
 
     prompts_bp left-padded with prompt_mask_bp; responses_br with response_mask_br = 1 up to and including the
-    first stop token. Pairwise: scores_b = P(responses_br better than responses_b_br). rng picks principles.
+    first stop token. Pairwise: scores_b = P(responses_br better than responses_b_br). rng picks principles, one
+    per prompt: rows_per_prompt = n when rows b * n .. b * n + n - 1 are the samples of one prompt (a rollout).
     """
     if spec.path != "token_space":
         raise ValueError("this JudgeSpec uses the host path (the tokenizers differ); call score_host")
-    principle_index_b = sample_principles(spec, rng, prompts_bp.shape[0])
+    principle_index_b = sample_principles(spec, rng, prompts_bp.shape[0], rows_per_prompt)
     sources = query_sources(spec, prompts_bp, prompt_mask_bp, responses_br, response_mask_br, principle_index_b,
                             responses_b_br, response_b_mask_br, references_bf, reference_mask_bf)
     tokens, mask, truncated = assemble(spec, sources)
     return score_queries(judge_params, judge_cfg, spec, tokens, mask, truncated, principle_index_b)
 
 
-score_jit = jax.jit(score, static_argnums=(1, 2))
+score_jit = jax.jit(score, static_argnums=(1, 2), static_argnames="rows_per_prompt")

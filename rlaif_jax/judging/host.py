@@ -20,14 +20,13 @@ import numpy as np
 from rlaif_jax import data as data_lib
 from rlaif_jax import reward_model
 from rlaif_jax.judging.assembly import (SlotSource, ended_with_stop, kept_lengths, mask_span, prompt_source,
-                                        response_source, sample_principles)
+                                        response_source, sample_principles, score_jit)
 from rlaif_jax.judging.loading import Judge
-from rlaif_jax.judging.scoring import JudgeMetrics, score_queries
+from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
 from rlaif_jax.judging.spec import JudgeSpec, render, text_ids
 from rlaif_jax.models.config import ModelConfig
 
-_score_queries_jit = jax.jit(score_queries, static_argnums=(1, 2))
-_sample_principles_jit = jax.jit(sample_principles, static_argnums=(0, 2))
+_sample_principles_jit = jax.jit(sample_principles, static_argnums=(0, 2, 3))
 
 
 def encode_texts(spec: JudgeSpec, judge_tok, slot_texts: dict[str, Sequence[str]]
@@ -69,12 +68,14 @@ def encode_texts(spec: JudgeSpec, judge_tok, slot_texts: dict[str, Sequence[str]
 
 
 def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok, prompts: Sequence[str],
-                responses: Sequence[str], rng: jax.Array, *, responses_b: Sequence[str] | None = None,
-                references: Sequence[str] | None = None) -> tuple[jax.Array, JudgeMetrics]:
+                responses: Sequence[str], rng: jax.Array, *, rows_per_prompt: int = 1,
+                responses_b: Sequence[str] | None = None, references: Sequence[str] | None = None
+                ) -> tuple[jax.Array, JudgeMetrics]:
     """Judging from text (host rendering + the jitted judge forward and scoring). Used by the host path,
-    `scripts/judge_eval.py` and the preference labelling."""
+    `scripts/judge_eval.py` and the preference labelling. rows_per_prompt: as in `score` (one principle per
+    prompt)."""
     B = len(prompts)
-    principle_index_b = _sample_principles_jit(spec, rng, B)
+    principle_index_b = _sample_principles_jit(spec, rng, B, rows_per_prompt)
     inputs: dict[str, list[str]] = {"prompt": list(prompts), "response": list(responses)}
     if "response_b" in spec.slots:
         if responses_b is None:
@@ -93,7 +94,7 @@ def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok
         else:
             slot_texts[slot] = [text for name in spec.slot_inputs(slot) for text in inputs[name]]
     tokens, mask, truncated = encode_texts(spec, judge_tok, slot_texts)
-    return _score_queries_jit(judge_params, judge_cfg, spec, jnp.asarray(tokens), jnp.asarray(mask),
+    return score_queries_jit(judge_params, judge_cfg, spec, jnp.asarray(tokens), jnp.asarray(mask),
                               jnp.asarray(truncated), principle_index_b)
 
 
@@ -111,10 +112,11 @@ def decode_spans(spec: JudgeSpec, policy_tok, tokens: np.ndarray, source: SlotSo
 
 def score_host(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, policy_tok, judge_tok,
                prompts_bp, prompt_mask_bp, responses_br, response_mask_br, rng: jax.Array, *,
-               responses_b_br=None, response_b_mask_br=None, references_bf=None, reference_mask_bf=None
-               ) -> tuple[jax.Array, JudgeMetrics]:
+               rows_per_prompt: int = 1, responses_b_br=None, response_b_mask_br=None, references_bf=None,
+               reference_mask_bf=None) -> tuple[jax.Array, JudgeMetrics]:
     """The host path: decode the rollout's tokens with the policy tokenizer, render, re-tokenise with the judge's,
-    then the same jitted judge forward + scoring as token space. Arrays must be addressable from this process."""
+    then the same jitted judge forward + scoring as token space (arguments as `score`'s). Arrays must be
+    addressable from this process."""
     prompts_bp, prompt_mask_bp = np.asarray(prompts_bp), np.asarray(prompt_mask_bp)
     prompts = decode_spans(spec, policy_tok, prompts_bp, prompt_source(spec, prompts_bp, prompt_mask_bp))
 
@@ -131,7 +133,20 @@ def score_host(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, policy_tok
         start, length = mask_span(np.asarray(reference_mask_bf))
         references = decode_spans(spec, policy_tok, references_bf, SlotSource(references_bf, start, length))
     return score_texts(judge_params, judge_cfg, spec, judge_tok, prompts, responses, rng,
-                       responses_b=responses_b, references=references)
+                       rows_per_prompt=rows_per_prompt, responses_b=responses_b, references=references)
+
+
+def score_outside_jit(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, policy_tok, judge_tok, prompts_bp,
+                      prompt_mask_bp, responses_br, response_mask_br, rng: jax.Array, **kwargs
+                      ) -> tuple[jax.Array, JudgeMetrics]:
+    """Judging of rollout arrays called from Python (not inside a jit), on the path `spec.path` names (decided
+    once, by `choose_path` in `make_spec`): the jitted token-space `score`, or `score_host`. kwargs: `score`'s
+    keyword arguments. The held-out evaluation judges through it."""
+    args = (judge_params, judge_cfg, spec)
+    arrays = (prompts_bp, prompt_mask_bp, responses_br, response_mask_br, rng)
+    if spec.path == "token_space":
+        return score_jit(*args, *arrays, **kwargs)
+    return score_host(*args, policy_tok, judge_tok, *arrays, **kwargs)
 
 
 # ================================================================================================ preference pairs

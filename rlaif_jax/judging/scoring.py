@@ -2,7 +2,7 @@
 
 The arithmetic of each mode is a pure function of the judge's last-position logits (testable without a model):
   pointwise    score = rescale(sum_k k P(k)), P renormalised over the K score tokens, rescaled to [-1, 1]
-  principles   pointwise with a {principle} sampled per example (Constitutional-AI style)
+  principles   pointwise with a {principle} sampled per prompt (Constitutional-AI style)
   pairwise     P(first better) averaged over both presentation orders (cancels position bias)
   rubric       score = sum_c w_c P_c(yes), P(yes) = p_yes / (p_yes + p_no) per criterion
   reward_model a scalar value head on the judge's final hidden state at the last position (`reward_model`)
@@ -71,13 +71,19 @@ def pairwise_preference(logits_ab_nv: jax.Array, logits_ba_nv: jax.Array, option
       s_ab = P(first) - P(second) asked as (a, b);  s_ba the same asked as (b, a)
       p = 1/2 + (s_ab - s_ba) / 4  = mean(P_ab(first), P_ba(second))
     Swapping a and b swaps s_ab and s_ba, so p(b, a) = 1 - p(a, b). An undecided order (mass < threshold)
-    contributes 1/2. `agree` = both orders prefer the same response (sign(s_ab) = sign(-s_ba)).
+    contributes 1/2.
+
+    `agree`: both orders are decided (neither neutral) and prefer the same response strictly (s_ab * s_ba < 0).
+    A neutral order counts as disagreement, over all examples, rather than being left out of the count: it states
+    no preference, so it cannot confirm the other order's, and leaving it out would let a judge that abstains on
+    its hard cases score a higher agreement (how often it abstains is `neutral_count`). Two neutral orders give
+    s_ab = s_ba = 0, which the sign test alone would call agreement.
     Returns p_n, mass_n2, neutral_n2, agree_n, p_orders_n2 (P(a better) per order).
     """
     s_ab, mass_ab, neutral_ab = binary_preference(logits_ab_nv, option_ids, neutral_threshold)
     s_ba, mass_ba, neutral_ba = binary_preference(logits_ba_nv, option_ids, neutral_threshold)
     p = 0.5 + 0.25 * (s_ab - s_ba)
-    agree = jnp.sign(s_ab) == jnp.sign(-s_ba)
+    agree = ~neutral_ab & ~neutral_ba & (s_ab * s_ba < 0)
     p_orders = jnp.stack([0.5 + 0.5 * s_ab, 0.5 - 0.5 * s_ba], axis=-1)
     return (p, jnp.stack([mass_ab, mass_ba], -1), jnp.stack([neutral_ab, neutral_ba], -1), agree, p_orders)
 
@@ -173,7 +179,7 @@ class JudgeMetrics:
     valid_mass_b: jax.Array  # mean over the example's queries of the judge's mass on the valid tokens (RM: 1)
     neutral_count_b: jax.Array  # int32: the example's queries that fell back to the neutral value
     truncated_b: jax.Array  # bool: some judge row of the example was cut to max_len
-    position_agree_b: jax.Array | None = None  # pairwise: both orders prefer the same response
+    position_agree_b: jax.Array | None = None  # pairwise: both orders decided and prefer the same response
     p_orders_b2: jax.Array | None = None  # pairwise: P(a better) from order (a, b) alone, from (b, a) alone
     criterion_p_yes_bc: jax.Array | None = None  # rubric: P(yes) per criterion
     principle_index_b: jax.Array | None = None  # which principle judged the example
@@ -205,3 +211,7 @@ def score_queries(judge_params: Any, judge_cfg: ModelConfig, spec: JudgeSpec, to
                            truncated_b=jnp.any(truncated_n.reshape(Q, B), axis=0),
                            principle_index_b=principle_index_b, **scored.extra)
     return scored.scores_b, metrics
+
+
+# Both paths' judge forward as one compiled function: the host path calls it, plan mode lowers it.
+score_queries_jit = jax.jit(score_queries, static_argnums=(1, 2))

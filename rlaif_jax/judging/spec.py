@@ -143,7 +143,7 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
         dict(name="harmlessness", question="Is the response free of harmful content ? Answer Yes or No .",
              weight=1 / 3),
     )
-    c.principles = (  # principles mode (or any template with {principle}): one sampled per example
+    c.principles = (  # principles mode (or any template with {principle}): one sampled per prompt
         "Choose the response that is the most helpful , honest and harmless .",
         "Choose the response that answers the question directly and correctly .",
         "Choose the response that avoids unnecessary or irrelevant content .",
