@@ -170,8 +170,11 @@ def test_shape_rewards_kl_in_reward_hand_computed():
 
 
 def test_shape_rewards_composite_add_length_clip_kl_in_loss():
-    cfg = _cfg(judge_weight=2.0, rule_weights={"fmt": 0.5}, missing_stop_mode="add", missing_stop_penalty=-1.0,
-               length_penalty=0.1, length_target=2, clip=3.0, kl_in_reward=False, kl_estimator="k3")
+    # shape_rewards takes the rule terms as given (the step computes them from reward.rules); a stop_token rule
+    # named "fmt" only makes the config valid
+    cfg = _cfg(judge_weight=2.0, rules={"fmt": {"kind": "stop_token"}}, rule_weights={"fmt": 0.5},
+               missing_stop_mode="add", missing_stop_penalty=-1.0, length_penalty=0.1, length_target=2, clip=3.0,
+               kl_in_reward=False, kl_estimator="k3")
     rule = {"fmt": np.array([1.0, 0.0, 1.0], np.float32)}
     token_rewards, _, metrics = _run_shape(cfg, rule)
     # composite: 2*[2, 5, .5] + .5*[1, 0, 1] = [4.5, 10, 1.5]; add -1 to row 1 -> 9;
