@@ -198,11 +198,18 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.train.batch_size={t.batch_size} and config.train.steps={t.steps} must be >= 1")
 
 
+def _validate_testbed(t: ml_collections.ConfigDict) -> None:
+    # experiments/testbed.py's request that the program build (or reuse) the testbed: testbed.build.ensure_built
+    # reads it. Checked here, not in testbed/build.py, whose source is part of the testbed's cache key.
+    if set(t.keys()) != {"build"} or not isinstance(t.build, bool):
+        raise ValueError(f"config.testbed={t.to_dict()!r}; it holds one bool, build (True: build or reuse the "
+                         "testbed's models before anything loads)")
+
+
 def section_validators() -> dict[str, Callable[[Any], None]]:
     """Every top-level field of a run config -> the function that checks it. `validate` refuses a field that is
     not listed here, so that a new section cannot go unchecked."""
     from rlaif_jax import checkpoint, data, judging, metrics, rollout
-    from rlaif_jax.testbed import build as testbed_build
 
     return {
         "seed": _validate_seed, "policy": _validate_policy, "critic": _validate_critic,
@@ -210,7 +217,7 @@ def section_validators() -> dict[str, Callable[[Any], None]]:
         "algo": algorithms.validate_config, "data": data.validate_config, "logging": metrics.validate_config,
         "checkpoint": checkpoint.validate_config, "eval": _validate_eval, "compute": _validate_compute,
         "optim": _validate_optim, "mesh": _validate_mesh, "train": _validate_train,
-        "testbed": testbed_build.validate_run_section,
+        "testbed": _validate_testbed,
     }
 
 

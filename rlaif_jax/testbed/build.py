@@ -358,13 +358,6 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     return art
 
 
-def validate_run_section(section: ml_collections.ConfigDict) -> None:
-    """Checks a run config's `testbed` section (experiments/testbed.py sets it): one field, `build`."""
-    if set(section.keys()) != {"build"} or not isinstance(section.build, bool):
-        raise ValueError(f"config.testbed={section.to_dict()!r}; it holds one bool, build (True: build or reuse the "
-                         "testbed's models before anything loads)")
-
-
 def ensure_built(run_config: ml_collections.ConfigDict) -> None:
     """The training program's (and the demo's) hook, called before any model or prompt file is read: when a
     run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds its
