@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from rlaif_jax import algorithms, rewards
+from rlaif_jax import algorithms, hooks, rewards
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.config import FLOAT_DTYPES
 
@@ -142,8 +142,6 @@ def _validate_compute(cp: ml_collections.ConfigDict) -> None:
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
-    from rlaif_jax import hooks
-
     if e.every < 0:
         raise ValueError(f"config.eval.every={e.every} must be >= 0 (0 = never evaluate)")
     if e.max_prompts < 1 or e.samples_per_prompt < 1:

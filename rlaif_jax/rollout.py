@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def validate_config(c: "ml_collections.ConfigDict | SamplingConfig") -> None:
+def validate_config(c: ml_collections.ConfigDict | SamplingConfig) -> None:
     """Raises ValueError with what to change when the `rollout` section is inconsistent; `config.validate` runs it
     before anything loads. A `SamplingConfig` (same field names) is checked by the same function."""
     if not (_is_int(c.max_new_tokens) and c.max_new_tokens >= 1):

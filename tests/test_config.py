@@ -143,6 +143,17 @@ def test_a_section_without_a_validator_is_refused():
         config_lib.validate(c, num_devices=1)
 
 
+def test_the_testbed_section_holds_one_bool():
+    c = tiny()
+    with c.unlocked():
+        c.testbed = ml_collections.ConfigDict({"build": True})
+    config_lib.validate(c, num_devices=1)
+    with c.unlocked():
+        c.testbed.build = "yes"
+    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': 'yes'}; it holds one bool, build")):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_every_base_section_has_a_validator():
     assert set(config_lib.base_config().keys()) <= set(config_lib.section_validators())
 
