@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlaif_jax import checkpoint as ckpt_lib
-from rlaif_jax import judging, reward_model
+from rlaif_jax import judging, reward_model, reward_rules
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
@@ -93,6 +93,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     policy_folder = hf.resolve_path(c.policy.path, weights)
     policy_tok = hf.load_tokenizer(policy_folder)
     policy_cfg, policy_params = trained_model(policy_folder)
+    reward_rules.check_token_ids(c.reward, policy_cfg.vocab_size)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
     if weights:  # load_judge logs the judge's path
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)

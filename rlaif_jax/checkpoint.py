@@ -34,6 +34,15 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with what to change when the `checkpoint` section is inconsistent."""
+    if cfg.every_steps < 1:
+        raise ValueError(f"config.checkpoint.every_steps={cfg.every_steps} must be >= 1 (the last step is always "
+                         "saved: set it to train.steps to save only then)")
+    if cfg.max_to_keep < 0:
+        raise ValueError(f"config.checkpoint.max_to_keep={cfg.max_to_keep} must be >= 0 (0 keeps all)")
+
+
 def abstract_state(state: Any) -> Any:
     """The ShapeDtypeStruct pytree (with shardings) of a concrete state, e.g. from `jax.eval_shape` plus
     shardings, or of arrays already placed on the target mesh."""
@@ -57,6 +66,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+        validate_config(cfg)
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
         # Save exactly at multiples of every_steps (orbax's default would also save the first step it sees),
         # and when the cluster signals a preemption.

@@ -5,14 +5,20 @@ this file only assembles them and holds the sections that belong to no single mo
 mesh, optimiser, train loop, compute settings, evaluation). Experiment files in experiments/ start from
 `base_config()`, change fields, and return it locked.
 
-`validate(config)` runs before anything is compiled or loaded, and every message says what to change.
+`validate(config)` runs before anything is compiled or loaded, and every message says what to change. Each
+section has a validator (its module's `validate_config`, or one here for the sections above), and a config with a
+top-level field that has none is refused (`section_validators`): a new section cannot go unchecked.
 """
 from __future__ import annotations
 
+import math
+from typing import Any, Callable
+
 import ml_collections
 
-from rlaif_jax import algorithms, rewards
+from rlaif_jax import algorithms, hooks, rewards
 from rlaif_jax import sharding as shd
+from rlaif_jax.models.config import FLOAT_DTYPES
 
 CRITICS = ("value_head", "separate", "none")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -103,29 +109,134 @@ def _check_choice(value, choices, name):
         raise ValueError(f"{name}={value!r}; choose one of {choices}")
 
 
+# ---------------------------------------------------------------------------------------------- the sections
+# The sections that belong to no single module are checked here; every other module checks its own section
+# with its `validate_config`. `section_validators` lists them all.
+
+def _validate_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"config.seed={seed!r} must be an int")
+
+
+def _validate_policy(p: ml_collections.ConfigDict) -> None:
+    if not p.path:
+        raise ValueError("config.policy.path is empty: set it to an HF checkpoint folder or hub id")
+    _check_choice(p.dtype, FLOAT_DTYPES, "config.policy.dtype")
+    _check_choice(p.param_dtype, FLOAT_DTYPES, "config.policy.param_dtype")
+
+
+def _validate_critic(cr: ml_collections.ConfigDict) -> None:
+    _check_choice(cr.kind, CRITICS, "config.critic.kind")
+    _check_choice(cr.init, ("policy", "reward_model"), "config.critic.init")
+    from_reward_model = cr.kind == "separate" and cr.init == "reward_model"
+    if from_reward_model and not cr.path:
+        raise ValueError("config.critic.init='reward_model' needs config.critic.path (the reward model folder)")
+    if cr.path and not from_reward_model:
+        raise ValueError(f"config.critic.path={cr.path!r} is only read by a separate critic initialised from a "
+                         "reward model: set config.critic.kind='separate' and init='reward_model', or clear the path")
+
+
+def _validate_compute(cp: ml_collections.ConfigDict) -> None:
+    if cp.scan_unroll < 1:
+        raise ValueError(f"config.compute.scan_unroll={cp.scan_unroll} must be >= 1 (1 = a rolled scan)")
+
+
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    if e.every < 0:
+        raise ValueError(f"config.eval.every={e.every} must be >= 0 (0 = never evaluate)")
+    if e.max_prompts < 1 or e.samples_per_prompt < 1:
+        raise ValueError(f"config.eval.max_prompts={e.max_prompts} and config.eval.samples_per_prompt="
+                         f"{e.samples_per_prompt} must be >= 1 (turn evaluation off with config.eval.every=0)")
+    if e.num_samples_logged < 0:
+        raise ValueError(f"config.eval.num_samples_logged={e.num_samples_logged} must be >= 0")
+    if e.pairwise_template and not e.win_rate:
+        raise ValueError("config.eval.pairwise_template is only used for the win rate; set config.eval.win_rate=True "
+                         "or clear the template")
+    if e.ground_truth:
+        hooks.load_function(e.ground_truth, "config.eval.ground_truth")
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+    if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
+        raise ValueError(f"config.optim.learning_rate={o.learning_rate} must be finite and > 0")
+    _check_choice(o.schedule, SCHEDULES, "config.optim.schedule")
+    if o.warmup_steps < 0:
+        raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o.weight_decay < 0 or o.max_grad_norm < 0:
+        raise ValueError(f"config.optim.weight_decay={o.weight_decay} and config.optim.max_grad_norm="
+                         f"{o.max_grad_norm} must be >= 0 (0 turns each off)")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise ValueError(f"config.optim.b1={o.b1} and config.optim.b2={o.b2} must lie in [0, 1)")
+    if not o.eps > 0:
+        raise ValueError(f"config.optim.eps={o.eps} must be > 0")
+    if o.grad_accum < 1:
+        raise ValueError(f"config.optim.grad_accum={o.grad_accum} must be >= 1 (1 = no accumulation)")
+
+
+def _validate_mesh(m: ml_collections.ConfigDict) -> None:
+    if not (m.data == -1 or m.data >= 1) or m.fsdp < 1 or m.tensor < 1:
+        raise ValueError(f"config.mesh data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}: each must be >= 1 "
+                         "(data may be -1: the devices the other axes leave)")
+    named = set()
+    for rule in m.rules:
+        axes = rule[1] if len(rule) == 2 else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if len(rule) != 2 or not isinstance(rule[0], str) or not set(axes) <= set(shd.MESH_AXES):
+            raise ValueError(f"config.mesh.rules entry {list(rule)!r} is not [logical axis, None | mesh axis | "
+                             f"list of mesh axes] with mesh axes from {shd.MESH_AXES}")
+        named.add(rule[0])
+    missing = [name for name, _ in shd.DEFAULT_RULES if name not in named]
+    if missing:
+        raise ValueError(f"config.mesh.rules has no entry for the logical axes {missing}; add [name, None] to "
+                         "replicate them")
+
+
+def _validate_train(t: ml_collections.ConfigDict) -> None:
+    if t.batch_size < 1 or t.steps < 1:
+        raise ValueError(f"config.train.batch_size={t.batch_size} and config.train.steps={t.steps} must be >= 1")
+
+
+def _validate_testbed(t: ml_collections.ConfigDict) -> None:
+    # experiments/testbed.py's request that the program build (or reuse) the testbed: testbed.build.ensure_built
+    # reads it. Checked here, not in testbed/build.py, whose source is part of the testbed's cache key.
+    if set(t.keys()) != {"build"} or not isinstance(t.build, bool):
+        raise ValueError(f"config.testbed={t.to_dict()!r}; it holds one bool, build (True: build or reuse the "
+                         "testbed's models before anything loads)")
+
+
+def section_validators() -> dict[str, Callable[[Any], None]]:
+    """Every top-level field of a run config -> the function that checks it. `validate` refuses a field that is
+    not listed here, so that a new section cannot go unchecked."""
+    from rlaif_jax import checkpoint, data, judging, metrics, rollout
+
+    return {
+        "seed": _validate_seed, "policy": _validate_policy, "critic": _validate_critic,
+        "judge": judging.validate_config, "rollout": rollout.validate_config, "reward": rewards.validate_config,
+        "algo": algorithms.validate_config, "data": data.validate_config, "logging": metrics.validate_config,
+        "checkpoint": checkpoint.validate_config, "eval": _validate_eval, "compute": _validate_compute,
+        "optim": _validate_optim, "mesh": _validate_mesh, "train": _validate_train,
+        "testbed": _validate_testbed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the whole config
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ValueError naming the field to change when the config is inconsistent."""
+    """Raises ValueError with one line naming the field to change when the config is inconsistent: each section
+    by its validator, then the settings that span sections. Reads no weights, builds nothing."""
     import jax
 
-    from rlaif_jax import data, judging, metrics, rollout
+    validators = section_validators()
+    unchecked = sorted(set(c.keys()) - set(validators))
+    if unchecked:
+        raise ValueError(f"config has sections without a validator: {unchecked}; add each one's check to "
+                         "rlaif_jax.config.section_validators (or remove the section)")
+    for name, check in validators.items():
+        if name in c:
+            check(c[name])
 
-    if not c.policy.path:
-        raise ValueError("config.policy.path is empty: set it to an HF checkpoint folder or hub id")
-    if c.compute.scan_unroll < 1:
-        raise ValueError(f"config.compute.scan_unroll={c.compute.scan_unroll} must be >= 1 (1 = a rolled scan)")
-    _check_choice(c.critic.kind, CRITICS, "config.critic.kind")
-    _check_choice(c.critic.init, ("policy", "reward_model"), "config.critic.init")
-    if c.critic.kind == "separate" and c.critic.init == "reward_model" and not c.critic.path:
-        raise ValueError("config.critic.init='reward_model' needs config.critic.path (the reward model folder)")
     if c.algo.estimator in ("gae", "reinforce") and c.critic.kind == "none":
         raise ValueError(f"algo.estimator={c.algo.estimator!r} needs a critic: set config.critic.kind to "
                          "'value_head' or 'separate', or use a critic-free estimator ('grpo', 'rloo')")
-    _check_choice(c.optim.schedule, SCHEDULES, "config.optim.schedule")
-    for section, module in (("reward", rewards), ("algo", algorithms), ("judge", judging),
-                            ("rollout", rollout), ("data", data), ("logging", metrics)):
-        check = getattr(module, "validate_config", None)
-        if check is not None:
-            check(c[section])
     if c.algo.estimator in ("grpo", "rloo") and c.rollout.n_samples < 2:
         raise ValueError(f"algo.estimator={c.algo.estimator!r} compares samples of one prompt: "
                          f"set config.rollout.n_samples >= 2 (it is {c.rollout.n_samples})")

@@ -65,6 +65,34 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with what to change when the `data` section is inconsistent; reads no file (the columns
+    a prompt uses are checked when the data is loaded)."""
+    if not cfg.path:
+        raise ValueError("config.data.path is empty; set it to a .jsonl/.json/.parquet/.csv file, a save_to_disk "
+                         "folder or a hub dataset name")
+    if cfg.prompt_parser and cfg.prompt_parser not in PROMPT_PARSERS:
+        raise ValueError(f"config.data.prompt_parser={cfg.prompt_parser!r}; use one of {sorted(PROMPT_PARSERS)} or ''")
+    if cfg.prompt_format and not _format_fields(cfg.prompt_format):
+        raise ValueError(f"config.data.prompt_format={cfg.prompt_format!r} names no column; write {{column}} slots, "
+                         "or clear it and set config.data.prompt_field")
+    if not cfg.prompt_format and not cfg.prompt_field:
+        raise ValueError("config.data.prompt_field is empty; name the prompt column (or set config.data.prompt_format)")
+    if cfg.system_prompt and not cfg.use_chat_template:
+        raise ValueError("config.data.system_prompt is only used with the chat template; set "
+                         "config.data.use_chat_template=True or clear the system prompt")
+    if cfg.max_prompt_len < 1:
+        raise ValueError(f"config.data.max_prompt_len={cfg.max_prompt_len} must be >= 1")
+    if cfg.num_epochs < 0 or cfg.eval_max_prompts < 0:
+        raise ValueError(f"config.data.num_epochs={cfg.num_epochs} and config.data.eval_max_prompts="
+                         f"{cfg.eval_max_prompts} must be >= 0 (0 = unlimited / all)")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise ValueError(f"config.data.eval_fraction={cfg.eval_fraction} must be in [0, 1) (0 = no held-out split)")
+    if cfg.eval_fraction > 0 and (cfg.eval_path or cfg.eval_split):
+        raise ValueError(f"config.data.eval_fraction={cfg.eval_fraction} is unused when config.data.eval_path or "
+                         "eval_split names the held-out prompts; set eval_fraction=0 or clear them")
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -157,8 +185,6 @@ class _PromptSource:
 
     def __init__(self, cfg: ml_collections.ConfigDict, columns: list[str]):
         self.template = cfg.prompt_format
-        if cfg.prompt_parser and cfg.prompt_parser not in PROMPT_PARSERS:
-            raise ValueError(f"config.data.prompt_parser={cfg.prompt_parser!r}; use one of {sorted(PROMPT_PARSERS)} or ''")
         self.parser = PROMPT_PARSERS[cfg.prompt_parser] if cfg.prompt_parser else None
         self.fields = _format_fields(self.template) if self.template else [cfg.prompt_field]
         missing = [f for f in self.fields if f not in columns]
@@ -239,8 +265,6 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
     num_loaded = len(raw)
     source = _PromptSource(cfg, list(raw.column_names))
     max_len = int(cfg.max_prompt_len)
-    if max_len <= 0:
-        raise ValueError(f"config.data.max_prompt_len must be positive, got {max_len}")
 
     def keep(batch: dict[str, list]) -> list[bool]:
         n = len(next(iter(batch.values())))
@@ -276,6 +300,7 @@ class PromptSplits(NamedTuple):
 
 def load_prompt_splits(cfg: ml_collections.ConfigDict, tokenizer: Any) -> PromptSplits:
     """Train prompts and held-out eval prompts (None when no eval source is configured)."""
+    validate_config(cfg)
     raw = load_raw(cfg.path, cfg.split, cfg.name, cfg.data_dir)
     raw_eval = None
     if cfg.eval_path:
@@ -283,8 +308,6 @@ def load_prompt_splits(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Prompt
     elif cfg.eval_split:
         raw_eval = load_raw(cfg.path, cfg.eval_split, cfg.name, cfg.data_dir)
     elif cfg.eval_fraction > 0:
-        if not 0 < cfg.eval_fraction < 1:
-            raise ValueError(f"config.data.eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
         parts = raw.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed, shuffle=True)
         raw, raw_eval = parts["train"], parts["test"]
     if raw_eval is not None and cfg.eval_max_prompts > 0 and len(raw_eval) > cfg.eval_max_prompts:

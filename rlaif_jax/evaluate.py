@@ -16,8 +16,6 @@ one of the win rate) score on their spec's path, token space or host (`judging.s
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from rlaif_jax import builder
 from rlaif_jax import data as data_lib
-from rlaif_jax import judging, ops
+from rlaif_jax import hooks, judging, ops
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
@@ -39,12 +37,6 @@ METRIC_NAMES = {"score": "judge_score", "win": "win_rate", "kl": "kl", "length":
 def gather_to_host(x) -> np.ndarray:
     """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def load_function(path: str) -> Callable:
-    """The function named by "module:function" (`eval.ground_truth`)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 class Evaluator:
@@ -61,7 +53,8 @@ class Evaluator:
             for _, b in zip(range(n), loader):
                 self.batches.append(b)
         self.initial = [None] * len(self.batches)
-        self.ground_truth = load_function(c.eval.ground_truth) if c.eval.ground_truth else None
+        self.ground_truth = (hooks.load_function(c.eval.ground_truth, "config.eval.ground_truth")
+                             if c.eval.ground_truth else None)
         sampling = dataclasses.replace(parts.sampling, n_samples=c.eval.samples_per_prompt)
         pair_cfg = ml_collections.ConfigDict(c.judge.to_dict())
         pair_cfg.mode, pair_cfg.template = "pairwise", c.eval.pairwise_template

@@ -25,6 +25,7 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 WANDB_ID_FILE = "wandb_run_id.txt"
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,6 +40,15 @@ def default_config() -> ml_collections.ConfigDict:
     # Metrics shown in the progress bar's postfix, when present.
     c.progress_keys = "judge/score,kl/k1,response/length,eval/judge_score,eval/gt/pass_rate"
     return c
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with what to change when the `logging` section is inconsistent."""
+    if cfg.wandb_mode not in WANDB_MODES:
+        raise ValueError(f"config.logging.wandb_mode={cfg.wandb_mode!r}; use one of {WANDB_MODES}")
+    if cfg.wandb_mode != "disabled" and not cfg.wandb_project:
+        raise ValueError("config.logging.wandb_project is empty; name the wandb project (or set "
+                         "config.logging.wandb_mode='disabled')")
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float | int]:
@@ -124,6 +134,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, config_dict: Mapping[str, Any] | None = None,
                  *, start_step: int = 0, total_steps: int | None = None, is_main: bool | None = None):
+        validate_config(cfg)
         self.workdir = workdir
         self.cfg = cfg
         self.is_main = jax.process_index() == 0 if is_main is None else is_main
@@ -151,9 +162,6 @@ class MetricsWriter:
     def _init_wandb(self, config_dict: Mapping[str, Any] | None):
         import wandb
 
-        if self.cfg.wandb_mode not in ("offline", "online"):
-            raise ValueError(f"config.logging.wandb_mode must be disabled, offline or online, "
-                             f"got {self.cfg.wandb_mode!r}")
         # The run id lives in the workdir so a restarted run continues the same wandb run.
         id_path = os.path.join(self.workdir, WANDB_ID_FILE)
         if os.path.exists(id_path):

@@ -7,6 +7,7 @@ Everything here is pure, jittable, float32, and never lets padding reach a stati
 `shape_rewards` applies, in this order:
 
   1 composite     s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k]
+                  (the terms of `reward.rules`, computed in the step by rlaif_jax/reward_rules.py)
   2 missing stop  responses without a stop token: s = missing_stop_penalty ("replace") or s += it ("add")
   3 length        s -= length_penalty * max(length - length_target, 0)   (length_target 0: whole length)
   4 clip          s = clip(s, -clip, clip)                                (clip 0: off)
@@ -20,6 +21,7 @@ one definition of "mean over valid tokens" for the whole codebase.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import flax.struct
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rlaif_jax import reward_rules
 from rlaif_jax.ops import (KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_mean,
                            masked_sum, masked_whiten)
 
@@ -39,8 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # --- composite score ---
     c.judge_weight = 1.0          # weight of the judge's score
-    c.rule_weights = {}           # rule-term name -> weight; set whole dict in an experiment:
-    #                               config.reward.rule_weights = {"format": 0.5}. Every term passed in needs one.
+    c.rules = {}                  # rule name -> its parameters, terms computed in the step (reward_rules.py),
+    #                               e.g. {"repeated_ngrams": {"n": 3}, "stop_token": {}}; set the whole dict
+    c.rule_weights = {}           # rule name -> weight, one for every rule: {"repeated_ngrams": -1.0, ...}
     # --- penalties ---
     c.missing_stop_penalty = -1.0  # score for a response with no stop token within max new tokens
     c.missing_stop_mode = "replace"  # "replace" the score (summarize-from-feedback reproductions) | "add" | "none"
@@ -52,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.norm_subtract_mean = False  # whiten/running: also subtract the (batch/running) mean; False keeps it
     c.norm_eps = 1e-8
     # --- KL to the frozen reference policy ---
-    c.kl_estimator = "k1"         # "k1" | "k2" | "k3" (Schulman, "Approximating KL"), used in reward or loss
+    c.kl_estimator = "k1"         # "k1" | "k2" | "k3" (Schulman, "Approximating KL"); in the loss only k2 / k3
     c.kl_in_reward = True         # True: -coef * kl_t per token in the reward; False: coef * kl as a loss term
     c.kl_coef = 0.05              # initial (or fixed) KL coefficient; 0 (not adaptive) skips the reference forward
     c.adaptive_kl = False         # Ziegler et al. 2019 proportional controller on the coefficient
@@ -71,8 +75,35 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"reward.missing_stop_mode={cfg.missing_stop_mode!r}; choose one of {MISSING_STOP_MODES}")
     if cfg.clip < 0:
         raise ValueError(f"reward.clip={cfg.clip} must be >= 0 (0 turns clipping off)")
+    if not math.isfinite(cfg.judge_weight):
+        raise ValueError(f"reward.judge_weight={cfg.judge_weight} must be a finite number")
+    if cfg.length_target < 0:
+        raise ValueError(f"reward.length_target={cfg.length_target} must be >= 0 (0: every token costs)")
+    if not cfg.norm_eps > 0:
+        raise ValueError(f"reward.norm_eps={cfg.norm_eps} must be > 0")
+    if not cfg.kl_coef >= 0:
+        raise ValueError(f"reward.kl_coef={cfg.kl_coef} must be >= 0 (0 with adaptive_kl=False turns the KL off)")
     if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon <= 0):
         raise ValueError("reward.adaptive_kl needs reward.kl_target > 0 and reward.kl_horizon > 0")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:
+        raise ValueError("reward.adaptive_kl=True with reward.kl_coef=0: the controller multiplies the coefficient, "
+                         "so it never leaves 0; set reward.kl_coef > 0 (its starting value)")
+    if cfg.kl_estimator == "k1" and not cfg.kl_in_reward:
+        # tests/test_conformance.py checks the three expected gradients exactly on a small softmax.
+        raise ValueError("reward.kl_estimator='k1' as a loss term (reward.kl_in_reward=False) has zero expected "
+                         "gradient (E_pi[grad log pi] = 0); use 'k2' (its gradient is that of KL(pi || pi_ref)) or "
+                         "'k3' (its gradient is that of KL(pi_ref || pi)), or set reward.kl_in_reward=True")
+    rule_names = {rule.name for rule in reward_rules.load(cfg)}
+    for name, weight in sorted(cfg.rule_weights.items()):
+        if name not in rule_names:
+            raise ValueError(f"reward.rule_weights has {name!r} but reward.rules has no rule {name!r}; add the "
+                             "rule to reward.rules or remove its weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"reward.rule_weights[{name!r}]={weight!r} must be a finite number")
+    unweighted = sorted(rule_names - set(cfg.rule_weights))
+    if unweighted:
+        raise ValueError(f"reward.rules.{unweighted[0]} has no weight; set reward.rule_weights[{unweighted[0]!r}] "
+                         "(0 logs the rule without changing the reward)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

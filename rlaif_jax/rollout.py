@@ -24,6 +24,8 @@ n samples per prompt: the B prompts are prefilled once, the cache rows are repea
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import flax
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlaif_jax.models import transformer as tfm
-from rlaif_jax.models.config import ModelConfig
+from rlaif_jax.models.config import FLOAT_DTYPES, ModelConfig
 from rlaif_jax.sharding import constrain
 
 Params = dict[str, Any]
@@ -56,6 +58,33 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate_config(c: ml_collections.ConfigDict | SamplingConfig) -> None:
+    """Raises ValueError with what to change when the `rollout` section is inconsistent; `config.validate` runs it
+    before anything loads. A `SamplingConfig` (same field names) is checked by the same function."""
+    if not (_is_int(c.max_new_tokens) and c.max_new_tokens >= 1):
+        raise ValueError(f"rollout.max_new_tokens={c.max_new_tokens!r} must be an int >= 1")
+    if not (c.temperature > 0 and math.isfinite(c.temperature)):
+        raise ValueError(f"rollout.temperature={c.temperature} must be finite and > 0 (for argmax set "
+                         "rollout.greedy=True)")
+    if not (_is_int(c.top_k) and c.top_k >= 0):
+        raise ValueError(f"rollout.top_k={c.top_k!r} must be an int >= 0 (0 turns it off)")
+    if not 0 < c.top_p <= 1:
+        raise ValueError(f"rollout.top_p={c.top_p} must be in (0, 1] (1.0 turns it off)")
+    if not (_is_int(c.n_samples) and c.n_samples >= 1):
+        raise ValueError(f"rollout.n_samples={c.n_samples!r} must be an int >= 1")
+    if not (_is_int(c.cache_phases) and c.cache_phases >= 1):
+        raise ValueError(f"rollout.cache_phases={c.cache_phases!r} must be an int >= 1")
+    if not all(_is_int(i) and i >= 0 for i in c.stop_ids):
+        raise ValueError(f"rollout.stop_ids={list(c.stop_ids)!r} must be token ids (ints >= 0) of the policy's "
+                         "tokenizer, not strings; [] uses the policy's eos ids")
+    if (c.cache_dtype or "") not in ("",) + FLOAT_DTYPES:
+        raise ValueError(f"rollout.cache_dtype={c.cache_dtype!r}; use one of {FLOAT_DTYPES} or '' (the model's dtype)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Static (hashable) sampling settings. `stop_ids` here is final: () means a row never stops early."""
@@ -70,18 +99,7 @@ class SamplingConfig:
     cache_phases: int = 4
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 (for argmax set rollout.greedy=True)")
-        if self.top_k < 0:
-            raise ValueError(f"rollout.top_k={self.top_k} must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1] (1.0 turns it off)")
-        if self.n_samples < 1:
-            raise ValueError(f"rollout.n_samples={self.n_samples} must be >= 1")
-        if self.cache_phases < 1:
-            raise ValueError(f"rollout.cache_phases={self.cache_phases} must be >= 1")
+        validate_config(self)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> "SamplingConfig":

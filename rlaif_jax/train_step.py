@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlaif_jax import algorithms, judging, ops, rewards
+from rlaif_jax import algorithms, judging, ops, reward_rules, rewards
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import transformer as tfm
@@ -289,9 +289,11 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
     ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
 
-    # 4 shaping: scores -> per-token rewards (KL, penalties, normalisation)
+    # 4 shaping: scores and the responses' rule terms -> per-token rewards (KL, penalties, normalisation)
+    rule_inputs = reward_rules.RuleInputs(prompt, pmask, resp, rmask, roll.stopped_b)
+    rule_terms = reward_rules.compute_terms(c.reward, rule_inputs)
     token_rewards, reward_state, reward_metrics = rewards.shape_rewards(
-        c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b)
+        c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b, rule_terms)
     if kl_off:  # they would read 0 without a reference forward: not reported rather than wrong
         reward_metrics = {k: v for k, v in reward_metrics.items() if not k.startswith("kl/k")}
 

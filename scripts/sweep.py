@@ -1,14 +1,14 @@
 """A sweep: one config, a grid of overrides, one run per grid point, one table and overlaid plots at the end.
 
     python scripts/sweep.py --config experiments/testbed.py:small --out sweeps/kl \\
-        --grid reward.kl_estimator=k1,k3 --grid reward.kl_coef=0.01,0.1 --grid reward.score_norm=none,whiten \\
+        --grid reward.kl_estimator=k2,k3 --grid reward.kl_coef=0.01,0.1 --grid reward.score_norm=none,whiten \\
         [--set train.steps=200 ...] [--launcher local|print|gpu|tpu|slurm] [--report_only]
 
 Grid: every `--grid KEY=V1,V2,...` is one axis (or `--grid_file grid.json` holding {"KEY": [V1, V2], ...}); the
 runs are the cartesian product, in the order the axes are given. `--set KEY=V` applies to every run. Values reach
 the training program as `--config.KEY=V` (absl parses them with the field's type).
 
-Each run's name lists its grid values ("kl_estimator=k1,kl_coef=0.01"); its workdir is OUT/runs/<name with "="
+Each run's name lists its grid values ("kl_estimator=k2,kl_coef=0.01"); its workdir is OUT/runs/<name with "="
 as "-" and "," as "__">. Launchers:
   local   (default) runs them here one after another, each in a fresh process (`python -m rlaif_jax.train`), its
           output in WORKDIR/train.log; a run whose workdir holds the marker DONE_MARKER is skipped, so a re-invoked

@@ -170,8 +170,11 @@ def test_shape_rewards_kl_in_reward_hand_computed():
 
 
 def test_shape_rewards_composite_add_length_clip_kl_in_loss():
-    cfg = _cfg(judge_weight=2.0, rule_weights={"fmt": 0.5}, missing_stop_mode="add", missing_stop_penalty=-1.0,
-               length_penalty=0.1, length_target=2, clip=3.0, kl_in_reward=False, kl_estimator="k3")
+    # shape_rewards takes the rule terms as given (the step computes them from reward.rules); a stop_token rule
+    # named "fmt" only makes the config valid
+    cfg = _cfg(judge_weight=2.0, rules={"fmt": {"kind": "stop_token"}}, rule_weights={"fmt": 0.5},
+               missing_stop_mode="add", missing_stop_penalty=-1.0, length_penalty=0.1, length_target=2, clip=3.0,
+               kl_in_reward=False, kl_estimator="k3")
     rule = {"fmt": np.array([1.0, 0.0, 1.0], np.float32)}
     token_rewards, _, metrics = _run_shape(cfg, rule)
     # composite: 2*[2, 5, .5] + .5*[1, 0, 1] = [4.5, 10, 1.5]; add -1 to row 1 -> 9;
@@ -197,14 +200,15 @@ def test_shape_rewards_composite_add_length_clip_kl_in_loss():
 
 
 def test_shape_rewards_whiten_running_and_adaptive_kl():
-    base = dict(missing_stop_mode="none", kl_in_reward=False, adaptive_kl=True, kl_coef=0.2, kl_target=1.0,
-                kl_horizon=30)
+    base = dict(missing_stop_mode="none", kl_in_reward=False, kl_estimator="k3", adaptive_kl=True, kl_coef=0.2,
+                kl_target=1.0, kl_horizon=30)
     # whiten over the batch, keeping the mean
     tr, new_state, metrics = _run_shape(_cfg(score_norm="whiten", norm_subtract_mean=False, **base))
     s = SCORES.astype(np.float64)
     want_scores = (s - s.mean()) / np.sqrt(s.var() + 1e-8) + s.mean()
     np.testing.assert_allclose(np.asarray(tr)[[0, 1, 2], [1, 3, 3]], want_scores, rtol=1e-5)
-    # controller: measured kl (k1, per sequence) = 0 -> error clip(0/1 - 1) = -0.2; coef 0.2 * (1 - 0.2*3/30)
+    # controller: measured kl (k3 summed per sequence: 0.825, 0.517, 0.040) = 0.461 -> error clip(0.461/1 - 1)
+    # = -0.2; coef 0.2 * (1 - 0.2*3/30)
     np.testing.assert_allclose(float(new_state.kl.coef), 0.2 * (1 - 0.2 * 3 / 30), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["kl/coef"]), 0.2, rtol=1e-6)   # the rewards used the old one
 

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from rlaif_jax import config as config_lib
-from tests import tiny, tiny_config
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -143,11 +142,12 @@ def test_error_tokenizer_mismatch_not_allowed(world, cache_dir, tmp_path):
     assert "differs from the policy's" in err and "--config.train.allow_tokenizer_mismatch=True" in err
 
 
-def test_error_compute_section():
-    c = tiny_config.get_config()
-    c.compute.scan_unroll = 0
-    with pytest.raises(ValueError, match=r"^config.compute.scan_unroll=0 must be >= 1 \(1 = a rolled scan\)$"):
-        config_lib.validate(c, num_devices=1)
+def test_error_rollout_setting_before_anything_loads(cache_dir, tmp_path):
+    """Sampling settings are checked with the config, before the policy (missing here) is looked for."""
+    out = subprocess.run(command(str(tmp_path / "no_world"), str(tmp_path / "run"), "--config.rollout.top_p=0"),
+                         env=env(cache_dir), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "rollout.top_p=0.0 must be in (0, 1] (1.0 turns it off)" in out.stderr
 
 
 def free_port():

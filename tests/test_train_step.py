@@ -177,7 +177,8 @@ def rloo_adaptive(world):
     """RLOO with the KL as a loss term, an adaptive KL coefficient and running score normalisation: every piece
     of reward state in use (one compiled step, shared by the two tests below)."""
     return build(make_config(world, **{"algo.estimator": "rloo", "critic.kind": "none", "rollout.n_samples": 2,
-                                       "reward.kl_in_reward": False, "reward.adaptive_kl": True,
+                                       "reward.kl_in_reward": False, "reward.kl_estimator": "k3",
+                                       "reward.adaptive_kl": True,
                                        "reward.kl_target": 0.5, "reward.kl_horizon": 100,
                                        "reward.score_norm": "running"}), one_device_mesh())
 

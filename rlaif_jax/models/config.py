@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the compute / storage dtypes a config may name
 
 
 @dataclasses.dataclass(frozen=True)
