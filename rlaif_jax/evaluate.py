@@ -2,7 +2,8 @@
 
 On a fixed set of held-out prompts (the first `eval.max_prompts`, sampled with the same key every time, so curves
 compare like with like) it measures, per example, then averages into `eval/...` metrics:
-  judge_score         the reward judge's score (and each rubric criterion's P(yes))
+  judge_score         the reward judge's score (and each rubric criterion's P(yes)); a pairwise reward judge
+                      (online_dpo's) scores P(current policy beats the initial policy), both presentation orders
   win_rate            a pairwise judge's P(current policy beats the initial policy), both presentation orders
   position_agreement  how often both orders agree
   kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
@@ -74,12 +75,14 @@ class Evaluator:
         def judge(policy, frozen, roll, initial, key):
             k_score, k_pair = jax.random.split(key)
             args = (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br)
-            scores, jm = judging.score(frozen.judge, models.judge, spec, *args, k_score)
+            against_initial = dict(responses_b_br=initial.response_tokens_br,
+                                   response_b_mask_br=initial.response_mask_br)
+            scores, jm = judging.score(frozen.judge, models.judge, spec, *args, k_score,
+                                       **(against_initial if spec.mode == "pairwise" else {}))
             out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
             if pair_spec is not None:
                 out["win"], pm = judging.score(frozen.judge, models.judge, pair_spec, *args, k_pair,
-                                               responses_b_br=initial.response_tokens_br,
-                                               response_b_mask_br=initial.response_mask_br)
+                                               **against_initial)
                 out["position_agree"] = pm.position_agree_b
             rmask = roll.response_mask_br.astype(jnp.float32)
             logp, _, _ = ts.response_logprobs(policy, models.policy, *args[:3], rmask, temperature)
