@@ -163,9 +163,9 @@ def trl_online_dpo_loss(logprobs, ref_logprobs, completion_mask, mask, beta):
 
 def np_choose_pairs(p_first_better, n):
     """Best and worst of each prompt's n samples by mean preference over the others, from P(i > j) of the pairs
-    i < j in lexicographic order; ties to the lower index. Returns global (chosen rows, rejected rows)."""
+    i < j in lexicographic order; ties to the lower index. Returns global (chosen rows, rejected rows, win rates)."""
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    chosen, rejected = [], []
+    chosen, rejected, win_rates = [], [], []
     for g in range(len(p_first_better) // len(pairs)):
         wins = np.zeros(n)
         for k, (i, j) in enumerate(pairs):
@@ -176,7 +176,8 @@ def np_choose_pairs(p_first_better, n):
         worst = min((i for i in range(n) if i != best), key=lambda i: (wins[i], i))
         chosen.append(g * n + best)
         rejected.append(g * n + worst)
-    return np.array(chosen), np.array(rejected)
+        win_rates.extend(wins)
+    return np.array(chosen), np.array(rejected), np.array(win_rates)
 
 
 class NplusAdaptiveKLController:
@@ -457,7 +458,8 @@ def test_choose_pairs_equals_numpy_best_and_worst(n):
     K = n * (n - 1) // 2
     p = np.concatenate([np.random.default_rng(n).uniform(0.0, 1.0, 6 * K), np.full(K, 0.5)]).astype(np.float32)
     chosen, rejected = algorithms.choose_pairs(algorithms.win_rates(p, n), n)
-    want_chosen, want_rejected = np_choose_pairs(p.astype(np.float64), n)
+    want_chosen, want_rejected, want_wins = np_choose_pairs(p.astype(np.float64), n)
+    np.testing.assert_allclose(np.asarray(algorithms.win_rates(p, n)), want_wins, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(chosen), want_chosen)
     np.testing.assert_array_equal(np.asarray(rejected), want_rejected)
     assert (want_chosen[-1], want_rejected[-1]) == (6 * n, 6 * n + 1)
