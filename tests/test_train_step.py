@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlaif_jax import builder, judging, ops, reward_model
+from rlaif_jax import builder, evaluate, judging, ops, reward_model
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
@@ -450,3 +450,23 @@ def test_online_dpo_pairs_judged_on_the_host_path_equal_token_space(dpo, world, 
                                                   s.policy_tokenizer, judge.tokenizer), roll, jax.random.key(5))
     assert token_space.shape == (len(tokens) * 3,)
     np.testing.assert_allclose(np.asarray(host), np.asarray(token_space), atol=1e-5)
+
+
+def test_online_dpo_evaluation_scores_against_the_initial_policy(dpo, world):
+    """With a pairwise reward judge the held-out judge_score is P(the current policy's response beats the initial
+    policy's): here the evaluation's own win rate (its pairwise template is the reward judge's), to the last bit."""
+    s, frozen = dpo
+    c = make_config(world, **DPO)
+    tokens, mask = prompts(world, seed=6)
+    batch = data_lib.PromptBatch(tokens, mask, np.ones(len(tokens), np.int32), np.arange(len(tokens)))
+    evaluator = evaluate.Evaluator(c, s, [batch], one_device_mesh())
+    assert evaluator.pair_spec == s.judge_spec
+
+    class Samples:
+        def write_samples(self, step, rows):
+            self.rows = rows
+
+    with jax.set_mesh(one_device_mesh()):
+        out = evaluator.evaluate(s.state, frozen, 0, Samples())
+    assert 0.0 < out["eval/judge_score"] < 1.0
+    assert out["eval/judge_score"] == out["eval/win_rate"]
