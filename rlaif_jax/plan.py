@@ -26,6 +26,7 @@ import numpy as np
 from rlaif_jax import algorithms, builder
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import judging
+from rlaif_jax.judging import assembly, scoring
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
 
@@ -80,8 +81,8 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     queries = examples * spec.queries_per_example
     tokens_nt = jax.ShapeDtypeStruct((queries, spec.max_len), jnp.int32)
     truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
-    principle_index_b = jax.eval_shape(functools.partial(judging.sample_principles, spec, batch=examples), keys[1])
-    score_queries = jax.jit(judging.score_queries, static_argnums=(1, 2))
+    principle_index_b = jax.eval_shape(functools.partial(assembly.sample_principles, spec, batch=examples), keys[1])
+    score_queries = jax.jit(scoring.score_queries, static_argnums=(1, 2))
     judge = score_queries.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt, truncated_n,
                                 principle_index_b).compile()
     scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
