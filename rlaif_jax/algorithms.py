@@ -1,4 +1,5 @@
-"""Advantage estimators and losses: GAE + PPO, GRPO, RLOO, REINFORCE with a learned baseline (phases 5-6).
+"""Advantage estimators and losses: GAE + PPO, GRPO, RLOO, REINFORCE with a learned baseline (phases 5-6), and
+online DPO's pair choice and loss.
 
 Shapes: per-token arrays are `(B, R)` over the response tokens only, `response_mask_br` is 1.0 up to and including
 the stop token; per-sequence arrays are `(B,)`. Critic-free estimators see n samples per prompt laid out as
@@ -8,6 +9,10 @@ section) and `n_samples` are static Python values, closed over by the caller bef
 The scan over epochs x minibatches lives in train_step.py; `epochs` and `minibatches` are only held here. The
 losses reduce per-token terms with `ops.aggregate` (`cfg.loss_agg`); given the whole minibatch's counts
 (`ops.LossNorm`), a loss of one micro-batch is its share of the minibatch's, so gradient accumulation sums them.
+
+Online DPO (`estimator = "online_dpo"`) replaces phases 4-6's shaping, advantages and PPO loss: the pairwise judge's
+preferences between the samples of a prompt pick a chosen and a rejected response (`win_rates`, `choose_pairs`),
+and the DPO loss (`dpo_loss`) against the frozen reference updates the policy.
 """
 from __future__ import annotations
 
@@ -16,16 +21,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rlaif_jax.ops import LOSS_AGGS, LossNorm, aggregate, kl_estimate, masked_var, masked_whiten
 
-ESTIMATORS = ("gae", "grpo", "rloo", "reinforce")
+# The PPO family's advantage estimators, and online DPO, which needs none (it replaces the PPO loss).
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce", "online_dpo")
+# Settings of the advantages and the PPO losses, which online_dpo refuses to take away from their defaults.
+PPO_FAMILY_SETTINGS = ("lam", "whiten_advantages", "whiten_shift_mean", "grpo_scale_std", "grpo_std_eps", "clip_low",
+                       "clip_high", "vf_clip", "vf_coef", "ent_coef", "loss_agg")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults of the `algo` config section."""
     c = ml_collections.ConfigDict()
-    c.estimator = "gae"          # "gae" (PPO with critic) | "grpo" | "rloo" | "reinforce" (learned baseline)
+    c.estimator = "gae"          # "gae" (PPO with critic) | "grpo" | "rloo" | "reinforce" (learned baseline) |
+    #                              "online_dpo" (DPO on pairs the pairwise judge ranks; Guo et al. 2024)
     c.gamma = 1.0                # GAE's discount over response tokens (the sequence-level estimators need 1)
     c.lam = 0.95                 # GAE lambda
     # Whitening after estimation is an extra normalisation, part of no estimator: PPO recipes apply it to GAE's
@@ -43,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     #                              "seq_mean_token_sum_norm" (Dr. GRPO); every loss term uses it
     c.epochs = 4                 # passes over each rollout batch (used by train_step)
     c.minibatches = 1            # minibatches per epoch (used by train_step); they hold whole groups of samples
+    #                              (online_dpo: whole (chosen, rejected) pairs)
+    c.dpo_beta = 0.1             # online_dpo: beta of the DPO loss, the strength of its pull to the reference
+    #                              (TRL OnlineDPOConfig's default 0.1)
     return c
 
 
@@ -57,8 +71,19 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if not (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.lam <= 1.0):
         raise ValueError(f"algo.gamma={cfg.gamma} and algo.lam={cfg.lam} must lie in [0, 1]")
     if cfg.estimator != "gae" and cfg.gamma != 1.0:
-        raise ValueError(f"algo.gamma={cfg.gamma} discounts only GAE; {cfg.estimator!r} uses the undiscounted "
-                         "return: set algo.gamma=1.0")
+        raise ValueError(f"algo.gamma={cfg.gamma} discounts only GAE; {cfg.estimator!r} does not discount: set "
+                         "algo.gamma=1.0")
+    if cfg.dpo_beta <= 0:
+        raise ValueError(f"algo.dpo_beta={cfg.dpo_beta} must be > 0")
+    defaults = default_config()
+    if cfg.estimator != "online_dpo" and cfg.dpo_beta != defaults.dpo_beta:
+        raise ValueError(f"algo.dpo_beta={cfg.dpo_beta} applies to online_dpo only, not {cfg.estimator!r}: leave it "
+                         f"at its default {defaults.dpo_beta}")
+    if cfg.estimator == "online_dpo":
+        for name in PPO_FAMILY_SETTINGS:
+            if cfg[name] != defaults[name]:
+                raise ValueError(f"algo.{name}={cfg[name]!r} is a PPO-family setting that online_dpo does not use: "
+                                 f"leave it at its default {defaults[name]!r}")
     if cfg.epochs < 1 or cfg.minibatches < 1:
         raise ValueError(f"algo.epochs={cfg.epochs} and algo.minibatches={cfg.minibatches} must be >= 1")
 
@@ -286,3 +311,76 @@ def explained_variance(values_br: jax.Array, returns_br: jax.Array, response_mas
     var_returns = masked_var(returns_br, response_mask_br)
     var_residual = masked_var(returns_br.astype(jnp.float32) - values_br.astype(jnp.float32), response_mask_br)
     return jnp.where(var_returns > 0, 1.0 - var_residual / jnp.where(var_returns > 0, var_returns, 1.0), jnp.nan)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online DPO
+# ---------------------------------------------------------------------------------------------------------------
+
+def sample_pairs(n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The K = n (n - 1) / 2 pairs (i, j), i < j, of a prompt's n samples: (first (K,), second (K,)), static."""
+    first, second = np.triu_indices(n_samples, k=1)
+    return first.astype(np.int32), second.astype(np.int32)
+
+
+def win_rates(p_first_better_k: jax.Array, n_samples: int) -> jax.Array:
+    """(B,) each sample's mean preference over the other samples of its prompt, from the pairwise judge's
+    P(i better than j) of every pair of `sample_pairs` (G prompts x K pairs, prompt-major):
+
+      w_i = 1/(n-1) sum_{j != i} P(i > j),   P(j > i) = 1 - P(i > j)
+
+    (the judge asks both orders and averages them, so its preference is antisymmetric). A soft Borda count; with
+    n = 2 the two samples get P(0 > 1) and 1 - P(0 > 1)."""
+    first, second = sample_pairs(n_samples)
+    p_gk = p_first_better_k.astype(jnp.float32).reshape(-1, len(first))
+    pref_gnn = jnp.zeros((p_gk.shape[0], n_samples, n_samples), jnp.float32)
+    pref_gnn = pref_gnn.at[:, first, second].set(p_gk).at[:, second, first].set(1.0 - p_gk)
+    return (pref_gnn.sum(-1) / (n_samples - 1)).reshape(-1)
+
+
+def choose_pairs(win_rates_b: jax.Array, n_samples: int) -> tuple[jax.Array, jax.Array]:
+    """The rows of each prompt's chosen and rejected response, (G,) int32 each, from `win_rates` (B = G * n rows,
+    prompt-major): chosen = the sample with the highest win rate, rejected = the one with the lowest among the
+    others (ties go to the lower sample index).
+
+    With n = 2 this is TRL's online DPO with a pairwise judge: the judge ranks the two completions and the first
+    is chosen unless the second is preferred (TRL 0.x's trl/trainer/online_dpo_trainer.py, `training_step`:
+    `mask = rank == 0`; with a reward, `first_half >= second_half`, ties to the first). With n > 2, the best and
+    the worst of the n samples, the pair iterative DPO recipes build from a reward model's ranking (Dong et al.
+    2024, "RLHF Workflow"), here ranked by the judge's mean preference."""
+    w_gn = win_rates_b.reshape(-1, n_samples)
+    chosen_g = jnp.argmax(w_gn, axis=-1)
+    others_gn = jnp.where(jnp.arange(n_samples) == chosen_g[:, None], jnp.inf, w_gn)
+    rejected_g = jnp.argmin(others_gn, axis=-1)
+    offset_g = jnp.arange(w_gn.shape[0]) * n_samples
+    return (offset_g + chosen_g).astype(jnp.int32), (offset_g + rejected_g).astype(jnp.int32)
+
+
+def dpo_loss(logp_chosen_p: jax.Array, logp_rejected_p: jax.Array, ref_logp_chosen_p: jax.Array,
+             ref_logp_rejected_p: jax.Array, beta: float, pairs: int | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO's sigmoid loss (Rafailov et al. 2023) on P pairs, from sequence log-probs (summed over each response's
+    valid tokens) of the policy and the frozen reference:
+
+      r_c = beta (log pi(y_c) - log pi_ref(y_c)),  r_r = beta (log pi(y_r) - log pi_ref(y_r))   implicit rewards
+      loss = (1/P) sum_pairs -log sigmoid(r_c - r_r)
+
+    as TRL's OnlineDPOTrainer, loss_type="sigmoid" (trl/experimental/online_dpo/online_dpo_trainer.py,
+    `training_step`: `logits = pi_logratios - ref_logratios`, `-F.logsigmoid(self.beta * logits)`, `.mean()`;
+    its metrics rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies = margin > 0).
+    `pairs`: the whole minibatch's pair count when these are one micro-batch of it; the loss and metrics are then
+    this micro-batch's share (as `ops.LossNorm` for the token losses). Metrics: dpo/loss, dpo/chosen_reward,
+    dpo/rejected_reward, dpo/reward_margin, dpo/accuracy.
+    """
+    pairs = logp_chosen_p.shape[0] if pairs is None else pairs
+    chosen_reward_p = beta * (logp_chosen_p.astype(jnp.float32) - jax.lax.stop_gradient(ref_logp_chosen_p))
+    rejected_reward_p = beta * (logp_rejected_p.astype(jnp.float32) - jax.lax.stop_gradient(ref_logp_rejected_p))
+    margin_p = chosen_reward_p - rejected_reward_p
+    loss = jnp.sum(jax.nn.softplus(-margin_p)) / pairs  # -log sigmoid(x) = softplus(-x), stable for any x
+
+    def share(x_p):
+        return jnp.sum(jax.lax.stop_gradient(x_p)) / pairs
+
+    return loss, {"dpo/loss": loss, "dpo/chosen_reward": share(chosen_reward_p),
+                  "dpo/rejected_reward": share(rejected_reward_p), "dpo/reward_margin": share(margin_p),
+                  "dpo/accuracy": share((margin_p > 0).astype(jnp.float32))}

@@ -22,6 +22,10 @@ from rlaif_jax.models.config import FLOAT_DTYPES
 
 CRITICS = ("value_head", "separate", "none")
 SCHEDULES = ("constant", "linear", "cosine")
+# Reward settings that shape a scalar score, each with the value that turns it off: online_dpo learns from the
+# judge's preferences alone, and its pull to the reference is algo.dpo_beta.
+REWARD_SHAPING_OFF = {"judge_weight": 1.0, "missing_stop_mode": "none", "length_penalty": 0.0, "clip": 0.0,
+                      "score_norm": "none", "kl_coef": 0.0, "adaptive_kl": False}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -237,9 +241,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.algo.estimator in ("gae", "reinforce") and c.critic.kind == "none":
         raise ValueError(f"algo.estimator={c.algo.estimator!r} needs a critic: set config.critic.kind to "
                          "'value_head' or 'separate', or use a critic-free estimator ('grpo', 'rloo')")
-    if c.algo.estimator in ("grpo", "rloo") and c.rollout.n_samples < 2:
+    if c.algo.estimator in ("grpo", "rloo", "online_dpo") and c.rollout.n_samples < 2:
         raise ValueError(f"algo.estimator={c.algo.estimator!r} compares samples of one prompt: "
                          f"set config.rollout.n_samples >= 2 (it is {c.rollout.n_samples})")
+    if c.algo.estimator == "online_dpo":
+        _check_online_dpo(c)
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -249,13 +255,40 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ValueError(f"config.mesh data={c.mesh.data} x fsdp={fsdp} x tensor={tensor} does not match the "
                          f"{num_devices} devices; change config.mesh so the product is {num_devices}")
     batch_shards = data * fsdp
-    rows = c.train.batch_size * c.rollout.n_samples
     if c.train.batch_size % batch_shards:
         raise ValueError(f"config.train.batch_size={c.train.batch_size} is not divisible by the mesh's batch "
                          f"shards (data x fsdp = {batch_shards}); use a multiple of {batch_shards}")
     per_update = c.algo.minibatches * c.optim.grad_accum
-    if rows % per_update or (rows // per_update) % batch_shards:
+    if c.algo.estimator == "online_dpo":  # it learns from each prompt's (chosen, rejected) pair of rows
+        rows, group, what = 2 * c.train.batch_size, 2, (
+            "rows of (chosen, rejected) pairs per step (2 x train.batch_size)")
+    else:
+        rows, group, what = c.train.batch_size * c.rollout.n_samples, 1, (
+            "responses per step (train.batch_size x rollout.n_samples)")
+    if rows % (per_update * group) or (rows // per_update) % batch_shards:
         raise ValueError(
-            f"{rows} responses per step (train.batch_size x rollout.n_samples) cannot be split into "
-            f"algo.minibatches={c.algo.minibatches} x optim.grad_accum={c.optim.grad_accum} micro-batches of a "
-            f"size divisible by data x fsdp = {batch_shards}; change one of them")
+            f"{rows} {what} cannot be split into algo.minibatches={c.algo.minibatches} x optim.grad_accum="
+            f"{c.optim.grad_accum} micro-batches{' of whole pairs' if group == 2 else ''} of a size divisible by "
+            f"data x fsdp = {batch_shards}; change one of them")
+
+# Reward settings that shape a scalar score, each with the value that turns it off: online_dpo learns from the
+# judge's preferences alone, and its pull to the reference is algo.dpo_beta.
+REWARD_SHAPING_OFF = {"judge_weight": 1.0, "missing_stop_mode": "none", "length_penalty": 0.0, "clip": 0.0,
+                      "score_norm": "none", "kl_coef": 0.0, "adaptive_kl": False}
+
+
+def _check_online_dpo(c: ml_collections.ConfigDict) -> None:
+    """What online_dpo needs of the other sections: a pairwise judge, no critic, no reward shaping."""
+    if c.judge.mode != "pairwise":
+        raise ValueError(f"algo.estimator='online_dpo' learns from a pairwise judge's preferences: set "
+                         f"config.judge.mode='pairwise' (it is {c.judge.mode!r}) with a {{response_b}} template")
+    if c.critic.kind != "none":
+        raise ValueError(f"algo.estimator='online_dpo' trains no critic: set config.critic.kind='none' "
+                         f"(it is {c.critic.kind!r})")
+    if len(c.reward.rule_weights):
+        raise ValueError(f"reward.rule_weights={c.reward.rule_weights.to_dict()} weights rule terms into a scalar "
+                         "reward, which online_dpo does not use: set reward.rule_weights={}")
+    for name, off in REWARD_SHAPING_OFF.items():
+        if c.reward[name] != off:
+            raise ValueError(f"reward.{name}={c.reward[name]!r} shapes a scalar reward, which online_dpo does not "
+                             f"use (its KL strength is algo.dpo_beta): set reward.{name}={off!r}")

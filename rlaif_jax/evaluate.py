@@ -2,7 +2,8 @@
 
 On a fixed set of held-out prompts (the first `eval.max_prompts`, sampled with the same key every time, so curves
 compare like with like) it measures, per example, then averages into `eval/...` metrics:
-  judge_score         the reward judge's score (and each rubric criterion's P(yes))
+  judge_score         the reward judge's score (and each rubric criterion's P(yes)); a pairwise reward judge
+                      (online_dpo's) scores P(current policy beats the initial policy), both presentation orders
   win_rate            a pairwise judge's P(current policy beats the initial policy), both presentation orders
   position_agreement  how often both orders agree
   kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
@@ -89,11 +90,13 @@ class Evaluator:
                 roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, rng,
                 rows_per_prompt=self.c.eval.samples_per_prompt, **kwargs)
 
-        scores, jm = judge(parts.judge_spec, k_score)
+        against_initial = dict(responses_b_br=initial.response_tokens_br, response_b_mask_br=initial.response_mask_br)
+        # A pairwise reward judge scores the current policy's response against the initial policy's.
+        scores, jm = judge(parts.judge_spec, k_score,
+                           **(against_initial if parts.judge_spec.mode == "pairwise" else {}))
         out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
         if self.pair_spec is not None:
-            out["win"], pm = judge(self.pair_spec, k_pair, responses_b_br=initial.response_tokens_br,
-                                   response_b_mask_br=initial.response_mask_br)
+            out["win"], pm = judge(self.pair_spec, k_pair, **against_initial)
             out["position_agree"] = pm.position_agree_b
         return out
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlaif_jax import builder
+from rlaif_jax import algorithms, builder
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import judging
 from rlaif_jax import sharding as shd
@@ -44,11 +44,13 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
     B, n = c.train.batch_size, c.rollout.n_samples
     P, R = c.data.max_prompt_len, c.rollout.max_new_tokens
     Np, Nj = matmul_params(models.policy), matmul_params(models.judge)
-    rows, seq = B * n, B * n * (P + R)
+    rows = B * n
+    dpo = c.algo.estimator == "online_dpo"
+    seq = (2 * B if dpo else rows) * (P + R)  # online_dpo learns from one (chosen, rejected) pair per prompt
     flops = {
         "rollout": 2 * Np * (B * P + rows * R),          # one prefill of the B prompts, then n x R decode steps
-        "judge": 2 * Nj * rows * spec.queries_per_example * spec.max_len,
-        "reference+old logprobs": 2 * 2 * Np * seq,
+        "judge": 2 * Nj * ts.judged_examples(c) * spec.queries_per_example * spec.max_len,
+        "reference+old logprobs": (1 if dpo else 2) * 2 * Np * seq,
         "update": c.algo.epochs * 3 * 2 * Np * seq,
     }
     if c.critic.kind == "separate":
@@ -74,15 +76,17 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     rollout = step.sample.lower(parts.state, prompts_bp, prompts_bp).compile()
     roll, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
     # The judge rows come from the host: re-tokenised, padded to max_len, one query per row, query-major.
-    rows = c.train.batch_size * c.rollout.n_samples
-    queries = rows * spec.queries_per_example
+    examples = ts.judged_examples(c)
+    queries = examples * spec.queries_per_example
     tokens_nt = jax.ShapeDtypeStruct((queries, spec.max_len), jnp.int32)
     truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
     principle_index_b = jax.eval_shape(functools.partial(
-        judging.sample_principles, spec, batch=rows, rows_per_prompt=c.rollout.n_samples), keys[1])
+        judging.sample_principles, spec, batch=examples, rows_per_prompt=examples // c.train.batch_size), keys[1])
     judge = judging.score_queries_jit.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt,
                                             truncated_n, principle_index_b).compile()
     scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
+    if c.algo.estimator == "online_dpo":  # the host judge hands on each response's win rate, not the pairs'
+        scores_b = jax.eval_shape(functools.partial(algorithms.win_rates, n_samples=c.rollout.n_samples), scores_b)
     summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
     learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, keys).compile()
     return {"rollout": rollout, "judge forward": judge, "learn": learn}

@@ -12,6 +12,11 @@ Trainable params are one pytree, `state.params`:
   {"policy": ..., "value_head": {kernel, bias}}          critic.kind == "value_head" (shares the backbone)
   {"policy": ..., "critic": {"backbone": ..., "head": ...}}   critic.kind == "separate"
 One optax optimiser updates all of it; the frozen reference and judge live in `frozen`.
+
+Online DPO (`algo.estimator = "online_dpo"`, critic.kind == "none") runs the same rollout, then judges every two
+samples of a prompt with the pairwise judge (`judge_phase`), and learns from each prompt's chosen and rejected
+response with the DPO loss against the reference (`dpo_learn_phase`) through the same epochs x minibatches update
+(`run_updates`), in the same one compiled step.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from rlaif_jax import algorithms, judging, ops, reward_rules, rewards
@@ -255,6 +261,25 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
     return loss_fn
 
 
+def make_dpo_loss_fn(c: ml_collections.ConfigDict, models: Models, rows_per_prompt: int) -> Callable:
+    """`loss_fn(params, micro, pairs) -> (loss, (metrics, None))`: online DPO's loss on one micro-batch of
+    (chosen, rejected) rows laid out in consecutive pairs, as its share of the minibatch's `pairs` pairs
+    (`algorithms.dpo_loss`). Sequence log-probs are of the model itself, at temperature 1 whatever the sampling
+    temperature (as TRL's OnlineDPOTrainer `_forward`): DPO's implicit reward is beta log pi / pi_ref of the policy,
+    and the samples only supply the pairs."""
+
+    def loss_fn(params: Params, d: dict, pairs: int):
+        logp, _, _ = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"], d["resp"],
+                                       d["rmask"], 1.0, rows_per_prompt)
+        logp_p2 = ops.masked_sum(logp, d["rmask"], axis=-1).reshape(-1, 2)
+        ref_p2 = d["ref_logp_sum"].reshape(-1, 2)
+        loss, metrics = algorithms.dpo_loss(logp_p2[:, 0], logp_p2[:, 1], ref_p2[:, 0], ref_p2[:, 1],
+                                            c.algo.dpo_beta, pairs)
+        return loss, (metrics, None)
+
+    return loss_fn
+
+
 # ---------------------------------------------------------------------------------------------- phases
 def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, params: Params, prompts_bp, prompt_mask_bp,
                   key) -> rollout_lib.Rollout:
@@ -262,9 +287,73 @@ def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, param
     return rollout_lib.rollout(params["policy"], models.policy, prompts_bp, prompt_mask_bp, key, sampling)
 
 
+def judged_examples(c: ml_collections.ConfigDict) -> int:
+    """Examples of one step's judge call (`judge_phase`): each response, or online_dpo's pairs of samples."""
+    B, n = c.train.batch_size, c.rollout.n_samples
+    return B * len(algorithms.sample_pairs(n)[0]) if c.algo.estimator == "online_dpo" else B * n
+
+
+def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_lib.Rollout, key
+                ) -> tuple[jax.Array, judging.JudgeMetrics]:
+    """Phase 2: the judge's score of every rollout row, (B,), and its metrics. `score_fn` is `judging.score` (or
+    `judging.score_host`) with the judge's params, config and spec bound.
+
+    online_dpo: the pairwise judge compares every two samples of a prompt (`algorithms.sample_pairs`), both
+    orders, in one batch; a row's score is its win rate against the other samples of its prompt
+    (`algorithms.win_rates`), from which the learn phase picks the chosen and rejected response."""
+    prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
+    resp, rmask = roll.response_tokens_br, roll.response_mask_br
+    n = c.rollout.n_samples
+    if c.algo.estimator != "online_dpo":
+        # rows_per_prompt: the n samples of a prompt are judged under one principle (principles mode).
+        return score_fn(prompt, pmask, resp, rmask, key, rows_per_prompt=n)
+    first, second = algorithms.sample_pairs(n)
+    group_start = np.arange(resp.shape[0] // n)[:, None] * n
+    rows_a, rows_b = (group_start + first).reshape(-1), (group_start + second).reshape(-1)
+    p_a_better, metrics = score_fn(prompt[rows_a], pmask[rows_a], resp[rows_a], rmask[rows_a], key,
+                                   rows_per_prompt=len(first), responses_b_br=resp[rows_b],
+                                   response_b_mask_br=rmask[rows_b])
+    return algorithms.win_rates(p_a_better, n), metrics
+
+
+def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm: Callable, params: Params,
+                opt_state, data: dict, group: int, key) -> tuple[Params, Any, jax.Array, dict]:
+    """Phase 6: lax.scan over epochs x minibatches of the per-row arrays `data`, each minibatch's gradient
+    accumulated over grad_accum micro-batches (`accumulate_gradients`) and applied behind the non-finite guard.
+
+    Every epoch shuffles whole groups of `group` consecutive rows (`group_permutation`). `loss_fn(params, micro,
+    norm)` is called with `norm = minibatch_norm(minibatch)`, the minibatch's denominators counted once.
+    Returns (params, opt_state, skipped updates, metrics of every update, each (epochs, minibatches))."""
+    B = next(iter(data.values())).shape[0]
+    mb, accum = c.algo.minibatches, c.optim.grad_accum
+    optimizer = make_optimizer(c, total_updates(c))
+
+    def minibatch_update(carry, d):
+        params, opt_state, skipped = carry
+        norm = minibatch_norm(d)
+        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum)
+        if values is not None:  # not a mean, so computed on the whole minibatch rather than summed
+            metrics["value/explained_variance"] = algorithms.explained_variance(values, d["returns"], d["rmask"])
+        params, opt_state, ok, grad_norm = guarded_update(optimizer, grads, opt_state, params, loss)
+        metrics = {**metrics, "optim/loss": loss, "optim/grad_norm": grad_norm}
+        return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
+
+    def epoch(carry, epoch_key):
+        perm = group_permutation(epoch_key, B, group)
+        shuffled = jax.tree.map(lambda x: x[perm].reshape((mb, B // mb) + x.shape[1:]), data)
+        return jax.lax.scan(minibatch_update, carry, shuffled)
+
+    (params, opt_state, skipped), update_metrics = jax.lax.scan(
+        epoch, (params, opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, c.algo.epochs))
+    return params, opt_state, skipped, update_metrics
+
+
 def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
                 roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key) -> tuple[TrainState, dict]:
-    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update."""
+    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
+    (online_dpo: `dpo_learn_phase`)."""
+    if c.algo.estimator == "online_dpo":
+        return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
     temperature = c.rollout.temperature
     prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
     resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
@@ -304,30 +393,12 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, old_logp=old_logp, ref_logp=ref_logp,
                 old_values=old_values, advantages=adv.advantages_br, returns=adv.returns_br)
     B = resp.shape[0]
-    mb, accum = c.algo.minibatches, c.optim.grad_accum
-    optimizer = make_optimizer(c, total_updates(c))
-    # Minibatches are drawn as whole groups (see `epoch`), so a micro-batch holds whole groups whenever its
+    # Minibatches are drawn as whole groups (`run_updates`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
-    micro_share = share if (B // (mb * accum)) % n == 0 else 1
+    micro_share = share if (B // (c.algo.minibatches * c.optim.grad_accum)) % n == 0 else 1
     loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share)
-
-    def minibatch_update(carry, d):
-        params, opt_state, skipped = carry
-        norm = ops.loss_norm(d["rmask"])
-        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum)
-        if values is not None:  # not a mean, so computed on the whole minibatch rather than summed
-            metrics["value/explained_variance"] = algorithms.explained_variance(values, d["returns"], d["rmask"])
-        params, opt_state, ok, grad_norm = guarded_update(optimizer, grads, opt_state, params, loss)
-        metrics = {**metrics, "optim/loss": loss, "optim/grad_norm": grad_norm}
-        return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
-
-    def epoch(carry, epoch_key):
-        perm = group_permutation(epoch_key, B, n)
-        shuffled = jax.tree.map(lambda x: x[perm].reshape((mb, B // mb) + x.shape[1:]), data)
-        return jax.lax.scan(minibatch_update, carry, shuffled)
-
-    (params, opt_state, skipped), update_metrics = jax.lax.scan(
-        epoch, (state.params, state.opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, c.algo.epochs))
+    params, opt_state, skipped, update_metrics = run_updates(
+        c, loss_fn, lambda d: ops.loss_norm(d["rmask"]), state.params, state.opt_state, data, n, key)
     # The first update's forward runs with the params that sampled: its distance to the sampler's log-probs is
     # the rollout / training mismatch. Every other metric is averaged over the step's updates (NaN-safe).
     mismatch = update_metrics.pop("policy/logp_mismatch")[0, 0]
@@ -355,6 +426,43 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     return new_state, metrics
 
 
+def dpo_learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                    roll: rollout_lib.Rollout, win_rates_b, judge_metrics: dict, key) -> tuple[TrainState, dict]:
+    """Online DPO's phases 3-6 (Guo et al. 2024): each prompt's chosen and rejected response from the judge's win
+    rates (`algorithms.choose_pairs`), their reference log-probs, then epochs x minibatches of the DPO loss
+    (`make_dpo_loss_fn`). No shaping, advantages or critic; the reward state is left as it is."""
+    n = c.rollout.n_samples
+    chosen_g, rejected_g = algorithms.choose_pairs(win_rates_b, n)
+    # Each prompt's (chosen, rejected) as two consecutive rows: a pair is a group of 2 that shares its prompt.
+    rows = jnp.stack([chosen_g, rejected_g], axis=1).reshape(-1)
+    prompt, pmask = roll.prompt_tokens_bp[rows], roll.prompt_mask_bp[rows]
+    resp, rmask = roll.response_tokens_br[rows], roll.response_mask_br[rows].astype(jnp.float32)
+    share = 2 if c.compute.share_prompt_forward else 1
+
+    # 3 reference log-probs of the pairs, at temperature 1 as the policy's in the loss
+    ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, 1.0, share)
+    ref_logp_sum = jax.lax.stop_gradient(ops.masked_sum(ref_logp, rmask, axis=-1))
+
+    # 6 update: micro-batches hold whole pairs (config validation), so every forward shares each pair's prompt
+    data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, ref_logp_sum=ref_logp_sum)
+    params, opt_state, skipped, update_metrics = run_updates(
+        c, make_dpo_loss_fn(c, models, share), lambda d: d["rmask"].shape[0] // 2, state.params, state.opt_state,
+        data, 2, key)
+    update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
+
+    metrics = {
+        **judge_metrics, **update_metrics,
+        # How decided the judge was: 0 when it cannot tell the pair apart, 1 when it is certain (n = 2: |2p - 1|).
+        "dpo/judge_margin": jnp.mean(win_rates_b[chosen_g] - win_rates_b[rejected_g]),
+        "response/length": jnp.mean(roll.response_mask_br.sum(-1).astype(jnp.float32)),
+        "response/stopped_frac": jnp.mean(roll.stopped_b.astype(jnp.float32)),
+        "guard/skipped_updates": skipped,
+    }
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
+                              skipped_updates=state.skipped_updates + skipped)
+    return new_state, metrics
+
+
 def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec) -> Callable:
     """The un-jitted fused step: all six phases in one function (see `make_train_step`)."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
@@ -362,9 +470,8 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
     def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
         roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
-        scores_b, judge_metrics = judging.score(frozen.judge, models.judge, judge_spec, roll.prompt_tokens_bp,
-                                                roll.prompt_mask_bp, roll.response_tokens_br,
-                                                roll.response_mask_br, k_judge, rows_per_prompt=c.rollout.n_samples)
+        score_fn = functools.partial(judging.score, frozen.judge, models.judge, judge_spec)
+        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge)
         judge_metrics = judge_metrics.summary(judge_spec)
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
@@ -413,10 +520,9 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
             rng, k_judge, k_update)
 
     def judge(frozen, roll, k_judge):
-        scores_b, judge_metrics = judging.score_host(
-            frozen.judge, models.judge, judge_spec, policy_tokenizer, judge_tokenizer, roll.prompt_tokens_bp,
-            roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, k_judge,
-            rows_per_prompt=c.rollout.n_samples)
+        score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec, policy_tokenizer,
+                                     judge_tokenizer)
+        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge)
         return scores_b, judge_metrics.summary(judge_spec)
 
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),

@@ -255,4 +255,11 @@ def test_config_validation_messages():
         _cfg(loss_agg="seq_mean")
     with pytest.raises(ValueError, match="algo.gamma=0.99 discounts only GAE"):
         _cfg(estimator="grpo", gamma=0.99)
+    with pytest.raises(ValueError, match="algo.dpo_beta=0.0 must be > 0"):
+        _cfg(estimator="online_dpo", dpo_beta=0.0)
+    with pytest.raises(ValueError, match="algo.dpo_beta=0.5 applies to online_dpo only, not 'grpo'"):
+        _cfg(estimator="grpo", dpo_beta=0.5)
+    with pytest.raises(ValueError, match="algo.clip_high=0.28 is a PPO-family setting that online_dpo does not use"):
+        _cfg(estimator="online_dpo", clip_high=0.28)
+    _cfg(estimator="online_dpo", dpo_beta=0.5)
     _cfg(estimator="gae", gamma=0.99)

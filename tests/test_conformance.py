@@ -16,6 +16,9 @@ number that does not match:
                 r = p_ref(x) / p(x), x ~ p
   DAPO          Yu et al. 2025: token-level loss, 1 / sum_i |o_i| over the whole batch; clip-higher
   Dr. GRPO      Liu et al. 2025: no std division; token sums over a constant (the generation budget)
+  TRL online    trl/experimental/online_dpo/online_dpo_trainer.py `training_step` (TRL 1.16): chosen / rejected
+  DPO           of two completions per prompt, sequence log-prob sums, loss_type "sigmoid", its rewards/* metrics;
+                with a judge (TRL 0.x's trl/trainer/online_dpo_trainer.py) the first is chosen when ranked first
 
 The KL estimators are checked against exact expectations over a small softmax (every outcome weighted by its
 probability, no sampling).
@@ -129,6 +132,52 @@ def trl_aggregate(per_token_loss, mask, loss_type, max_completion_length, num_it
 
 
 OURS_FOR_TRL = {"dapo": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def trl_online_dpo_loss(logprobs, ref_logprobs, completion_mask, mask, beta):
+    """online_dpo_trainer.py `training_step`, loss_type "sigmoid": rows 0..B-1 are the first completions of prompts
+    0..B-1, rows B..2B-1 the second; mask (B,) bool: the first completion is chosen."""
+    batch_size = mask.shape[0]
+    batch_range = np.arange(batch_size)
+    chosen_indices = batch_range + (~mask * batch_size)
+    rejected_indices = batch_range + (mask * batch_size)
+    cr_indices = np.concatenate((chosen_indices, rejected_indices))
+    cr_logprobs = logprobs[cr_indices]
+    cr_ref_logprobs = ref_logprobs[cr_indices]
+    padding_mask = ~completion_mask.astype(bool)
+    cr_padding_mask = padding_mask[cr_indices]
+    cr_logprobs_sum = (cr_logprobs * ~cr_padding_mask).sum(1)
+    cr_ref_logprobs_sum = (cr_ref_logprobs * ~cr_padding_mask).sum(1)
+    chosen_logprobs_sum, rejected_logprobs_sum = np.split(cr_logprobs_sum, 2)
+    chosen_ref_logprobs_sum, rejected_ref_logprobs_sum = np.split(cr_ref_logprobs_sum, 2)
+    pi_logratios = chosen_logprobs_sum - rejected_logprobs_sum
+    ref_logratios = chosen_ref_logprobs_sum - rejected_ref_logprobs_sum
+    logits = pi_logratios - ref_logratios
+    losses = np.logaddexp(0.0, -beta * logits)  # -F.logsigmoid(beta * logits)
+    chosen_rewards = beta * (chosen_logprobs_sum - chosen_ref_logprobs_sum)
+    rejected_rewards = beta * (rejected_logprobs_sum - rejected_ref_logprobs_sum)
+    margin = chosen_rewards - rejected_rewards
+    return losses.mean(), {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                           "rewards/margins": margin.mean(), "rewards/accuracies": (margin > 0).mean()}
+
+
+def np_choose_pairs(p_first_better, n):
+    """Best and worst of each prompt's n samples by mean preference over the others, from P(i > j) of the pairs
+    i < j in lexicographic order; ties to the lower index. Returns global (chosen rows, rejected rows, win rates)."""
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    chosen, rejected, win_rates = [], [], []
+    for g in range(len(p_first_better) // len(pairs)):
+        wins = np.zeros(n)
+        for k, (i, j) in enumerate(pairs):
+            wins[i] += p_first_better[g * len(pairs) + k]
+            wins[j] += 1.0 - p_first_better[g * len(pairs) + k]
+        wins /= n - 1
+        best = max(range(n), key=lambda i: (wins[i], -i))
+        worst = min((i for i in range(n) if i != best), key=lambda i: (wins[i], i))
+        chosen.append(g * n + best)
+        rejected.append(g * n + worst)
+        win_rates.extend(wins)
+    return np.array(chosen), np.array(rejected), np.array(win_rates)
 
 
 class NplusAdaptiveKLController:
@@ -398,3 +447,87 @@ def test_adaptive_kl_controller_equals_ziegler():
         reference.update(((logp - logp_ref) * mask).sum(1).mean(), 4)
         np.testing.assert_allclose(float(state.kl.coef), reference.value, rtol=2e-6)
     assert reference.value != 0.1
+
+
+# ------------------------------------------------------------------------------------------------- online DPO
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_choose_pairs_equals_numpy_best_and_worst(n):
+    """Random preferences for 6 prompts, plus a prompt the judge cannot tell apart (every P = 1/2: the first sample
+    is chosen, the second rejected, as TRL's `first_half >= second_half` on a tie)."""
+    K = n * (n - 1) // 2
+    p = np.concatenate([np.random.default_rng(n).uniform(0.0, 1.0, 6 * K), np.full(K, 0.5)]).astype(np.float32)
+    chosen, rejected = algorithms.choose_pairs(algorithms.win_rates(p, n), n)
+    want_chosen, want_rejected, want_wins = np_choose_pairs(p.astype(np.float64), n)
+    np.testing.assert_allclose(np.asarray(algorithms.win_rates(p, n)), want_wins, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(chosen), want_chosen)
+    np.testing.assert_array_equal(np.asarray(rejected), want_rejected)
+    assert (want_chosen[-1], want_rejected[-1]) == (6 * n, 6 * n + 1)
+
+
+def test_choose_pairs_hand_computed():
+    """n = 3, P(0 > 1) = .8, P(0 > 2) = .3, P(1 > 2) = .4: win rates (.55, .3, .65): sample 2 chosen, 1 rejected;
+    n = 2: P(0 > 1) = .3 makes the second sample the chosen one."""
+    wins = algorithms.win_rates(np.array([0.8, 0.3, 0.4]), 3)
+    np.testing.assert_allclose(np.asarray(wins), [0.55, 0.3, 0.65], rtol=1e-6)
+    assert [int(rows[0]) for rows in algorithms.choose_pairs(wins, 3)] == [2, 1]
+    assert [int(rows[0]) for rows in algorithms.choose_pairs(algorithms.win_rates(np.array([0.3]), 2), 2)] == [1, 0]
+
+
+def test_dpo_loss_hand_computed():
+    """log pi(y_c) = -3, log pi_ref(y_c) = -4, log pi(y_r) = -5, log pi_ref(y_r) = -4, beta = 0.1: r_c = 0.1,
+    r_r = -0.1, loss = log(1 + exp(-0.2)) = 0.5981389; d loss / d log pi(y_c) = -beta sigmoid(-0.2) = -0.0450166."""
+    args = [jnp.array([x], jnp.float32) for x in (-3.0, -5.0, -4.0, -4.0)]
+    loss, metrics = algorithms.dpo_loss(*args, 0.1)
+    np.testing.assert_allclose(float(loss), 0.5981389, rtol=1e-6)
+    np.testing.assert_allclose([float(metrics[k]) for k in ("dpo/chosen_reward", "dpo/rejected_reward",
+                                                           "dpo/reward_margin", "dpo/accuracy")],
+                               [0.1, -0.1, 0.2, 1.0], rtol=1e-6)
+    grads = jax.grad(lambda c, r: algorithms.dpo_loss(c, r, *args[2:], 0.1)[0], argnums=(0, 1))(*args[:2])
+    np.testing.assert_allclose([float(grads[0][0]), float(grads[1][0])], [-0.0450166, 0.0450166], rtol=1e-5)
+
+
+def test_online_dpo_loss_metrics_and_gradient_equal_trl():
+    """Five prompts, two completions each of 1 to 4 tokens (garbage log-probs on padding), judge preferences with
+    a tie: our choice (`win_rates`, `choose_pairs`), sequence sums and `dpo_loss` give TRL's loss, metrics and
+    gradient w.r.t. every per-token log-prob (central differences of TRL's loss, float64). Micro-batches of 3
+    and 2 pairs, each normalised by the 5 pairs, add up to the whole."""
+    B, R, beta = 5, 4, 0.1
+    rng = np.random.default_rng(7)
+    logprobs, ref_logprobs = rng.uniform(-3.0, -0.1, (2, 2 * B, R))
+    completion_mask = _mask(rng.integers(1, R + 1, 2 * B), R)
+    logprobs = np.where(completion_mask > 0, logprobs, 50.0)  # padding must not count
+    p_first_better = np.array([0.9, 0.2, 0.5, 0.6, 0.05])
+    want_loss, want_metrics = trl_online_dpo_loss(logprobs, ref_logprobs, completion_mask, p_first_better >= 0.5,
+                                                  beta)
+    # Our rows are prompt-major (prompt g's samples at 2g, 2g + 1); TRL's row g + j B is our row 2g + j.
+    ours = np.stack([np.arange(B), np.arange(B) + B], axis=1).reshape(-1)
+    chosen, rejected = algorithms.choose_pairs(algorithms.win_rates(p_first_better, 2), 2)
+    mask = completion_mask[ours]
+    ref_sum = ops.masked_sum(jnp.asarray(ref_logprobs[ours], jnp.float32), mask, axis=-1)
+
+    def our_loss(logp_br, pairs=slice(None), norm=None):
+        logp_sum = ops.masked_sum(logp_br, mask, axis=-1)
+        c, r = chosen[pairs], rejected[pairs]
+        return algorithms.dpo_loss(logp_sum[c], logp_sum[r], ref_sum[c], ref_sum[r], beta, norm)
+
+    logp = jnp.asarray(logprobs[ours], jnp.float32)
+    loss, metrics = our_loss(logp)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for ours_name, trl_name in (("dpo/chosen_reward", "rewards/chosen"), ("dpo/rejected_reward", "rewards/rejected"),
+                                ("dpo/reward_margin", "rewards/margins"), ("dpo/accuracy", "rewards/accuracies")):
+        np.testing.assert_allclose(float(metrics[ours_name]), want_metrics[trl_name], rtol=1e-5, atol=1e-7)
+    grad = np.asarray(jax.grad(lambda lp: our_loss(lp)[0])(logp))
+    want = np.zeros_like(logprobs)
+    for idx in np.ndindex(logprobs.shape):
+        step = np.zeros_like(logprobs)
+        step[idx] = 1e-6
+        want[idx] = (trl_online_dpo_loss(logprobs + step, ref_logprobs, completion_mask, p_first_better >= 0.5, beta)[0]
+                     - trl_online_dpo_loss(logprobs - step, ref_logprobs, completion_mask, p_first_better >= 0.5,
+                                           beta)[0]) / 2e-6
+    np.testing.assert_allclose(grad, want[ours], rtol=1e-4, atol=1e-7)
+    assert np.abs(want).max() > 1e-3
+    shares = [our_loss(logp, pairs, B) for pairs in (slice(0, 3), slice(3, 5))]
+    np.testing.assert_allclose(float(shares[0][0] + shares[1][0]), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(shares[0][1]["dpo/accuracy"] + shares[1][1]["dpo/accuracy"]),
+                               want_metrics["rewards/accuracies"], rtol=1e-6)

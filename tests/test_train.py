@@ -1,6 +1,7 @@
 """The training program end to end: exact resume after SIGKILL, config errors, two processes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,6 +149,39 @@ def test_error_rollout_setting_before_anything_loads(cache_dir, tmp_path):
                          env=env(cache_dir), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0
     assert "rollout.top_p=0.0 must be in (0, 1] (1.0 turns it off)" in out.stderr
+
+
+ONLINE_DPO = {"algo.estimator": "online_dpo", "critic.kind": "none", "rollout.n_samples": 2, "judge.mode": "pairwise",
+              "judge.template": "Q : {prompt} R : {response} R : {response_b} S :", "reward.kl_coef": 0.0,
+              "reward.missing_stop_mode": "none"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ({}, None),
+    ({"judge.mode": "pointwise", "judge.template": "Q : {prompt} R : {response} S :"},
+     "algo.estimator='online_dpo' learns from a pairwise judge's preferences: set config.judge.mode='pairwise'"),
+    ({"critic.kind": "value_head"}, "algo.estimator='online_dpo' trains no critic: set config.critic.kind='none'"),
+    ({"rollout.n_samples": 1}, "set config.rollout.n_samples >= 2 (it is 1)"),
+    ({"reward.kl_coef": 0.05}, "reward.kl_coef=0.05 shapes a scalar reward, which online_dpo does not use (its KL "
+                               "strength is algo.dpo_beta): set reward.kl_coef=0.0"),
+    ({"reward.missing_stop_mode": "replace"}, "set reward.missing_stop_mode='none'"),
+    ({"algo.loss_agg": "seq_mean_token_mean"}, "algo.loss_agg='seq_mean_token_mean' is a PPO-family setting that "
+                                               "online_dpo does not use: leave it at its default 'token_mean'"),
+    ({"train.batch_size": 4, "algo.minibatches": 8},
+     "8 rows of (chosen, rejected) pairs per step (2 x train.batch_size) cannot be split into "
+     "algo.minibatches=8 x optim.grad_accum=1 micro-batches of whole pairs"),
+])
+def test_online_dpo_config_checks(override, message):
+    """What online_dpo refuses, each in one line that says what to change; the settings it needs pass."""
+    c = tiny_config.get_config()
+    for key, value in {**ONLINE_DPO, **override}.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    if message is None:
+        config_lib.validate(c, num_devices=1)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_lib.validate(c, num_devices=1)
 
 
 def free_port():

@@ -15,6 +15,7 @@ from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
 from rlaif_jax.models import transformer as tfm
 from tests import tiny, tiny_config
+from tests.test_conformance import np_choose_pairs
 
 
 @pytest.fixture(scope="module")
@@ -432,3 +433,113 @@ def test_host_path_step_and_evaluation_judge_each_group_by_one_principle(world, 
     for name in ("judge_score", "win_rate", "position_agreement", "kl", "response_length"):
         assert np.isfinite(metrics[f"eval/{name}"]), name
     assert len(samples.rows) == c.eval.num_samples_logged
+
+
+# ------------------------------------------------------------------------------------------------- online DPO
+DPO = {"algo.estimator": "online_dpo", "algo.dpo_beta": 0.5, "algo.vf_coef": 0.1, "algo.epochs": 1,
+       "algo.minibatches": 1, "critic.kind": "none", "rollout.n_samples": 3, "rollout.temperature": 0.7,
+       "judge.mode": "pairwise", "judge.template": "Q : {prompt} R : {response} R : {response_b} S :",
+       "judge.max_len": 32, "reward.kl_coef": 0.0}
+
+
+def perturbed(params, scale, seed):
+    """`params` + scale * N(0, 1), leaf by leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def dpo(world):
+    """Online DPO, 3 samples per prompt, one update per step: its step, and `frozen` with a perturbed judge (the
+    hand-built one prefers neither response, perturbed it has preferences and a position bias) and a perturbed
+    reference (so the DPO loss at the initial policy is not log 2)."""
+    s = build(make_config(world, **DPO), one_device_mesh())
+    frozen = s.frozen.replace(judge=perturbed(s.frozen.judge, 0.3, 1), reference=perturbed(s.frozen.reference, 0.05, 2))
+    return s, frozen
+
+
+def test_online_dpo_step_loss_equals_numpy_and_the_policy_moves(dpo, world):
+    """One compiled online_dpo step: the pairwise judge asked about each pair of a prompt's 3 samples on its own
+    (3 separate judge calls here, both orders inside), NumPy's win rates, best / worst choice and DPO loss on the
+    policy's and reference's sequence log-probs at temperature 1 (the rollout samples at 0.7) give the step's
+    dpo/* metrics; the policy params change."""
+    s, frozen = dpo
+    c, n, beta = make_config(world, **DPO), 3, 0.5
+    tokens, mask = prompts(world)
+    state, (metrics,) = run_steps(s, one_device_mesh(), s.state, 1, [(tokens, mask)], frozen=frozen)
+    assert int(metrics["guard/skipped_updates"]) == 0 and s.step_fn._cache_size() == 1
+
+    _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask, k_roll)
+    prompt, pmask, resp, rmask = (np.asarray(x) for x in (roll.prompt_tokens_bp, roll.prompt_mask_bp,
+                                                          roll.response_tokens_br, roll.response_mask_br))
+    groups = np.arange(len(tokens)) * n
+    p_pairs = np.zeros((len(tokens), 3))
+    for k, (i, j) in enumerate([(0, 1), (0, 2), (1, 2)]):
+        a, b = groups + i, groups + j
+        p, _ = judging.score_jit(frozen.judge, s.models.judge, s.judge_spec, prompt[a], pmask[a], resp[a], rmask[a],
+                                 k_judge, responses_b_br=resp[b], response_b_mask_br=rmask[b])
+        p_pairs[:, k] = np.asarray(p)
+    assert np.ptp(p_pairs) > 0.05  # the judge has preferences
+    chosen, rejected, wins = np_choose_pairs(p_pairs.reshape(-1), n)
+
+    logprobs = jax.jit(ts.response_logprobs, static_argnums=(1, 6))
+    fmask = rmask.astype(np.float32)
+    seq = {}
+    for name, params in (("policy", s.state.params["policy"]), ("reference", frozen.reference)):
+        logp, _, _ = logprobs(params, s.models.policy, prompt, pmask, resp, fmask, 1.0)
+        seq[name] = (np.asarray(logp, np.float64) * fmask).sum(1)
+    r_c = beta * (seq["policy"][chosen] - seq["reference"][chosen])
+    r_r = beta * (seq["policy"][rejected] - seq["reference"][rejected])
+    want = {"dpo/loss": np.logaddexp(0.0, -(r_c - r_r)).mean(), "dpo/chosen_reward": r_c.mean(),
+            "dpo/rejected_reward": r_r.mean(), "dpo/reward_margin": (r_c - r_r).mean(),
+            "dpo/accuracy": (r_c > r_r).mean()}
+    assert abs(want["dpo/loss"] - np.log(2.0)) > 1e-3
+    for key, value in want.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(metrics["dpo/judge_margin"], (wins[chosen] - wins[rejected]).mean(), rtol=1e-5)
+    assert "judge/position_agreement" in metrics and "judge/score" not in metrics
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(s.state.params)),
+                                                       jax.tree.leaves(jax.device_get(state.params)))]
+    assert all(moved)
+
+
+def test_online_dpo_pairs_judged_on_the_host_path_equal_token_space(dpo, world, tmp_path):
+    """`judge_phase` for online_dpo through the host path (decode, render, re-tokenise) gives the token-space win
+    rates, the pairs laid out alike."""
+    s, frozen = dpo
+    c = make_config(world, **DPO)
+    other = tiny.write_judge_with_other_tokenizer(str(tmp_path / "judge"))
+    judge = judging.load_judge(make_config(world, **{**DPO, "judge.path": other}).judge, s.policy_tokenizer,
+                               s.sampling.stop_ids or None)
+    assert judge.spec.path == "host"
+    tokens, mask = prompts(world, seed=3)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask,
+                                                                                 jax.random.key(4))
+    token_space, _ = jax.jit(lambda roll: ts.judge_phase(
+        c, functools.partial(judging.score, frozen.judge, s.models.judge, s.judge_spec), roll, jax.random.key(5)))(roll)
+    host, _ = ts.judge_phase(c, functools.partial(judging.score_host, frozen.judge, judge.cfg, judge.spec,
+                                                  s.policy_tokenizer, judge.tokenizer), roll, jax.random.key(5))
+    assert token_space.shape == (len(tokens) * 3,)
+    np.testing.assert_allclose(np.asarray(host), np.asarray(token_space), atol=1e-5)
+
+
+def test_online_dpo_evaluation_scores_against_the_initial_policy(dpo, world):
+    """With a pairwise reward judge the held-out judge_score is P(the current policy's response beats the initial
+    policy's): here the evaluation's own win rate (its pairwise template is the reward judge's), to the last bit."""
+    s, frozen = dpo
+    c = make_config(world, **DPO)
+    tokens, mask = prompts(world, seed=6)
+    batch = data_lib.PromptBatch(tokens, mask, np.ones(len(tokens), np.int32), np.arange(len(tokens)))
+    evaluator = evaluate.Evaluator(c, s, [batch], one_device_mesh())
+    assert evaluator.pair_spec == s.judge_spec
+
+    class Samples:
+        def write_samples(self, step, rows):
+            self.rows = rows
+
+    with jax.set_mesh(one_device_mesh()):
+        out = evaluator.evaluate(s.state, frozen, 0, Samples())
+    assert 0.0 < out["eval/judge_score"] < 1.0
+    assert out["eval/judge_score"] == out["eval/win_rate"]
