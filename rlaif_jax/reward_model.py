@@ -184,14 +184,14 @@ def check_read_settings(folder: str, spec) -> None:
         saved = json.load(f)
     now = read_settings(spec)
     for key, value in now.items():
-        if saved.get(key, "not recorded") == value:
+        if saved.get(key) == value:
             continue
         if key in ("literal_texts", "slots"):
             field, trained, current = "template", _template_text(saved), _template_text(now)
             fix = ("set config.judge.template (with chat_template / answer_prefix / num_scores) so that it renders "
                    "the trained text")
         else:
-            field, trained, current = key, saved.get(key, "not recorded"), value
+            field, trained, current = key, saved.get(key), value
             fix = f"set --config.judge.{field}={trained}"
         raise ValueError(f"the reward model in {folder} was trained with config.judge.{field}={trained!r} "
                          f"({meta_path}), this run has {current!r}: it would read other rows than it was trained "

@@ -95,7 +95,7 @@ def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok
             slot_texts[slot] = [text for name in spec.slot_inputs(slot) for text in inputs[name]]
     tokens, mask, truncated = encode_texts(spec, judge_tok, slot_texts)
     return score_queries_jit(judge_params, judge_cfg, spec, jnp.asarray(tokens), jnp.asarray(mask),
-                              jnp.asarray(truncated), principle_index_b)
+                             jnp.asarray(truncated), principle_index_b)
 
 
 def decode_spans(spec: JudgeSpec, policy_tok, tokens: np.ndarray, source: SlotSource,
