@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlaif_jax import reward_rules
-from rlaif_jax.ops import (KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_mean,
-                           masked_sum, masked_whiten)
+from rlaif_jax.ops import KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_whiten
 
 SCORE_NORMS = ("none", "whiten", "running")
 MISSING_STOP_MODES = ("replace", "add", "none")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests import tiny
+from rlaif_jax import config as config_lib
+from tests import tiny, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
