@@ -246,6 +246,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                          f"set config.rollout.n_samples >= 2 (it is {c.rollout.n_samples})")
     if c.algo.estimator == "online_dpo":
         _check_online_dpo(c)
+    elif c.judge.mode == "pairwise":
+        # A pairwise judge needs a second response to compare with; the PPO-family step has none yet (a baseline
+        # sample of the reference policy is the planned one), so refuse it here rather than fail at trace time.
+        raise ValueError(f"config.judge.mode='pairwise' gives a reward only to algo.estimator='online_dpo' (it is "
+                         f"{c.algo.estimator!r}); use a pointwise, rubric, principles or reward_model judge, or "
+                         "online_dpo")
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices

@@ -167,3 +167,13 @@ def test_rules_and_their_weights_validate():
                    "reward.rule_weights": {"length": -0.5, "repeated_ngrams": -1.0, "stop_token": 0.0, "banned": 1.0,
                                            "mine": 0.5}})
     config_lib.validate(c, num_devices=1)
+
+
+def test_a_pairwise_reward_judge_needs_online_dpo():
+    c = tiny()
+    with c.unlocked():
+        c.judge.mode = "pairwise"
+        c.judge.template = "Q : {prompt} R : {response} R : {response_b} S :"
+    with pytest.raises(ValueError, match=re.escape("config.judge.mode='pairwise' gives a reward only to "
+                                                   "algo.estimator='online_dpo'")):
+        config_lib.validate(c, num_devices=1)
