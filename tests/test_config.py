@@ -149,8 +149,9 @@ def test_the_testbed_section_holds_one_bool():
         c.testbed = ml_collections.ConfigDict({"build": True})
     config_lib.validate(c, num_devices=1)
     with c.unlocked():
-        c.testbed.build = "yes"
-    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': 'yes'}; it holds one bool, build")):
+        c.testbed.folder = "/tmp/tb"
+    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'folder': '/tmp/tb'}; it holds "
+                                                   "one bool, build")):
         config_lib.validate(c, num_devices=1)
 
 
