@@ -148,10 +148,10 @@ def test_the_testbed_section_holds_one_bool():
     with c.unlocked():
         c.testbed = ml_collections.ConfigDict({"build": True})
     config_lib.validate(c, num_devices=1)
-    with c.unlocked():  # (a non-bool build is already refused by ConfigDict's type check on assignment)
-        c.testbed.size = "large"
-    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'size': 'large'}; it holds one "
-                                                   "bool, build")):
+    with c.unlocked():
+        c.testbed.folder = "/tmp/tb"
+    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'folder': '/tmp/tb'}; it holds "
+                                                   "one bool, build")):
         config_lib.validate(c, num_devices=1)
 
 
