@@ -62,6 +62,7 @@ def get_config(arg: str = ""):
     c.critic.kind = "separate"
     c.critic.init = "reward_model"
     c.critic.path = a.rm
+    c.eval.win_rate = False  # the reward model cannot compare two responses; eval/judge_score tracks its reward
 
     # ---- data
     set_tldr_data(c.data)

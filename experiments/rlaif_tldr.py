@@ -87,7 +87,10 @@ def get_config(arg: str = ""):
         c.judge.path = a.rm  # written by scripts/train_reward_model.py; its template is read back and checked
         c.judge.mode = "reward_model"
         c.judge.chat_template = False
-    c.eval.pairwise_template = PAIRWISE_TEMPLATE
+    if a.variant == "direct":
+        c.eval.pairwise_template = PAIRWISE_TEMPLATE
+    else:  # the judge is the reward model, which cannot compare two summaries: no win rate (validation refuses one)
+        c.eval.win_rate = False
 
     # ---- data
     set_tldr_data(c.data)

@@ -246,12 +246,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                          f"set config.rollout.n_samples >= 2 (it is {c.rollout.n_samples})")
     if c.algo.estimator == "online_dpo":
         _check_online_dpo(c)
-    elif c.judge.mode == "pairwise":
-        # A pairwise judge needs a second response to compare with; the PPO-family step has none yet (a baseline
-        # sample of the reference policy is the planned one), so refuse it here rather than fail at trace time.
-        raise ValueError(f"config.judge.mode='pairwise' gives a reward only to algo.estimator='online_dpo' (it is "
-                         f"{c.algo.estimator!r}); use a pointwise, rubric, principles or reward_model judge, or "
-                         "online_dpo")
+    _check_references(c)
+    if c.eval.win_rate and c.judge.mode == "reward_model":
+        raise ValueError("config.eval.win_rate=True asks the judge to compare two responses, which a reward model "
+                         "(judge.mode='reward_model') cannot: set config.eval.win_rate=False")
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -277,10 +275,31 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             f"{c.optim.grad_accum} micro-batches{' of whole pairs' if group == 2 else ''} of a size divisible by "
             f"data x fsdp = {batch_shards}; change one of them")
 
-# Reward settings that shape a scalar score, each with the value that turns it off: online_dpo learns from the
-# judge's preferences alone, and its pull to the reference is algo.dpo_beta.
-REWARD_SHAPING_OFF = {"judge_weight": 1.0, "missing_stop_mode": "none", "length_penalty": 0.0, "clip": 0.0,
-                      "score_norm": "none", "kl_coef": 0.0, "adaptive_kl": False}
+
+
+def _check_references(c: ml_collections.ConfigDict) -> None:
+    """A pairwise reward names its baseline, a dataset reference is read only where something uses it, and a judge
+    template's {reference} slot has a reference column to fill it."""
+    baseline, field = c.reward.pairwise_baseline, c.data.reference_field
+    pairwise_reward = c.judge.mode == "pairwise" and c.algo.estimator != "online_dpo"
+    if pairwise_reward and not baseline:
+        raise ValueError("config.judge.mode='pairwise' scores each sample against a baseline: set "
+                         "reward.pairwise_baseline='reference_sample' (a sample of the frozen reference policy) or "
+                         "'dataset_reference' (with config.data.reference_field)")
+    if baseline and not pairwise_reward:
+        raise ValueError(f"reward.pairwise_baseline={baseline!r} is only read by a pairwise judge's reward "
+                         f"(judge.mode='pairwise', an estimator other than online_dpo); set it to ''")
+    uses_slot = "{reference}" in (c.judge.template or "") + (c.eval.pairwise_template or "")
+    if baseline == "dataset_reference" and not field:
+        raise ValueError("reward.pairwise_baseline='dataset_reference' needs config.data.reference_field (the "
+                         "column of reference responses)")
+    if uses_slot and not field:
+        raise ValueError("config.judge.template has {reference}: set config.data.reference_field to the column "
+                         "that fills it")
+    if field and not (uses_slot or baseline == "dataset_reference"):
+        raise ValueError(f"config.data.reference_field={field!r} is read by nothing: use it as the pairwise "
+                         "baseline (reward.pairwise_baseline='dataset_reference') or in the judge template's "
+                         "{reference} slot, or clear it")
 
 
 def _check_online_dpo(c: ml_collections.ConfigDict) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 # Columns added to the dataset; every original column is kept for host-side lookups (e.g. ground truth).
 PROMPT_TEXT = "prompt_text"
 PROMPT_IDS = "prompt_ids"
+REFERENCE_IDS = "reference_ids"
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -54,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.system_prompt = ""  # with the chat template: an optional system turn before the user turn
     c.add_special_tokens = True  # without the chat template: let the tokenizer add BOS etc.
     c.max_prompt_len = 256  # prompt length P of every batch; longer prompts are cut from the left
+    # Column with a reference response per prompt ("" = none): the baseline of reward.pairwise_baseline=
+    # "dataset_reference" and the text of a judge template's {reference} slot. Rows without one are rejected.
+    c.reference_field = ""
+    c.max_reference_len = 64  # reference length F of every batch (with its EOS); longer ones are cut at the end
     c.seed = 0  # shuffling (epoch e uses seed + e) and the eval_fraction split
     c.shuffle = True
     c.num_epochs = 0  # passes over the training prompts; 0 = unlimited
@@ -83,6 +88,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          "config.data.use_chat_template=True or clear the system prompt")
     if cfg.max_prompt_len < 1:
         raise ValueError(f"config.data.max_prompt_len={cfg.max_prompt_len} must be >= 1")
+    if cfg.max_reference_len < 1:
+        raise ValueError(f"config.data.max_reference_len={cfg.max_reference_len} must be >= 1")
     if cfg.num_epochs < 0 or cfg.eval_max_prompts < 0:
         raise ValueError(f"config.data.num_epochs={cfg.num_epochs} and config.data.eval_max_prompts="
                          f"{cfg.eval_max_prompts} must be >= 0 (0 = unlimited / all)")
@@ -240,6 +247,8 @@ class PromptDataset:
     num_loaded: int  # rows read
     num_rejected: int  # rows dropped: prompt missing, None or blank
     num_truncated: int  # kept rows whose prompt was cut from the left to max_prompt_len tokens
+    max_reference_len: int = 0  # 0: no reference column (config.data.reference_field is empty)
+    num_reference_truncated: int = 0  # kept rows whose reference was cut at its end to max_reference_len tokens
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -249,8 +258,10 @@ class PromptDataset:
         return [self.dataset[int(i)] for i in np.asarray(indices)]
 
     def summary(self) -> str:
+        refs = (f"; {self.num_reference_truncated} references cut to {self.max_reference_len} tokens"
+                if self.max_reference_len else "")
         return (f"{len(self)} prompts kept of {self.num_loaded}: {self.num_rejected} rejected (missing or "
-                f"empty), {self.num_truncated} left-truncated to {self.max_prompt_len} tokens")
+                f"empty), {self.num_truncated} left-truncated to {self.max_prompt_len} tokens{refs}")
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -266,9 +277,14 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
     source = _PromptSource(cfg, list(raw.column_names))
     max_len = int(cfg.max_prompt_len)
 
+    reference = cfg.reference_field
+    if reference and reference not in raw.column_names:
+        raise ValueError(f"config.data.reference_field={reference!r} is not a dataset column {raw.column_names}")
+
     def keep(batch: dict[str, list]) -> list[bool]:
         n = len(next(iter(batch.values())))
-        return [source({k: v[i] for k, v in batch.items()}) is not None for i in range(n)]
+        return [source({k: v[i] for k, v in batch.items()}) is not None
+                and not (reference and _is_blank(batch[reference][i])) for i in range(n)]
 
     kept = raw.filter(keep, batched=True, desc="reject empty prompts")
 
@@ -279,17 +295,26 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
         add_special = bool(cfg.add_special_tokens) and not cfg.use_chat_template
         ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
         cut = [left_truncate(x, max_len) for x in ids]
-        return {PROMPT_TEXT: texts, PROMPT_IDS: [c[0] for c in cut], "_truncated": [c[1] for c in cut]}
+        out = {PROMPT_TEXT: texts, PROMPT_IDS: [c[0] for c in cut], "_truncated": [c[1] for c in cut]}
+        if reference:
+            # A reference is read like a sampled response: its tokens, then the stop token, cut at the end.
+            eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+            refs = [x + eos for x in tokenizer(list(batch[reference]), add_special_tokens=False)["input_ids"]]
+            out[REFERENCE_IDS] = [x[:cfg.max_reference_len] for x in refs]
+            out["_ref_truncated"] = [len(x) > cfg.max_reference_len for x in refs]
+        return out
 
     tokenized = kept.map(tokenize, batched=True, desc="tokenize prompts")
     num_truncated = int(sum(tokenized["_truncated"]))
-    tokenized = tokenized.remove_columns("_truncated")
+    num_ref_truncated = int(sum(tokenized["_ref_truncated"])) if reference else 0
+    tokenized = tokenized.remove_columns(["_truncated"] + (["_ref_truncated"] if reference else []))
     empty = sum(len(x) == 0 for x in tokenized[PROMPT_IDS])
     if empty:
         raise ValueError(f"{empty} prompts tokenized to zero tokens; check the tokenizer and prompt fields")
     return PromptDataset(
         dataset=tokenized, max_prompt_len=max_len, pad_id=pad_token_id(tokenizer), num_loaded=num_loaded,
         num_rejected=num_loaded - len(kept), num_truncated=num_truncated,
+        max_reference_len=int(cfg.max_reference_len) if reference else 0, num_reference_truncated=num_ref_truncated,
     )
 
 
@@ -327,6 +352,9 @@ class PromptBatch(NamedTuple):
     mask_bp: Any  # (b, P) int32, 1 = real token
     valid_b: Any  # (b,) int32, 0 = filler row of a final partial eval batch (a copy of a real prompt)
     index_b: Any  # (b,) int32, row of the PromptDataset (for host-side lookups)
+    # (b, F) int32 right-padded reference responses and their mask; None without config.data.reference_field
+    reference_bf: Any = None
+    reference_mask_bf: Any = None
 
 
 class LoaderState(NamedTuple):
@@ -357,6 +385,14 @@ def left_pad(seqs: Sequence[Sequence[Any]], length: int, pad_value: Any = 0, dty
             values[i, length - len(s):] = s
             mask[i, length - len(s):] = 1
     return values, mask
+
+
+def right_pad(seqs: Sequence[Sequence[Any]], length: int, pad_value: Any = 0, dtype: Any = np.int32
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(values, mask) of shape (len(seqs), length) with row i's tokens first and padding after them (the layout of
+    sampled responses); `left_pad`'s mirror image."""
+    values, mask = left_pad([list(s)[::-1] for s in seqs], length, pad_value, dtype)
+    return values[:, ::-1].copy(), mask[:, ::-1].copy()
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -393,7 +429,9 @@ class PromptLoader:
         self.batches_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
         self._state = LoaderState(0, 0)
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-        self._ids = prompts.dataset.select_columns([PROMPT_IDS])  # a view: the batches need only the ids
+        # A view: the batches need only the ids.
+        columns = [PROMPT_IDS] + ([REFERENCE_IDS] if prompts.max_reference_len else [])
+        self._ids = prompts.dataset.select_columns(columns)
 
     # --- position
     def state(self) -> LoaderState:
@@ -441,10 +479,14 @@ class PromptLoader:
             raise StopIteration
         rows, valid = self._rows_of(epoch, index)
         # Only this process's rows are materialised from the (memory-mapped) dataset.
-        ids = self._ids[rows.tolist()][PROMPT_IDS]
-        tokens, mask = left_pad(ids, self.prompts.max_prompt_len, self.prompts.pad_id)
+        selected = self._ids[rows.tolist()]
+        tokens, mask = left_pad(selected[PROMPT_IDS], self.prompts.max_prompt_len, self.prompts.pad_id)
+        references = reference_mask = None
+        if self.prompts.max_reference_len:
+            references, reference_mask = right_pad(selected[REFERENCE_IDS], self.prompts.max_reference_len,
+                                                   self.prompts.pad_id)
         self._state = LoaderState(epoch, index + 1)
-        return PromptBatch(tokens, mask, valid, rows.astype(np.int32))
+        return PromptBatch(tokens, mask, valid, rows.astype(np.int32), references, reference_mask)
 
 
 def load_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any, global_batch_size: int, *,

@@ -3,7 +3,9 @@
 On a fixed set of held-out prompts (the first `eval.max_prompts`, sampled with the same key every time, so curves
 compare like with like) it measures, per example, then averages into `eval/...` metrics:
   judge_score         the reward judge's score (and each rubric criterion's P(yes)); a pairwise reward judge
-                      (online_dpo's) scores P(current policy beats the initial policy), both presentation orders
+                      scores P(current policy beats its baseline), both presentation orders: the data's reference
+                      response with reward.pairwise_baseline="dataset_reference", else the initial policy's
+                      response (the reference_sample baseline, and online_dpo's judge)
   win_rate            a pairwise judge's P(current policy beats the initial policy), both presentation orders
   position_agreement  how often both orders agree
   kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
@@ -77,23 +79,30 @@ class Evaluator:
         self._sample = jax.jit(sample)
         self._policy_stats = jax.jit(policy_stats)
 
-    def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout, key: jax.Array
-               ) -> dict:
+    def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout,
+               references: tuple, key: jax.Array) -> dict:
         """The reward judge's scores (and criteria) and the win rate against the initial policy's responses,
-        each on its spec's path (token space or host, as `judging.make_spec` decided)."""
+        each on its spec's path (token space or host, as `judging.make_spec` decided). `references`: the batch's
+        (reference_bf, reference_mask_bf), or () without config.data.reference_field."""
         k_score, k_pair = jax.random.split(key)
-        parts = self.parts
+        parts, n = self.parts, self.c.eval.samples_per_prompt
+        repeated = [jnp.repeat(x, n, axis=0) for x in references]  # prompt-major rows, as the rollout's
 
         def judge(spec, rng, **kwargs):
+            if "reference" in spec.slots:
+                kwargs.update(references_bf=repeated[0], reference_mask_bf=repeated[1])
             return judging.score_outside_jit(
                 frozen.judge, parts.models.judge, spec, parts.policy_tokenizer, parts.judge_tokenizer,
                 roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, rng,
-                rows_per_prompt=self.c.eval.samples_per_prompt, **kwargs)
+                rows_per_prompt=n, **kwargs)
 
         against_initial = dict(responses_b_br=initial.response_tokens_br, response_b_mask_br=initial.response_mask_br)
-        # A pairwise reward judge scores the current policy's response against the initial policy's.
-        scores, jm = judge(parts.judge_spec, k_score,
-                           **(against_initial if parts.judge_spec.mode == "pairwise" else {}))
+        # A pairwise reward judge scores the current policy's response against its baseline (see the docstring).
+        baseline = {}
+        if parts.judge_spec.mode == "pairwise":
+            baseline = (dict(responses_b_br=repeated[0], response_b_mask_br=repeated[1])
+                        if self.c.reward.pairwise_baseline == "dataset_reference" else against_initial)
+        scores, jm = judge(parts.judge_spec, k_score, **baseline)
         out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
         if self.pair_spec is not None:
             out["win"], pm = judge(self.pair_spec, k_pair, **against_initial)
@@ -110,11 +119,13 @@ class Evaluator:
         for i, batch in enumerate(self.batches):
             k_init, k_roll, k_judge = jax.random.split(jax.random.fold_in(key, i), 3)
             tokens, mask = data_lib.to_global((batch.tokens_bp, batch.mask_bp), shd.batch_sharding(self.mesh, 1))
+            references = () if batch.reference_bf is None else data_lib.to_global(
+                (batch.reference_bf, batch.reference_mask_bf), shd.batch_sharding(self.mesh, 1))
             if self.initial[i] is None:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(state.params["policy"], tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
-            out = jax.tree.map(gather_to_host, {**self._judge(frozen, roll, self.initial[i], k_judge),
+            out = jax.tree.map(gather_to_host, {**self._judge(frozen, roll, self.initial[i], references, k_judge),
                                                 **self._policy_stats(state.params["policy"], frozen.reference, roll)})
             valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             prompt_tokens, response_tokens, response_mask = map(gather_to_host, (

@@ -53,6 +53,8 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
         "reference+old logprobs": (1 if dpo else 2) * 2 * Np * seq,
         "update": c.algo.epochs * 3 * 2 * Np * seq,
     }
+    if c.reward.pairwise_baseline == "reference_sample":  # the reference policy's one sample per prompt
+        flops["baseline rollout"] = 2 * Np * B * (P + R)
     if c.critic.kind == "separate":
         Nc = matmul_params(models.critic or models.policy)
         flops["critic"] = 2 * Nc * seq * (1 + 3 * c.algo.epochs)
@@ -69,12 +71,19 @@ def memory_gib(compiled) -> dict[str, float]:
             "peak_gib": peak / GIB}
 
 
+def step_data(c: ml_collections.ConfigDict, prompts_bp: jax.ShapeDtypeStruct) -> tuple:
+    """The step's data arguments as shapes: prompts and mask, then references and mask with data.reference_field."""
+    references_bf = jax.ShapeDtypeStruct((prompts_bp.shape[0], c.data.max_reference_len), jnp.int32,
+                                         sharding=prompts_bp.sharding)
+    return (prompts_bp, prompts_bp) + ((references_bf, references_bf) if c.data.reference_field else ())
+
+
 def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, prompts_bp) -> dict[str, Any]:
     """The host path's three programs compiled from shapes, each fed what the one before hands it in training:
     {"rollout": compiled, "judge forward": compiled, "learn": compiled}."""
     step, models, spec = parts.step_fn, parts.models, parts.judge_spec
-    rollout = step.sample.lower(parts.state, prompts_bp, prompts_bp).compile()
-    roll, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
+    rollout = step.sample.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()
+    roll, _, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
     # The judge rows come from the host: re-tokenised, padded to max_len, one query per row, query-major.
     examples = ts.judged_examples(c)
     queries = examples * spec.queries_per_example
@@ -102,7 +111,7 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
                                           sharding=shd.batch_sharding(mesh, 2))
         t0 = time.perf_counter()
         if parts.judge_spec.path == "token_space":
-            programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, prompts_bp, prompts_bp).compile()}
+            programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()}
         else:
             programs = compile_host_path(c, parts, prompts_bp)
         compile_s = time.perf_counter() - t0

@@ -33,6 +33,8 @@ from rlaif_jax import reward_rules
 from rlaif_jax.ops import KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_whiten
 
 SCORE_NORMS = ("none", "whiten", "running")
+# What a pairwise judge's reward compares each sample with (the score is P(sample better than it), both orders).
+PAIRWISE_BASELINES = ("reference_sample", "dataset_reference")
 MISSING_STOP_MODES = ("replace", "add", "none")
 
 
@@ -41,6 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # --- composite score ---
     c.judge_weight = 1.0          # weight of the judge's score
+    # A pairwise judge (judge.mode="pairwise") as the reward of a PPO-family estimator: the score of a sample is
+    # P(it beats a baseline response for its prompt), both presentation orders. "reference_sample": one sample of
+    # the frozen reference policy per prompt, generated in the same step; "dataset_reference": the data's
+    # reference response (config.data.reference_field). "" for every other judge mode (and for online_dpo).
+    c.pairwise_baseline = ""
     c.rules = {}                  # rule name -> its parameters, terms computed in the step (reward_rules.py),
     #                               e.g. {"repeated_ngrams": {"n": 3}, "stop_token": {}}; set the whole dict
     c.rule_weights = {}           # rule name -> weight, one for every rule: {"repeated_ngrams": -1.0, ...}
@@ -68,6 +75,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError with what to change when the `reward` section is inconsistent."""
     if cfg.kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"reward.kl_estimator={cfg.kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+    if cfg.pairwise_baseline and cfg.pairwise_baseline not in PAIRWISE_BASELINES:
+        raise ValueError(f"reward.pairwise_baseline={cfg.pairwise_baseline!r}; choose one of {PAIRWISE_BASELINES} "
+                         "(or '' when the judge is not pairwise)")
     if cfg.score_norm not in SCORE_NORMS:
         raise ValueError(f"reward.score_norm={cfg.score_norm!r}; choose one of {SCORE_NORMS}")
     if cfg.missing_stop_mode not in MISSING_STOP_MODES:

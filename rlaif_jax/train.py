@@ -94,7 +94,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
         # ---- 5 the loop
         for step in range(start + 1, c.train.steps + 1):
             batch = data_lib.to_global(next(train_loader), batch_sharding)
-            state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp)
+            references = () if batch.reference_bf is None else (batch.reference_bf, batch.reference_mask_bf)
+            state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references)
             if c.eval.every and (step % c.eval.every == 0 or step == c.train.steps):
                 metrics = {**metrics, **evaluator.evaluate(state, frozen, step, writer)}
             writer.write(step, metrics)

@@ -1,6 +1,6 @@
 """The one compiled RLAIF step: rollout -> judge -> reference/values -> shaping -> advantages -> update.
 
-    train_step(state, frozen, prompts_bp, prompt_mask_bp) -> (state, metrics)
+    train_step(state, frozen, prompts_bp, prompt_mask_bp[, references_bf, reference_mask_bf]) -> (state, metrics)
 
 is one `jax.jit` with in/out shardings on the mesh and `state` donated. Python only feeds prompts in and
 reads metrics out. The phases are separate functions so that (a) the host-judge path (judge tokenizer differs
@@ -12,6 +12,10 @@ Trainable params are one pytree, `state.params`:
   {"policy": ..., "value_head": {kernel, bias}}          critic.kind == "value_head" (shares the backbone)
   {"policy": ..., "critic": {"backbone": ..., "head": ...}}   critic.kind == "separate"
 One optax optimiser updates all of it; the frozen reference and judge live in `frozen`.
+
+A pairwise judge as the reward of the PPO family scores each sample against a baseline response of its prompt
+(`judge_inputs`): a sample of the frozen reference policy drawn in the same step, or the data's reference response
+passed in with the prompts (`reward.pairwise_baseline`).
 
 Online DPO (`algo.estimator = "online_dpo"`, critic.kind == "none") runs the same rollout, then judges every two
 samples of a prompt with the pairwise judge (`judge_phase`), and learns from each prompt's chosen and rejected
@@ -287,16 +291,37 @@ def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, param
     return rollout_lib.rollout(params["policy"], models.policy, prompts_bp, prompt_mask_bp, key, sampling)
 
 
+def judge_inputs(c: ml_collections.ConfigDict, models: Models, sampling: rollout_lib.SamplingConfig, frozen: Frozen,
+                 prompts_bp, prompt_mask_bp, references_bf, reference_mask_bf, key) -> dict:
+    """The judge's inputs besides the rollout, as keyword arguments of `judging.score` with rows repeated for the n
+    samples of each prompt: the data's reference responses for a {reference} slot, and the baseline a pairwise
+    reward compares every sample with (`reward.pairwise_baseline`): one sample of the frozen reference policy per
+    prompt, drawn here (an extra rollout of B rows at the policy's sampling settings), or the data's reference.
+    Empty for every other judge (and for online_dpo, which pairs the samples themselves)."""
+    n, out = c.rollout.n_samples, {}
+    repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  prompt-major rows: prompt * n + sample
+    if references_bf is not None and "{reference}" in (c.judge.template or ""):
+        out.update(references_bf=repeat(references_bf), reference_mask_bf=repeat(reference_mask_bf))
+    if c.reward.pairwise_baseline == "reference_sample":
+        base = rollout_lib.rollout(frozen.reference, models.policy, prompts_bp, prompt_mask_bp, key,
+                                   dataclasses.replace(sampling, n_samples=1))
+        out.update(responses_b_br=repeat(base.response_tokens_br), response_b_mask_br=repeat(base.response_mask_br))
+    elif c.reward.pairwise_baseline == "dataset_reference":
+        out.update(responses_b_br=repeat(references_bf), response_b_mask_br=repeat(reference_mask_bf))
+    return out
+
+
 def judged_examples(c: ml_collections.ConfigDict) -> int:
     """Examples of one step's judge call (`judge_phase`): each response, or online_dpo's pairs of samples."""
     B, n = c.train.batch_size, c.rollout.n_samples
     return B * len(algorithms.sample_pairs(n)[0]) if c.algo.estimator == "online_dpo" else B * n
 
 
-def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_lib.Rollout, key
-                ) -> tuple[jax.Array, judging.JudgeMetrics]:
+def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_lib.Rollout, key,
+                inputs: dict | None = None) -> tuple[jax.Array, judging.JudgeMetrics]:
     """Phase 2: the judge's score of every rollout row, (B,), and its metrics. `score_fn` is `judging.score` (or
-    `judging.score_host`) with the judge's params, config and spec bound.
+    `judging.score_host`) with the judge's params, config and spec bound; `inputs` its other inputs
+    (`judge_inputs`: references, a pairwise reward's baseline responses).
 
     online_dpo: the pairwise judge compares every two samples of a prompt (`algorithms.sample_pairs`), both
     orders, in one batch; a row's score is its win rate against the other samples of its prompt
@@ -306,7 +331,7 @@ def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_
     n = c.rollout.n_samples
     if c.algo.estimator != "online_dpo":
         # rows_per_prompt: the n samples of a prompt are judged under one principle (principles mode).
-        return score_fn(prompt, pmask, resp, rmask, key, rows_per_prompt=n)
+        return score_fn(prompt, pmask, resp, rmask, key, rows_per_prompt=n, **(inputs or {}))
     first, second = algorithms.sample_pairs(n)
     group_start = np.arange(resp.shape[0] // n)[:, None] * n
     rows_a, rows_b = (group_start + first).reshape(-1), (group_start + second).reshape(-1)
@@ -467,11 +492,14 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
     """The un-jitted fused step: all six phases in one function (see `make_train_step`)."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
 
-    def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
+    def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp, references_bf=None,
+             reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
         roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
+        inputs = judge_inputs(c, models, sampling, frozen, prompts_bp, prompt_mask_bp, references_bf,
+                              reference_mask_bf, jax.random.fold_in(k_roll, 1))
         score_fn = functools.partial(judging.score, frozen.judge, models.judge, judge_spec)
-        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge)
+        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         judge_metrics = judge_metrics.summary(judge_spec)
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
@@ -479,13 +507,20 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
     return step
 
 
+def batch_shardings(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple:
+    """Shardings of the step's data arguments: prompts and their mask, then the references and their mask when
+    config.data.reference_field is set (the step is called with those two only then)."""
+    batch = shd.batch_sharding(mesh, 2)
+    return (batch,) * (4 if c.data.reference_field else 2)
+
+
 def make_train_step(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec,
                     mesh: jax.sharding.Mesh, state_shardings, frozen_shardings) -> Callable:
-    """`train_step(state, frozen, prompts_bp, prompt_mask_bp) -> (state, metrics)`, one jax.jit with in/out
-    shardings on `mesh` and the state donated: it compiles once per run."""
-    batch = shd.batch_sharding(mesh, 2)
+    """`train_step(state, frozen, prompts_bp, prompt_mask_bp, references_bf=None, reference_mask_bf=None) ->
+    (state, metrics)`, one jax.jit with in/out shardings on `mesh` and the state donated: it compiles once per run.
+    The references (right-padded, `data.PromptBatch`) are passed when config.data.reference_field is set."""
     return jax.jit(make_step_fn(c, models, judge_spec),
-                   in_shardings=(state_shardings, frozen_shardings, batch, batch),
+                   in_shardings=(state_shardings, frozen_shardings, *batch_shardings(c, mesh)),
                    out_shardings=(state_shardings, shd.replicated(mesh)),
                    donate_argnums=0)
 
@@ -494,13 +529,16 @@ def make_train_step(c: ml_collections.ConfigDict, models: Models, judge_spec: ju
 class HostJudgeStep:
     """The step of the host judge path (`make_host_judge_step`), called like the fused step. Its two compiled
     programs are fields so that plan mode can compile each from shapes."""
-    sample: Callable  # jit: (state, prompts_bp, prompt_mask_bp) -> (rollout, keys = (rng, k_judge, k_update))
-    judge: Callable   # host: (frozen, rollout, k_judge) -> (scores_b, judge metrics summary)
+    sample: Callable  # jit: (state, frozen, prompts_bp, prompt_mask_bp[, references_bf, reference_mask_bf])
+    #                   -> (rollout, judge inputs (`judge_inputs`), keys = (rng, k_judge, k_update))
+    judge: Callable   # host: (frozen, rollout, judge inputs, k_judge) -> (scores_b, judge metrics summary)
     learn: Callable   # jit, state donated: (state, frozen, rollout, scores_b, judge_metrics, keys) -> (state, metrics)
 
-    def __call__(self, state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp):
-        roll, keys = self.sample(state, prompts_bp, prompt_mask_bp)
-        scores_b, judge_metrics = self.judge(frozen, roll, keys[1])
+    def __call__(self, state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp, references_bf=None,
+                 reference_mask_bf=None):
+        references = () if references_bf is None else (references_bf, reference_mask_bf)
+        roll, inputs, keys = self.sample(state, frozen, prompts_bp, prompt_mask_bp, *references)
+        scores_b, judge_metrics = self.judge(frozen, roll, inputs, keys[1])
         return self.learn(state, frozen, roll, scores_b, judge_metrics, keys)
 
 
@@ -511,18 +549,20 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
     with host-side decode -> render -> re-tokenise -> judge forward between them. Same signature and the same
     PRNG stream as the fused step, so both paths sample the same responses."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
-    batch, replicated = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
+    replicated = shd.replicated(mesh)
 
-    @functools.partial(jax.jit, in_shardings=(state_shardings, batch, batch))
-    def sample(state, prompts_bp, prompt_mask_bp):
+    @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, *batch_shardings(c, mesh)))
+    def sample(state, frozen, prompts_bp, prompt_mask_bp, references_bf=None, reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
-        return rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll), (
-            rng, k_judge, k_update)
+        roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
+        inputs = judge_inputs(c, models, sampling, frozen, prompts_bp, prompt_mask_bp, references_bf,
+                              reference_mask_bf, jax.random.fold_in(k_roll, 1))
+        return roll, inputs, (rng, k_judge, k_update)
 
-    def judge(frozen, roll, k_judge):
+    def judge(frozen, roll, inputs, k_judge):
         score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec, policy_tokenizer,
                                      judge_tokenizer)
-        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge)
+        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         return scores_b, judge_metrics.summary(judge_spec)
 
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),

@@ -98,6 +98,8 @@ REJECTED = {
                      "config.eval.samples_per_prompt=0 must be >= 1"),
     "ground_truth": ({"eval.ground_truth": "no_such_module:grade"},
                      "config.eval.ground_truth='no_such_module:grade': module 'no_such_module' does not import"),
+    "win_rate_reward_model": ({"judge.mode": "reward_model"}, "config.eval.win_rate=True asks the judge to compare "
+                              "two responses, which a reward model (judge.mode='reward_model') cannot"),
     "pairwise_template_unused": ({"eval.win_rate": False}, "config.eval.pairwise_template is only used for the "
                                  "win rate"),
     # policy, critic, compute
@@ -169,11 +171,36 @@ def test_rules_and_their_weights_validate():
     config_lib.validate(c, num_devices=1)
 
 
-def test_a_pairwise_reward_judge_needs_online_dpo():
+PAIRWISE = {"judge.mode": "pairwise", "judge.template": "Q : {prompt} R : {response} R : {response_b} S :"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (PAIRWISE, "config.judge.mode='pairwise' scores each sample against a baseline: set "
+               "reward.pairwise_baseline='reference_sample'"),
+    ({"reward.pairwise_baseline": "reference_sample"}, "reward.pairwise_baseline='reference_sample' is only read by "
+                                                        "a pairwise judge's reward"),
+    ({**PAIRWISE, "reward.pairwise_baseline": "dataset_reference"}, "reward.pairwise_baseline='dataset_reference' "
+                                                                     "needs config.data.reference_field"),
+    ({**PAIRWISE, "reward.pairwise_baseline": "reference"}, "reward.pairwise_baseline='reference'; choose one of"),
+    ({"data.reference_field": "answer"}, "config.data.reference_field='answer' is read by nothing"),
+    ({"judge.template": "Q : {prompt} R : {response} Ref : {reference} S :"}, "config.judge.template has "
+                                                                                "{reference}: set config.data."),
+    ({"data.max_reference_len": 0}, "config.data.max_reference_len=0 must be >= 1"),
+])
+def test_pairwise_rewards_and_references_are_checked(changes, message):
     c = tiny()
-    with c.unlocked():
-        c.judge.mode = "pairwise"
-        c.judge.template = "Q : {prompt} R : {response} R : {response_b} S :"
-    with pytest.raises(ValueError, match=re.escape("config.judge.mode='pairwise' gives a reward only to "
-                                                   "algo.estimator='online_dpo'")):
+    set_fields(c, changes)
+    with pytest.raises(ValueError) as e:
         config_lib.validate(c, num_devices=1)
+    assert "\n" not in str(e.value) and str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("changes", [
+    {**PAIRWISE, "reward.pairwise_baseline": "reference_sample"},
+    {**PAIRWISE, "reward.pairwise_baseline": "dataset_reference", "data.reference_field": "answer"},
+    {"judge.template": "Q : {prompt} R : {response} Ref : {reference} S :", "data.reference_field": "answer"},
+])
+def test_pairwise_rewards_and_references_that_validate(changes):
+    c = tiny()
+    set_fields(c, changes)
+    config_lib.validate(c, num_devices=1)

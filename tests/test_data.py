@@ -255,3 +255,31 @@ def test_to_global(prompts):
 def test_default_config_is_plain():
     c = data.default_config()
     assert isinstance(c, ml_collections.ConfigDict) and c.max_prompt_len > 0
+
+
+def test_reference_responses_are_right_padded_with_eos_and_counted(tmp_path, tok):
+    """config.data.reference_field: each reference is its tokens then EOS, right-padded like a sampled response,
+    cut at its end to max_reference_len (counted); a row without a reference is rejected with the blank prompts."""
+    rows = [{"prompt": "a b", "ref": "hello world"}, {"prompt": "c", "ref": ""},
+            {"prompt": "d e", "ref": "why sky blue q ctx"}, {"prompt": "f", "ref": "a"}]
+    cfg = cfg_for(write(tmp_path, "jsonl", rows), reference_field="ref", max_reference_len=4, shuffle=False)
+    train, _ = data.load_prompts(cfg, tok, 3)
+    assert (train.prompts.num_rejected, train.prompts.num_reference_truncated) == (1, 1)
+    assert "1 references cut to 4 tokens" in train.prompts.summary()
+    batch = next(train)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    want = [ids_of("hello world") + [eos, pad], ids_of("why sky blue q"), ids_of("a") + [eos, pad, pad]]
+    np.testing.assert_array_equal(batch.reference_bf, want)
+    np.testing.assert_array_equal(batch.reference_mask_bf, [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    assert next(data.PromptLoader(train.prompts, 3)).reference_bf.shape == (3, 4)
+
+
+def test_a_missing_reference_column_is_named(tmp_path, tok):
+    cfg = cfg_for(write(tmp_path, "jsonl"), reference_field="reference")
+    with pytest.raises(ValueError, match="config.data.reference_field='reference' is not a dataset column"):
+        data.load_prompts(cfg, tok, 2)
+
+
+def test_no_reference_field_no_reference_arrays(prompts):
+    batch = next(data.PromptLoader(prompts, 4))
+    assert batch.reference_bf is None and batch.reference_mask_bf is None

@@ -1,4 +1,5 @@
 """The compiled RLAIF step on tiny models: one compilation, 1 vs 8 devices, learning, KL, the NaN guard."""
+import dataclasses
 import functools
 import os
 
@@ -416,8 +417,8 @@ def test_host_path_step_and_evaluation_judge_each_group_by_one_principle(world, 
     monkeypatch.setattr(judging, "score_outside_jit", recording("eval", score_outside_jit))
     tokens, mask = prompts(world)
     with shd.use_rules([tuple(r) for r in c.mesh.rules]), jax.set_mesh(mesh):
-        roll, keys = s.step_fn.sample(s.state, tokens, mask)
-        s.step_fn.judge(s.frozen, roll, keys[1])
+        roll, inputs, keys = s.step_fn.sample(s.state, s.frozen, tokens, mask)
+        s.step_fn.judge(s.frozen, roll, inputs, keys[1])
         _, eval_loader = data_lib.load_prompts(c.data, s.policy_tokenizer, c.train.batch_size)
 
         class Samples:
@@ -543,3 +544,68 @@ def test_online_dpo_evaluation_scores_against_the_initial_policy(dpo, world):
         out = evaluator.evaluate(s.state, frozen, 0, Samples())
     assert 0.0 < out["eval/judge_score"] < 1.0
     assert out["eval/judge_score"] == out["eval/win_rate"]
+
+
+# ------------------------------------------------------------------------------------ pairwise reward, PPO family
+PAIRWISE = {"algo.epochs": 1, "algo.minibatches": 1, "critic.kind": "none", "algo.estimator": "grpo",
+            "rollout.n_samples": 2, "judge.mode": "pairwise", "judge.template": DPO["judge.template"],
+            "judge.max_len": 32, "reward.kl_coef": 0.0}
+
+
+def pairwise_frozen(s):
+    """A perturbed judge (the hand-built one prefers neither response) and a reference far from the policy, so a
+    baseline drawn from the policy instead would give other responses and other scores."""
+    return s.frozen.replace(judge=perturbed(s.frozen.judge, 0.3, 1), reference=perturbed(s.frozen.reference, 0.5, 2))
+
+
+def expected_pairwise_scores(c, s, frozen, tokens, mask, base_resp, base_mask):
+    """Independently of `train_step.judge_inputs`: the step's rollout (its keys), each row judged (both orders)
+    against the baseline response of its prompt, prompt-major rows prompt * n + sample."""
+    n = s.sampling.n_samples
+    _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask, k_roll)
+    rows = np.arange(len(tokens) * n) // n
+    p, _ = judging.score_jit(frozen.judge, s.models.judge, s.judge_spec, roll.prompt_tokens_bp, roll.prompt_mask_bp,
+                             roll.response_tokens_br, roll.response_mask_br, k_judge, rows_per_prompt=n,
+                             responses_b_br=np.asarray(base_resp)[rows], response_b_mask_br=np.asarray(base_mask)[rows])
+    return np.asarray(p), roll
+
+
+def test_pairwise_reward_against_a_sample_of_the_reference_policy(world):
+    """reward.pairwise_baseline='reference_sample': the step samples one response per prompt from the frozen reference
+    and scores every sample by P(it beats that response); judge/score is their mean, to float rounding."""
+    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "reference_sample"})
+    s = build(c, one_device_mesh())
+    frozen = pairwise_frozen(s)
+    tokens, mask = prompts(world)
+    _, (metrics,) = run_steps(s, one_device_mesh(), s.state, 1, [(tokens, mask)], frozen=frozen)
+    _, k_roll, _, _ = jax.random.split(s.state.rng, 4)
+    one = dataclasses.replace(s.sampling, n_samples=1)
+    base = rollout_lib.rollout(frozen.reference, s.models.policy, tokens, mask, jax.random.fold_in(k_roll, 1), one)
+    from_policy = rollout_lib.rollout(s.state.params["policy"], s.models.policy, tokens, mask,
+                                      jax.random.fold_in(k_roll, 1), one)
+    assert not np.array_equal(base.response_tokens_br, from_policy.response_tokens_br)
+    want, _ = expected_pairwise_scores(c, s, frozen, tokens, mask, base.response_tokens_br, base.response_mask_br)
+    assert np.ptp(want) > 0.05
+    np.testing.assert_allclose(metrics["judge/score"], want.mean(), rtol=1e-5)
+    assert "judge/position_agreement" in metrics and int(metrics["guard/skipped_updates"]) == 0
+
+
+def test_pairwise_reward_against_the_dataset_reference(world):
+    """reward.pairwise_baseline='dataset_reference': the step takes the batch's right-padded references as the
+    baseline of every sample of their prompt."""
+    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "dataset_reference",
+                                          "data.reference_field": "reference", "data.max_reference_len": 5})
+    s = build(c, one_device_mesh())
+    frozen = pairwise_frozen(s)
+    tokens, mask = prompts(world)
+    rng = np.random.default_rng(7)
+    eos = s.policy_tokenizer.eos_token_id
+    content = [tiny.WORDS.index(w) for w in tiny.CONTENT]
+    refs = [list(rng.choice(content, size=rng.integers(1, 5))) + [eos] for _ in range(len(tokens))]
+    ref_bf, ref_mask_bf = data_lib.right_pad(refs, 5, s.policy_tokenizer.pad_token_id)
+    with jax.set_mesh(one_device_mesh()):
+        _, metrics = s.step_fn(jax.tree.map(jnp.copy, s.state), frozen, tokens, mask, ref_bf, ref_mask_bf)
+    want, _ = expected_pairwise_scores(c, s, frozen, tokens, mask, ref_bf, ref_mask_bf)
+    assert np.ptp(want) > 0.05
+    np.testing.assert_allclose(metrics["judge/score"], want.mean(), rtol=1e-5)

@@ -4,8 +4,9 @@ The judge is any model `rlaif_jax.models` loads (its own family and size), on th
 Its prompt is a text template from `config.judge` with slots
 
     {prompt} {response}            always available ({response} is required)
-    {response_b}                   pairwise: the second response
-    {reference}                    an optional reference answer supplied by the caller
+    {response_b}                   pairwise: the second response (online_dpo: another sample of the prompt; a
+                                   pairwise reward: the baseline, `reward.pairwise_baseline`)
+    {reference}                    the data's reference response (`config.data.reference_field`)
     {principle}                    one principle per prompt (shared by its n samples), sampled from
                                    `config.judge.principles` (`sample_principles`)
     {criterion}                    rubric: the yes/no question of each criterion
