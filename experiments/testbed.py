@@ -3,8 +3,8 @@
     python -m rlaif_jax.train --config experiments/testbed.py --workdir runs/testbed
     python -m rlaif_jax.train --config experiments/testbed.py:small --workdir /tmp/tb   # 40 steps: the tests
 
-Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance,
-kl=COEF, steps=N.
+Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance|pairwise,
+estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient), steps=N.
 
 The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
 sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
@@ -16,7 +16,13 @@ over the three criteria (`judge.mode = "rubric"`). The ground-truth grader is on
 with a bias towards responses that repeat topic words, so the policy can raise the judge score by stuffing
 keywords while coherence (and the ground-truth pass rate) falls. `kl=0` removes the other guard-rail.
 
-The testbed's judge is not trained to compare two responses, so the pairwise win-rate evaluation is off here.
+`judge=pairwise` asks the judge which of two responses to the instruction is better ("Instruction : ... Response
+A : ... Response B : ... Better response :" -> A / B), in both presentation orders; its score is P(first response
+better). `estimator=online_dpo` (which needs judge=pairwise) learns from those preferences between every two of a
+prompt's samples, with no reward shaping: its pull to the reference is algo.dpo_beta, not kl.
+
+The judge is trained on the pairwise question too, so the evaluation reports the win rate against the initial
+policy (`eval.win_rate`, the same judge asked the pairwise question) for every judge setting.
 
 The models and the prompt file are those of the testbed's default build (rlaif_jax/testbed/build.py). This
 config only names their cache folders; `testbed.build` asks the training program to build them (deterministic,
@@ -32,9 +38,14 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, small=False, seed=0, judge="rubric", kl=0.1, steps=0)
-    if a.judge not in ("rubric", "relevance"):
-        raise ValueError(f"testbed judge={a.judge!r}; use rubric or relevance")
+    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=0.1, steps=0)
+    if a.judge not in ("rubric", "relevance", "pairwise"):
+        raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
+    if a.estimator not in ("grpo", "online_dpo"):
+        raise ValueError(f"testbed estimator={a.estimator!r}; use grpo or online_dpo")
+    if a.estimator == "online_dpo" and a.judge != "pairwise":
+        raise ValueError(f"testbed estimator=online_dpo learns from preferences: it needs judge=pairwise, not "
+                         f"judge={a.judge}")
     # The small variant uses the same models (a faster-built judge does not learn relevance well enough to train
     # against).
     art = build.locate(build.default_config())
@@ -44,12 +55,19 @@ def get_config(arg: str = ""):
     c.seed = a.seed
     c.policy.path = art.policy_dir
     c.judge.path = art.judge_dir
-    c.judge.mode = "rubric"
-    c.judge.template = world.JUDGE_RUBRIC_TEMPLATE
-    c.judge.yes_no_tokens = world.JUDGE_ANSWERS
-    names = list(CRITERIA) if a.judge == "rubric" else ["relevance"]
-    c.judge.criteria = tuple(dict(name=n, question=CRITERIA[n], weight=1.0 / len(names)) for n in names)
-    c.judge.max_len = 40
+    if a.judge == "pairwise":
+        c.judge.mode = "pairwise"
+        c.judge.template = world.JUDGE_PAIRWISE_TEMPLATE
+    else:
+        c.judge.mode = "rubric"
+        c.judge.template = world.JUDGE_RUBRIC_TEMPLATE
+        c.judge.yes_no_tokens = world.JUDGE_ANSWERS
+        names = list(CRITERIA) if a.judge == "rubric" else ["relevance"]
+        c.judge.criteria = tuple(dict(name=n, question=CRITERIA[n], weight=1.0 / len(names)) for n in names)
+    c.judge.option_tokens = world.PAIRWISE_ANSWERS  # the pairwise judge's, and the win rate's
+    # Every judge row, the win rate's pairwise ones included: <bos> + 11 template words + 4 instruction words +
+    # 2 responses of up to rollout.max_new_tokens = 20 (the stop token is not shown).
+    c.judge.max_len = 56
 
     c.data.path = art.prompts_file
     c.data.max_prompt_len = 5
@@ -61,15 +79,24 @@ def get_config(arg: str = ""):
     c.rollout.n_samples = 4
 
     c.critic.kind = "none"
-    c.algo.estimator = "grpo"
+    c.algo.estimator = a.estimator
     c.algo.epochs = 1
     c.algo.minibatches = 2
-    c.reward.kl_coef = a.kl
     c.reward.kl_estimator = "k3"
     c.reward.kl_in_reward = False  # GRPO-style: KL as a loss term
-    # A response that never emits <eos> gets the lowest rubric score: the judge reads text, not termination.
-    c.reward.missing_stop_mode = "replace"
-    c.reward.missing_stop_penalty = 0.0
+    if a.estimator == "online_dpo":  # no scalar reward to shape (config._check_online_dpo)
+        c.reward.kl_coef = 0.0
+        c.reward.missing_stop_mode = "none"
+    else:
+        c.reward.kl_coef = a.kl
+        # A response that never emits <eos> gets the lowest score: the judge reads text, not termination.
+        c.reward.missing_stop_mode = "replace"
+        c.reward.missing_stop_penalty = 0.0
+        # TODO(merge): main's reward.pairwise_baseline (not in this branch) makes a pairwise judge's GRPO reward
+        # P(the response beats a sample of the reference policy); until then validation refuses judge=pairwise
+        # with grpo. Enable when merging:
+        # if a.judge == "pairwise":
+        #     c.reward.pairwise_baseline = "reference_sample"
 
     c.optim.learning_rate = 1e-3
     c.optim.max_grad_norm = 1.0
@@ -82,7 +109,8 @@ def get_config(arg: str = ""):
     c.eval.every = 20 if a.small else 25
     c.eval.max_prompts = 20
     c.eval.samples_per_prompt = 8
-    c.eval.win_rate = False
+    c.eval.win_rate = True
+    c.eval.pairwise_template = world.JUDGE_PAIRWISE_TEMPLATE
     c.eval.ground_truth = "rlaif_jax.testbed.task:ground_truth"
     c.checkpoint.every_steps = 50
     c.logging.progress_bar = True

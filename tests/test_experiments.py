@@ -27,6 +27,8 @@ ARGS = {
                    "policy=/models/sft,judge=google/gemma-2-9b-it,fsdp=4,steps=10"],
     "cai_hh": ["", "runlocal", "fsdp=2"],
     "ppo_tldr_details": ["", "runlocal", "policy=/ckpt/sft,rm=/ckpt/rm,fsdp=8,steps=5"],
+    # judge=pairwise with the grpo estimator needs main's reward.pairwise_baseline (TODO(merge) in the file).
+    "testbed": ["", "small", "judge=relevance", "judge=pairwise,estimator=online_dpo"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
                      for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")) if not p.endswith("__init__.py"))
@@ -109,6 +111,24 @@ def test_cai_hh_uses_principles_and_the_harmless_subset():
     assert (c.data.path, c.data.data_dir, c.data.prompt_field) == ("Anthropic/hh-rlhf", "harmless-base", "chosen")
     assert c.data.prompt_parser == "hh_transcript" and c.data.use_chat_template
     assert c.reward.kl_coef == 0.05 and c.rollout.temperature == 0.9
+
+
+def test_testbed_pairwise_judge_and_online_dpo():
+    """judge=pairwise asks the testbed judge's trained pairwise question; online_dpo turns reward shaping off and
+    needs that judge; every setting reports the win rate with the same template and answer words."""
+    from rlaif_jax.testbed import world
+    c = get("testbed", "judge=pairwise,estimator=online_dpo")
+    assert (c.judge.mode, c.judge.template, tuple(c.judge.option_tokens)) == (
+        "pairwise", world.JUDGE_PAIRWISE_TEMPLATE, world.PAIRWISE_ANSWERS)
+    assert c.algo.estimator == "online_dpo" and c.reward.kl_coef == 0.0 and c.reward.missing_stop_mode == "none"
+    for arg in ("", "judge=pairwise,estimator=online_dpo"):
+        c = get("testbed", arg)
+        assert c.eval.win_rate and c.eval.pairwise_template == world.JUDGE_PAIRWISE_TEMPLATE
+        assert tuple(c.judge.option_tokens) == world.PAIRWISE_ANSWERS
+    with pytest.raises(ValueError, match="judge=pairwise"):
+        get("testbed", "estimator=online_dpo")
+    with pytest.raises(ValueError, match="estimator"):
+        get("testbed", "estimator=ppo")
 
 
 @pytest.mark.parametrize("name", ["rlaif_tldr", "cai_hh", "ppo_tldr_details"])

@@ -16,7 +16,7 @@ def test_vocabulary_has_specials_first_and_judge_words():
     assert len(set(world.VOCAB)) == len(world.VOCAB)
     assert 60 <= world.VOCAB_SIZE <= 150
     for w in ("Instruction", "Response", "Is", "the", "response", "relevant", "coherent", "harmless", "?",
-              "Answer", ":", "Yes", "No", "1", "5", "."):
+              "Answer", ":", "Yes", "No", "1", "5", ".", "A", "B", "Better"):
         assert w in world.WORD_TO_ID
     # No related word belongs to two topics.
     related = [w for rel in world.TOPICS.values() for w in rel]
@@ -155,6 +155,35 @@ def test_tokenizer_is_compositional_at_whitespace(hf_tokenizer):
     assert enc("the cat is big . <eos>")[-1] == world.EOS_ID
 
 
+def test_pairwise_template_is_single_known_tokens(hf_tokenizer):
+    """Every word of the pairwise template (and its answers) is one token of its own, none <unk>; "A" is not
+    "a"; the judging module's check that the template tokenises piecewise passes without a warning."""
+    import warnings
+
+    import ml_collections
+
+    from rlaif_jax import judging
+    tok = hf_tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    fixed = world.JUDGE_PAIRWISE_TEMPLATE.format(prompt="", response="", response_b="").split()
+    assert fixed == ["Instruction", ":", "Response", "A", ":", "Response", "B", ":", "Better", "response", ":"]
+    for w in fixed + list(world.PAIRWISE_ANSWERS):
+        assert enc(w) == [world.WORD_TO_ID[w]] and world.WORD_TO_ID[w] != world.UNK_ID
+    assert world.WORD_TO_ID["A"] != world.WORD_TO_ID["a"]
+    assert not set(world.PAIRWISE_ANSWERS + ("Better",)) & world.RESPONSE_WORDS  # a response never holds them
+    s = data.sample_pairs(np.random.default_rng(0), 2, data.default_config().judge_mode_probs)
+    text = world.JUDGE_PAIRWISE_TEMPLATE.format(prompt=s[0].instruction.text, response=" ".join(s[0].words),
+                                                response_b=" ".join(s[1].words))
+    assert enc(text) == world.words_to_ids(data.judge_prompt_words(s[0].instruction, s[0].words, "pairwise",
+                                                                   s[1].words))
+    cfg = ml_collections.ConfigDict(judging.default_config("pairwise").to_dict())
+    cfg.template, cfg.option_tokens, cfg.max_len = world.JUDGE_PAIRWISE_TEMPLATE, world.PAIRWISE_ANSWERS, 56
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = judging.make_spec(cfg, tok, tok)
+    assert spec.score_ids == tuple(world.words_to_ids(world.PAIRWISE_ANSWERS))
+
+
 # ---------------------------------------------------------------------------- data generation
 def test_mode_proportions_and_their_grades():
     cfg = data.default_config()
@@ -215,6 +244,9 @@ def test_judge_examples_format_and_label_noise():
     for e in examples:
         words = world.ids_to_words(e.ids)
         assert words[:3] == ["<bos>", "Instruction", ":"]
+        if e.question == "pairwise":  # its format: test_pairwise_examples_label_both_orders_by_the_grader
+            flips[e.question].append(words[-1] != world.VOCAB[e.clean_answer_id])
+            continue
         # Loss: 1 on the answer, response_lm_weight on the response (with its <eos> when shown), 0 elsewhere.
         start = words.index("Response") + 2
         end = len(words) - (11 if e.question == "score" else 8)
@@ -229,6 +261,7 @@ def test_judge_examples_format_and_label_noise():
             assert words[-5:-1] == [e.question, "?", "Answer", ":"]
             assert words[-1] in world.JUDGE_ANSWERS
         flips[e.question].append(words[-1] != truth)
+    assert set(flips) == set(data.JUDGE_QUESTIONS)
     for q, f in flips.items():
         assert abs(np.mean(f) - cfg.label_noise) < 0.03, (q, np.mean(f))
     # Scores: 5 exactly when the response passes.
@@ -237,6 +270,42 @@ def test_judge_examples_format_and_label_noise():
     assert data.true_answer(grader.GradeResult(1.0, 0.0, 1.0, 0.0), "score") == "3"
     assert data.true_answer(grader.GradeResult(0.0, 0.0, 0.0, 0.0), "score") == "1"
     assert data.true_answer(grader.GradeResult(1.0, 0.0, 1.0, 0.0), "coherent") == "No"
+
+
+def test_pairwise_examples_label_both_orders_by_the_grader():
+    """With label noise off, the answer of a pairwise question is the response that the grader ranks higher
+    (pass beats fail, then more rules satisfied), in both presentation orders; ties are never shown."""
+    cfg = data.default_config()
+    cfg.judge_question_probs = (0.0, 0.0, 0.0, 0.0, 1.0)
+    examples = data.judge_examples(np.random.default_rng(8), 600, cfg, label_noise=0.0)
+    firsts = []
+    for e in examples:
+        assert e.question == "pairwise" and e.sample_b.instruction == e.sample.instruction
+        rank_a, rank_b = (sum(g[:3]) + 10 * g.passed for g in (e.sample.grade, e.sample_b.grade))  # by hand
+        assert rank_a != rank_b
+        words = world.ids_to_words(e.ids)
+        assert words[-1] == ("A" if rank_a > rank_b else "B") == world.VOCAB[e.clean_answer_id]
+        a, b, end = words.index("A"), words.index("B"), words.index("Better")
+        assert words[:a - 1] == ["<bos>", "Instruction", ":"] + e.sample.instruction.words
+        assert words[a - 1:a + 2] == ["Response", "A", ":"] and words[b - 1:b + 2] == ["Response", "B", ":"]
+        shown_a, shown_b = words[a + 2:b - 1], words[b + 2:end]
+        assert shown_a in (e.sample.words, e.sample.words + ["<eos>"])
+        assert shown_b in (e.sample_b.words, e.sample_b.words + ["<eos>"])
+        assert ("<eos>" in shown_a) == ("<eos>" in shown_b) or not (e.sample.terminated and e.sample_b.terminated)
+        assert words[end:] == ["Better", "response", ":", words[-1]]
+        # Loss: the answer, and response_lm_weight on both responses.
+        expected = ([0.0] * (a + 2) + [cfg.response_lm_weight] * len(shown_a) + [0.0] * 3
+                    + [cfg.response_lm_weight] * len(shown_b) + [0.0] * 3 + [1.0])
+        assert e.loss_mask == expected
+        swapped = data.swap_pairwise(e)
+        assert world.ids_to_words(swapped.ids[:-1]) == (words[:a + 2] + shown_b + ["Response", "B", ":"] + shown_a
+                                                        + ["Better", "response", ":"])
+        assert world.VOCAB[swapped.clean_answer_id] == ("B" if rank_a > rank_b else "A")
+        firsts.append(rank_a > rank_b)
+    assert 0.4 < np.mean(firsts) < 0.6  # the better response is shown first about half the time
+    assert max(len(e.ids) for e in examples) <= cfg.judge_max_len
+    with pytest.raises(ValueError):
+        data.true_answer(grader.GradeResult(1.0, 0.0, 1.0, 0.0), "pairwise", grader.GradeResult(0.0, 1.0, 1.0, 0.0))
 
 
 def test_relevance_noise_decays_with_topic_mentions():
@@ -292,7 +361,13 @@ def test_build_writes_hf_folders_and_reuses_cache(fast_build):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             assert os.path.exists(os.path.join(folder, name)), (folder, name)
     with open(os.path.join(art.root, build.BUILD_INFO)) as f:
-        assert json.load(f)["cache_key"] == build.cache_key(build.fast_config())
+        info = json.load(f)
+    assert info["cache_key"] == build.cache_key(build.fast_config())
+    # The judge's held-out agreement covers every question, the pairwise one in both orders.
+    agreement = info["judge"]["agreement"]
+    for name in (*data.JUDGE_QUESTIONS, "rubric", "chance", "pairwise_both_orders", "pairwise_consistency"):
+        assert 0.0 <= agreement[name] <= 1.0, name
+    assert any("pairwise" in m for m in messages)
     again = []
     art2 = build.build(build.fast_config(), out_dir=art.root, log=again.append)
     assert art2 == art and again == [f"reusing the testbed built in {art.root}"]

@@ -10,7 +10,8 @@ the demo) then call `ensure_built(config)` before loading anything, so a config 
 
 Both models are tiny Llama-family transformers trained here with optax on rlaif_jax.models.transformer.forward:
   policy  next-token cross-entropy on the response tokens (and <eos>) of noisy SFT demonstrations;
-  judge   next-token cross-entropy on the answer token of noisily labelled judge questions (data.judge_batch).
+  judge   next-token cross-entropy on the answer token of noisily labelled judge questions (data.judge_batch):
+          rubric Yes / No, pointwise score, and which of two responses is better (pairwise A / B).
 Everything is seeded (numpy data stream, jax init), so a config always gives the same checkpoints.
 
 Cache: <cache_dir>/<key>/ where key hashes the config and the source of the world, grader, data and build
@@ -71,23 +72,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.sft = _train_config_dict(steps=600, batch_size=64, learning_rate=3e-3)
     # Many small steps: the judge's skills (comparing topics, checking the asked adjective) appear suddenly
     # after enough updates, so updates count more than examples per update.
-    c.judge_train = _train_config_dict(steps=2400, batch_size=32, learning_rate=3e-3)
+    # 3000 steps: the pairwise question takes a quarter of the mixed steps, so the other questions get as many
+    # examples as with 2400 steps before it was added.
+    c.judge_train = _train_config_dict(steps=3000, batch_size=32, learning_rate=3e-3)
     c.judge_train.relevance_only_steps = 800  # curriculum: see judge_curriculum_batch
     c.eval_examples = 1024  # fresh clean-labelled judge questions to measure the judge's agreement with
     return c
 
 
 def fast_config() -> ml_collections.ConfigDict:
-    """A small, quick build for tests (well under a minute): same models, fewer steps."""
+    """A small, quick build for tests (about a minute on 2 busy CPU cores): same models, fewer steps."""
     c = default_config()
     c.sft.steps = 250
     c.sft.warmup_steps = 12
-    c.judge_train.steps = 400
+    c.judge_train.steps = 500  # 400 before the pairwise question took a quarter of the examples
     c.judge_train.batch_size = 64
     c.judge_train.warmup_steps = 20
     # Too few steps for the relevance curriculum to pay off: train all questions equally from the start.
     c.judge_train.relevance_only_steps = 0
-    c.data.judge_question_probs = (0.25, 0.25, 0.25, 0.25)
+    c.data.judge_question_probs = (0.1875, 0.1875, 0.1875, 0.1875, 0.25)
     c.eval_examples = 256
     return c
 
@@ -202,7 +205,7 @@ def judge_curriculum_batch(rng: np.random.Generator, config: ml_collections.Conf
     data_cfg = config.data
     if step < config.judge_train.relevance_only_steps:
         data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-        data_cfg.judge_question_probs = (1.0, 0.0, 0.0, 0.0)
+        data_cfg.judge_question_probs = tuple(float(q == "relevant") for q in data.JUDGE_QUESTIONS)
     return data.judge_batch(rng, config.judge_train.batch_size, data_cfg)
 
 
@@ -215,27 +218,47 @@ def _last_logits(cfg: ModelConfig, params, tokens_bt, mask_bt) -> jax.Array:
 
 def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collections.ConfigDict,
                     rng: np.random.Generator, n: int, batch_size: int = 256) -> dict[str, float]:
-    """How often the judge's answer (argmax over the allowed answer words: Yes/No, or the five scores) equals
-    the ground truth, on n fresh judge questions: per question (relevant / coherent / harmless / score),
-    "rubric" (the three Yes/No questions together) and "chance" (always answering the majority answer of
-    each question in this sample, the baseline to beat)."""
-    yes_no_ids = np.asarray(world.words_to_ids(world.JUDGE_ANSWERS))
-    score_ids = np.asarray(world.words_to_ids(world.SCORE_WORDS))
+    """How often the judge's answer (argmax over the allowed answer words: Yes/No, the five scores, or A/B)
+    equals the ground truth, on n fresh judge questions: per question (relevant / coherent / harmless / score /
+    pairwise, the last in the one random order the question was drawn in), "rubric" (the three Yes/No questions
+    together) and "chance" (always answering the majority answer of each question in this sample, the baseline
+    to beat). Each pairwise question is also asked with its two responses swapped, as the pairwise judge does:
+    "pairwise_both_orders" is the accuracy of P(first better) averaged over both orders (the judge's score),
+    "pairwise_consistency" how often both orders pick the same response."""
+    allowed_ids = {q: np.asarray(world.words_to_ids(words)) for q, words in (
+        *((c, world.JUDGE_ANSWERS) for c in world.RUBRIC_CRITERIA), ("score", world.SCORE_WORDS),
+        ("pairwise", world.PAIRWISE_ANSWERS))}
     questions, hits, truths = [], [], []
+    pair_p_first, pair_first_better = [], []  # per pairwise question: P(A) in (a, b) and P(B) in (b, a)
     for start in range(0, n, batch_size):
         examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0)
+        swapped = [data.swap_pairwise(e) for e in examples if e.question == "pairwise"]
         # The judge sees everything before the answer, as at judging time.
-        tokens_bt, mask_bt = data_lib.left_pad([e.ids[:-1] for e in examples], data_cfg.judge_max_len, world.PAD_ID)
+        tokens_bt, mask_bt = data_lib.left_pad([e.ids[:-1] for e in examples + swapped], data_cfg.judge_max_len,
+                                               world.PAD_ID)
         logits = np.asarray(_last_logits(cfg, params, tokens_bt, mask_bt))
+        pair_rows = []
         for row, e in zip(logits, examples):
-            allowed = score_ids if e.question == "score" else yes_no_ids
+            allowed = allowed_ids[e.question]
             answer = int(allowed[np.argmax(row[allowed])])
             questions.append(e.question)
             hits.append(answer == e.clean_answer_id)
             truths.append(e.clean_answer_id)
+            if e.question == "pairwise":
+                pair_rows.append((row, e))
+        a_id, b_id = allowed_ids["pairwise"]
+        for (row, e), row_swapped in zip(pair_rows, logits[len(examples):]):
+            p_a = 1 / (1 + np.exp(row[b_id] - row[a_id]))  # P(A) over the two options, in the shown order
+            p_b_swapped = 1 / (1 + np.exp(row_swapped[a_id] - row_swapped[b_id]))  # P(B) with the two swapped
+            pair_p_first.append((p_a, p_b_swapped))
+            pair_first_better.append(e.clean_answer_id == a_id)
     questions, hits, truths = np.asarray(questions), np.asarray(hits), np.asarray(truths)
     out = {q: float(hits[questions == q].mean()) for q in data.JUDGE_QUESTIONS if (questions == q).any()}
-    out["rubric"] = float(hits[questions != "score"].mean())
+    out["rubric"] = float(hits[np.isin(questions, world.RUBRIC_CRITERIA)].mean())
+    if pair_p_first:
+        p, first_better = np.asarray(pair_p_first), np.asarray(pair_first_better)
+        out["pairwise_both_orders"] = float(((p.mean(1) > 0.5) == first_better).mean())
+        out["pairwise_consistency"] = float(((p[:, 0] > 0.5) == (p[:, 1] > 0.5)).mean())
     majority_hits = 0
     for q in set(questions.tolist()):
         _, counts = np.unique(truths[questions == q], return_counts=True)

@@ -10,8 +10,9 @@ Responses are drawn from a mixture of *modes*:
 The mode is only how a response was made; its labels always come from grader.grade, the ground truth.
 
 The SFT policy imitates the noisy mixture (so it starts well below a perfect pass rate); the judge is trained
-as a language model on the rubric questions and pointwise score of world.JUDGE_*_TEMPLATE, with labels flipped
-at random (so it agrees with the ground truth imperfectly, as a real LLM judge does).
+as a language model on the rubric questions, the pointwise score and the pairwise comparison of
+world.JUDGE_*_TEMPLATE, with labels flipped at random (so it agrees with the ground truth imperfectly, as a real
+LLM judge does).
 All sampling uses a numpy Generator, so a seed fixes the data.
 """
 from __future__ import annotations
@@ -58,9 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
     # seen the kinds of mistakes an RL policy drifts into. Off-topic responses are frequent because telling
     # them apart (comparing the response's topic with the instruction's) is the hardest skill to learn.
     c.judge_mode_probs = (0.25, 0.35, 0.15, 0.1, 0.1, 0.05)
-    # Judge questions: probability of each of JUDGE_QUESTIONS (relevant, coherent, harmless, score); the
-    # harmless question (spotting a forbidden word) is learnt from few examples, relevance needs many.
-    c.judge_question_probs = (0.4, 0.3, 0.1, 0.2)
+    # Judge questions: probability of each of JUDGE_QUESTIONS (relevant, coherent, harmless, score, pairwise);
+    # the harmless question (spotting a forbidden word) is learnt from few examples, relevance needs many. The
+    # pairwise question takes a quarter; the others keep their old proportions (0.4, 0.3, 0.1, 0.2) in the rest.
+    c.judge_question_probs = (0.3, 0.225, 0.075, 0.15, 0.25)
     c.label_noise = 0.12  # probability that a judge training label is replaced by a wrong one
     # The judge's deliberate bias, like a real judge's taste for keywords: the noise on a "relevant" label is
     # label_noise * relevance_noise_decay ** (topic-word mentions - 1), so the judge grows surer that a response
@@ -72,7 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.response_lm_weight = 0.1
     c.max_response_tokens = 16  # runaway responses are cut here (the grader's MAX_WORDS + "." fits)
     c.sft_max_len = 24  # <bos> + instruction (<= 4) + response (<= 16) + <eos>, left-padded
-    c.judge_max_len = 40  # judge template + instruction + response + answer, left-padded
+    # Judge template + instruction + response(s) + answer, left-padded: the longest is the pairwise question,
+    # <bos> + 11 template words + 4 instruction words + 2 x (20 + <eos>) + answer = 59 (incoherent responses run
+    # to 20 words, past max_response_tokens).
+    c.judge_max_len = 60
     return c
 
 
@@ -243,35 +248,53 @@ def sft_sequence(sample: Sample) -> tuple[list[int], list[float]]:
     return prompt + response, [0.0] * len(prompt) + [1.0] * len(response)
 
 
-def judge_prompt_words(instruction: world.Instruction, response_words: Sequence[str], question: str
-                       ) -> list[str]:
-    """The judge's input words for one question: a criterion of world.RUBRIC_CRITERIA, or "score"."""
+def judge_prompt_words(instruction: world.Instruction, response_words: Sequence[str], question: str,
+                       response_b_words: Sequence[str] | None = None) -> list[str]:
+    """The judge's input words for one question: a criterion of world.RUBRIC_CRITERIA, "score", or "pairwise"
+    (which compares response_words, shown first as "A", with response_b_words, shown second as "B")."""
     response = " ".join(response_words)
-    if question == "score":
+    if question == "pairwise":
+        text = world.JUDGE_PAIRWISE_TEMPLATE.format(prompt=instruction.text, response=response,
+                                                    response_b=" ".join(response_b_words))
+    elif question == "score":
         text = world.JUDGE_POINTWISE_TEMPLATE.format(prompt=instruction.text, response=response)
     else:
         text = world.JUDGE_RUBRIC_TEMPLATE.format(prompt=instruction.text, response=response, criterion=question)
     return world.split_words(text)
 
 
-def true_answer(grade: grader.GradeResult, question: str) -> str:
-    """The ground-truth answer word. Rubric: "Yes"/"No". Score: 1 + relevance + coherence + harmlessness,
-    plus 1 more when all three pass, so "5" means "passes" and 4 never occurs."""
+def quality(grade: grader.GradeResult) -> int:
+    """The ground truth's order of responses: the number of rules satisfied (relevance, coherence,
+    harmlessness), plus 1 when all three hold (pass beats fail, then more rules satisfied beats fewer).
+    0, 1, 2 or 4; the pointwise score is 1 + quality and the better of two responses has the higher quality."""
+    return int(grade.relevance + grade.coherence + grade.harmlessness + grade.passed)
+
+
+def true_answer(grade: grader.GradeResult, question: str, grade_b: grader.GradeResult | None = None) -> str:
+    """The ground-truth answer word. Rubric: "Yes"/"No". Score: 1 + quality(grade), so "5" means "passes" and 4
+    never occurs. Pairwise: "A" when the first response (grade) is better than the second (grade_b), "B" when
+    it is worse; a tie has no answer (an error)."""
+    if question == "pairwise":
+        a, b = quality(grade), quality(grade_b)
+        if a == b:
+            raise ValueError(f"a pairwise question needs responses of different quality (both are {a})")
+        return world.PAIRWISE_ANSWERS[0] if a > b else world.PAIRWISE_ANSWERS[1]
     if question == "score":
-        return str(int(1 + grade.relevance + grade.coherence + grade.harmlessness + grade.passed))
+        return str(1 + quality(grade))
     value = grade[world.RUBRIC_CRITERIA.index(question)]
     return world.JUDGE_ANSWERS[0] if value else world.JUDGE_ANSWERS[1]
 
 
 def noisy_answer(rng: np.random.Generator, answer: str, label_noise: float) -> str:
-    """With probability label_noise, a wrong answer of the same kind (the other of Yes/No, another score)."""
+    """With probability label_noise, a wrong answer of the same kind (the other of Yes/No or A/B, another
+    score)."""
     if rng.random() >= label_noise:
         return answer
-    pool = world.JUDGE_ANSWERS if answer in world.JUDGE_ANSWERS else world.SCORE_WORDS
+    pool = next(p for p in (world.JUDGE_ANSWERS, world.PAIRWISE_ANSWERS, world.SCORE_WORDS) if answer in p)
     return _choice(rng, [a for a in pool if a != answer])
 
 
-JUDGE_QUESTIONS = (*world.RUBRIC_CRITERIA, "score")
+JUDGE_QUESTIONS = (*world.RUBRIC_CRITERIA, "score", "pairwise")
 
 
 def topic_mentions(words: Sequence[str]) -> int:
@@ -286,23 +309,53 @@ def label_noise_for(sample: Sample, question: str, label_noise: float, relevance
     return label_noise * relevance_noise_decay ** max(topic_mentions(sample.words) - 1, 0)
 
 
+def shown_words(sample: Sample, show_eos: bool) -> list[str]:
+    """The response as the judge reads it: its words, then its <eos> when it has one and show_eos."""
+    return list(sample.words) + ([world.EOS] if sample.terminated and show_eos else [])
+
+
 def judge_sequence(rng: np.random.Generator, sample: Sample, question: str, label_noise: float,
-                   eos_in_judge_prob: float, response_lm_weight: float = 0.0
+                   eos_in_judge_prob: float, response_lm_weight: float = 0.0, sample_b: Sample | None = None
                    ) -> tuple[list[int], list[float], int]:
-    """Ids `<bos> template(instruction, response) answer`, the loss mask (1 on the answer, response_lm_weight on
-    the response's tokens, 0 elsewhere) and the clean (noise-free) answer id. `label_noise` is this example's
-    probability of a wrong answer."""
-    response = list(sample.words)
-    if sample.terminated and rng.random() < eos_in_judge_prob:
-        response.append(world.EOS)
-    clean = true_answer(sample.grade, question)
-    ids = [world.BOS_ID] + world.words_to_ids(judge_prompt_words(sample.instruction, response, question))
+    """Ids `<bos> template(instruction, response[, response_b]) answer`, the loss mask (1 on the answer,
+    response_lm_weight on the responses' tokens, 0 elsewhere) and the clean (noise-free) answer id. `label_noise`
+    is this example's probability of a wrong answer; sample_b is the second response of a pairwise question.
+    Both responses of a pair are shown with their <eos> or both without, as a judge configured either way reads
+    them (a lone <eos> would tell a terminated response from a runaway one)."""
+    show_eos = rng.random() < eos_in_judge_prob
+    response = shown_words(sample, show_eos)
+    response_b = shown_words(sample_b, show_eos) if sample_b is not None else None
+    clean = true_answer(sample.grade, question, sample_b.grade if sample_b is not None else None)
+    prompt_words = judge_prompt_words(sample.instruction, response, question, response_b)
+    ids = [world.BOS_ID] + world.words_to_ids(prompt_words)
     ids.append(world.WORD_TO_ID[noisy_answer(rng, clean, label_noise)])
     loss_mask = [0.0] * (len(ids) - 1) + [1.0]
-    start = 1 + len(world.split_words("Instruction :")) + len(sample.instruction.words) + len(
-        world.split_words("Response :"))
-    loss_mask[start:start + len(response)] = [response_lm_weight] * len(response)
+    # Each response follows the first ":" after its header ("Response :", "Response A :", "Response B :").
+    header = 1 + len(world.split_words("Instruction :")) + len(sample.instruction.words)
+    for words in (response, response_b):
+        if words is None:
+            continue
+        start = header + prompt_words[header - 1:].index(":") + 1
+        loss_mask[start:start + len(words)] = [response_lm_weight] * len(words)
+        header = start + len(words)
     return ids, loss_mask, world.WORD_TO_ID[clean]
+
+
+def pairwise_partner(rng: np.random.Generator, sample: Sample, mode_probs: Sequence[float], max_tokens: int = 16,
+                     max_tries: int = 100) -> Sample:
+    """A second response to sample's instruction, from the same mode mixture, of a different quality: exact ties
+    (same quality) are resampled, not shown, because the pairwise answer has no word for "equal" and a tie
+    labelled at random would only teach noise. So the judge learns strict preferences; at judging time, its
+    P(A better) on a tie is whatever its two readings give (about 1/2 when it reads them alike)."""
+    probs = np.asarray(mode_probs, np.float64)
+    modes = MODES[:len(probs)]
+    for _ in range(max_tries):
+        mode = modes[int(rng.choice(len(modes), p=probs / probs.sum()))]
+        words, terminated = sample_response(rng, sample.instruction, mode, max_tokens)
+        grade = grader.grade(sample.instruction, words, terminated)
+        if quality(grade) != quality(sample.grade):
+            return Sample(sample.instruction, words, terminated, mode, grade)
+    raise RuntimeError(f"no response of another quality than {sample} in {max_tries} draws")  # needs a bad mixture
 
 
 def collate(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[float]], length: int,
@@ -324,25 +377,37 @@ def sft_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.Con
 
 class JudgeExample(NamedTuple):
     """One judge training / evaluation sequence."""
-    ids: list[int]  # <bos> template(instruction, response) answer
-    loss_mask: list[float]  # 1 on the answer only
+    ids: list[int]  # <bos> template(instruction, response[, response_b]) answer
+    loss_mask: list[float]  # 1 on the answer, response_lm_weight on the responses
     clean_answer_id: int  # the noise-free answer
-    question: str  # a criterion of world.RUBRIC_CRITERIA, or "score"
-    sample: Sample
+    question: str  # a criterion of world.RUBRIC_CRITERIA, "score" or "pairwise"
+    sample: Sample  # the response (pairwise: the one shown first, as "A")
+    sample_b: Sample | None = None  # pairwise: the response shown second, as "B"
 
 
 def judge_examples(rng: np.random.Generator, n: int, cfg: ml_collections.ConfigDict,
                    label_noise: float | None = None) -> list[JudgeExample]:
     """n judge examples, each with a question drawn from JUDGE_QUESTIONS with cfg.judge_question_probs.
-    label_noise defaults to cfg.label_noise (pass 0 for clean evaluation labels)."""
+    label_noise defaults to cfg.label_noise (pass 0 for clean evaluation labels). A pairwise question pairs the
+    drawn response with a second one to the same instruction (pairwise_partner) and shows the two in random
+    order, so the better one is "A" about half the time."""
     noise = cfg.label_noise if label_noise is None else label_noise
     q_probs = np.asarray(cfg.judge_question_probs, np.float64)
+    if len(q_probs) != len(JUDGE_QUESTIONS):
+        raise ValueError(f"judge_question_probs={tuple(q_probs)} needs one probability per question of "
+                         f"{JUDGE_QUESTIONS}")
     out = []
     for s in sample_pairs(rng, n, cfg.judge_mode_probs, cfg.max_response_tokens):
         question = JUDGE_QUESTIONS[int(rng.choice(len(JUDGE_QUESTIONS), p=q_probs / q_probs.sum()))]
+        s_b = None
+        if question == "pairwise":
+            s_b = pairwise_partner(rng, s, cfg.judge_mode_probs, cfg.max_response_tokens)
+            if rng.random() < 0.5:
+                s, s_b = s_b, s
         p_wrong = label_noise_for(s, question, noise, cfg.relevance_noise_decay)
-        ids, m, clean_id = judge_sequence(rng, s, question, p_wrong, cfg.eos_in_judge_prob, cfg.response_lm_weight)
-        out.append(JudgeExample(ids, m, clean_id, question, s))
+        ids, m, clean_id = judge_sequence(rng, s, question, p_wrong, cfg.eos_in_judge_prob, cfg.response_lm_weight,
+                                          s_b)
+        out.append(JudgeExample(ids, m, clean_id, question, s, s_b))
     return out
 
 
@@ -356,3 +421,12 @@ def judge_batch(rng: np.random.Generator, batch_size: int, cfg: ml_collections.C
 def collate_judge(examples: Sequence[JudgeExample], length: int) -> LMBatch:
     return collate([e.ids for e in examples], [e.loss_mask for e in examples], length,
                    [e.ids[:-1] + [e.clean_answer_id] for e in examples])
+
+
+def swap_pairwise(example: JudgeExample) -> JudgeExample:
+    """A pairwise example with its two responses' places exchanged, with the clean answer (label noise off) and
+    each response shown as in `example` (with its <eos> or without); for measuring both presentation orders."""
+    show_eos = float(world.EOS_ID in example.ids)
+    ids, mask, clean_id = judge_sequence(np.random.default_rng(0), example.sample_b, "pairwise", 0.0, show_eos,
+                                         0.0, example.sample)
+    return JudgeExample(ids, mask, clean_id, "pairwise", example.sample_b, example.sample)

@@ -3,7 +3,8 @@
 Everything is word level. A policy prompt is `<bos>` followed by the instruction's words, e.g.
 `<bos> describe a red cat`; the policy answers with a short sentence ending in "." and then `<eos>`,
 e.g. `the red cat has whiskers . <eos>`. The judge reads the same tokens (policy and judge share one tokenizer)
-placed into a fixed template (`JUDGE_RUBRIC_TEMPLATE`, `JUDGE_POINTWISE_TEMPLATE`) and answers with one word.
+placed into a fixed template (`JUDGE_RUBRIC_TEMPLATE`, `JUDGE_POINTWISE_TEMPLATE`, or `JUDGE_PAIRWISE_TEMPLATE`
+for two responses to one instruction) and answers with one word.
 
 Token ids are the positions in `VOCAB`; the tokenizer built by `testbed.tokenizer` uses exactly these ids, so
 code that only needs ids (the grader, the data generator) never has to load a tokenizer.
@@ -45,7 +46,8 @@ FORBIDDEN = ("hate", "kill", "stupid", "ugly", "poison", "attack")
 INSTRUCTION_WORDS = ("write", "about", "tell", "me", "describe")
 # Words of the judge's templates and answers (capitalised words are distinct tokens from lowercase ones).
 JUDGE_WORDS = ("Instruction", "Response", "Is", "response", "relevant", "coherent", "harmless", "?",
-               "Answer", ":", "Yes", "No", "Rate", "from", "to", "Score", "1", "2", "3", "4", "5")
+               "Answer", ":", "Yes", "No", "Rate", "from", "to", "Score", "1", "2", "3", "4", "5",
+               "A", "B", "Better")
 PERIOD = "."
 
 
@@ -74,12 +76,15 @@ RESPONSE_WORDS = frozenset((*FILLERS, *RELATED_TO_TOPIC, *ADJECTIVES, *FORBIDDEN
 # ---------------------------------------------------------------------------- judge templates
 # `{prompt}` is the instruction's words (the policy prompt without <bos>), `{response}` the response's words.
 # The judge answers with the single next token: one of JUDGE_ANSWERS for a rubric question,
-# one of SCORE_WORDS for the pointwise score.
+# one of SCORE_WORDS for the pointwise score, one of PAIRWISE_ANSWERS (the better of {response} and {response_b})
+# for the pairwise question.
 JUDGE_RUBRIC_TEMPLATE = "Instruction : {prompt} Response : {response} Is the response {criterion} ? Answer :"
 RUBRIC_CRITERIA = ("relevant", "coherent", "harmless")  # the same order as GradeResult's fields
 JUDGE_ANSWERS = ("Yes", "No")
 JUDGE_POINTWISE_TEMPLATE = "Instruction : {prompt} Response : {response} Rate the response from 1 to 5 . Score :"
 SCORE_WORDS = ("1", "2", "3", "4", "5")
+JUDGE_PAIRWISE_TEMPLATE = "Instruction : {prompt} Response A : {response} Response B : {response_b} Better response :"
+PAIRWISE_ANSWERS = ("A", "B")  # "A": the first response shown ({response}) is the better one
 
 # ---------------------------------------------------------------------------- instructions
 # `{topic}` and `{adjective}` are filled from TOPICS and ADJECTIVES. Templates with an adjective ask for it.
