@@ -17,8 +17,9 @@ with a bias towards responses that repeat topic words, so the policy can raise t
 keywords while coherence (and the ground-truth pass rate) falls. `kl=0` removes the other guard-rail.
 
 `judge=pairwise` asks the judge which of two responses to the instruction is better ("Instruction : ... Response
-A : ... Response B : ... Better response :" -> A / B), in both presentation orders; its score is P(first response
-better). `estimator=online_dpo` (which needs judge=pairwise) learns from those preferences between every two of a
+A : ... Response B : ... Better response :" -> A / B), in both presentation orders; with grpo the reward of a
+sample is P(it beats a sample of the frozen reference policy drawn in the same step, reward.pairwise_baseline =
+"reference_sample"). `estimator=online_dpo` (which needs judge=pairwise) learns from those preferences between every two of a
 prompt's samples, with no reward shaping: its pull to the reference is algo.dpo_beta, not kl.
 
 The judge is trained on the pairwise question too, so the evaluation reports the win rate against the initial
@@ -92,11 +93,8 @@ def get_config(arg: str = ""):
         # A response that never emits <eos> gets the lowest score: the judge reads text, not termination.
         c.reward.missing_stop_mode = "replace"
         c.reward.missing_stop_penalty = 0.0
-        # TODO(merge): main's reward.pairwise_baseline (not in this branch) makes a pairwise judge's GRPO reward
-        # P(the response beats a sample of the reference policy); until then validation refuses judge=pairwise
-        # with grpo. Enable when merging:
-        # if a.judge == "pairwise":
-        #     c.reward.pairwise_baseline = "reference_sample"
+        if a.judge == "pairwise":  # the reward: P(the response beats a sample of the reference policy)
+            c.reward.pairwise_baseline = "reference_sample"
 
     c.optim.learning_rate = 1e-3
     c.optim.max_grad_norm = 1.0
