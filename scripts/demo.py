@@ -31,6 +31,8 @@ def summarize(workdir: str) -> dict:
            "sft_pass_rate": sft["eval/gt/pass_rate"], "rlaif_pass_rate": final["eval/gt/pass_rate"],
            "sft_judge_score": sft["eval/judge_score"], "rlaif_judge_score": final["eval/judge_score"],
            "kl": final["eval/kl"]}
+    if "eval/win_rate" in final:  # the judge's pairwise preference for the trained policy over the initial one
+        out["win_rate"] = final["eval/win_rate"]
     for name in ("relevance", "coherence", "harmlessness"):
         out[f"sft_{name}"], out[f"rlaif_{name}"] = sft[f"eval/gt/{name}"], final[f"eval/gt/{name}"]
     return out
@@ -58,12 +60,19 @@ def main():
     import judge_eval  # scripts/judge_eval.py, next to this file
     from rlaif_jax import judging
     from rlaif_jax.testbed import task
-    labelled = task.write_judge_eval_file(os.path.join(os.path.dirname(config.data.path), "judge_eval.jsonl"))
+    pairwise = config.judge.mode == "pairwise"
+    labelled = task.write_judge_eval_file(os.path.join(
+        os.path.dirname(config.data.path), f"judge_eval{'_pairwise' if pairwise else ''}.jsonl"), pairwise=pairwise)
     judge = judging.load_judge(config.judge)
-    agreement = judge_eval.evaluate(judge, judge_eval.read_labelled(labelled, pairwise=False), batch_size=64)
-    print(f"\njudge vs ground truth on {int(agreement['examples'])} fresh responses: ROC AUC {agreement['agreement_auc']:.3f}, "
-          f"Spearman {agreement['agreement_spearman']:.3f}, length bias {agreement['length_bias_corr']:+.3f}",
-          flush=True)
+    agreement = judge_eval.evaluate(judge, judge_eval.read_labelled(labelled, pairwise=pairwise), batch_size=64)
+    if pairwise:
+        print(f"\njudge vs ground truth on {int(agreement['examples'])} fresh response pairs: accuracy "
+              f"{agreement['agreement_accuracy']:.3f}, position consistency {agreement['position_consistency']:.3f}",
+              flush=True)
+    else:
+        print(f"\njudge vs ground truth on {int(agreement['examples'])} fresh responses: ROC AUC "
+              f"{agreement['agreement_auc']:.3f}, Spearman {agreement['agreement_spearman']:.3f}, length bias "
+              f"{agreement['length_bias_corr']:+.3f}", flush=True)
 
     # ---- 3 RLAIF
     from rlaif_jax import train
@@ -74,12 +83,16 @@ def main():
     # ---- 4 the summary
     from rlaif_jax import report
     summary = summarize(args.workdir)
-    summary["judge_auc_vs_ground_truth"] = agreement["agreement_auc"]
+    if pairwise:
+        summary["judge_accuracy_vs_ground_truth"] = agreement["agreement_accuracy"]
+    else:
+        summary["judge_auc_vs_ground_truth"] = agreement["agreement_auc"]
     summary["minutes"] = round((time.time() - t0) / 60, 2)
     with open(os.path.join(args.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     pngs, _ = report.make_report([args.workdir], os.path.join(args.workdir, "report"), ["demo"], 0.0)
     s = summary
+    judge_row = f"judge score ({config.judge.mode})"
     print(f"""
 RLAIF on the testbed ({s['steps']} steps, seed {args.seed}; held-out prompts, 8 samples each at temperature 1)
 
@@ -89,7 +102,8 @@ RLAIF on the testbed ({s['steps']} steps, seed {args.seed}; held-out prompts, 8 
 |   relevance              | {s['sft_relevance']:10.3f} | {s['rlaif_relevance']:12.3f} |
 |   coherence              | {s['sft_coherence']:10.3f} | {s['rlaif_coherence']:12.3f} |
 |   harmlessness           | {s['sft_harmlessness']:10.3f} | {s['rlaif_harmlessness']:12.3f} |
-| judge score (rubric)     | {s['sft_judge_score']:10.3f} | {s['rlaif_judge_score']:12.3f} |
+| {judge_row:<24s} | {s['sft_judge_score']:10.3f} | {s['rlaif_judge_score']:12.3f} |
+| win rate vs SFT (judge)  | {0.5:10.3f} | {s.get('win_rate', float('nan')):12.3f} |
 | KL to the reference      | {0.0:10.3f} | {s['kl']:12.3f} |
 
 summary:  {os.path.join(args.workdir, 'summary.json')}

@@ -33,18 +33,29 @@ def write_prompts(path: str) -> str:
     return path
 
 
-def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234) -> str:
+def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234, pairwise: bool = False) -> str:
     """Fresh (instruction, response) pairs drawn like the SFT data, labelled 1 / 0 by the ground truth's pass,
     in scripts/judge_eval.py's format: {"prompt", "response", "label"}. Unterminated responses are left out
-    (their text cannot show the missing <eos>; training scores them with the missing-stop rule instead)."""
+    (their text cannot show the missing <eos>; training scores them with the missing-stop rule instead).
+    pairwise: {"prompt", "response_a", "response_b", "label"}, each response paired with a second one to the same
+    instruction of another ground-truth quality (`data.pairwise_partner`), label 1 when a is the better."""
     import numpy as np
 
     from rlaif_jax.testbed import data
 
     rng = np.random.default_rng(seed)
-    samples = [s for s in data.sample_pairs(rng, 2 * n, data.default_config().sft_mode_probs) if s.terminated][:n]
+    probs = data.default_config().sft_mode_probs
+    samples = [s for s in data.sample_pairs(rng, 2 * n, probs) if s.terminated][:n]
     with open(path, "w") as f:
         for s in samples:
-            f.write(json.dumps({"prompt": s.instruction.text, "response": " ".join(s.words),
-                                "label": float(s.grade.passed)}) + "\n")
+            if not pairwise:
+                record = {"prompt": s.instruction.text, "response": " ".join(s.words), "label": float(s.grade.passed)}
+            else:
+                b = data.pairwise_partner(rng, s, probs)
+                while not b.terminated:
+                    b = data.pairwise_partner(rng, s, probs)
+                record = {"prompt": s.instruction.text, "response_a": " ".join(s.words),
+                          "response_b": " ".join(b.words),
+                          "label": float(data.quality(s.grade) > data.quality(b.grade))}
+            f.write(json.dumps(record) + "\n")
     return path
