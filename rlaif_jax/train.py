@@ -113,13 +113,14 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
         log.info("the run in %s finished at step %d: nothing to do (raise config.train.steps to train on)", workdir,
                  begin.step)
         return 0
+    # ---- 3 (first: a fault in the data shows before any weights load) prompts, with the policy's tokenizer
+    train_loader, eval_loader = data_lib.load_prompts(c.data, hf.load_tokenizer(c.policy.path), c.train.batch_size)
     # ---- 2 mesh, then models, state and the compiled step (born sharded)
     mesh, rules = shd.mesh_from_config(c.mesh)
     with shd.use_rules(rules), jax.set_mesh(mesh):
         parts = builder.build(c, mesh, rules)
 
-        # ---- 3 prompts and the held-out evaluator
-        train_loader, eval_loader = data_lib.load_prompts(c.data, parts.policy_tokenizer, c.train.batch_size)
+        # ---- 3 the prompts' summary and the held-out evaluator
         log.info("process %d/%d loads %d of %d rows per batch", jax.process_index(), jax.process_count(),
                  train_loader.local_batch_size, c.train.batch_size)
         for name, loader in (("training", train_loader), ("held-out", eval_loader)):
@@ -159,7 +160,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
                 if c.eval.every and (step % c.eval.every == 0 or step == c.train.steps):
                     metrics = {**metrics, **evaluator.evaluate(state, frozen, step, writer)}
                 values = writer.write(step, metrics)
-                stop = preemption.requested(step)
+                # A signal during the last step needs no stop: the run ends with its checkpoint and export.
+                stop = preemption.requested(step) and step < c.train.steps
                 ckpt.save(step, state, {"data": train_loader.state().to_json()}, force=step == c.train.steps or stop)
                 if stop:
                     break

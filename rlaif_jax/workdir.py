@@ -162,7 +162,9 @@ def _prepare(workdir: str, c: ml_collections.ConfigDict, allow_changes: bool) ->
         leftovers = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
         if leftovers:
             aside = os.path.join(workdir, "previous-" + time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(aside, exist_ok=True)
+            while os.path.exists(aside):
+                aside += "+"
+            os.makedirs(aside)
             for name in leftovers:
                 os.replace(os.path.join(workdir, name), os.path.join(aside, name))
             log.warning("%s holds an earlier run's files but no checkpoint to resume them from: moved %s to %s; "
