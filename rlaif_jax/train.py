@@ -105,6 +105,21 @@ class Preemption:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def count_skipped(c: ml_collections.ConfigDict, step: int, skipped: int, in_a_row: int) -> int:
+    """The optimizer updates skipped in a row by the non-finite guard after `step` (whose `skipped` updates of
+    algo.epochs x algo.minibatches were skipped), counted over whole steps: a step with a kept update resets it.
+    Raises a training error once it reaches train.max_consecutive_skipped (0: never)."""
+    in_a_row = in_a_row + skipped if skipped >= c.algo.epochs * c.algo.minibatches else 0
+    limit = c.train.max_consecutive_skipped
+    if limit and in_a_row >= limit:
+        raise errors.UserError(
+            f"the last {in_a_row} optimizer updates (up to step {step}) were all skipped by the non-finite guard (NaN "
+            "or inf in the loss, gradients or new params): nothing is being learned. Lower config.optim.learning_rate "
+            "or check the reward (guard/* and judge/* in metrics.jsonl); config.train.max_consecutive_skipped="
+            f"{limit} sets this limit (0 = never stop)", kind="training")
+    return in_a_row
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) -> int:
     """Trains (or resumes) the run of config `c` in `workdir` (prepared by `workdir.prepare`, which said where it
     starts); returns the exit code: 0, or 128 + the signal's number when a signal stopped it."""
@@ -150,7 +165,6 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
 
         # ---- 5 the loop
         preemption = Preemption()
-        updates_per_step = c.algo.epochs * c.algo.minibatches
         skipped_in_a_row, step = 0, start
         try:
             for step in range(start + 1, c.train.steps + 1):
@@ -165,15 +179,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
                 ckpt.save(step, state, {"data": train_loader.state().to_json()}, force=step == c.train.steps or stop)
                 if stop:
                     break
-                skipped = int(values.get("guard/skipped_updates", 0))
-                skipped_in_a_row = skipped_in_a_row + skipped if skipped >= updates_per_step else 0
-                if c.train.max_consecutive_skipped and skipped_in_a_row >= c.train.max_consecutive_skipped:
-                    raise errors.UserError(
-                        f"the last {skipped_in_a_row} optimizer updates (up to step {step}) were all skipped by the "
-                        "non-finite guard (NaN or inf in the loss, gradients or new params): nothing is being "
-                        "learned. Lower config.optim.learning_rate or check the reward (guard/* and judge/* in "
-                        f"{writer.path}); config.train.max_consecutive_skipped={c.train.max_consecutive_skipped} "
-                        "sets this limit (0 = never stop)", kind="training")
+                skipped_in_a_row = count_skipped(c, step, int(values.get("guard/skipped_updates", 0)),
+                                                 skipped_in_a_row)
         finally:
             preemption.close()
             ckpt.close()  # waits for the save in flight

@@ -192,3 +192,17 @@ def test_signal_asks_the_loop_to_stop_and_a_second_one_acts_at_once():
     finally:
         preemption.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_consecutive_skipped_updates_stop_the_run(world):
+    """4 updates per step (algo.epochs=4): a step with any kept update resets the count; the limit stops the run."""
+    c = config(world, **{"train.max_consecutive_skipped": 8})
+    assert c.algo.epochs * c.algo.minibatches == 4
+    in_a_row = train.count_skipped(c, 1, 4, 0)
+    assert in_a_row == 4
+    assert train.count_skipped(c, 2, 3, in_a_row) == 0
+    with pytest.raises(errors.UserError, match=r"the last 8 optimizer updates \(up to step 3\) were all skipped") as e:
+        train.count_skipped(c, 3, 4, in_a_row)
+    assert e.value.kind == "training"
+    off = config(world, **{"train.max_consecutive_skipped": 0})
+    assert train.count_skipped(off, 3, 4, 10**6) == 10**6 + 4
