@@ -16,14 +16,19 @@ restores onto another (or onto a single device) without ever gathering the whole
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from rlaif_jax import errors
+
 CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger("rlaif_jax")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,6 +46,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          "saved: set it to train.steps to save only then)")
     if cfg.max_to_keep < 0:
         raise ValueError(f"config.checkpoint.max_to_keep={cfg.max_to_keep} must be >= 0 (0 keeps all)")
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in workdir/checkpoints, from the folder names alone (nothing created,
+    no orbax manager): a save a kill interrupted is still named `<s>.orbax-checkpoint-tmp*` and not counted."""
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
 
 
 def abstract_state(state: Any) -> Any:
@@ -68,12 +82,10 @@ class Checkpointer:
     def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
         validate_config(cfg)
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        # Save exactly at multiples of every_steps (orbax's default would also save the first step it sees),
-        # and when the cluster signals a preemption.
-        policy = ocp.checkpoint_managers.AnySavePolicy([
-            ocp.checkpoint_managers.FixedIntervalPolicy(int(cfg.every_steps)),
-            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-        ])
+        self.async_save = bool(cfg.async_save)
+        # Save exactly at multiples of every_steps (orbax's default would also save the first step it sees).
+        # A preemption is the caller's forced save (train.py's `preemption`, one mechanism for every signal).
+        policy = ocp.checkpoint_managers.FixedIntervalPolicy(int(cfg.every_steps))
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policy,
             max_to_keep=int(cfg.max_to_keep) or None,
@@ -92,7 +104,13 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(dict(extra or {}))
         )
-        return bool(self.manager.save(int(step), args=args, force=force))
+        start = time.perf_counter()
+        started = bool(self.manager.save(int(step), args=args, force=force))
+        if started:
+            log.info("checkpoint of step %d -> %s (%s; %.2f s blocking)", step, os.path.join(self.directory, str(step)),
+                     "writing in the background" if self.async_save else "written",
+                     time.perf_counter() - start)
+        return started
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -105,7 +123,17 @@ class Checkpointer:
         """(state, extra) of checkpoint `step`, each array read into the sharding of its ShapeDtypeStruct
         in `abstract` (which may describe another mesh than the one that saved it)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore())
-        restored = self.manager.restore(int(step), args=args)
+        folder = os.path.join(self.directory, str(step))
+        try:
+            restored = self.manager.restore(int(step), args=args)
+        except Exception as e:  # orbax's messages run to hundreds of lines (and advise strict=False): keep the first
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            shape_mismatch = "shape" in str(e).lower() or "structure" in str(e).lower()
+            what = ("does not fit the current model (a model, optimizer or critic setting changed since it was "
+                    "saved)" if shape_mismatch else "could not be read (corrupt or truncated)")
+            raise errors.UserError(f"the checkpoint {folder} {what}: {type(e).__name__}: {first}; resume with the "
+                                   "config it was written with, or move the folder away to resume from an earlier "
+                                   "checkpoint (or start in a new workdir)", kind="checkpoint") from None
         return restored["state"], dict(restored["extra"] or {})
 
     def wait(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from rlaif_jax import algorithms, hooks, rewards
+from rlaif_jax import algorithms, errors, hooks, rewards
 from rlaif_jax import sharding as shd
 from rlaif_jax.models.config import FLOAT_DTYPES
 
@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps = 100
     c.train.export_final = True        # write the final policy as an HF folder in workdir/final_policy
     c.train.allow_tokenizer_mismatch = False  # judge tokenizer differs: allow the host re-tokenisation path
+    # Stop the run (FATAL training error) after this many optimizer updates in a row were dropped by the non-finite
+    # guard, counted over whole steps (a step with any kept update resets the count); 0 = never stop.
+    c.train.max_consecutive_skipped = 64
     return c
 
 
@@ -198,6 +201,9 @@ def _validate_mesh(m: ml_collections.ConfigDict) -> None:
 def _validate_train(t: ml_collections.ConfigDict) -> None:
     if t.batch_size < 1 or t.steps < 1:
         raise ValueError(f"config.train.batch_size={t.batch_size} and config.train.steps={t.steps} must be >= 1")
+    if t.max_consecutive_skipped < 0:
+        raise ValueError(f"config.train.max_consecutive_skipped={t.max_consecutive_skipped} must be >= 0 (0 = never "
+                         "stop on skipped updates)")
 
 
 def _validate_testbed(t: ml_collections.ConfigDict) -> None:
@@ -225,8 +231,18 @@ def section_validators() -> dict[str, Callable[[Any], None]]:
 
 # ---------------------------------------------------------------------------------------------- the whole config
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ValueError with one line naming the field to change when the config is inconsistent: each section
-    by its validator, then the settings that span sections. Reads no weights, builds nothing."""
+    """Raises `errors.ConfigError` (a ValueError) with one line naming the field to change when the config is
+    inconsistent: each section by its validator, then the settings that span sections. Reads no weights, builds
+    nothing. The validators raise plain ValueErrors; they become config errors here, in one place."""
+    try:
+        _validate(c, num_devices)
+    except errors.UserError:
+        raise
+    except ValueError as e:
+        raise errors.ConfigError(str(e)) from None
+
+
+def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
     import jax
 
     validators = section_validators()

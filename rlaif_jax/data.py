@@ -33,6 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from rlaif_jax.errors import DataError
+
 # Columns added to the dataset; every original column is kept for host-side lookups (e.g. ground truth).
 PROMPT_TEXT = "prompt_text"
 PROMPT_IDS = "prompt_ids"
@@ -112,7 +114,7 @@ def load_raw(path: str, split: str = "train", name: str = "", data_dir: str = ""
     import datasets
 
     if not path:
-        raise ValueError("config.data.path is empty; set it to a .jsonl/.json/.parquet/.csv file or a hub name")
+        raise DataError("config.data.path is empty; set it to a .jsonl/.json/.parquet/.csv file or a hub name")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
@@ -123,11 +125,51 @@ def load_raw(path: str, split: str = "train", name: str = "", data_dir: str = ""
         exts = {os.path.splitext(f[:-3] if f.endswith(".gz") else f)[1].lower() for f in files}
         builders = {_LOCAL_BUILDERS.get(e) for e in exts}
         if len(builders) != 1 or None in builders:
-            raise ValueError(
+            raise DataError(
                 f"data file(s) {path!r} have extension(s) {sorted(exts)}; use one of {sorted(_LOCAL_BUILDERS)}"
             )
-        return datasets.load_dataset(builders.pop(), data_files=files, split=split)
+        builder = builders.pop()
+        if builder == "json":
+            for f in files:
+                check_json_file(f)
+        try:
+            return datasets.load_dataset(builder, data_files=files, split=split)
+        except Exception as e:  # the datasets library's own parse errors name neither file nor line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"data file(s) {path!r} could not be read as {builder}: {first}") from None
     return datasets.load_dataset(path, name or None, split=split, data_dir=data_dir or None)
+
+
+def check_json_file(path: str) -> None:
+    """A local .json / .jsonl file (not compressed) read before the datasets library sees it, so that a fault is
+    named with its file and line: not UTF-8, empty, a line that is not a JSON object. A .json file may also hold
+    one JSON document (a list of records)."""
+    if path.endswith(".gz"):
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty; it holds no prompts")
+    if path.endswith(".json") and text.lstrip()[:1] in "[{":
+        try:
+            json.loads(text)
+            return
+        except ValueError:
+            pass  # JSON lines in a .json file: checked line by line below
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{i}: not a JSON record ({e}); fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{i}: a JSON {type(record).__name__}, not a record {{\"column\": value}}")
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -196,7 +238,7 @@ class _PromptSource:
         self.fields = _format_fields(self.template) if self.template else [cfg.prompt_field]
         missing = [f for f in self.fields if f not in columns]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"prompt column(s) {missing} not in the dataset columns {columns}; "
                 "set config.data.prompt_field or config.data.prompt_format"
             )
@@ -221,12 +263,12 @@ def render_prompt(prompt: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) -
     """The text the policy sees: the chat template (with the assistant header appended) or the raw prompt."""
     if cfg.use_chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("config.data.use_chat_template is set but the tokenizer has no chat_template")
+            raise DataError("config.data.use_chat_template is set but the tokenizer has no chat_template")
         return tokenizer.apply_chat_template(
             _messages(prompt, cfg.system_prompt), add_generation_prompt=True, tokenize=False
         )
     if not isinstance(prompt, str):
-        raise ValueError("prompts given as chat messages need config.data.use_chat_template=True")
+        raise DataError("prompts given as chat messages need config.data.use_chat_template=True")
     return prompt
 
 
@@ -279,7 +321,7 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
 
     reference = cfg.reference_field
     if reference and reference not in raw.column_names:
-        raise ValueError(f"config.data.reference_field={reference!r} is not a dataset column {raw.column_names}")
+        raise DataError(f"config.data.reference_field={reference!r} is not a dataset column {raw.column_names}")
 
     def keep(batch: dict[str, list]) -> list[bool]:
         n = len(next(iter(batch.values())))
@@ -295,7 +337,8 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
         add_special = bool(cfg.add_special_tokens) and not cfg.use_chat_template
         ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"]
         cut = [left_truncate(x, max_len) for x in ids]
-        out = {PROMPT_TEXT: texts, PROMPT_IDS: [c[0] for c in cut], "_truncated": [c[1] for c in cut]}
+        out = {PROMPT_TEXT: texts, PROMPT_IDS: [c[0] for c in cut], "_truncated": [c[1] for c in cut],
+               "_length": [len(x) for x in ids]}
         if reference:
             # A reference is read like a sampled response: its tokens, then the stop token, cut at the end.
             eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
@@ -307,10 +350,15 @@ def prepare_prompts(raw: Any, tokenizer: Any, cfg: ml_collections.ConfigDict) ->
     tokenized = kept.map(tokenize, batched=True, desc="tokenize prompts")
     num_truncated = int(sum(tokenized["_truncated"]))
     num_ref_truncated = int(sum(tokenized["_ref_truncated"])) if reference else 0
-    tokenized = tokenized.remove_columns(["_truncated"] + (["_ref_truncated"] if reference else []))
+    longest = max(tokenized["_length"], default=0)
+    tokenized = tokenized.remove_columns(["_truncated", "_length"] + (["_ref_truncated"] if reference else []))
     empty = sum(len(x) == 0 for x in tokenized[PROMPT_IDS])
     if empty:
-        raise ValueError(f"{empty} prompts tokenized to zero tokens; check the tokenizer and prompt fields")
+        raise DataError(f"{empty} prompts tokenized to zero tokens; check the tokenizer and prompt fields")
+    if len(tokenized) and num_truncated == len(tokenized):
+        raise DataError(f"every one of the {len(tokenized)} prompts of {cfg.path} is longer than config.data."
+                        f"max_prompt_len={max_len} tokens and would be cut; raise max_prompt_len (the longest prompt "
+                        f"has {longest} tokens) or shorten the prompts")
     return PromptDataset(
         dataset=tokenized, max_prompt_len=max_len, pad_id=pad_token_id(tokenizer), num_loaded=num_loaded,
         num_rejected=num_loaded - len(kept), num_truncated=num_truncated,
@@ -417,11 +465,11 @@ class PromptLoader:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size % self.process_count:
-            raise ValueError(f"global batch {global_batch_size} is not divisible by the process count "
+            raise DataError(f"global batch {global_batch_size} is not divisible by the process count "
                              f"{self.process_count}")
         n = len(prompts)
         if n == 0 or (drop_last and n < global_batch_size):
-            raise ValueError(f"{n} prompts cannot fill one batch of {global_batch_size}; lower the batch size "
+            raise DataError(f"{n} prompts cannot fill one batch of {global_batch_size}; lower the batch size "
                              "or add prompts")
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // self.process_count
@@ -440,7 +488,7 @@ class PromptLoader:
     def restore(self, state: LoaderState | dict[str, Any]) -> None:
         state = LoaderState.from_json(state) if isinstance(state, dict) else LoaderState(*state)
         if not 0 <= state.index <= self.batches_per_epoch or state.epoch < 0:
-            raise ValueError(f"loader position {state} does not fit {self.batches_per_epoch} batches per "
+            raise DataError(f"loader position {state} does not fit {self.batches_per_epoch} batches per "
                              "epoch; was the checkpoint written with another batch size or dataset?")
         self._state = state
 
@@ -508,17 +556,20 @@ def read_jsonl(path: str, required: set[str], what: str = "records") -> list[tup
     """(line number, record) of every non-blank line of a JSONL file; a record without one of the `required`
     keys, or a file without records, is an error naming the file and line."""
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="strict") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{i}: not a JSON record ({e}); fix or remove the line") from None
             missing = set(required) - set(record)
             if missing:
-                raise ValueError(f"{path}:{i}: missing keys {sorted(missing)} (expected {sorted(required)})")
+                raise DataError(f"{path}:{i}: missing keys {sorted(missing)} (expected {sorted(required)})")
             records.append((i, record))
     if not records:
-        raise ValueError(f"{path} holds no {what}")
+        raise DataError(f"{path} holds no {what}")
     return records
 
 

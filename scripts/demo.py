@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,9 +77,10 @@ def main():
 
     # ---- 3 RLAIF
     from rlaif_jax import train
-    os.makedirs(args.workdir, exist_ok=True)
     train.configure_logging()
-    train.run(config, args.workdir)
+    code = train.launch(config, args.workdir)  # a user error: one FATAL line, exit 2; a signal: its exit code
+    if code:
+        sys.exit(code)
 
     # ---- 4 the summary
     from rlaif_jax import report

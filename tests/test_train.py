@@ -1,7 +1,8 @@
-"""The training program end to end: exact resume after SIGKILL, config errors, two processes."""
+"""The training program end to end: exact resume after SIGTERM and SIGKILL, config errors, two processes."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,34 +50,71 @@ def read_metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def full_run(world, cache_dir, tmp_path_factory):
-    """The metrics of tests/tiny_config.py's run, uninterrupted (token-space judge, evaluation at 0, 3 and 6)."""
+def full_workdir(world, cache_dir, tmp_path_factory):
+    """tests/tiny_config.py's run, uninterrupted (token-space judge, evaluation at 0, 3 and 6)."""
     full = str(tmp_path_factory.mktemp("full"))
     subprocess.run(command(world, full), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
     assert os.path.exists(os.path.join(full, "final_policy", "model.safetensors"))
-    return read_metrics(full)
+    return full
 
 
-def test_resume_after_sigkill_reproduces_every_step(world, cache_dir, tmp_path, full_run):
+@pytest.fixture(scope="module")
+def full_run(full_workdir):
+    """The metrics of the uninterrupted run."""
+    return read_metrics(full_workdir)
+
+
+def wait_for_lines(proc, path, n):
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.05)
+
+
+def test_resume_after_sigterm_then_sigkill_reproduces_every_step(world, cache_dir, tmp_path, full_run):
     killed = str(tmp_path / "killed")
     reference = full_run
     assert [m["step"] for m in reference] == list(range(7))
+    path = os.path.join(killed, "metrics.jsonl")
 
-    # Kill (SIGKILL: no cleanup of any kind) as soon as step 3 is logged, i.e. mid-run between checkpoints.
+    # SIGTERM (a preemption notice) once the evaluation of step 0 is logged, before the first step is compiled: the
+    # run stops after step 1 with a checkpoint of it (not an interval step: checkpoint.every_steps=2) and says so.
+    proc = subprocess.Popen(command(world, killed), env=env(cache_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_lines(proc, path, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after step 1" in err and "resume from step 2" in err
+    assert "checkpoint of step 1 -> " in err
+    assert os.listdir(os.path.join(killed, "checkpoints")) == ["1"]
+    assert read_metrics(killed) == reference[:2]
+
+    # The resumed run is killed (SIGKILL: no cleanup of any kind) as soon as step 4 is logged, mid-run.
     proc = subprocess.Popen(command(world, killed), env=env(cache_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    path = os.path.join(killed, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= 4:
-            break
-        time.sleep(0.05)
+    wait_for_lines(proc, path, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(read_metrics(killed)) < len(reference), "the run finished before it could be killed"
 
     subprocess.run(command(world, killed), env=env(cache_dir), check=True, capture_output=True, cwd=ROOT)
     assert read_metrics(killed) == reference
+
+
+def test_corrupt_checkpoint_is_one_line_naming_it(world, cache_dir, tmp_path, full_workdir):
+    workdir = shutil.copytree(full_workdir, str(tmp_path / "copy"))
+    state = os.path.join(workdir, "checkpoints", "6", "state")
+    for folder, _, files in os.walk(state):
+        for name in files:
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(os.path.getsize(f.name) // 2)
+    out = subprocess.run(command(world, workdir, "--config.train.steps=8"), env=env(cache_dir), cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.rstrip().splitlines()[-1].startswith(
+        f"FATAL checkpoint error: the checkpoint {os.path.join(workdir, 'checkpoints', '6')} ")
 
 
 def test_host_judge_path_run_with_held_out_evaluation(world, cache_dir, tmp_path, full_run):

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import struct
 from typing import Any, Callable
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
+from rlaif_jax import errors
 from rlaif_jax import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -49,16 +51,38 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
     """A checkpoint folder that cannot be loaded: the message names the file, tensor or field at fault."""
+
+    kind = "model"
+
+
+# Files of which a folder's tokenizer is read (any one of them): fast tokenizer, sentencepiece, BPE, WordPiece.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
 def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    """(tensor name -> {dtype, shape, data_offsets}, offset of the data); a truncated or corrupt file (a header
+    that does not parse, tensors that reach past the end of the file) is a CheckpointError naming it."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(m["data_offsets"][1]) for m in header.values()), default=0)
+        bad = [k for k, m in header.items() if m.get("dtype") not in _ST_DTYPES]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated: "
+                              "copy or download it again") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file holds "
+                              f"{size}; copy or download it again")
+    if bad:
+        raise CheckpointError(f"{path}: tensors {bad[:3]} have a dtype this reader does not know")
     return header, 8 + n
 
 
@@ -189,8 +213,31 @@ def load_config(folder: str, dtype: str = "float32", param_dtype: str = "float32
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"missing config.json in {folder}")
-    with open(path) as f:
-        return ModelConfig.from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+    try:
+        with open(path) as f:
+            hf_config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); it is corrupt or truncated") from None
+    return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+
+
+def check_folder(path_or_id: str, setting: str, weights: bool = True) -> None:
+    """Everything about a model folder knowable before loading it, read from headers only: it exists (or is a
+    hub id, not checked here), its config.json parses, its safetensors headers fit their files, it holds
+    tokenizer files. `setting` names the config field in the message."""
+    if not os.path.isdir(path_or_id):
+        if os.path.exists(path_or_id) or os.path.isabs(path_or_id) or path_or_id.startswith(("./", "../", "~")):
+            raise CheckpointError(f"{setting}={path_or_id!r} is not a folder; set it to an HF checkpoint folder "
+                                  "(holding config.json) or a hub id")
+        return  # a hub id: fetched (and checked) when loaded
+    try:
+        load_config(path_or_id)
+        if weights:
+            SafetensorsReader(path_or_id)
+        if not any(os.path.exists(os.path.join(path_or_id, n)) for n in TOKENIZER_FILES):
+            raise CheckpointError(f"no tokenizer files in {path_or_id}: expected one of {list(TOKENIZER_FILES)}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{setting}: {e}") from None
 
 
 def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32",
@@ -272,6 +319,9 @@ def load_tokenizer(path_or_id: str):
     """The checkpoint's tokenizer through transformers' AutoTokenizer (no remote code)."""
     from transformers import AutoTokenizer
     folder = resolve_path(path_or_id)
+    if not any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer files in {folder}: expected one of {list(TOKENIZER_FILES)} (copy the "
+                              "tokenizer of the model there, e.g. tokenizer.save_pretrained(folder))")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:
@@ -309,7 +359,11 @@ def save_model(params: tfm.Params, cfg: ModelConfig, out_dir: str, tokenizer=Non
         tensors.update(extra_tensors)
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
+    # Atomic: written to a temporary sibling, renamed into place once complete, so a kill never leaves a half
+    # folder (an empty config.json) under the real name.
+    final_dir, out_dir = out_dir.rstrip(os.sep), out_dir.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -333,3 +387,11 @@ def save_model(params: tfm.Params, cfg: ModelConfig, out_dir: str, tokenizer=Non
                        "weight_map": weight_map}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if os.path.isdir(final_dir):  # replacing an earlier export: move it aside first (a folder rename is atomic)
+        old = final_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(out_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(out_dir, final_dir)
