@@ -215,11 +215,13 @@ def test_tldr_loader_reads_the_real_columns(name):
     assert len(ids) == len(TLDR_EXPECTED_FIRST.split()) and 0 not in ids  # every word known, one id each
     assert len(splits.eval) == 3
 
-    # Longer than max_prompt_len: cut from the left, "TL;DR:" stays last.
-    short = data_lib.load_prompt_splits(local_data_section(name, TLDR_SAMPLE, max_prompt_len=8), tok).train
-    assert short.num_truncated == 3
-    cut = short.dataset[data_lib.PROMPT_IDS][0]
-    assert cut == ids[-8:] and cut[-1] == tok.convert_tokens_to_ids("TL;DR:")
+    # Longer than max_prompt_len: cut from the left, "TL;DR:" stays last; a data set whose every prompt would be
+    # cut is refused.
+    cut, truncated = data_lib.left_truncate(ids, 8)
+    assert truncated and cut == ids[-8:] and cut[-1] == tok.convert_tokens_to_ids("TL;DR:")
+    with pytest.raises(data_lib.DataError, match="every one of the 3 prompts of .* is longer than config.data."
+                                                 "max_prompt_len=8 tokens"):
+        data_lib.load_prompt_splits(local_data_section(name, TLDR_SAMPLE, max_prompt_len=8), tok)
 
 
 CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </{{ m['role'] }}>\n{% endfor %}"
