@@ -4,7 +4,8 @@
     python -m rlaif_jax.train --config experiments/testbed.py:small --workdir /tmp/tb   # 40 steps: the tests
 
 Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance|pairwise,
-estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient), steps=N.
+estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
+beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N.
 
 The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
 sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
@@ -39,7 +40,7 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=0.1, steps=0)
+    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0)
     if a.judge not in ("rubric", "relevance", "pairwise"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
     if a.estimator not in ("grpo", "online_dpo"):
@@ -86,10 +87,18 @@ def get_config(arg: str = ""):
     c.reward.kl_estimator = "k3"
     c.reward.kl_in_reward = False  # GRPO-style: KL as a loss term
     if a.estimator == "online_dpo":  # no scalar reward to shape (config._check_online_dpo)
+        if a.kl != -1.0:
+            raise ValueError("testbed estimator=online_dpo has no KL coefficient: its pull to the reference is beta")
+        c.algo.dpo_beta = a.beta
         c.reward.kl_coef = 0.0
         c.reward.missing_stop_mode = "none"
     else:
-        c.reward.kl_coef = a.kl
+        if a.beta != 0.3:
+            raise ValueError("testbed beta= is online_dpo's; grpo's pull to the reference is kl=")
+        # KL coefficients chosen on RL seed 0 of the default build (README): 0.1 for the rubric and relevance judges;
+        # 0.3 for the pairwise reward, against which seed 0 at 0.1 found the judge's blind spot for wrong adjectives
+        # (ground truth 0.487 -> 0.394, where 0.3 gave 0.669 and 1.0 gave 0.637).
+        c.reward.kl_coef = a.kl if a.kl != -1.0 else (0.3 if a.judge == "pairwise" else 0.1)
         # A response that never emits <eos> gets the lowest score: the judge reads text, not termination.
         c.reward.missing_stop_mode = "replace"
         c.reward.missing_stop_penalty = 0.0
