@@ -313,6 +313,9 @@ def _check_online_dpo(c: ml_collections.ConfigDict) -> None:
     if len(c.reward.rule_weights):
         raise ValueError(f"reward.rule_weights={c.reward.rule_weights.to_dict()} weights rule terms into a scalar "
                          "reward, which online_dpo does not use: set reward.rule_weights={}")
+    if len(c.reward.functions):
+        raise ValueError(f"reward.functions={c.reward.functions.to_dict()} are terms of a scalar reward, which "
+                         "online_dpo does not use: set reward.functions={} and reward.function_weights={}")
     for name, off in REWARD_SHAPING_OFF.items():
         if c.reward[name] != off:
             raise ValueError(f"reward.{name}={c.reward[name]!r} shapes a scalar reward, which online_dpo does not "

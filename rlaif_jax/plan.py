@@ -7,9 +7,10 @@ step that training builds, from config.json and tokenizer files alone (no weight
 compiles the step on the configured mesh and prints per-device memory (XLA's memory analysis of the compiled
 program), matmul FLOPs per step by phase and whether the step fits in one device's memory.
 
-With the host judge path (the judge's tokenizer differs from the policy's) a step is three programs, each
-compiled here on its own: the rollout, the judge forward over the re-tokenised rows (`max_len` judge tokens
-each; the host work between the programs is not planned) and the learn phase. Each program's memory is
+With the host path (the judge's tokenizer differs from the policy's, or Python reward functions) a step is three
+programs, each compiled here on its own: the rollout, the judge forward over the judge rows (`max_len` judge
+tokens each; the host work between the programs, re-tokenisation and reward functions, is not planned) and the
+learn phase. Each program's memory is
 printed; the step's peak is the largest of theirs.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlaif_jax import algorithms, builder
+from rlaif_jax import algorithms, builder, reward_functions
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import judging
 from rlaif_jax import sharding as shd
@@ -97,7 +98,9 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     if c.algo.estimator == "online_dpo":  # the host judge hands on each response's win rate, not the pairs'
         scores_b = jax.eval_shape(functools.partial(algorithms.win_rates, n_samples=c.rollout.n_samples), scores_b)
     summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
-    learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, keys).compile()
+    term_b = jax.ShapeDtypeStruct(roll.stopped_b.shape, jnp.float32, sharding=roll.stopped_b.sharding)
+    host_terms = reward_functions.HostTerms(*({name: term_b for name in c.reward.functions},) * 2)
+    learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, host_terms, keys).compile()
     return {"rollout": rollout, "judge forward": judge, "learn": learn}
 
 
@@ -110,7 +113,7 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
         prompts_bp = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
                                           sharding=shd.batch_sharding(mesh, 2))
         t0 = time.perf_counter()
-        if parts.judge_spec.path == "token_space":
+        if not isinstance(parts.step_fn, ts.HostJudgeStep):
             programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()}
         else:
             programs = compile_host_path(c, parts, prompts_bp)

@@ -39,6 +39,7 @@ from rlaif_jax import data as data_lib
 from rlaif_jax import evaluate
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
+from rlaif_jax import reward_functions
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.testbed import build as testbed_build
@@ -93,9 +94,13 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
 
         # ---- 5 the loop
         for step in range(start + 1, c.train.steps + 1):
-            batch = data_lib.to_global(next(train_loader), batch_sharding)
+            local = next(train_loader)
+            batch = data_lib.to_global(local, batch_sharding)
             references = () if batch.reference_bf is None else (batch.reference_bf, batch.reference_mask_bf)
-            state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references)
+            # Python reward functions read this process's prompts' dataset columns (each process its own rows).
+            columns = ({"columns": reward_functions.columns_of(train_loader.prompts.rows(local.index_b))}
+                       if len(c.reward.functions) else {})
+            state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references, **columns)
             if c.eval.every and (step % c.eval.every == 0 or step == c.train.steps):
                 metrics = {**metrics, **evaluator.evaluate(state, frozen, step, writer)}
             writer.write(step, metrics)
