@@ -152,7 +152,8 @@ def test_validation_refuses_with_one_line(fields, message):
 def test_online_dpo_refuses_reward_functions(world):
     c = make_config(world, **{"algo.estimator": "online_dpo", "judge.mode": "pairwise", "critic.kind": "none",
                               "rollout.n_samples": 2, "reward.functions": {"f": FUNCTIONS["bs"]},
-                              "reward.function_weights": {"f": 1.0}})
+                              "reward.function_weights": {"f": 1.0}, "algo.vf_coef": 0.1, "algo.epochs": 1,
+                              "algo.minibatches": 1})
     c.judge.template = "Q : {prompt} R : {response} R : {response_b} S :"
     for name, off in config_lib.REWARD_SHAPING_OFF.items():
         c.reward[name] = off
