@@ -567,8 +567,8 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
                          mesh: jax.sharding.Mesh, state_shardings, frozen_shardings, policy_tokenizer,
                          judge_tokenizer) -> HostJudgeStep:
     """The step when a reward leaves the graph (`host_path_reasons`): the rollout and the learn phase as two
-    compiled programs with the host work between them: the judge (on its spec's path: token space, or decode ->
-    render -> re-tokenise -> judge forward, `judging.score_outside_jit`), then the Python reward functions on the
+    compiled programs with the host work between them: the judge (on its spec's path: the token-space `score`
+    jitted alone, or decode -> render -> re-tokenise -> judge forward, `judging.score_host`), then the Python reward functions on the
     decoded text (`reward_functions.compute_terms`, each process on its own rows). Same signature and the same PRNG
     stream as the fused step, so both paths sample the same responses."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
@@ -584,8 +584,11 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
         return roll, inputs, (rng, k_judge, k_update)
 
     def judge(frozen, roll, inputs, k_judge):
-        score_fn = functools.partial(judging.score_outside_jit, frozen.judge, models.judge, judge_spec,
-                                     policy_tokenizer, judge_tokenizer)
+        if judge_spec.path == "host":
+            score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec,
+                                         policy_tokenizer, judge_tokenizer)
+        else:  # the path exists for the reward functions: the token-space judge, jitted on its own
+            score_fn = functools.partial(judging.score_jit, frozen.judge, models.judge, judge_spec)
         scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         return scores_b, judge_metrics.summary(judge_spec)
 
