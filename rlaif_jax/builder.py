@@ -99,11 +99,14 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     policy_cfg, policy_params = trained_model(policy_folder)
     reward_rules.check_token_ids(c.reward, policy_cfg.vocab_size)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
-    if weights:  # load_judge logs the judge's path
+    if c.judge.mode == "remote":  # no local model: the host path calls the endpoint
+        judge = judging.Judge(policy_cfg, {}, judging.remote_spec(c.judge, sampling.stop_ids or None), policy_tok)
+        log.info("judge: mode=remote, api=%s (an HTTP endpoint instead of a local model)", c.judge.remote_api)
+    elif weights:  # load_judge logs the judge's path
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
         judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
-    if judge.spec.path == "host" and not c.train.allow_tokenizer_mismatch:
+    if judge.spec.path == "host" and judge.spec.mode != "remote" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "
             "cannot be assembled in token space; set --config.train.allow_tokenizer_mismatch=True to use the "

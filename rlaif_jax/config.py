@@ -247,9 +247,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.algo.estimator == "online_dpo":
         _check_online_dpo(c)
     _check_references(c)
-    if c.eval.win_rate and c.judge.mode == "reward_model":
-        raise ValueError("config.eval.win_rate=True asks the judge to compare two responses, which a reward model "
-                         "(judge.mode='reward_model') cannot: set config.eval.win_rate=False")
+    if c.eval.win_rate and c.judge.mode in ("reward_model", "remote"):
+        raise ValueError(f"config.eval.win_rate=True asks the judge to compare two responses, which a "
+                         f"{'reward model' if c.judge.mode == 'reward_model' else 'remote judge'} (judge.mode="
+                         f"{c.judge.mode!r}) cannot: set config.eval.win_rate=False")
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices

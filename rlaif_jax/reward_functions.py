@@ -164,6 +164,15 @@ def to_global_rows(values: np.ndarray, like: jax.Array) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, values, (like.shape[0],))
 
 
+def local_texts(tokenizer, roll) -> tuple[list[str], list[str], np.ndarray]:
+    """This process's rollout rows as text (prompt, completion; special tokens skipped) and their stopped flags."""
+    prompt, pmask = local_rows(roll.prompt_tokens_bp), local_rows(roll.prompt_mask_bp)
+    resp, rmask = local_rows(roll.response_tokens_br), local_rows(roll.response_mask_br)
+    prompts = [tokenizer.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(prompt, pmask)]
+    completions = [tokenizer.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(resp, rmask)]
+    return prompts, completions, local_rows(roll.stopped_b)
+
+
 class HostTerms(NamedTuple):
     """The function terms of one step, for the learn program: name -> (B,) value and (B,) 1.0 where None."""
     values: dict[str, jax.Array]
@@ -178,11 +187,7 @@ def compute_terms(functions: Sequence[RewardFunction], neutral: float, tokenizer
     if not functions:
         return HostTerms({}, {}), 0.0
     t0 = time.perf_counter()
-    prompt, pmask = local_rows(roll.prompt_tokens_bp), local_rows(roll.prompt_mask_bp)
-    resp, rmask = local_rows(roll.response_tokens_br), local_rows(roll.response_mask_br)
-    stopped = local_rows(roll.stopped_b)
-    prompts = [tokenizer.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(prompt, pmask)]
-    completions = [tokenizer.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(resp, rmask)]
+    prompts, completions, stopped = local_texts(tokenizer, roll)
     rows = {}
     for k, v in (columns or {}).items():
         if len(v) * n_samples != len(completions):

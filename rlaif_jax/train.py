@@ -36,7 +36,7 @@ from rlaif_jax import builder
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
-from rlaif_jax import evaluate
+from rlaif_jax import evaluate, judging
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
 from rlaif_jax import reward_functions
@@ -84,9 +84,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> None:
         elif jax.process_index() == 0:
             # A fresh start (also after a kill before the first checkpoint): nothing logged before counts.
             metrics_lib.truncate_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE), -1)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(c.to_json_best_effort(indent=2))
-        writer = metrics_lib.MetricsWriter(workdir, c.logging, c, start_step=start, total_steps=c.train.steps)
+            with open(os.path.join(workdir, "config.json"), "w") as f:  # without a remote judge's URL and key
+                f.write(judging.remote.redacted(c).to_json_best_effort(indent=2))
+        writer = metrics_lib.MetricsWriter(workdir, c.logging, judging.remote.redacted(c), start_step=start,
+                                           total_steps=c.train.steps)
         log.info("%d devices, mesh %s", jax.device_count(), dict(mesh.shape))
         if start == 0 and c.eval.every:
             writer.write(0, {"judge_path_is_token_space": int(parts.judge_spec.path == "token_space"),

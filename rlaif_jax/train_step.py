@@ -558,8 +558,12 @@ class HostJudgeStep:
 
 def host_path_reasons(c: ml_collections.ConfigDict, judge_spec: judging.JudgeSpec) -> tuple[str, ...]:
     """Why the step leaves the graph (empty: the one fused program): the judge's tokenizer differs from the
-    policy's, Python reward functions."""
-    return (("the judge's tokenizer differs from the policy's",) if judge_spec.path == "host" else ()) + (
+    policy's, the judge is remote, Python reward functions."""
+    if judge_spec.mode == "remote":
+        judge = ("a remote judge",)
+    else:
+        judge = ("the judge's tokenizer differs from the policy's",) if judge_spec.path == "host" else ()
+    return judge + (
         (f"Python reward functions {sorted(c.reward.functions)}",) if len(c.reward.functions) else ())
 
 
@@ -569,7 +573,8 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
     """The step when a reward leaves the graph (`host_path_reasons`): the rollout and the learn phase as two
     compiled programs with the host work between them: the judge (on its spec's path: the token-space `score`
     jitted alone, or decode -> render -> re-tokenise -> judge forward, `judging.score_host`), then the Python reward functions on the
-    decoded text (`reward_functions.compute_terms`, each process on its own rows). Same signature and the same PRNG
+    decoded text (`reward_functions.compute_terms`, each process on its own rows). A remote judge
+    (`judging.remote`) is called on the host, each process sending its own rows. Same signature and the same PRNG
     stream as the fused step, so both paths sample the same responses."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
     replicated = shd.replicated(mesh)
@@ -583,7 +588,14 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         return roll, inputs, (rng, k_judge, k_update)
 
+    client = (judging.remote.RemoteJudge(c.judge, lambda p, r: judging.spec.render(judge_spec, {
+        "prompt": p, "response": r})) if judge_spec.mode == "remote" else None)
+
     def judge(frozen, roll, inputs, k_judge):
+        if client is not None:  # this process's rows, sent to the endpoint
+            prompts, completions, _ = reward_functions.local_texts(policy_tokenizer, roll)
+            scores, _, stats = client.score(prompts, completions)
+            return reward_functions.to_global_rows(scores, roll.stopped_b), stats.metrics()
         if judge_spec.path == "host":
             score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec,
                                          policy_tokenizer, judge_tokenizer)
