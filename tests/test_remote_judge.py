@@ -178,8 +178,8 @@ def test_training_run_against_a_faulty_server_completes_with_the_neutral_fallbac
         overrides = ["--config.judge.mode=remote", "--config.judge.path=", "--config.judge.remote_model=tiny",
                      "--config.judge.remote_timeout_s=0.5", "--config.judge.remote_retries=1",
                      "--config.judge.remote_backoff_s=0.01", "--config.judge.remote_concurrency=8",
-                     "--config.eval.win_rate=False", "--config.train.steps=3", "--config.eval.every=3",
-                     "--config.checkpoint.every_steps=0", "--config.train.export_final=False"]
+                     "--config.eval.win_rate=False", "--config.eval.pairwise_template=", "--config.train.steps=3", "--config.eval.every=3",
+                     "--config.checkpoint.every_steps=3", "--config.train.export_final=False"]
         functions = ["--config.reward.functions={'bs': 'tests.test_reward_functions:count_b'}",
                      "--config.reward.function_weights={'bs': 0.5}"]
         proc = subprocess.run([sys.executable, "-m", "rlaif_jax.train", f"--config={CONFIG}:{world}",
