@@ -186,6 +186,7 @@ def compute_terms(functions: Sequence[RewardFunction], neutral: float, tokenizer
     repeated here for its n samples), or None."""
     if not functions:
         return HostTerms({}, {}), 0.0
+    jax.block_until_ready(roll)  # the time below is the host's work, not the wait for the rollout program
     t0 = time.perf_counter()
     prompts, completions, stopped = local_texts(tokenizer, roll)
     rows = {}

@@ -85,6 +85,8 @@ def main():
     for k in times:
         print(f"{k}_step_s_median={med[k]:.4f} all={fmt(times[k])}")
     print(f"host decode + function s median={statistics.median(host_s):.4f} all={fmt(host_s)}")
+    pairs = [h / f for h, f in zip(times["host"], times["fused"])]
+    print(f"host / fused per pair of consecutive steps: median={statistics.median(pairs):.3f} all={fmt(pairs)}")
     print(f"host_reward_over_fused={med['host'] / med['fused']:.3f}")
 
 
