@@ -113,12 +113,10 @@ MODES = {
         queries=lambda c: tuple(Query(criterion=i) for i in range(len(c.criteria))),  # one question per criterion
         check=_check_rubric),
     "reward_model": Mode(template="Prompt : {prompt}\nResponse : {response}", required_slots=("response",)),
-    # A judge served elsewhere (judging/remote.py): the pointwise question, rendered as text and sent to an endpoint.
-    "remote": Mode(
-        template=("Rate how helpful , correct and concise the response is , from 1 ( worst ) to {num_scores} "
-                  "( best ) . Answer with the number only .\nPrompt : {prompt}\nResponse : {response}\nScore :"),
-        required_slots=("response",), check=lambda c: remote.check_config(c)),
 }
+# A judge served elsewhere (judging/remote.py): the pointwise question, rendered as text and sent to an endpoint.
+MODES["remote"] = Mode(template=MODES["pointwise"].template, required_slots=("response",),
+                       check=lambda c: remote.check_config(c))
 
 
 # ================================================================================================ config
