@@ -5,7 +5,8 @@
 
 Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance|pairwise,
 estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
-beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N.
+beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python rule reward
+`rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only).
 
 The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
 sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
@@ -16,6 +17,10 @@ over the three criteria (`judge.mode = "rubric"`). The ground-truth grader is on
 `judge=relevance` is the reward-hacking ablation: the judge asks only the relevance question, which it answers
 with a bias towards responses that repeat topic words, so the policy can raise the judge score by stuffing
 keywords while coherence (and the ground-truth pass rate) falls. `kl=0` removes the other guard-rail.
+
+`rule=W` adds a rule reward written as a Python function on the text (`reward.functions`, run on the host between
+the step's compiled programs): 1 when the response ended with the stop token and doubles no word, weighted W next
+to the judge's score (in [0, 1]), aimed at the judge's known blind spot, the doubled word.
 
 `judge=pairwise` asks the judge which of two responses to the instruction is better ("Instruction : ... Response
 A : ... Response B : ... Better response :" -> A / B), in both presentation orders; with grpo the reward of a
@@ -40,11 +45,13 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0)
+    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0, rule=0.0)
     if a.judge not in ("rubric", "relevance", "pairwise"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
     if a.estimator not in ("grpo", "online_dpo"):
         raise ValueError(f"testbed estimator={a.estimator!r}; use grpo or online_dpo")
+    if a.rule and a.estimator == "online_dpo":
+        raise ValueError("testbed rule=W weights a rule into a scalar reward, which estimator=online_dpo does not use")
     if a.estimator == "online_dpo" and a.judge != "pairwise":
         raise ValueError(f"testbed estimator=online_dpo learns from preferences: it needs judge=pairwise, not "
                          f"judge={a.judge}")
@@ -104,6 +111,9 @@ def get_config(arg: str = ""):
         c.reward.missing_stop_penalty = 0.0
         if a.judge == "pairwise":  # the reward: P(the response beats a sample of the reference policy)
             c.reward.pairwise_baseline = "reference_sample"
+        if a.rule:  # a Python rule reward on the text, next to the judge's score
+            c.reward.functions = {"format": "rlaif_jax.testbed.task:format_rule"}
+            c.reward.function_weights = {"format": float(a.rule)}
 
     c.optim.learning_rate = 1e-3
     c.optim.max_grad_norm = 1.0

@@ -8,10 +8,11 @@
 What plan mode compiles is by construction what training compiles: every decision is taken here, once, for both:
   - the model configs, with `config.compute.scan_unroll` on the trained models (policy, reference, critic)
   - the sampler's settings (`rollout.SamplingConfig`): its stop ids are the ones the judge cuts responses at
-  - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" -> one fused program
-    (`train_step.make_train_step`); "host" -> two programs with the judge on the host between them
-    (`train_step.make_host_judge_step`), only with `config.train.allow_tokenizer_mismatch`. The run's one log
-    line about it is `judging.load_judge`'s; plan mode prints it in its report
+  - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" or "host" (re-tokenisation, only
+    with `config.train.allow_tokenizer_mismatch`); `judging.load_judge` logs it, plan mode prints it
+  - the step's path (`train_step.host_path_reasons`): one fused program (`train_step.make_train_step`), or, when
+    a reward leaves the graph (a host judge path, Python reward functions), two programs with the host work
+    between them (`train_step.make_host_judge_step`); logged once here
   - the shardings of the params, the train state and the frozen models
 
 Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
@@ -19,6 +20,7 @@ Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -33,6 +35,8 @@ from rlaif_jax import train_step as ts
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunParts(NamedTuple):
@@ -95,11 +99,14 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     policy_cfg, policy_params = trained_model(policy_folder)
     reward_rules.check_token_ids(c.reward, policy_cfg.vocab_size)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
-    if weights:  # load_judge logs the judge's path
+    if c.judge.mode == "remote":  # no local model: the host path calls the endpoint
+        judge = judging.Judge(policy_cfg, {}, judging.remote_spec(c.judge, sampling.stop_ids or None), policy_tok)
+        log.info("judge: mode=remote, api=%s (an HTTP endpoint instead of a local model)", c.judge.remote_api)
+    elif weights:  # load_judge logs the judge's path
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
         judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
-    if judge.spec.path == "host" and not c.train.allow_tokenizer_mismatch:
+    if judge.spec.path == "host" and judge.spec.mode != "remote" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "
             "cannot be assembled in token space; set --config.train.allow_tokenizer_mismatch=True to use the "
@@ -129,10 +136,13 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
 
     # ---- the compiled step of the judge's path
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-    if judge.spec.path == "token_space":
+    reasons = ts.host_path_reasons(c, judge.spec)
+    if not reasons:
         step_fn = ts.make_train_step(c, models, judge.spec, mesh, state_shardings, frozen_shardings)
     else:
         step_fn = ts.make_host_judge_step(c, models, judge.spec, mesh, state_shardings, frozen_shardings,
                                           policy_tok, judge.tokenizer)
+    log.info("train step: %s", "one fused program" if not reasons else
+             "host path (rollout program -> host reward -> learn program) for " + "; ".join(reasons))
     return RunParts(models, sampling, judge.spec, policy_tok, judge.tokenizer, state, state_shardings, frozen,
                     step_fn)

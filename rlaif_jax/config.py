@@ -263,9 +263,10 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
     if c.algo.estimator == "online_dpo":
         _check_online_dpo(c)
     _check_references(c)
-    if c.eval.win_rate and c.judge.mode == "reward_model":
-        raise ValueError("config.eval.win_rate=True asks the judge to compare two responses, which a reward model "
-                         "(judge.mode='reward_model') cannot: set config.eval.win_rate=False")
+    if c.eval.win_rate and c.judge.mode in ("reward_model", "remote"):
+        raise ValueError(f"config.eval.win_rate=True asks the judge to compare two responses, which a "
+                         f"{'reward model' if c.judge.mode == 'reward_model' else 'remote judge'} (judge.mode="
+                         f"{c.judge.mode!r}) cannot: set config.eval.win_rate=False")
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -329,6 +330,9 @@ def _check_online_dpo(c: ml_collections.ConfigDict) -> None:
     if len(c.reward.rule_weights):
         raise ValueError(f"reward.rule_weights={c.reward.rule_weights.to_dict()} weights rule terms into a scalar "
                          "reward, which online_dpo does not use: set reward.rule_weights={}")
+    if len(c.reward.functions):
+        raise ValueError(f"reward.functions={c.reward.functions.to_dict()} are terms of a scalar reward, which "
+                         "online_dpo does not use: set reward.functions={} and reward.function_weights={}")
     for name, off in REWARD_SHAPING_OFF.items():
         if c.reward[name] != off:
             raise ValueError(f"reward.{name}={c.reward[name]!r} shapes a scalar reward, which online_dpo does not "

@@ -61,6 +61,8 @@ class Evaluator:
         sampling = dataclasses.replace(parts.sampling, n_samples=c.eval.samples_per_prompt)
         pair_cfg = ml_collections.ConfigDict(c.judge.to_dict())
         pair_cfg.mode, pair_cfg.template = "pairwise", c.eval.pairwise_template
+        self.remote = (judging.remote.RemoteJudge(c.judge, lambda p, r: judging.spec.render(parts.judge_spec, {
+            "prompt": p, "response": r})) if parts.judge_spec.mode == "remote" else None)
         self.pair_spec = (judging.make_spec(pair_cfg, parts.judge_tokenizer, parts.policy_tokenizer,
                                             sampling.stop_ids or None)
                           if c.eval.win_rate and parts.judge_spec.mode != "reward_model" else None)
@@ -86,6 +88,13 @@ class Evaluator:
         (reference_bf, reference_mask_bf), or () without config.data.reference_field."""
         k_score, k_pair = jax.random.split(key)
         parts, n = self.parts, self.c.eval.samples_per_prompt
+        if self.remote is not None:  # the whole batch's texts (every process), scored at the endpoint
+            tok = parts.policy_tokenizer
+            tokens = [gather_to_host(x) for x in (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br,
+                                                  roll.response_mask_br)]
+            texts = [[tok.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(tokens[i], tokens[i + 1])]
+                     for i in (0, 2)]
+            return {"score": self.remote.score(*texts)[0], "criteria": None}
         repeated = [jnp.repeat(x, n, axis=0) for x in references]  # prompt-major rows, as the rollout's
 
         def judge(spec, rng, **kwargs):

@@ -7,9 +7,10 @@ step that training builds, from config.json and tokenizer files alone (no weight
 compiles the step on the configured mesh and prints per-device memory (XLA's memory analysis of the compiled
 program), matmul FLOPs per step by phase and whether the step fits in one device's memory.
 
-With the host judge path (the judge's tokenizer differs from the policy's) a step is three programs, each
-compiled here on its own: the rollout, the judge forward over the re-tokenised rows (`max_len` judge tokens
-each; the host work between the programs is not planned) and the learn phase. Each program's memory is
+With the host path (the judge's tokenizer differs from the policy's, or Python reward functions) a step is three
+programs, each compiled here on its own: the rollout, the judge forward over the judge rows (`max_len` judge
+tokens each; the host work between the programs, re-tokenisation and reward functions, is not planned) and the
+learn phase. Each program's memory is
 printed; the step's peak is the largest of theirs.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlaif_jax import algorithms, builder
+from rlaif_jax import algorithms, builder, reward_functions
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import judging
 from rlaif_jax import sharding as shd
@@ -49,7 +50,7 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
     seq = (2 * B if dpo else rows) * (P + R)  # online_dpo learns from one (chosen, rejected) pair per prompt
     flops = {
         "rollout": 2 * Np * (B * P + rows * R),          # one prefill of the B prompts, then n x R decode steps
-        "judge": 2 * Nj * ts.judged_examples(c) * spec.queries_per_example * spec.max_len,
+        "judge": 0 if spec.mode == "remote" else 2 * Nj * ts.judged_examples(c) * spec.queries_per_example * spec.max_len,
         "reference+old logprobs": (1 if dpo else 2) * 2 * Np * seq,
         "update": c.algo.epochs * 3 * 2 * Np * seq,
     }
@@ -78,14 +79,26 @@ def step_data(c: ml_collections.ConfigDict, prompts_bp: jax.ShapeDtypeStruct) ->
     return (prompts_bp, prompts_bp) + ((references_bf, references_bf) if c.data.reference_field else ())
 
 
+def _host_terms(c: ml_collections.ConfigDict, roll) -> reward_functions.HostTerms:
+    """The shapes of the reward functions' terms (`reward_functions.HostTerms`) the learn program receives."""
+    term_b = jax.ShapeDtypeStruct(roll.stopped_b.shape, jnp.float32, sharding=roll.stopped_b.sharding)
+    return reward_functions.HostTerms(*({name: term_b for name in c.reward.functions},) * 2)
+
+
 def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, prompts_bp) -> dict[str, Any]:
     """The host path's three programs compiled from shapes, each fed what the one before hands it in training:
     {"rollout": compiled, "judge forward": compiled, "learn": compiled}."""
     step, models, spec = parts.step_fn, parts.models, parts.judge_spec
     rollout = step.sample.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()
     roll, _, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
-    # The judge rows come from the host: re-tokenised, padded to max_len, one query per row, query-major.
     examples = ts.judged_examples(c)
+    if spec.mode == "remote":  # no judge program: the endpoint's scores and metrics come from the host
+        scores_b = jax.ShapeDtypeStruct((examples,), jnp.float32)
+        summary = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in judging.remote.RemoteStats().metrics()}
+        learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, _host_terms(c, roll),
+                                 keys).compile()
+        return {"rollout": rollout, "learn": learn}
+    # The judge rows come from the host: re-tokenised, padded to max_len, one query per row, query-major.
     queries = examples * spec.queries_per_example
     tokens_nt = jax.ShapeDtypeStruct((queries, spec.max_len), jnp.int32)
     truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
@@ -97,7 +110,7 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     if c.algo.estimator == "online_dpo":  # the host judge hands on each response's win rate, not the pairs'
         scores_b = jax.eval_shape(functools.partial(algorithms.win_rates, n_samples=c.rollout.n_samples), scores_b)
     summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
-    learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, keys).compile()
+    learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, _host_terms(c, roll), keys).compile()
     return {"rollout": rollout, "judge forward": judge, "learn": learn}
 
 
@@ -110,7 +123,7 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
         prompts_bp = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
                                           sharding=shd.batch_sharding(mesh, 2))
         t0 = time.perf_counter()
-        if parts.judge_spec.path == "token_space":
+        if not isinstance(parts.step_fn, ts.HostJudgeStep):
             programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()}
         else:
             programs = compile_host_path(c, parts, prompts_bp)

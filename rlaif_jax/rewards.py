@@ -7,7 +7,9 @@ Everything here is pure, jittable, float32, and never lets padding reach a stati
 `shape_rewards` applies, in this order:
 
   1 composite     s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k]
-                  (the terms of `reward.rules`, computed in the step by rlaif_jax/reward_rules.py)
+                        + sum_k function_weights[k] * function_terms[k]
+                  (the terms of `reward.rules`, computed in the step by rlaif_jax/reward_rules.py; those of
+                  `reward.functions`, Python functions on text run on the host, rlaif_jax/reward_functions.py)
   2 missing stop  responses without a stop token: s = missing_stop_penalty ("replace") or s += it ("add")
   3 length        s -= length_penalty * max(length - length_target, 0)   (length_target 0: whole length)
   4 clip          s = clip(s, -clip, clip)                                (clip 0: off)
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlaif_jax import reward_rules
+from rlaif_jax import reward_functions, reward_rules
 from rlaif_jax.ops import KL_ESTIMATORS, LossNorm, aggregate, all_kl_estimates, kl_estimate, masked_whiten
 
 SCORE_NORMS = ("none", "whiten", "running")
@@ -51,6 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.rules = {}                  # rule name -> its parameters, terms computed in the step (reward_rules.py),
     #                               e.g. {"repeated_ngrams": {"n": 3}, "stop_token": {}}; set the whole dict
     c.rule_weights = {}           # rule name -> weight, one for every rule: {"repeated_ngrams": -1.0, ...}
+    # Python reward functions on the decoded text (TRL's signature), run on the host between the step's compiled
+    # programs (reward_functions.py): name -> "module:function"; set the whole dict. Each needs a weight.
+    c.functions = {}
+    c.function_weights = {}       # function name -> weight, one for every function
+    c.function_neutral = 0.0      # the value of a function's None ("no opinion") for a row
     # --- penalties ---
     c.missing_stop_penalty = -1.0  # score for a response with no stop token within max new tokens
     c.missing_stop_mode = "replace"  # "replace" the score (summarize-from-feedback reproductions) | "add" | "none"
@@ -113,6 +120,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if unweighted:
         raise ValueError(f"reward.rules.{unweighted[0]} has no weight; set reward.rule_weights[{unweighted[0]!r}] "
                          "(0 logs the rule without changing the reward)")
+    reward_functions.validate_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,16 +227,18 @@ def running_normalize(state: RunningNormState, x: jax.Array, subtract_mean: bool
 # Score pieces
 # ---------------------------------------------------------------------------------------------------------------
 
-def composite_score(cfg: ml_collections.ConfigDict, judge_b: jax.Array,
-                    rule_terms: Mapping[str, jax.Array]) -> jax.Array:
-    """s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k]."""
-    weights = dict(cfg.rule_weights)
-    missing = sorted(set(rule_terms) - set(weights))
-    if missing:
-        raise ValueError(f"rule terms {missing} have no weight; add them to config.reward.rule_weights")
+def composite_score(cfg: ml_collections.ConfigDict, judge_b: jax.Array, rule_terms: Mapping[str, jax.Array],
+                    function_terms: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """s = judge_weight * judge + sum_k rule_weights[k] * rule_terms[k] + sum_k function_weights[k] *
+    function_terms[k]."""
     score_b = cfg.judge_weight * judge_b.astype(jnp.float32)
-    for name in sorted(rule_terms):  # sorted: a fixed summation order, so results do not depend on dict order
-        score_b = score_b + weights[name] * rule_terms[name].astype(jnp.float32)
+    for kind, terms in (("rule", rule_terms), ("function", function_terms or {})):
+        weights = dict(cfg[f"{kind}_weights"])
+        missing = sorted(set(terms) - set(weights))
+        if missing:
+            raise ValueError(f"{kind} terms {missing} have no weight; add them to config.reward.{kind}_weights")
+        for name in sorted(terms):  # sorted: a fixed summation order, so results do not depend on dict order
+            score_b = score_b + weights[name] * terms[name].astype(jnp.float32)
     return score_b
 
 
@@ -279,6 +289,7 @@ def init_state(cfg: ml_collections.ConfigDict) -> RewardState:
 def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: jax.Array, logp_br: jax.Array,
                   logp_ref_br: jax.Array, response_mask_br: jax.Array, stopped_b: jax.Array,
                   rule_terms: Mapping[str, jax.Array] | None = None,
+                  function_terms: Mapping[str, jax.Array] | None = None,
                   ) -> tuple[jax.Array, RewardState, dict[str, jax.Array]]:
     """Judge scores -> per-token rewards, in the order of the module docstring.
 
@@ -287,6 +298,8 @@ def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: 
     logp_ref_br   (B, R) reference policy's log-probs of the same tokens
     stopped_b     (B,) bool, True where the response contains a stop token
     rule_terms    name -> (B,) rule-based reward terms, weighted by cfg.rule_weights
+    function_terms name -> (B,) terms of the Python reward functions (computed on the host), weighted by
+                  cfg.function_weights
     Returns (token_rewards_br, new_state, metrics). The rewards use the KL coefficient *before* this step's
     controller update; new_state holds the updated coefficient and running statistics. When kl_in_reward is
     False, give `kl_loss_term` this step's coefficient, `state.kl.coef` (also in metrics["kl/coef"]).
@@ -294,14 +307,17 @@ def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: 
     rule_terms = {} if rule_terms is None else dict(rule_terms)
     # Rewards are constants for the update: no gradient ever flows into the rollout's or reference's log-probs.
     scores_b, logp_br, logp_ref_br = jax.lax.stop_gradient((scores_b, logp_br, logp_ref_br))
-    rule_terms = jax.lax.stop_gradient(rule_terms)
+    function_terms = {} if function_terms is None else dict(function_terms)
+    rule_terms, function_terms = jax.lax.stop_gradient((rule_terms, function_terms))
     mask_br = response_mask_br.astype(jnp.float32)
     metrics: dict[str, jax.Array] = {}
 
     # 1 composite score
-    score_b = composite_score(cfg, scores_b, rule_terms)
+    score_b = composite_score(cfg, scores_b, rule_terms, function_terms)
     for name, term_b in sorted(rule_terms.items()):
         metrics[f"reward/rule/{name}"] = jnp.mean(term_b.astype(jnp.float32))
+    for name, term_b in sorted(function_terms.items()):
+        metrics[f"reward/function/{name}"] = jnp.mean(term_b.astype(jnp.float32))
     metrics["reward/composite"] = jnp.mean(score_b)
 
     # 2 missing stop token

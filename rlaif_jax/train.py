@@ -42,9 +42,10 @@ from rlaif_jax import builder
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
-from rlaif_jax import errors, evaluate
+from rlaif_jax import errors, evaluate, judging
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
+from rlaif_jax import reward_functions
 from rlaif_jax import sharding as shd
 from rlaif_jax import workdir as workdir_lib
 from rlaif_jax.models import hf
@@ -157,7 +158,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
             state, extra = ckpt.restore(start, ckpt_lib.abstract_state(state))
             train_loader.restore(extra["data"])
             log.info("resumed from the checkpoint of step %d in %s", start, workdir)
-        writer = metrics_lib.MetricsWriter(workdir, c.logging, c, start_step=start, total_steps=c.train.steps)
+        # wandb gets the config without a remote judge's URL and key (as config.json, workdir.config_json).
+        writer = metrics_lib.MetricsWriter(workdir, c.logging, judging.remote.redacted(c), start_step=start,
+                                           total_steps=c.train.steps)
         log.info("%d devices, mesh %s", jax.device_count(), dict(mesh.shape))
         if start == 0 and c.eval.every:
             writer.write(0, {"judge_path_is_token_space": int(parts.judge_spec.path == "token_space"),
@@ -168,9 +171,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
         skipped_in_a_row, step = 0, start
         try:
             for step in range(start + 1, c.train.steps + 1):
-                batch = data_lib.to_global(next(train_loader), batch_sharding)
+                local = next(train_loader)
+                batch = data_lib.to_global(local, batch_sharding)
                 references = () if batch.reference_bf is None else (batch.reference_bf, batch.reference_mask_bf)
-                state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references)
+                # Python reward functions read this process's prompts' dataset columns (each process its own rows).
+                columns = ({"columns": reward_functions.columns_of(train_loader.prompts.rows(local.index_b))}
+                           if len(c.reward.functions) else {})
+                state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references, **columns)
                 if c.eval.every and (step % c.eval.every == 0 or step == c.train.steps):
                     metrics = {**metrics, **evaluator.evaluate(state, frozen, step, writer)}
                 values = writer.write(step, metrics)

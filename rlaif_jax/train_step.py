@@ -3,9 +3,10 @@
     train_step(state, frozen, prompts_bp, prompt_mask_bp[, references_bf, reference_mask_bf]) -> (state, metrics)
 
 is one `jax.jit` with in/out shardings on the mesh and `state` donated. Python only feeds prompts in and
-reads metrics out. The phases are separate functions so that (a) the host-judge path (judge tokenizer differs
-from the policy's) can run `rollout_phase` and `learn_phase` as two programs with host re-tokenisation between
-them, and (b) the step benchmark can compile each phase alone.
+reads metrics out. The phases are separate functions so that (a) the host path (the judge's tokenizer differs
+from the policy's, or Python reward functions score the text) can run `rollout_phase` and `learn_phase` as two
+programs with the host work between them (`make_host_judge_step`), and (b) the step benchmark can compile each
+phase alone.
 
 Trainable params are one pytree, `state.params`:
   {"policy": ...}                                        critic.kind == "none"   (GRPO, RLOO)
@@ -35,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlaif_jax import algorithms, judging, ops, reward_rules, rewards
+from rlaif_jax import algorithms, judging, ops, reward_functions, reward_rules, rewards
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import transformer as tfm
@@ -374,9 +375,11 @@ def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm:
 
 
 def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
-                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key) -> tuple[TrainState, dict]:
+                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
+                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
     """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
-    (online_dpo: `dpo_learn_phase`)."""
+    (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
+    (the host path's `HostJudgeStep.functions`), or None."""
     if c.algo.estimator == "online_dpo":
         return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
     temperature = c.rollout.temperature
@@ -406,8 +409,11 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # 4 shaping: scores and the responses' rule terms -> per-token rewards (KL, penalties, normalisation)
     rule_inputs = reward_rules.RuleInputs(prompt, pmask, resp, rmask, roll.stopped_b)
     rule_terms = reward_rules.compute_terms(c.reward, rule_inputs)
+    host_terms = host_terms or reward_functions.HostTerms({}, {})
     token_rewards, reward_state, reward_metrics = rewards.shape_rewards(
-        c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b, rule_terms)
+        c.reward, state.reward, scores_b, old_logp, ref_logp, rmask, roll.stopped_b, rule_terms, host_terms.values)
+    for name, none_b in sorted(host_terms.none.items()):
+        reward_metrics[f"reward/function/{name}/none_frac"] = jnp.mean(none_b)
     if kl_off:  # they would read 0 without a reference forward: not reported rather than wrong
         reward_metrics = {k: v for k, v in reward_metrics.items() if not k.startswith("kl/k")}
 
@@ -527,29 +533,52 @@ def make_train_step(c: ml_collections.ConfigDict, models: Models, judge_spec: ju
 
 @dataclasses.dataclass(frozen=True)
 class HostJudgeStep:
-    """The step of the host judge path (`make_host_judge_step`), called like the fused step. Its two compiled
-    programs are fields so that plan mode can compile each from shapes."""
+    """The step of the host path (`make_host_judge_step`), called like the fused step (plus `columns`). Its
+    compiled programs are fields so that plan mode can compile each from shapes."""
     sample: Callable  # jit: (state, frozen, prompts_bp, prompt_mask_bp[, references_bf, reference_mask_bf])
     #                   -> (rollout, judge inputs (`judge_inputs`), keys = (rng, k_judge, k_update))
     judge: Callable   # host: (frozen, rollout, judge inputs, k_judge) -> (scores_b, judge metrics summary)
-    learn: Callable   # jit, state donated: (state, frozen, rollout, scores_b, judge_metrics, keys) -> (state, metrics)
+    functions: Callable  # host: (rollout, columns) -> (reward_functions.HostTerms, seconds)
+    learn: Callable   # jit, state donated: (state, frozen, rollout, scores_b, judge_metrics, host terms, keys)
+    #                   -> (state, metrics)
 
     def __call__(self, state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp, references_bf=None,
-                 reference_mask_bf=None):
+                 reference_mask_bf=None, *, columns: dict[str, list] | None = None):
+        """`columns`: this process's prompts' dataset columns (`reward_functions.columns_of`), for the reward
+        functions."""
         references = () if references_bf is None else (references_bf, reference_mask_bf)
         roll, inputs, keys = self.sample(state, frozen, prompts_bp, prompt_mask_bp, *references)
         scores_b, judge_metrics = self.judge(frozen, roll, inputs, keys[1])
-        return self.learn(state, frozen, roll, scores_b, judge_metrics, keys)
+        host_terms, seconds = self.functions(roll, columns)
+        state, metrics = self.learn(state, frozen, roll, scores_b, judge_metrics, host_terms, keys)
+        if host_terms.values:
+            metrics = {**metrics, "time/reward_functions_s": seconds}
+        return state, metrics
+
+
+def host_path_reasons(c: ml_collections.ConfigDict, judge_spec: judging.JudgeSpec) -> tuple[str, ...]:
+    """Why the step leaves the graph (empty: the one fused program): the judge's tokenizer differs from the
+    policy's, the judge is remote, Python reward functions."""
+    if judge_spec.mode == "remote":
+        judge = ("a remote judge",)
+    else:
+        judge = ("the judge's tokenizer differs from the policy's",) if judge_spec.path == "host" else ()
+    return judge + (
+        (f"Python reward functions {sorted(c.reward.functions)}",) if len(c.reward.functions) else ())
 
 
 def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec,
                          mesh: jax.sharding.Mesh, state_shardings, frozen_shardings, policy_tokenizer,
                          judge_tokenizer) -> HostJudgeStep:
-    """The step when the judge's tokenizer differs from the policy's: two compiled programs (rollout; learn)
-    with host-side decode -> render -> re-tokenise -> judge forward between them. Same signature and the same
-    PRNG stream as the fused step, so both paths sample the same responses."""
+    """The step when a reward leaves the graph (`host_path_reasons`): the rollout and the learn phase as two
+    compiled programs with the host work between them: the judge (on its spec's path: the token-space `score`
+    jitted alone, or decode -> render -> re-tokenise -> judge forward, `judging.score_host`), then the Python reward functions on the
+    decoded text (`reward_functions.compute_terms`, each process on its own rows). A remote judge
+    (`judging.remote`) is called on the host, each process sending its own rows. Same signature and the same PRNG
+    stream as the fused step, so both paths sample the same responses."""
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, models.policy)
     replicated = shd.replicated(mesh)
+    functions = reward_functions.load(c.reward)
 
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, *batch_shardings(c, mesh)))
     def sample(state, frozen, prompts_bp, prompt_mask_bp, references_bf=None, reference_mask_bf=None):
@@ -559,17 +588,32 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         return roll, inputs, (rng, k_judge, k_update)
 
+    client = (judging.remote.RemoteJudge(c.judge, lambda p, r: judging.spec.render(judge_spec, {
+        "prompt": p, "response": r})) if judge_spec.mode == "remote" else None)
+
     def judge(frozen, roll, inputs, k_judge):
-        score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec, policy_tokenizer,
-                                     judge_tokenizer)
+        if client is not None:  # this process's rows, sent to the endpoint
+            prompts, completions, _ = reward_functions.local_texts(policy_tokenizer, roll)
+            scores, _, stats = client.score(prompts, completions)
+            return reward_functions.to_global_rows(scores, roll.stopped_b), stats.metrics()
+        if judge_spec.path == "host":
+            score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec,
+                                         policy_tokenizer, judge_tokenizer)
+        else:  # the path exists for the reward functions: the token-space judge, jitted on its own
+            score_fn = functools.partial(judging.score_jit, frozen.judge, models.judge, judge_spec)
         scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         return scores_b, judge_metrics.summary(judge_spec)
 
-    @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None),
+    def host_functions(roll, columns):
+        return reward_functions.compute_terms(functions, c.reward.function_neutral, policy_tokenizer, roll, columns,
+                                              c.rollout.n_samples)
+
+    @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, None, None, None, None, None),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
-    def learn(state, frozen, roll, scores_b, judge_metrics, keys):
+    def learn(state, frozen, roll, scores_b, judge_metrics, host_terms, keys):
         rng, _, k_update = keys
-        new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
+        new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update,
+                                         host_terms)
         return new_state.replace(rng=rng), metrics
 
-    return HostJudgeStep(sample, judge, learn)
+    return HostJudgeStep(sample, judge, host_functions, learn)

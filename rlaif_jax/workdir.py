@@ -51,7 +51,10 @@ class Start(NamedTuple):
 
 
 def config_json(c: ml_collections.ConfigDict) -> str:
-    return c.to_json_best_effort(indent=2)
+    """The run config as saved (and compared on resume): a remote judge's URL and key redacted."""
+    from rlaif_jax.judging import remote
+
+    return remote.redacted(c).to_json_best_effort(indent=2)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,7 +28,7 @@ ARGS = {
     "cai_hh": ["", "runlocal", "fsdp=2"],
     "ppo_tldr_details": ["", "runlocal", "policy=/ckpt/sft,rm=/ckpt/rm,fsdp=8,steps=5"],
     # judge=pairwise with the grpo estimator needs main's reward.pairwise_baseline (TODO(merge) in the file).
-    "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo"],
+    "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
                      for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")) if not p.endswith("__init__.py"))

@@ -26,7 +26,8 @@ the path's programs (`train_step`), plan mode lowers them.
 One judge forward scores a whole batch: the queries of every example are stacked on the batch axis,
 query-major (row n = q * B + b): pairwise asks both orders (a, b) and (b, a), rubric asks one question per
 criterion. Modes: pointwise (rescaled expected score), principles (pointwise under a principle sampled per
-prompt), pairwise (debiased P(first better)), rubric (weighted P(yes)), reward_model (a value head, `reward_model`).
+prompt), pairwise (debiased P(first better)), rubric (weighted P(yes)), reward_model (a value head, `reward_model`),
+remote (an HTTP endpoint instead of a local model, `remote.py`; the step's host path calls it).
 
 Where each piece lives:
   spec.py      config defaults, the per-mode table `MODES` (template, slots, answer tokens, checks, queries),
@@ -36,6 +37,7 @@ Where each piece lives:
   host.py      the host path and text judging: `encode_texts`, `score_texts`, `score_host`, `score_outside_jit`,
                preference pairs
   loading.py   `Judge`, `load_judge`
+  remote.py    the remote judge's client (chat completions or a JSON reward API, retries, neutral fallback)
 To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a new kind of slot would also
 need assembly.py and host.py to fill it).
 """
@@ -44,11 +46,11 @@ from rlaif_jax.judging.host import (encode_pairs, encode_texts, label_preference
                                    score_texts)
 from rlaif_jax.judging.loading import Judge, load_judge
 from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
-from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_config, make_spec, tokenizers_match,
-                                    validate_config)
+from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_config, make_spec, remote_spec,
+                                    tokenizers_match, validate_config)
 
 __all__ = [
     "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_texts",
-    "label_preferences", "load_judge", "make_spec", "sample_principles", "score", "score_host", "score_jit",
+    "label_preferences", "load_judge", "make_spec", "remote_spec", "sample_principles", "score", "score_host", "score_jit",
     "score_outside_jit", "score_queries_jit", "score_texts", "tokenizers_match", "validate_config",
 ]

@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import ml_collections
 
+from rlaif_jax.judging import remote
+
 log = logging.getLogger(__name__)
 
 TRUNCATION_RULES = ("prompt_left", "response_right")
@@ -112,6 +114,9 @@ MODES = {
         check=_check_rubric),
     "reward_model": Mode(template="Prompt : {prompt}\nResponse : {response}", required_slots=("response",)),
 }
+# A judge served elsewhere (judging/remote.py): the pointwise question, rendered as text and sent to an endpoint.
+MODES["remote"] = Mode(template=MODES["pointwise"].template, required_slots=("response",),
+                       check=lambda c: remote.check_config(c))
 
 
 # ================================================================================================ config
@@ -150,7 +155,19 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
     )
     # A query whose probability mass on its valid tokens is below this gets the neutral value and is counted.
     c.neutral_threshold = 0.05
-    c.neutral_score = 0.0  # pointwise / principles neutral score on the [-1, 1] scale (pairwise / rubric use 0.5)
+    c.neutral_score = 0.0  # pointwise / principles / remote neutral score on the [-1, 1] scale (pairwise / rubric use 0.5)
+    # --- mode "remote": a judge served over HTTP instead of a local model (judging/remote.py) ---
+    c.remote_api = "openai"    # "openai" (chat completions; score from the logprobs of "1".."K", else the text) |
+    #                            "reward_api" (POST {"prompts", "responses"} -> {"rewards"})
+    c.remote_url = ""          # the endpoint; "" = $RLAIF_JUDGE_URL. Never logged or saved
+    c.remote_api_key = ""      # sent as "Authorization: Bearer"; "" = $RLAIF_JUDGE_API_KEY (or none). Never saved
+    c.remote_model = ""        # openai: the served model's name
+    c.remote_timeout_s = 30.0  # per attempt
+    c.remote_retries = 3       # attempts after the first, each after remote_backoff_s * 2**k seconds
+    c.remote_backoff_s = 0.5
+    c.remote_concurrency = 16  # requests in flight
+    c.remote_batch_size = 64   # reward_api: pairs per request
+    c.remote_max_tokens = 4    # openai: answer tokens (the score is the first)
     return c
 
 
@@ -188,6 +205,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks `config.judge` before anything is loaded or compiled (the tokenizer-dependent checks, e.g. that
     every score string is one token, run in `make_spec`)."""
     _check_settings(config)
+    if config.mode == "remote":
+        _, slots = _split_template(config.template or MODES["remote"].template)
+        if set(slots) - {"prompt", "response"}:
+            raise ValueError(f"config.judge.template has {sorted(set(slots) - {'prompt', 'response'})}; a remote "
+                             "judge's template fills {prompt} and {response} only")
+        if config.path:
+            raise ValueError("config.judge.path is read by a local judge, not mode 'remote'; clear it")
+        return
+    if config.remote_url or config.remote_api_key or config.remote_model:
+        raise ValueError(f"config.judge.remote_url / remote_api_key / remote_model are read in mode 'remote' only, "
+                         f"not {config.mode!r}; clear them or set config.judge.mode='remote'")
     if not config.path:
         raise ValueError("config.judge.path is empty; set it to the judge's HF folder or hub id")
 
@@ -359,6 +387,19 @@ def make_spec(config: ml_collections.ConfigDict, judge_tok, policy_tok=None,
                     "(slot boundaries are not whitespace for this tokenizer); token-space rows will differ "
                     "slightly from the host rendering. Put whitespace/newlines around the slots.")
     return dataclasses.replace(spec, boundary_exact=exact)
+
+
+def remote_spec(config: ml_collections.ConfigDict, stop_token_ids: Sequence[int] | None = None) -> JudgeSpec:
+    """The spec of a remote judge (mode "remote"): the template's text pieces only (no judge tokenizer, no
+    tokens); its path is "host", the step's host path calls the endpoint (judging/remote.py)."""
+    validate_config(config)
+    template = (config.template or MODES["remote"].template).replace("{num_scores}", str(config.num_scores))
+    literal_texts, slots = _split_template(template)
+    return JudgeSpec(mode="remote", path="host", slots=slots, literal_ids=(), literal_texts=literal_texts,
+                     special_prefix_ids=(), max_len=int(config.max_len), truncation=config.truncation, pad_id=0,
+                     include_stop_token=False, stop_ids=tuple(int(i) for i in stop_token_ids or ()), prompt_bos_id=-1,
+                     score_ids=(), neutral_threshold=float(config.neutral_threshold),
+                     neutral_score=float(config.neutral_score), queries=(Query(),))
 
 
 def _boundaries_exact(spec: JudgeSpec, tok) -> bool:

@@ -24,6 +24,19 @@ def ground_truth(prompt_texts: Sequence[str], response_texts: Sequence[str], sto
             "harmlessness": [float(g.harmlessness) for g in grades]}
 
 
+def format_rule(prompts: Sequence[str], completions: Sequence[str], stopped: Sequence[bool], **columns
+                ) -> list[float]:
+    """A rule reward as a Python function (`reward.functions`, TRL's signature; experiments/testbed.py rule=W):
+    1 if the response ended with the stop token and repeats no word immediately ("the cat cat"), else 0. It targets
+    the judge's known blind spot, the doubled word it calls coherent; it is not the ground truth (which also checks
+    relevance, the "." and the length)."""
+    out = []
+    for text, s in zip(completions, stopped):
+        words = world.split_words(text)
+        out.append(float(bool(s) and all(a != b for a, b in zip(words, words[1:]))))
+    return out
+
+
 def write_prompts(path: str) -> str:
     """Every instruction of the world as JSONL {"prompt": text}: the RL prompts (build.build writes this file
     into a build, whose folder only becomes visible once whole)."""
