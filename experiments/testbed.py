@@ -97,14 +97,19 @@ def get_config(arg: str = ""):
         if a.kl != -1.0:
             raise ValueError("testbed estimator=online_dpo has no KL coefficient: its pull to the reference is beta")
         c.algo.dpo_beta = a.beta
+        # Chosen on RL seed 0 (README): at the RL learning rate, 1e-3, online DPO drifted within 50 steps to one
+        # off-topic answer the pairwise judge prefers (ground truth 0.487 -> 0.04-0.19 for beta 0.1, 0.3, 1.0);
+        # 3e-4 peaked at step 25 and fell to 0.34; 1e-4 rose steadily to 0.856.
+        learning_rate = 1e-4
         c.reward.kl_coef = 0.0
         c.reward.missing_stop_mode = "none"
     else:
         if a.beta != 0.3:
             raise ValueError("testbed beta= is online_dpo's; grpo's pull to the reference is kl=")
-        # KL coefficients chosen on RL seed 0 of the default build (README): 0.1 for the rubric and relevance judges;
-        # 0.3 for the pairwise reward, against which seed 0 at 0.1 found the judge's blind spot for wrong adjectives
-        # (ground truth 0.487 -> 0.394, where 0.3 gave 0.669 and 1.0 gave 0.637).
+        learning_rate = 1e-3
+        # KL coefficient: 0.1 for the rubric and relevance judges (set before this build); 0.3 for the pairwise
+        # reward, chosen on RL seed 0 of this build (README): at 0.1 seed 0 found the pairwise judge's blind spot for
+        # wrong adjectives (ground truth 0.487 -> 0.394), where 0.3 gave 0.669 and 1.0 gave 0.637.
         c.reward.kl_coef = a.kl if a.kl != -1.0 else (0.3 if a.judge == "pairwise" else 0.1)
         # A response that never emits <eos> gets the lowest score: the judge reads text, not termination.
         c.reward.missing_stop_mode = "replace"
@@ -115,7 +120,7 @@ def get_config(arg: str = ""):
             c.reward.functions = {"format": "rlaif_jax.testbed.task:format_rule"}
             c.reward.function_weights = {"format": float(a.rule)}
 
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = learning_rate
     c.optim.max_grad_norm = 1.0
     c.train.batch_size = 16
     # 100 steps: the ground truth peaks around here. Longer runs find the judge's blind spots (a stuttered
