@@ -4,12 +4,17 @@ For every known curve that at least one run logged (train `judge/score`, `kl/k1`
 `eval/judge_score`, `eval/gt/pass_rate`, `eval/kl`, `eval/win_rate`, `eval/response_length`), `make_report`
 writes <key>.png with the runs overlaid, and summary.md: a markdown table with each run's final value of every
 key and, for keys with a direction, its best value and the step it was reached at.
+
+`seed_table` summarises repeats of one setting (runs that differ only in their RL seed): for each quantity, the
+mean, the standard deviation, a 95% percentile-bootstrap interval of the mean over the runs, and the runs' values.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from rlaif_jax import metrics
 
@@ -137,3 +142,31 @@ def make_report(workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | N
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("# Runs\n\n" + table)
     return pngs, table
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: int = 10000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean: resample the values with replacement `resamples` times and
+    take the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled means. With few values (3-6 seeds) it
+    is narrower than a t interval: read it as a description of the spread of the runs, not a guarantee."""
+    x = np.asarray(values, np.float64)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def seed_table(settings: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str]) -> str:
+    """A markdown table: one row per setting (its runs' summaries, e.g. the demo's summary.json), one column per
+    key: "mean +- std [95% bootstrap interval]" and, below, the runs' values in order."""
+    lines = ["| setting | runs | " + " | ".join(keys) + " |", "| --- | ---: |" + " ---: |" * len(keys)]
+    for name, runs in settings.items():
+        cells = []
+        for key in keys:
+            values = [float(r[key]) for r in runs if key in r]
+            if not values:
+                cells.append("-")
+                continue
+            lo, hi = bootstrap_interval(values)
+            cells.append(f"{np.mean(values):.3f} +- {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f} "
+                         f"[{lo:.3f}, {hi:.3f}] ({', '.join(f'{v:.3f}' for v in values)})")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
