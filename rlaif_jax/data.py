@@ -162,14 +162,19 @@ def check_json_file(path: str) -> None:
         except ValueError:
             pass  # JSON lines in a .json file: checked line by line below
     for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{i}: not a JSON record ({e}); fix or remove the line") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{i}: a JSON {type(record).__name__}, not a record {{\"column\": value}}")
+        if line.strip():
+            json_record(path, i, line)
+
+
+def json_record(path: str, line_number: int, line: str) -> dict[str, Any]:
+    """One JSON-lines record, or a DataError naming the file and line."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{path}:{line_number}: not a JSON record ({e}); fix or remove the line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{line_number}: a JSON {type(record).__name__}, not a record {{\"column\": value}}")
+    return record
 
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -560,10 +565,7 @@ def read_jsonl(path: str, required: set[str], what: str = "records") -> list[tup
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{i}: not a JSON record ({e}); fix or remove the line") from None
+            record = json_record(path, i, line)
             missing = set(required) - set(record)
             if missing:
                 raise DataError(f"{path}:{i}: missing keys {sorted(missing)} (expected {sorted(required)})")
