@@ -32,6 +32,7 @@ from rlaif_jax.errors import UserError, WorkdirError
 log = logging.getLogger("rlaif_jax")
 
 MARKER_FILE = ".rlaif_jax_run"
+LAUNCHER_FILES = ("train.log",)  # scripts/sweep.py's log of the run, written beside it
 CONFIG_FILE = "config.json"
 FINAL_POLICY = "final_policy"
 # An earlier run's outputs, moved aside (never truncated) when there is no checkpoint to resume them from.
@@ -114,7 +115,8 @@ def check(workdir: str) -> None:
         return
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir={workdir} is not writable; fix its permissions or choose another folder")
-    entries = os.listdir(workdir)
+    # The log a launcher (scripts/sweep.py) opens in the workdir before the program starts is not a foreign file.
+    entries = [e for e in os.listdir(workdir) if e not in LAUNCHER_FILES]
     if MARKER_FILE in entries or not entries:
         return
     foreign = [e for e in entries if e.endswith(_FOREIGN_SUFFIXES) or e.startswith("tokenizer")]
