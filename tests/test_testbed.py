@@ -345,16 +345,32 @@ def test_masked_next_token_loss_matches_numpy():
     assert got == pytest.approx(np.mean(terms), rel=1e-5)
 
 
+def mechanics_config():
+    """The fast build cut to a few steps: what a build writes and how the cache is reused, not what it learns."""
+    c = build.fast_config()
+    c.sft.steps = c.judge_train.steps = 8
+    c.sft.warmup_steps = c.judge_train.warmup_steps = 2
+    c.eval_examples = 64
+    return c
+
+
 @pytest.fixture(scope="module")
-def fast_build(tmp_path_factory):
+def mechanics_build(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("testbed") / "build")
     messages = []
-    art = build.build(build.fast_config(), out_dir=root, show_progress=False, log=messages.append)
+    art = build.build(mechanics_config(), out_dir=root, show_progress=False, log=messages.append)
     return art, messages
 
 
-def test_build_writes_hf_folders_and_reuses_cache(fast_build):
-    art, messages = fast_build
+@pytest.fixture(scope="module")
+def default_build():
+    """The demo's build, from the cache (built here on a machine that has none yet; the demo test shares it):
+    what the tests of a build's quality measure, so they check the models the demo and the README use."""
+    return build.build(build.default_config(), show_progress=False, log=lambda m: None)
+
+
+def test_build_writes_hf_folders_and_reuses_cache(mechanics_build):
+    art, messages = mechanics_build
     assert build.is_complete(art.root)
     assert any("step" in m and "loss" in m for m in messages)  # progress lines
     for folder in (art.policy_dir, art.judge_dir):
@@ -362,14 +378,14 @@ def test_build_writes_hf_folders_and_reuses_cache(fast_build):
             assert os.path.exists(os.path.join(folder, name)), (folder, name)
     with open(os.path.join(art.root, build.BUILD_INFO)) as f:
         info = json.load(f)
-    assert info["cache_key"] == build.cache_key(build.fast_config())
+    assert info["cache_key"] == build.cache_key(mechanics_config())
     # The judge's held-out agreement covers every question, the pairwise one in both orders.
     agreement = info["judge"]["agreement"]
     for name in (*data.JUDGE_QUESTIONS, "rubric", "chance", "pairwise_both_orders", "pairwise_consistency"):
         assert 0.0 <= agreement[name] <= 1.0, name
     assert any("pairwise" in m for m in messages)
     again = []
-    art2 = build.build(build.fast_config(), out_dir=art.root, log=again.append)
+    art2 = build.build(mechanics_config(), out_dir=art.root, log=again.append)
     assert art2 == art and again == [f"reusing the testbed built in {art.root}"]
     # A folder without the COMPLETE marker is not a finished build.
     assert not build.is_complete(os.path.dirname(art.root))
@@ -383,10 +399,10 @@ def test_cache_key_depends_on_settings():
     assert build.cache_key(a) != build.cache_key(b)
 
 
-def test_sft_policy_loads_in_transformers_and_is_mostly_well_formed(fast_build):
+def test_sft_policy_loads_in_transformers_and_is_mostly_well_formed(default_build):
     import torch
     from transformers import AutoModelForCausalLM
-    art, _ = fast_build
+    art = default_build
     model = AutoModelForCausalLM.from_pretrained(art.policy_dir).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     prompts, mask = world.prompt_arrays()
@@ -405,11 +421,11 @@ def test_sft_policy_loads_in_transformers_and_is_mostly_well_formed(fast_build):
     assert g.coherence > 0.9, g
 
 
-def test_judge_agrees_with_grader_above_chance(fast_build):
+def test_judge_agrees_with_grader_above_chance(default_build):
     """P(Yes) from the judge, run in PyTorch on fresh examples, against the ground truth."""
     import torch
     from transformers import AutoModelForCausalLM
-    art, _ = fast_build
+    art = default_build
     judge = AutoModelForCausalLM.from_pretrained(art.judge_dir).eval()
     cfg = data.default_config()
     samples = data.sample_pairs(np.random.default_rng(123), 300, cfg.judge_mode_probs)
@@ -428,8 +444,7 @@ def test_judge_agrees_with_grader_above_chance(fast_build):
         chance = max(truth.mean(), 1 - truth.mean())
         hits.append(correct.mean())
         majority.append(chance)
-        if criterion != "relevant":  # the fast build's judge has not learnt relevance yet (the full one has)
-            assert correct.mean() > chance + 0.05 or correct.mean() > 0.95, (criterion, correct.mean(), chance)
+        assert correct.mean() > chance + 0.05 or correct.mean() > 0.95, (criterion, correct.mean(), chance)
         # The Yes/No answers carry most of the next-token probability mass.
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

@@ -547,65 +547,82 @@ def test_online_dpo_evaluation_scores_against_the_initial_policy(dpo, world):
 
 
 # ------------------------------------------------------------------------------------ pairwise reward, PPO family
+# The pairwise judge's template also shows the data's reference ({reference}), so one compiled step covers the
+# reference-sample baseline and references passed into the step (its six-argument form).
 PAIRWISE = {"algo.epochs": 1, "algo.minibatches": 1, "critic.kind": "none", "algo.estimator": "grpo",
-            "rollout.n_samples": 2, "judge.mode": "pairwise", "judge.template": DPO["judge.template"],
-            "judge.max_len": 32, "reward.kl_coef": 0.0}
+            "rollout.n_samples": 2, "judge.mode": "pairwise", "judge.max_len": 40, "reward.kl_coef": 0.0,
+            "judge.template": "Q : {prompt} R : {reference} R : {response} R : {response_b} S :",
+            "data.reference_field": "reference", "data.max_reference_len": 5}
 
 
-def pairwise_frozen(s):
-    """A perturbed judge (the hand-built one prefers neither response) and a reference far from the policy, so a
-    baseline drawn from the policy instead would give other responses and other scores."""
-    return s.frozen.replace(judge=perturbed(s.frozen.judge, 0.3, 1), reference=perturbed(s.frozen.reference, 0.5, 2))
+@pytest.fixture(scope="module")
+def pairwise(world):
+    """The step with a pairwise reward against a reference-policy sample; `frozen` with a perturbed judge (the
+    hand-built one prefers neither response) and a reference far from the policy, so a baseline drawn from the
+    policy instead would give other responses and other scores; a batch of prompts and references (content words
+    then EOS, right-padded)."""
+    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "reference_sample"})
+    s = build(c, one_device_mesh())
+    frozen = s.frozen.replace(judge=perturbed(s.frozen.judge, 0.3, 1), reference=perturbed(s.frozen.reference, 0.5, 2))
+    tokens, mask = prompts(world)
+    rng = np.random.default_rng(7)
+    content, eos = [tiny.WORDS.index(w) for w in tiny.CONTENT], s.policy_tokenizer.eos_token_id
+    refs = [list(rng.choice(content, size=rng.integers(1, 5))) + [eos] for _ in range(len(tokens))]
+    ref_bf, ref_mask_bf = data_lib.right_pad(refs, 5, s.policy_tokenizer.pad_token_id)
+    return c, s, frozen, (tokens, mask, ref_bf, ref_mask_bf)
 
 
-def expected_pairwise_scores(c, s, frozen, tokens, mask, base_resp, base_mask):
+def expected_pairwise_scores(c, s, frozen, batch, base_resp, base_mask):
     """Independently of `train_step.judge_inputs`: the step's rollout (its keys), each row judged (both orders)
-    against the baseline response of its prompt, prompt-major rows prompt * n + sample."""
+    against the baseline response of its prompt and with its prompt's reference, rows prompt * n + sample."""
+    tokens, mask, ref_bf, ref_mask_bf = batch
     n = s.sampling.n_samples
     _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
     roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask, k_roll)
     rows = np.arange(len(tokens) * n) // n
     p, _ = judging.score_jit(frozen.judge, s.models.judge, s.judge_spec, roll.prompt_tokens_bp, roll.prompt_mask_bp,
                              roll.response_tokens_br, roll.response_mask_br, k_judge, rows_per_prompt=n,
-                             responses_b_br=np.asarray(base_resp)[rows], response_b_mask_br=np.asarray(base_mask)[rows])
-    return np.asarray(p), roll
+                             responses_b_br=np.asarray(base_resp)[rows], response_b_mask_br=np.asarray(base_mask)[rows],
+                             references_bf=ref_bf[rows], reference_mask_bf=ref_mask_bf[rows])
+    return np.asarray(p)
 
 
-def test_pairwise_reward_against_a_sample_of_the_reference_policy(world):
-    """reward.pairwise_baseline='reference_sample': the step samples one response per prompt from the frozen reference
-    and scores every sample by P(it beats that response); judge/score is their mean, to float rounding."""
-    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "reference_sample"})
-    s = build(c, one_device_mesh())
-    frozen = pairwise_frozen(s)
-    tokens, mask = prompts(world)
-    _, (metrics,) = run_steps(s, one_device_mesh(), s.state, 1, [(tokens, mask)], frozen=frozen)
+def test_pairwise_reward_against_a_sample_of_the_reference_policy(pairwise):
+    """reward.pairwise_baseline='reference_sample': the step samples one response per prompt from the frozen
+    reference and scores every sample by P(it beats that response); judge/score is their mean, to float rounding."""
+    c, s, frozen, batch = pairwise
+    tokens, mask = batch[:2]
+    with jax.set_mesh(one_device_mesh()):
+        _, metrics = s.step_fn(jax.tree.map(jnp.copy, s.state), frozen, *batch)
     _, k_roll, _, _ = jax.random.split(s.state.rng, 4)
     one = dataclasses.replace(s.sampling, n_samples=1)
-    base = rollout_lib.rollout(frozen.reference, s.models.policy, tokens, mask, jax.random.fold_in(k_roll, 1), one)
-    from_policy = rollout_lib.rollout(s.state.params["policy"], s.models.policy, tokens, mask,
-                                      jax.random.fold_in(k_roll, 1), one)
+    sample_one = jax.jit(lambda params: rollout_lib.rollout(params, s.models.policy, tokens, mask,
+                                                            jax.random.fold_in(k_roll, 1), one))
+    base, from_policy = sample_one(frozen.reference), sample_one(s.state.params["policy"])
     assert not np.array_equal(base.response_tokens_br, from_policy.response_tokens_br)
-    want, _ = expected_pairwise_scores(c, s, frozen, tokens, mask, base.response_tokens_br, base.response_mask_br)
+    want = expected_pairwise_scores(c, s, frozen, batch, base.response_tokens_br, base.response_mask_br)
     assert np.ptp(want) > 0.05
     np.testing.assert_allclose(metrics["judge/score"], want.mean(), rtol=1e-5)
     assert "judge/position_agreement" in metrics and int(metrics["guard/skipped_updates"]) == 0
 
 
-def test_pairwise_reward_against_the_dataset_reference(world):
-    """reward.pairwise_baseline='dataset_reference': the step takes the batch's right-padded references as the
-    baseline of every sample of their prompt."""
-    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "dataset_reference",
-                                          "data.reference_field": "reference", "data.max_reference_len": 5})
-    s = build(c, one_device_mesh())
-    frozen = pairwise_frozen(s)
-    tokens, mask = prompts(world)
-    rng = np.random.default_rng(7)
-    eos = s.policy_tokenizer.eos_token_id
-    content = [tiny.WORDS.index(w) for w in tiny.CONTENT]
-    refs = [list(rng.choice(content, size=rng.integers(1, 5))) + [eos] for _ in range(len(tokens))]
-    ref_bf, ref_mask_bf = data_lib.right_pad(refs, 5, s.policy_tokenizer.pad_token_id)
-    with jax.set_mesh(one_device_mesh()):
-        _, metrics = s.step_fn(jax.tree.map(jnp.copy, s.state), frozen, tokens, mask, ref_bf, ref_mask_bf)
-    want, _ = expected_pairwise_scores(c, s, frozen, tokens, mask, ref_bf, ref_mask_bf)
+def test_pairwise_reward_against_the_dataset_reference(pairwise, world):
+    """reward.pairwise_baseline='dataset_reference': the judge phase takes the batch's right-padded references as the
+    baseline of every sample of their prompt (`judge_inputs`, as the step calls it)."""
+    _, s, frozen, batch = pairwise
+    c = make_config(world, **PAIRWISE, **{"reward.pairwise_baseline": "dataset_reference"})
+    tokens, mask, ref_bf, ref_mask_bf = batch
+    _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
+
+    @jax.jit
+    def judged(params, frozen, tokens, mask, ref_bf, ref_mask_bf):
+        roll = ts.rollout_phase(c, s.models, s.sampling, params, tokens, mask, k_roll)
+        inputs = ts.judge_inputs(c, s.models, s.sampling, frozen, tokens, mask, ref_bf, ref_mask_bf,
+                                 jax.random.fold_in(k_roll, 1))
+        score_fn = functools.partial(judging.score, frozen.judge, s.models.judge, s.judge_spec)
+        return ts.judge_phase(c, score_fn, roll, k_judge, inputs)[0]
+
+    got = np.asarray(judged(s.state.params, frozen, *batch))
+    want = expected_pairwise_scores(c, s, frozen, batch, ref_bf, ref_mask_bf)
     assert np.ptp(want) > 0.05
-    np.testing.assert_allclose(metrics["judge/score"], want.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
