@@ -11,6 +11,10 @@ compare like with like) it measures, per example, then averages into `eval/...` 
   kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
   response_length     response tokens
   gt/...              the task's ground-truth grader (`eval.ground_truth`), which the reward never sees
+  judge_gt_auc/...    the judge under optimisation: for each binary ground-truth metric, the ROC AUC of the reward
+                      judge's score on the current policy's own samples, and (judge_gt_accuracy/..., pointwise,
+                      principles and rubric judges, thresholded at the middle of their scale) its accuracy; a
+                      falling AUC says the policy has drifted to where the judge no longer tells pass from fail
 and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples.
 Rows are prompt-major (prompt * n + sample), like the rollout's. Both judges (the reward judge and the pairwise
 one of the win rate) score on their spec's path, token space or host (`judging.score_outside_jit`), as
@@ -28,13 +32,32 @@ from jax.experimental import multihost_utils
 
 from rlaif_jax import builder
 from rlaif_jax import data as data_lib
-from rlaif_jax import hooks, judging, ops
+from rlaif_jax import hooks, judging, ops, stats
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
 
 METRIC_NAMES = {"score": "judge_score", "win": "win_rate", "kl": "kl", "length": "response_length",
                 "position_agree": "position_agreement"}
+
+
+# The middle of a judge's score scale: its pass / fail threshold for the accuracy against a binary ground truth.
+# Pairwise (P(beats a baseline)), reward-model and remote scores have no pass / fail scale: AUC only.
+ACCURACY_THRESHOLDS = {"pointwise": 0.0, "principles": 0.0, "rubric": 0.5}
+
+
+def judge_agreement(scores: np.ndarray, ground_truth: dict[str, np.ndarray], mode: str) -> dict[str, float]:
+    """ROC AUC (and accuracy, see ACCURACY_THRESHOLDS) of the judge's scores against each binary ground-truth
+    metric that has both classes, keyed "judge_gt_auc/<metric>" and "judge_gt_accuracy/<metric>"."""
+    out = {}
+    for name, values in ground_truth.items():
+        values = np.asarray(values, np.float64)
+        if not np.isin(values, (0.0, 1.0)).all() or values.min() == values.max():
+            continue
+        out[f"judge_gt_auc/{name}"] = stats.roc_auc(scores, values == 1.0)
+        if mode in ACCURACY_THRESHOLDS:
+            out[f"judge_gt_accuracy/{name}"] = float(np.mean((scores > ACCURACY_THRESHOLDS[mode]) == (values == 1.0)))
+    return out
 
 
 def gather_to_host(x) -> np.ndarray:
@@ -158,4 +181,8 @@ class Evaluator:
                     row.update({f"gt/{k}": float(np.asarray(v)[b]) for k, v in gt.items()})
                     rows.append(row)
         writer.write_samples(step, rows)
-        return {f"eval/{METRIC_NAMES.get(k, k)}": float(np.mean(v)) for k, v in per_example.items()}
+        agreement = judge_agreement(np.asarray(per_example["score"]), {
+            k[len("gt/"):]: np.asarray(v) for k, v in per_example.items() if k.startswith("gt/")},
+            self.parts.judge_spec.mode)
+        return {**{f"eval/{METRIC_NAMES.get(k, k)}": float(np.mean(v)) for k, v in per_example.items()},
+                **{f"eval/{k}": v for k, v in agreement.items()}}

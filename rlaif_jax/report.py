@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rlaif_jax import metrics
+from rlaif_jax.stats import bootstrap_interval
 
 # (key, title, direction): +1 higher is better, -1 lower is better, 0 no "best"
 CURVES: tuple[tuple[str, str, int], ...] = (
@@ -27,6 +28,7 @@ CURVES: tuple[tuple[str, str, int], ...] = (
     ("eval/gt/pass_rate", "ground-truth pass rate (eval)", +1),
     ("eval/kl", "KL to reference (eval)", 0),
     ("eval/win_rate", "win rate vs reference (eval)", +1),
+    ("eval/judge_gt_auc/pass_rate", "judge's ROC AUC vs the ground truth, on the policy's samples (eval)", +1),
     ("eval/response_length", "response length (eval)", 0),
 )
 
@@ -142,16 +144,6 @@ def make_report(workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | N
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write("# Runs\n\n" + table)
     return pngs, table
-
-
-def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: int = 10000, seed: int = 0
-                       ) -> tuple[float, float]:
-    """The percentile bootstrap interval of the mean: resample the values with replacement `resamples` times and
-    take the (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled means. With few values (3-6 seeds) it
-    is narrower than a t interval: read it as a description of the spread of the runs, not a guarantee."""
-    x = np.asarray(values, np.float64)
-    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(axis=1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
 def seed_table(settings: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str]) -> str:

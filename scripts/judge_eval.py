@@ -23,41 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
-# ---------------------------------------------------------------------------------------------- statistics
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """cov(x, y) / (std x std y); nan when either is constant."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
-
-
-def average_ranks(x: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n, ties sharing the mean of their ranks."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of the average ranks."""
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-def roc_auc(score: Sequence[float], positive: Sequence[bool]) -> float:
-    """P(score of a random positive > score of a random negative), ties counted 1/2 (Mann-Whitney U / n+ n-)."""
-    score, positive = np.asarray(score, np.float64), np.asarray(positive, bool)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    if not n_pos or not n_neg:
-        return float("nan")
-    ranks = average_ranks(score)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+from rlaif_jax.stats import pearson, roc_auc, spearman
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -478,16 +478,18 @@ def _load_judge_eval():
     return module
 
 
-def test_judge_eval_statistics():
+def test_agreement_statistics():
+    """rlaif_jax.stats against scipy and a brute-force Mann-Whitney count."""
     stats = pytest.importorskip("scipy.stats")
-    je = _load_judge_eval()
+    from rlaif_jax import stats as ours
     rng = np.random.RandomState(0)
     x, y = rng.randint(0, 5, 40).astype(float), rng.randn(40)
-    np.testing.assert_allclose(je.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-10)
-    np.testing.assert_allclose(je.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-10)
+    np.testing.assert_allclose(ours.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-10)
+    np.testing.assert_allclose(ours.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-10)
     pos = rng.rand(40) < 0.4
     brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in x[pos] for b in x[~pos]])
-    np.testing.assert_allclose(je.roc_auc(x, pos), brute, rtol=1e-12)
+    np.testing.assert_allclose(ours.roc_auc(x, pos), brute, rtol=1e-12)
+    assert np.isnan(ours.roc_auc(x, np.ones(40, bool)))  # one class only
 
 
 def test_judge_eval_pairwise_report(judge_model):

@@ -76,7 +76,8 @@ def test_bootstrap_interval_and_seed_table():
     shows mean, std (ddof 1), the interval and each run's value."""
     import numpy as np
 
-    from rlaif_jax.report import bootstrap_interval, seed_table
+    from rlaif_jax.report import seed_table
+    from rlaif_jax.stats import bootstrap_interval
     values = [0.2, 0.5, 0.9, 0.4]
     lo, hi = bootstrap_interval(values, resamples=2000, seed=3)
     rng = np.random.default_rng(3)
@@ -88,3 +89,18 @@ def test_bootstrap_interval_and_seed_table():
     table = seed_table({"a": [{"x": v} for v in values]}, ["x", "y"])
     lo, hi = bootstrap_interval(values)
     assert f"| a | 4 | 0.500 +- {np.std(values, ddof=1):.3f} [{lo:.3f}, {hi:.3f}] (0.200, 0.500, 0.900, 0.400) | - |" in table
+
+
+def test_judge_agreement_on_the_policy_samples():
+    """evaluate.judge_agreement: AUC against each binary ground-truth metric with both classes (hand-counted), the
+    accuracy at the scale's middle for a rubric judge, none for a pairwise one; non-binary or one-class metrics
+    are skipped."""
+    import numpy as np
+
+    from rlaif_jax.evaluate import judge_agreement
+    scores = np.asarray([0.9, 0.2, 0.6, 0.4])
+    gt = {"pass_rate": np.asarray([1.0, 0.0, 0.0, 1.0]), "all_pass": np.ones(4), "graded": np.asarray([0.5, 1, 0, 1])}
+    out = judge_agreement(scores, gt, "rubric")
+    # positives 0.9, 0.4 vs negatives 0.2, 0.6: pairs won 0.9>0.2, 0.9>0.6, 0.4>0.2; lost 0.4<0.6 -> 3/4
+    assert out == {"judge_gt_auc/pass_rate": 0.75, "judge_gt_accuracy/pass_rate": 0.5}
+    assert judge_agreement(scores, gt, "pairwise") == {"judge_gt_auc/pass_rate": 0.75}
