@@ -3,7 +3,8 @@
     python -m rlaif_jax.train --config experiments/testbed.py --workdir runs/testbed
     python -m rlaif_jax.train --config experiments/testbed.py:small --workdir /tmp/tb   # 40 steps: the tests
 
-Arguments (comma-separated): small (fewer steps), seed=N (RL seed), judge=rubric|relevance|pairwise,
+Arguments (comma-separated): small (fewer steps), seed=N (RL seed), build=N (the testbed's build seed, default 1:
+each seed is another draw of the SFT policy and judge, built once and cached), judge=rubric|relevance|pairwise,
 estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
 beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python rule reward
 `rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only).
@@ -45,7 +46,8 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, small=False, seed=0, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0, rule=0.0)
+    a = parse_arg(arg, small=False, seed=0, build=1, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0,
+                  rule=0.0)
     if a.judge not in ("rubric", "relevance", "pairwise"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
     if a.estimator not in ("grpo", "online_dpo"):
@@ -57,10 +59,11 @@ def get_config(arg: str = ""):
                          f"judge={a.judge}")
     # The small variant uses the same models (a faster-built judge does not learn relevance well enough to train
     # against).
-    art = build.locate(build.default_config())
+    art = build.locate(build.seeded_config(a.build))
 
     c = config_lib.base_config()
-    c.testbed = ml_collections.ConfigDict({"build": True})  # the program builds or reuses `art` (build.ensure_built)
+    # The program builds or reuses `art` (build.ensure_built).
+    c.testbed = ml_collections.ConfigDict({"build": True, "seed": a.build})
     c.seed = a.seed
     c.policy.path = art.policy_dir
     c.judge.path = art.judge_dir

@@ -209,9 +209,10 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
 def _validate_testbed(t: ml_collections.ConfigDict) -> None:
     # experiments/testbed.py's request that the program build (or reuse) the testbed: testbed.build.ensure_built
     # reads it. Checked here, not in testbed/build.py, whose source is part of the testbed's cache key.
-    if set(t.keys()) != {"build"} or not isinstance(t.build, bool):
-        raise ValueError(f"config.testbed={t.to_dict()!r}; it holds one bool, build (True: build or reuse the "
-                         "testbed's models before anything loads)")
+    if (set(t.keys()) != {"build", "seed"} or not isinstance(t.build, bool) or isinstance(t.seed, bool)
+            or not isinstance(t.seed, int)):
+        raise ValueError(f"config.testbed={t.to_dict()!r}; it holds build, a bool (True: build or reuse the "
+                         "testbed's models before anything loads), and seed, the build seed (an int)")
 
 
 def section_validators() -> dict[str, Callable[[Any], None]]:

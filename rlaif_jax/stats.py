@@ -51,3 +51,18 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: 
     x = np.asarray(values, np.float64)
     means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(axis=1)
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def hierarchical_bootstrap(groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 10000,
+                           seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the grand mean of two-level data (e.g. RL seeds within testbed builds):
+    each resample draws the groups with replacement, then within each drawn group its values with replacement,
+    and takes the mean over the groups of the group means. Both sources of variation (which build, which seed)
+    enter the interval, where resampling the pooled runs would treat seeds of one build as independent draws."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(g, np.float64) for g in groups]
+    means = np.empty(resamples)
+    for r in range(resamples):
+        picked = rng.integers(0, len(groups), len(groups))
+        means[r] = np.mean([groups[g][rng.integers(0, len(groups[g]), len(groups[g]))].mean() for g in picked])
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))

@@ -145,15 +145,15 @@ def test_a_section_without_a_validator_is_refused():
         config_lib.validate(c, num_devices=1)
 
 
-def test_the_testbed_section_holds_one_bool():
+def test_the_testbed_section_holds_build_and_its_seed():
     c = tiny()
     with c.unlocked():
-        c.testbed = ml_collections.ConfigDict({"build": True})
+        c.testbed = ml_collections.ConfigDict({"build": True, "seed": 3})
     config_lib.validate(c, num_devices=1)
     with c.unlocked():
         c.testbed.folder = "/tmp/tb"
-    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'folder': '/tmp/tb'}; it holds "
-                                                   "one bool, build")):
+    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'folder': '/tmp/tb', 'seed': 3}; "
+                                                   "it holds build, a bool")):
         config_lib.validate(c, num_devices=1)
 
 

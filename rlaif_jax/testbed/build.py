@@ -381,10 +381,17 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     return art
 
 
+def seeded_config(seed: int) -> ml_collections.ConfigDict:
+    """The default build with another build seed (data and initialisation): one draw of the testbed."""
+    c = default_config()
+    c.seed = int(seed)
+    return c
+
+
 def ensure_built(run_config: ml_collections.ConfigDict) -> None:
     """The training program's (and the demo's) hook, called before any model or prompt file is read: when a
-    run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds its
-    default build, or reuses the cached one; its config already names the folders `locate` gives. Other
-    configs have no `testbed` section and are left alone."""
+    run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds the default
+    build of seed `config.testbed.seed`, or reuses the cached one; its config already names the folders `locate`
+    gives. Other configs have no `testbed` section and are left alone."""
     if "testbed" in run_config and run_config.testbed.build:
-        build(default_config())
+        build(seeded_config(run_config.testbed.seed))
