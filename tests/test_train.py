@@ -285,7 +285,8 @@ def test_plan_1b_policy_7b_judge_on_16_devices(world, cache_dir, tmp_path):
     common = [f"--config.policy.path={policy}", f"--config.judge.path={judge}", "--config.mesh.data=2",
               "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.train.batch_size=16",
               "--config.data.max_prompt_len=256", "--config.rollout.max_new_tokens=128", "--config.judge.max_len=512",
-              "--config.policy.dtype=bfloat16", "--config.judge.dtype=bfloat16", "--config.judge.param_dtype=bfloat16"]
+              "--config.policy.dtype=bfloat16", "--config.judge.dtype=bfloat16", "--config.judge.param_dtype=bfloat16",
+              "--config.rollout.cache_phases=1"]  # one decode loop body to compile (memory: the last phase's cache)
     out = plan(world, cache_dir, *common, "--device_memory_gib=32", devices=16)
     print(out)
     assert "1.10B policy, 6.74B judge" in out
