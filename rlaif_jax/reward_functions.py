@@ -80,19 +80,9 @@ def load(cfg: ml_collections.ConfigDict) -> tuple[RewardFunction, ...]:
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    """The reward section's function settings: every function imports and has a finite weight, every weight a
-    function, and the neutral value is a finite number."""
-    names = {f.name for f in load(cfg)}
-    for name, weight in sorted(cfg.function_weights.items()):
-        if name not in names:
-            raise ValueError(f"reward.function_weights has {name!r} but reward.functions has no function {name!r}; "
-                             "add the function to reward.functions or remove its weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"reward.function_weights[{name!r}]={weight!r} must be a finite number")
-    unweighted = sorted(names - set(cfg.function_weights))
-    if unweighted:
-        raise ValueError(f"reward.functions.{unweighted[0]} has no weight; set reward.function_weights"
-                         f"[{unweighted[0]!r}] (0 logs the function without changing the reward)")
+    """The reward section's function settings beyond what `rewards.validate_config` checks of every term (each
+    function imports, `load`, and has a finite weight, `rewards.check_term_weights`): the neutral value is a
+    finite number."""
     neutral = cfg.function_neutral
     if isinstance(neutral, bool) or not isinstance(neutral, (int, float)) or not math.isfinite(neutral):
         raise ValueError(f"reward.function_neutral={neutral!r} must be a finite number (the value of a None)")

@@ -109,18 +109,25 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("reward.kl_estimator='k1' as a loss term (reward.kl_in_reward=False) has zero expected "
                          "gradient (E_pi[grad log pi] = 0); use 'k2' (its gradient is that of KL(pi || pi_ref)) or "
                          "'k3' (its gradient is that of KL(pi_ref || pi)), or set reward.kl_in_reward=True")
-    rule_names = {rule.name for rule in reward_rules.load(cfg)}
-    for name, weight in sorted(cfg.rule_weights.items()):
-        if name not in rule_names:
-            raise ValueError(f"reward.rule_weights has {name!r} but reward.rules has no rule {name!r}; add the "
-                             "rule to reward.rules or remove its weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"reward.rule_weights[{name!r}]={weight!r} must be a finite number")
-    unweighted = sorted(rule_names - set(cfg.rule_weights))
-    if unweighted:
-        raise ValueError(f"reward.rules.{unweighted[0]} has no weight; set reward.rule_weights[{unweighted[0]!r}] "
-                         "(0 logs the rule without changing the reward)")
+    check_term_weights(cfg, "rule", {rule.name for rule in reward_rules.load(cfg)})
+    check_term_weights(cfg, "function", {f.name for f in reward_functions.load(cfg)})
     reward_functions.validate_config(cfg)
+
+
+def check_term_weights(cfg: ml_collections.ConfigDict, kind: str, names: set[str]) -> None:
+    """The composite reward's terms of one kind ("rule": `reward.rules`; "function": `reward.functions`) and their
+    weights (`reward.<kind>_weights`): a finite weight for every term, and no weight without its term."""
+    weights = cfg[f"{kind}_weights"]
+    for name, weight in sorted(weights.items()):
+        if name not in names:
+            raise ValueError(f"reward.{kind}_weights has {name!r} but reward.{kind}s has no {kind} {name!r}; add the "
+                             f"{kind} to reward.{kind}s or remove its weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"reward.{kind}_weights[{name!r}]={weight!r} must be a finite number")
+    unweighted = sorted(names - set(weights))
+    if unweighted:
+        raise ValueError(f"reward.{kind}s.{unweighted[0]} has no weight; set reward.{kind}_weights"
+                         f"[{unweighted[0]!r}] (0 logs the {kind} without changing the reward)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
