@@ -13,16 +13,14 @@ Last line: host_reward_over_fused=<median host-path step / median fused step>.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_step import PROMPT_LEN, PROMPTS, make_prompt_texts, make_tokenizer, our_config, write_model
+from bench_step import PROMPT_LEN, PROMPTS, make_prompt_texts, make_world, our_config
 
 from rlaif_jax import builder
 from rlaif_jax import config as config_lib
@@ -38,11 +36,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each step kind")
     args = parser.parse_args()
-    print(f"devices: jax={jax.devices()} cpu_count={os.cpu_count()} load_avg={os.getloadavg()}", flush=True)
-    root = tempfile.mkdtemp(prefix="bench_host_reward_")
-    tokenizer = make_tokenizer()
-    world = {"policy": write_model(os.path.join(root, "policy"), 0, tokenizer),
-             "judge": write_model(os.path.join(root, "judge"), 1, tokenizer)}
+    _, tokenizer, world = make_world("bench_host_reward_")
     ids = np.asarray(tokenizer(make_prompt_texts(PROMPTS * 4))["input_ids"], np.int32)
     batches = [(jnp.asarray(ids[i:i + PROMPTS]), jnp.ones((PROMPTS, PROMPT_LEN), jnp.int32))
                for i in range(0, len(ids), PROMPTS)]

@@ -115,6 +115,16 @@ def write_model(folder: str, seed: int, tokenizer) -> str:
     return folder
 
 
+def make_world(prefix: str) -> tuple[str, transformers.PreTrainedTokenizerFast, dict[str, str]]:
+    """Prints the machine's devices and load, then writes the benchmark's policy and judge (HF folders, different
+    seeds) into a fresh temporary folder: (folder, tokenizer, {"policy": folder, "judge": folder})."""
+    print(f"devices: jax={jax.devices()} cpu_count={os.cpu_count()} load_avg={os.getloadavg()}", flush=True)
+    root = tempfile.mkdtemp(prefix=prefix)
+    tokenizer = make_tokenizer()
+    return root, tokenizer, {"policy": write_model(os.path.join(root, "policy"), 0, tokenizer),
+                             "judge": write_model(os.path.join(root, "judge"), 1, tokenizer)}
+
+
 def make_prompt_texts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     content = WORDS[len(SPECIALS) + len(TEMPLATE_WORDS):]
@@ -363,11 +373,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each TRL run")
     parser.add_argument("--peak_repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"devices: jax={jax.devices()} cpu_count={os.cpu_count()} load_avg={os.getloadavg()}", flush=True)
-    root = tempfile.mkdtemp(prefix="bench_step_")
-    tokenizer = make_tokenizer()
-    world = {"policy": write_model(os.path.join(root, "policy"), 0, tokenizer),
-             "judge": write_model(os.path.join(root, "judge"), 1, tokenizer)}
+    root, tokenizer, world = make_world("bench_step_")
     total = args.warmup + args.steps
     prompt_texts = make_prompt_texts(PROMPTS * total)
     ids = np.asarray(tokenizer(prompt_texts)["input_ids"], np.int32)
