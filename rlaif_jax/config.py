@@ -294,7 +294,6 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
             f"data x fsdp = {batch_shards}; change one of them")
 
 
-
 def _check_references(c: ml_collections.ConfigDict) -> None:
     """A pairwise reward names its baseline, a dataset reference is read only where something uses it, and a judge
     template's {reference} slot has a reference column to fill it."""

@@ -293,7 +293,8 @@ def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, param
 
 
 def judge_inputs(c: ml_collections.ConfigDict, models: Models, sampling: rollout_lib.SamplingConfig, frozen: Frozen,
-                 prompts_bp, prompt_mask_bp, references_bf, reference_mask_bf, key) -> dict:
+                 judge_spec: judging.JudgeSpec, prompts_bp, prompt_mask_bp, references_bf, reference_mask_bf, key
+                 ) -> dict:
     """The judge's inputs besides the rollout, as keyword arguments of `judging.score` with rows repeated for the n
     samples of each prompt: the data's reference responses for a {reference} slot, and the baseline a pairwise
     reward compares every sample with (`reward.pairwise_baseline`): one sample of the frozen reference policy per
@@ -301,7 +302,7 @@ def judge_inputs(c: ml_collections.ConfigDict, models: Models, sampling: rollout
     Empty for every other judge (and for online_dpo, which pairs the samples themselves)."""
     n, out = c.rollout.n_samples, {}
     repeat = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731  prompt-major rows: prompt * n + sample
-    if references_bf is not None and "{reference}" in (c.judge.template or ""):
+    if references_bf is not None and "reference" in judge_spec.slots:
         out.update(references_bf=repeat(references_bf), reference_mask_bf=repeat(reference_mask_bf))
     if c.reward.pairwise_baseline == "reference_sample":
         base = rollout_lib.rollout(frozen.reference, models.policy, prompts_bp, prompt_mask_bp, key,
@@ -502,7 +503,7 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
              reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
         roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
-        inputs = judge_inputs(c, models, sampling, frozen, prompts_bp, prompt_mask_bp, references_bf,
+        inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         score_fn = functools.partial(judging.score, frozen.judge, models.judge, judge_spec)
         scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
@@ -584,7 +585,7 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
     def sample(state, frozen, prompts_bp, prompt_mask_bp, references_bf=None, reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
         roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
-        inputs = judge_inputs(c, models, sampling, frozen, prompts_bp, prompt_mask_bp, references_bf,
+        inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         return roll, inputs, (rng, k_judge, k_update)
 
