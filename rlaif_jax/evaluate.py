@@ -105,18 +105,14 @@ class Evaluator:
         self._policy_stats = jax.jit(policy_stats)
 
     def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout,
-               references: tuple, key: jax.Array) -> dict:
+               references: tuple, texts: tuple[list[str], list[str]], key: jax.Array) -> dict:
         """The reward judge's scores (and criteria) and the win rate against the initial policy's responses,
         each on its spec's path (token space or host, as `judging.make_spec` decided). `references`: the batch's
-        (reference_bf, reference_mask_bf), or () without config.data.reference_field."""
+        (reference_bf, reference_mask_bf), or () without config.data.reference_field; `texts`: the whole batch's
+        (prompts, responses) as text, which a remote judge scores at its endpoint."""
         k_score, k_pair = jax.random.split(key)
         parts, n = self.parts, self.c.eval.samples_per_prompt
-        if self.remote is not None:  # the whole batch's texts (every process), scored at the endpoint
-            tok = parts.policy_tokenizer
-            tokens = [gather_to_host(x) for x in (roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br,
-                                                  roll.response_mask_br)]
-            texts = [[tok.decode(t[m > 0].tolist(), skip_special_tokens=True) for t, m in zip(tokens[i], tokens[i + 1])]
-                     for i in (0, 2)]
+        if self.remote is not None:
             return {"score": self.remote.score(*texts)[0], "criteria": None}
         repeated = [jnp.repeat(x, n, axis=0) for x in references]  # prompt-major rows, as the rollout's
 
@@ -157,14 +153,15 @@ class Evaluator:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(state.params["policy"], tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
-            out = jax.tree.map(gather_to_host, {**self._judge(frozen, roll, self.initial[i], references, k_judge),
-                                                **self._policy_stats(state.params["policy"], frozen.reference, roll)})
-            valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
                 roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
             prompts = tokenizer.batch_decode(prompt_tokens, skip_special_tokens=True)
             responses = [tokenizer.decode(t[m > 0], skip_special_tokens=True)
                          for t, m in zip(response_tokens, response_mask)]
+            out = jax.tree.map(gather_to_host, {
+                **self._judge(frozen, roll, self.initial[i], references, (prompts, responses), k_judge),
+                **self._policy_stats(state.params["policy"], frozen.reference, roll)})
+            valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             stopped = gather_to_host(roll.stopped_b)
             gt = self.ground_truth(prompts, responses, stopped) if self.ground_truth else {}
             for name, values in {**{k: v for k, v in out.items() if k != "criteria" and v is not None},
