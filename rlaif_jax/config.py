@@ -22,6 +22,7 @@ from rlaif_jax.models.config import FLOAT_DTYPES
 
 CRITICS = ("value_head", "separate", "none")
 SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adafactor")
 # Reward settings that shape a scalar score, each with the value that turns it off: online_dpo learns from the
 # judge's preferences alone, and its pull to the reference is algo.dpo_beta.
 REWARD_SHAPING_OFF = {"judge_weight": 1.0, "missing_stop_mode": "none", "length_penalty": 0.0, "clip": 0.0,
@@ -56,11 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute = compute_config()
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"             # "adamw" | "adafactor" (optax's defaults: factored second moments, decay 0.8,
+                                       # no momentum, update clipping 1.0, steps scaled by the parameters' RMS)
     c.optim.learning_rate = 1e-5
     c.optim.schedule = "constant"      # "constant" | "linear" (decay to 0) | "cosine" (decay to 0)
     c.optim.warmup_steps = 0           # optimizer updates of linear warm-up
     c.optim.weight_decay = 0.0
-    c.optim.b1 = 0.9
+    c.optim.b1 = 0.9                   # b1, b2, eps: AdamW's (Adafactor has its own and refuses changes to these)
     c.optim.b2 = 0.95
     c.optim.eps = 1e-8
     c.optim.max_grad_norm = 1.0        # global-norm gradient clipping; 0 = off
@@ -166,7 +169,13 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
     if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
         raise ValueError(f"config.optim.learning_rate={o.learning_rate} must be finite and > 0")
+    _check_choice(o.name, OPTIMIZERS, "config.optim.name")
     _check_choice(o.schedule, SCHEDULES, "config.optim.schedule")
+    if o.name == "adafactor":
+        adam = {k: v for k, v in (("b1", 0.9), ("b2", 0.95), ("eps", 1e-8)) if o[k] != v}
+        if adam:
+            raise ValueError(f"config.optim.{', '.join(f'{k}={o[k]}' for k in adam)} set AdamW's moments, which "
+                             "optim.name='adafactor' does not have: leave them at their defaults or use adamw")
     if o.warmup_steps < 0:
         raise ValueError(f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
     if o.weight_decay < 0 or o.max_grad_norm < 0:

@@ -107,7 +107,8 @@ def group_permutation(key: jax.Array, rows: int, n: int) -> jax.Array:
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
-    """AdamW with warm-up then a constant / linear / cosine schedule, after global-norm clipping."""
+    """AdamW (or Adafactor, `optim.name`) with warm-up then a constant / linear / cosine schedule, after
+    global-norm clipping. Weight decay is decoupled in both (added to the update, scaled by the schedule)."""
     o = c.optim
     decay_steps = max(total_updates - o.warmup_steps, 1)
     if o.schedule == "constant":
@@ -119,7 +120,10 @@ def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.Gr
     schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
                                     [o.warmup_steps]) if o.warmup_steps else after
     chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
-    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if o.name == "adafactor":
+        chain.append(optax.adafactor(schedule, weight_decay_rate=o.weight_decay or None))
+    else:
+        chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
     return optax.chain(*chain)
 
 
@@ -207,16 +211,25 @@ def trainable_logical_axes(c: ml_collections.ConfigDict, models: Models) -> Para
 
 def state_shardings(c: ml_collections.ConfigDict, models: Models, mesh: jax.sharding.Mesh,
                     abstract_state: TrainState) -> TrainState:
-    """Shardings of the whole train state: params by their logical axes, every param-shaped optimizer leaf
-    (Adam's moments) like its param, the small rest (step, counters, KL controller, rng) replicated.
-    Stated explicitly rather than left to propagation, which may replicate `zeros_like` moments."""
+    """Shardings of the whole train state: params by their logical axes, every optimizer leaf of its param's
+    shape (Adam's moments, Adafactor's unfactored ones) like its param, the small rest (step, counters, KL
+    controller, rng, Adafactor's factored row and column statistics) replicated. Stated explicitly rather than
+    left to propagation, which may replicate `zeros_like` moments."""
     params = shd.tree_shardings(mesh, trainable_logical_axes(c, models), abstract_state.params)
     replicated = shd.replicated(mesh)
-    opt_state = optax.tree_map_params(make_optimizer(c, total_updates(c)), lambda _, sharding: sharding,
-                                      abstract_state.opt_state, params,
-                                      transform_non_params=lambda _: replicated)
+    opt_state = optimizer_state_shardings(make_optimizer(c, total_updates(c)), abstract_state.opt_state,
+                                          abstract_state.params, params, replicated)
     rest = jax.tree.map(lambda _: replicated, abstract_state.replace(params=None, opt_state=None))
     return rest.replace(params=params, opt_state=opt_state)
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state, abstract_params: Params,
+                              param_shardings, replicated: jax.sharding.Sharding):
+    """Each optimizer-state leaf that has its param's shape sharded like the param, every other leaf (counts,
+    Adafactor's factored row / column statistics, which drop one of the param's axes) replicated."""
+    return optax.tree_map_params(
+        optimizer, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
+        abstract_opt_state, param_shardings, abstract_params, transform_non_params=lambda _: replicated)
 
 
 def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,

@@ -38,6 +38,11 @@ REJECTED = {
                            "reward.adaptive_kl=True with reward.kl_coef=0: the controller multiplies the coefficient, "
                            "so it never leaves 0"),
     "negative_kl_coef": ({"reward.kl_coef": -0.1}, "reward.kl_coef=-0.1 must be >= 0"),
+    # optimizer
+    "unknown_optimizer": ({"optim.name": "lion"}, "config.optim.name='lion'"),
+    "adafactor_with_adam_moments": ({"optim.name": "adafactor", "optim.b2": 0.999},
+                                    "config.optim.b2=0.999 set AdamW's moments, which optim.name='adafactor' does not "
+                                    "have"),
     "kl_estimator": ({"reward.kl_estimator": "k4"}, "reward.kl_estimator='k4'; choose one of"),
     # reward: rules
     "weight_without_rule": ({"reward.rule_weights": {"length": 1.0}},

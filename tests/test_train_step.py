@@ -238,6 +238,29 @@ def test_guard_rejects_an_update_that_makes_params_non_finite():
         np.testing.assert_array_equal(np.asarray(new_params["w"]), want)
 
 
+def test_adafactor_state_is_sharded_like_its_params_where_it_has_their_shape():
+    """Adafactor's factored statistics drop one axis of a (256, 512) param: they are replicated, while the
+    unfactored second moment of a small param is sharded like it; the sharded update equals optax's unsharded one."""
+    mesh = shd.make_mesh(1, 8, 1)
+    params = {"w": jnp.linspace(-1, 1, 256 * 512).reshape(256, 512), "b": jnp.linspace(0, 1, 16)}
+    spec = {"w": jax.sharding.PartitionSpec("fsdp", None), "b": jax.sharding.PartitionSpec("fsdp")}
+    param_shardings = {k: jax.sharding.NamedSharding(mesh, v) for k, v in spec.items()}
+    config = tiny_config.get_config()
+    config.optim.name = "adafactor"
+    optimizer = ts.make_optimizer(config, 10)
+    abstract = jax.eval_shape(optimizer.init, params)
+    shardings = ts.optimizer_state_shardings(optimizer, abstract, jax.eval_shape(lambda: params), param_shardings,
+                                             shd.replicated(mesh))
+    leaves = [(a.shape, s.spec) for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))]
+    assert ((16,), spec["b"]) in leaves and ((256,), jax.sharding.PartitionSpec()) in leaves
+    grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+    sharded = jax.device_put(params, param_shardings)
+    state = jax.jit(optimizer.init, out_shardings=shardings)(sharded)
+    updates, _ = jax.jit(optimizer.update, out_shardings=(param_shardings, shardings))(grads, state, sharded)
+    want, _ = optimizer.update(grads, optimizer.init(params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), updates, want)
+
+
 def test_grad_accum_gives_the_same_gradient(world, single):
     """optim.grad_accum only splits a minibatch for memory: on rows of uneven lengths (7 and 4 valid tokens in
     the two micro-batches), 1 and 2 micro-batches give the same loss, metrics, values and gradient, with every
