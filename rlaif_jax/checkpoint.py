@@ -16,10 +16,13 @@ restores onto another (or onto a single device) without ever gathering the whole
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import shutil
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -36,6 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.every_steps = 100  # save when step % every_steps == 0 (the last step is saved with force=True)
     c.max_to_keep = 3  # older checkpoints are deleted; 0 keeps all
     c.async_save = True  # write in a background thread while training continues
+    # Checkpoint selection by an evaluation metric (Lee et al. 2023 keep the checkpoints of highest validation
+    # reward as candidates): after each evaluation whose `best_metric` ranks among the `keep_best` highest so far,
+    # the policy is exported as an HF folder to workdir/best_policies/step_<s> (index.json ranks them); 0 = off.
+    c.keep_best = 0
+    c.best_metric = "eval/judge_score"
     return c
 
 
@@ -46,6 +54,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          "saved: set it to train.steps to save only then)")
     if cfg.max_to_keep < 0:
         raise ValueError(f"config.checkpoint.max_to_keep={cfg.max_to_keep} must be >= 0 (0 keeps all)")
+    if cfg.keep_best < 0:
+        raise ValueError(f"config.checkpoint.keep_best={cfg.keep_best} must be >= 0 (0 = no best-policy exports)")
+    if cfg.keep_best and not cfg.best_metric.startswith("eval/"):
+        raise ValueError(f"config.checkpoint.best_metric={cfg.best_metric!r} must be an evaluation metric "
+                         "(eval/...): checkpoints are ranked at evaluations")
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -149,3 +162,55 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+BEST_DIR = "best_policies"
+BEST_INDEX = "index.json"
+
+
+class BestPolicies:
+    """The `keep_best` policies of highest `best_metric`, exported as HF folders under workdir/best_policies.
+
+    `consider(step, metrics, export)` is called after each evaluation with the evaluation's metrics and a function
+    that writes the policy to a folder; it exports when the step ranks among the best so far and deletes the
+    folder that falls out. index.json (rewritten atomically after every change, read back on resume) lists the
+    kept steps best first, so an interrupted run neither loses nor duplicates a candidate. Ties keep the earlier
+    step. Only process 0 writes files (the export itself is collective: every process calls `consider`).
+    """
+
+    def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
+        self.k, self.metric = int(cfg.keep_best), cfg.best_metric
+        self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+        self.kept: list[dict[str, Any]] = []  # [{"step", "value", "path"}], best first
+        index = os.path.join(self.directory, BEST_INDEX)
+        if self.k and os.path.exists(index):
+            with open(index) as f:
+                self.kept = json.load(f)["kept"]
+
+    def consider(self, step: int, metrics: Mapping[str, Any], export: Callable[[str], None]) -> bool:
+        """Exports the policy of `step` if its metric ranks among the best `keep_best`; returns whether it did."""
+        if not self.k:
+            return False
+        if self.metric not in metrics:
+            raise errors.ConfigError(f"config.checkpoint.best_metric={self.metric!r} is not among this run's "
+                                     f"evaluation metrics: choose one of {sorted(m for m in metrics if m.startswith('eval/'))}")
+        value = float(metrics[self.metric])
+        if any(entry["step"] == step for entry in self.kept) or not math.isfinite(value):
+            return False
+        ranked = sorted(self.kept + [{"step": step, "value": value}], key=lambda e: (-e["value"], e["step"]))
+        if ranked.index(next(e for e in ranked if e["step"] == step)) >= self.k:
+            return False
+        path = os.path.join(self.directory, f"step_{step}")
+        export(path)
+        ranked[[e["step"] for e in ranked].index(step)]["path"] = path
+        self.kept, dropped = ranked[:self.k], ranked[self.k:]
+        if jax.process_index() == 0:
+            for entry in dropped:
+                shutil.rmtree(entry["path"], ignore_errors=True)
+            tmp = os.path.join(self.directory, BEST_INDEX + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"metric": self.metric, "kept": self.kept}, f, indent=2)
+            os.replace(tmp, os.path.join(self.directory, BEST_INDEX))
+        log.info("policy of step %d (%s = %.4g) exported to %s: rank %d of the %d best", step, self.metric, value,
+                 path, [e["step"] for e in self.kept].index(step) + 1, self.k)
+        return True

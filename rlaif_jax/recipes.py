@@ -12,6 +12,8 @@ smoke test cannot drift apart. The configs load by path, so they import what the
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import ml_collections
 
 
@@ -50,6 +52,70 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             value = raw
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------- paper tables
+NOT_GIVEN = "not given"  # the paper's entry for a setting it does not state
+
+
+class PaperValue(NamedTuple):
+    """One row of a recipe's table: a setting, the paper's (or reference code's) value, where it says so, and why
+    ours differs ("" when it does not). `setting` is a config key ("optim.learning_rate"), read from the config, or
+    a name for what is not one ("policy model"), whose value is `ours`. `tests/test_experiments.py` holds every row
+    to the config: a row without a deviation must equal the paper, a row with one must differ from it and equal
+    `ours`, so the table cannot drift from the code."""
+    setting: str
+    paper: Any
+    source: str
+    deviation: str = ""
+    ours: Any = None
+
+
+def config_value(c: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at a dotted key ("optim.learning_rate"); KeyError if it is not a setting."""
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def is_setting(c: ml_collections.ConfigDict, key: str) -> bool:
+    try:
+        config_value(c, key)
+        return True
+    except (KeyError, AttributeError):
+        return False
+
+
+def ours(c: ml_collections.ConfigDict, row: PaperValue) -> Any:
+    value = config_value(c, row.setting) if is_setting(c, row.setting) else row.ours
+    return list(value) if isinstance(value, tuple) else value
+
+
+def paper_table_problems(c: ml_collections.ConfigDict, rows: list[PaperValue]) -> list[str]:
+    """Where the table and the config disagree (empty when they agree)."""
+    problems = []
+    for row in rows:
+        value = ours(c, row)
+        if not row.deviation and value != row.paper:
+            problems.append(f"{row.setting}: ours {value!r} is not the paper's {row.paper!r}, and no deviation "
+                            "is explained")
+        if row.deviation and row.ours is not None and value != row.ours:
+            problems.append(f"{row.setting}: the table says ours is {row.ours!r}, the config has {value!r}")
+        if row.deviation and value == row.paper:
+            problems.append(f"{row.setting}: equals the paper's {row.paper!r} but the table explains a deviation")
+        if not is_setting(c, row.setting) and row.ours is None:
+            problems.append(f"{row.setting}: not a config setting, so the row needs `ours`")
+    return problems
+
+
+def paper_table(c: ml_collections.ConfigDict, rows: list[PaperValue], title: str) -> str:
+    """The rows as a plain-text table for a recipe's docstring: setting | ours | paper | source | same or why."""
+    lines = [f"\n{title}\n", "  setting | ours | paper | source | same, or why not"]
+    for row in rows:
+        lines.append(f"  {row.setting} | {ours(c, row)!r} | {row.paper!r} | {row.source} | "
+                     f"{row.deviation or 'same'}")
+    return "\n".join(lines) + "\n"
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:

@@ -166,6 +166,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
             writer.write(0, {"judge_path_is_token_space": int(parts.judge_spec.path == "token_space"),
                              **evaluator.evaluate(state, frozen, 0, writer)})
 
+        # Checkpoint selection (config.checkpoint.keep_best): the best policies by an evaluation metric as HF folders.
+        best = ckpt_lib.BestPolicies(workdir, c.checkpoint)
+
+        def export_policy(folder):
+            hf.save_model(state.params["policy"], parts.models.policy, folder, tokenizer=parts.policy_tokenizer)
+
         # ---- 5 the loop
         preemption = Preemption()
         skipped_in_a_row, step = 0, start
@@ -180,6 +186,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
                 state, metrics = parts.step_fn(state, frozen, batch.tokens_bp, batch.mask_bp, *references, **columns)
                 if c.eval.every and (step % c.eval.every == 0 or step == c.train.steps):
                     metrics = {**metrics, **evaluator.evaluate(state, frozen, step, writer)}
+                    best.consider(step, metrics, export_policy)
                 values = writer.write(step, metrics)
                 # A signal during the last step needs no stop: the run ends with its checkpoint and export.
                 stop = preemption.requested(step) and step < c.train.steps

@@ -37,7 +37,7 @@ CONFIG_FILE = "config.json"
 FINAL_POLICY = "final_policy"
 # An earlier run's outputs, moved aside (never truncated) when there is no checkpoint to resume them from.
 RUN_OUTPUTS = (metrics_lib.METRICS_FILE, CONFIG_FILE, FINAL_POLICY, metrics_lib.SAMPLES_DIR,
-               metrics_lib.WANDB_ID_FILE)
+               metrics_lib.WANDB_ID_FILE, ckpt_lib.BEST_DIR)
 # Settings a resumed run may change: how it is logged, evaluated, checkpointed and laid out on devices, how long
 # it runs. Every other setting changes what the run computes.
 RESUME_ALLOWED = ("logging.", "eval.", "checkpoint.", "compute.", "mesh.", "testbed.", "train.steps",

@@ -8,11 +8,12 @@ import textwrap
 import time
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlaif_jax import checkpoint, sharding
+from rlaif_jax import checkpoint, errors, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,3 +196,29 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
     want = _lines(ref_dir)
     assert len(want) == steps
     assert _lines(run_dir) == want  # every step's metrics, bit for bit
+
+
+def test_best_policies_keep_the_k_highest_and_survive_a_restart(tmp_path):
+    """checkpoint.keep_best: a sequence of evaluation values, hand-ranked: exports happen exactly for the steps that
+    enter the top 2, folders falling out are deleted, ties keep the earlier step, a restart reads the ranking back."""
+    exported = []
+
+    def export(folder):
+        os.makedirs(folder)
+        open(os.path.join(folder, "config.json"), "w").write("{}")
+        exported.append(int(folder.rsplit("_", 1)[1]))
+
+    best = checkpoint.BestPolicies(str(tmp_path), cfg(keep_best=2, best_metric="eval/win_rate"))
+    for step, value in ((10, 0.50), (20, 0.40), (30, 0.70), (40, 0.45), (50, 0.50)):
+        best.consider(step, {"eval/win_rate": value, "loss": 1.0}, export)
+    # 10 enters, 20 enters, 30 enters (20 out), 40 does not enter, 50 ties with 10 and loses to the earlier step
+    assert exported == [10, 20, 30]
+    folder = tmp_path / checkpoint.BEST_DIR
+    assert sorted(os.listdir(folder)) == ["index.json", "step_10", "step_30"]
+    restarted = checkpoint.BestPolicies(str(tmp_path), cfg(keep_best=2, best_metric="eval/win_rate"))
+    assert [(e["step"], e["value"]) for e in restarted.kept] == [(30, 0.70), (10, 0.50)]
+    assert restarted.consider(60, {"eval/win_rate": 0.6}, export) and exported[-1] == 60
+    assert sorted(os.listdir(folder)) == ["index.json", "step_30", "step_60"]
+    with pytest.raises(errors.ConfigError, match="best_metric='eval/win_rate' is not among"):
+        restarted.consider(70, {"eval/judge_score": 1.0}, export)
+    assert not checkpoint.BestPolicies(str(tmp_path / "off"), cfg()).consider(1, {}, export)
