@@ -30,7 +30,7 @@ Models are named by the user (families llama, mistral, qwen2, qwen3, gemma); the
 tokenizer, so the judge reads the policy's tokens directly (token-space path).
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl
+from rlaif_jax.recipes import apply_runlocal, parse_arg, set_lee2023
 
 
 HH_DATASET = "Anthropic/hh-rlhf"
@@ -61,7 +61,7 @@ PAIRWISE_TEMPLATE = (
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, policy="Qwen/Qwen2.5-1.5B-Instruct", judge="Qwen/Qwen2.5-7B-Instruct", fsdp=1, steps=1000,
+    a = parse_arg(arg, policy="Qwen/Qwen2.5-1.5B-Instruct", judge="Qwen/Qwen2.5-7B-Instruct", fsdp=1, steps=0,
                   runlocal=False)
     c = config_lib.base_config()
 
@@ -93,11 +93,7 @@ def get_config(arg: str = ""):
     c.data.max_prompt_len = 512
 
     # ---- sampling, reward and REINFORCE with a learned baseline (Lee et al. 2023)
-    set_lee2023_rl(c)
-    c.rollout.max_new_tokens = 128
-
-    # ---- optimisation and loop (this codebase's choices)
-    set_lee2023_loop(c, batch_size=64, steps=a.steps, fsdp=a.fsdp, wandb_project="cai_hh")
+    set_lee2023(c, train_prompts=42_537, steps=a.steps, fsdp=a.fsdp, wandb_project="cai_hh")
 
     if a.runlocal:
         apply_runlocal(c)

@@ -5,50 +5,99 @@
 Arguments (comma-separated): policy=SFT checkpoint, rm=reward-model folder, fsdp=N (mesh), steps=N, runlocal.
 
 Follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"
-(arXiv:2403.17031; code github.com/vwxyzjn/summarize_from_feedback_details, `ppo_left_padding.py`), itself a
-reproduction of Stiennon et al. 2020. The details carried over, with their values in that code:
-  EOS trick            the reward model scores the response truncated after its first EOS, read at that token
-                       (`rewards.shape_rewards` places the score on the stop token)
-  missing-EOS penalty  a response without EOS within the 53-token budget gets the score -1 instead of the RM's
-                       (`reward.missing_stop_mode = "replace"`, `reward.missing_stop_penalty = -1`)
-  temperature 0.7      for sampling and for the log-probabilities of the update
-  critic from the RM   a separate value model initialised from the reward model (`critic.init = "reward_model"`)
-  KL in the reward     per-token k1 penalty, fixed beta = 0.05
-  reward whitening     the reproduction whitens the per-token rewards (scale only, shift_mean=False); here the
-                       sequence score is whitened over the batch without removing its mean
-                       (`reward.score_norm = "whiten"`, `norm_subtract_mean = False`), an approximation
-  PPO                  GAE gamma 1, lambda 0.95, 4 epochs of 1 minibatch per batch of 512 prompts, ratio clip 0.2,
-                       value clip 0.2, vf_coef 0.1, advantages whitened; Adam lr 3e-6, eps 1e-5, linear decay to 0;
-                       1M episodes = 1953 updates
+(arXiv:2403.17031), a reproduction of Stiennon et al. 2020, value by value from its code
+(github.com/vwxyzjn/summarize_from_feedback_details: `ppo_left_padding.py` at commit bed5a4d, and
+`sbatches/ppo_left_padding.sbatch` for the batch, learning rate and seeds). The table at the end lists every
+setting it gives, ours beside it; `tests/test_experiments.py` holds the config to it. Its details, in words:
+  EOS trick            responses are cut after their first EOS and the reward model reads the score at that token;
+                       a response without EOS within the 53 tokens gets the score -1 instead
+  KL in the reward     per-token k1 (log pi - log pi_ref) times a fixed 0.05, the score added at the EOS token
+  reward whitening     the per-token rewards (score + KL) whitened over the batch without shifting their mean
+  PPO                  GAE gamma 1, lambda 0.95, 4 epochs of 1 minibatch per batch of 512 prompts, ratio and value
+                       clip 0.2, vf_coef 0.1, advantages whitened; AdamW lr 3e-6, eps 1e-5, torch's default weight
+                       decay 0.01, linear decay to 0, no gradient clipping in the script; 1M episodes = 1953 updates
+  critic               a separate value model initialised from the reward model
+  temperature          0.7 for sampling and for the log-probabilities of the update; 0.01 when evaluating
 Prompts: OpenAI's "SUBREDDIT / TITLE / POST / TL;DR:" format over the reproduction's own dataset
 (`recipes.TLDR_DATASET`, filtered TL;DR), max 512 prompt tokens.
 
-Models. The paper trains Pythia 1B / 2.8B / 6.9B (GPT-NeoX, not a family this codebase loads). Name your own of
-a supported family (llama, mistral, qwen2, qwen3, gemma):
-  policy  an SFT summariser of TL;DR in that prompt format, e.g. trained with TRL's `trl sft` on "trl-lib/tldr"
-          (prompt / completion columns in the same format);
+Models. The reproduction trains Pythia 1B / 2.8B / 6.9B (deduped; GPT-NeoX): its SFT policy (`sft.py`) and reward
+model (`reward.py`) per seed. GPT-NeoX folders load directly (`rlaif_jax.models.hf`), as do the other families:
+  policy  an SFT summariser of TL;DR in that prompt format (`policy=`; e.g. the reproduction's SFT checkpoint, or
+          TRL's `trl sft` on "trl-lib/tldr");
   rm      a reward model on OpenAI's human comparisons (RLHF, as in the paper), or AI-labelled ones (RLAIF):
           python scripts/train_reward_model.py --model SFT_DIR --data comparisons.jsonl --out RM_DIR \\
               --rm.max_len=640
           with one {"prompt", "response_a", "response_b", "p_a_better"} per comparison (p_a_better 1 or 0 for
           human choices). The RM folder is both the reward (`judge.mode = "reward_model"`) and the critic's init.
 
-Target (paper, Section 7.1, PPO scaling figure): GPT-3.5's preference of the PPO policy's summaries over the
-dataset's reference summaries rises with model size; the 2.8B and 6.9B PPO models outperform OpenAI's released
-1.3B PPO checkpoint, the 6.9B well above 50% (read the per-size values from that figure). The run reports the
-RM score (`judge_score`, `eval/judge_score`), KL and response length; the EOS rate shows as the share of responses
-not hit by the missing-EOS penalty. Matching the paper's preference rate needs a pairwise judge against the
-"summary" column of the validation split (e.g. scripts/judge_eval.py on exported samples).
+Evaluation (the reproduction's protocol): every `eval.every` steps the policy samples at temperature 0.01 on the
+validation split and the reward model scores its summaries and the dataset's reference summaries
+(`eval/judge_score`); the paper's headline is GPT-3.5's preference of the policy's summaries over the reference
+summaries. Seeds: the reproduction runs 4 (`PAPER_SEEDS`; `scripts/sweep.py --paper_seeds` runs them).
+
+Target (paper, Section 7.1, PPO scaling figure): the preference over the reference summaries rises with model
+size; the 2.8B and 6.9B PPO models outperform OpenAI's released 1.3B PPO checkpoint, the 6.9B well above 50% (read
+the per-size values from that figure).
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import apply_runlocal, parse_arg, set_tldr_data
+from rlaif_jax.recipes import NOT_GIVEN, PaperValue, apply_runlocal, paper_table, parse_arg, set_tldr_data
 
 
-EPISODES = 1_000_000  # total sampled responses of the reproduction
+EPISODES = 1_000_000  # total sampled responses of the reproduction (`total_episodes`)
+PAPER_SEEDS = (44413, 55513, 66613, 77713)  # sbatches/ppo_left_padding.sbatch, SEEDS
+_CODE = "ppo_left_padding.py"
+_SBATCH = "sbatches/ppo_left_padding.sbatch"
+PAPER = [
+    PaperValue("policy model", "Pythia 1B/2.8B/6.9B-deduped SFT", f"{_SBATCH}, MODELS",
+               "a checkpoint you name; the reproduction's Pythia SFT folders load directly (GPT-NeoX)",
+               ours="the SFT checkpoint given as policy="),
+    PaperValue("data.path", "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+               f"{_CODE}, Args.query_dataset"),
+    PaperValue("data.max_prompt_len", 512, "README (OpenAI's preprocessing: 512-token queries)"),
+    PaperValue("data.eval_split", "validation", f"{_CODE}, eval_dataloaders (validation first)"),
+    PaperValue("rollout.max_new_tokens", 53, f"{_CODE}, Args.response_length"),
+    PaperValue("rollout.temperature", 0.7, f"{_CODE}, Args.temperature"),
+    PaperValue("tokens after the first EOS", "sampled (min_new_tokens=53); their KL enters the reward",
+               f"{_CODE}, generation_config and `kl = logprobs - ref_logprobs`",
+               "a row stops at its EOS: nothing after it is sampled, scored or penalised",
+               ours="not sampled"),
+    PaperValue("reward.missing_stop_mode", "replace", f"{_CODE}, `scores = torch.where(contain_pad_token, ...)`"),
+    PaperValue("reward.missing_stop_penalty", -1.0, f"{_CODE}, Args.penalty_reward_value"),
+    PaperValue("reward.kl_coef", 0.05, f"{_CODE}, RewardHParams.kl_coef"),
+    PaperValue("reward.adaptive_kl", False, f"{_CODE}, RewardHParams.use_adaptive_kl"),
+    PaperValue("reward.kl_estimator", "k1", f"{_CODE}, `kl = logprobs - ref_logprobs`"),
+    PaperValue("reward.kl_in_reward", True, f"{_CODE}, `non_score_reward = -kl_ctl.value * kl`"),
+    PaperValue("algo.estimator", "gae", f"{_CODE}, section 6 (advantages and returns)"),
+    PaperValue("algo.gamma", 1.0, f"{_CODE}, PpoHParams.gamma"),
+    PaperValue("algo.lam", 0.95, f"{_CODE}, PpoHParams.lam"),
+    PaperValue("algo.epochs", 4, f"{_CODE}, PpoHParams.noptepochs"),
+    PaperValue("algo.minibatches", 1, f"{_CODE}, PpoHParams.nminibatches"),
+    PaperValue("algo.clip_low", 0.2, f"{_CODE}, PpoHParams.cliprange"),
+    PaperValue("algo.clip_high", 0.2, f"{_CODE}, PpoHParams.cliprange"),
+    PaperValue("algo.vf_clip", 0.2, f"{_CODE}, PpoHParams.cliprange_value"),
+    PaperValue("algo.vf_coef", 0.1, f"{_CODE}, PpoHParams.vf_coef"),
+    PaperValue("algo.whiten_advantages", True, f"{_CODE}, `advantages = whiten(advantages)`"),
+    PaperValue("algo.ent_coef", 0.0, f"{_CODE} (no entropy term in the loss)"),
+    PaperValue("critic.kind", "separate", f"{_CODE}, PolicyAndValueWrapper(policy, critic)"),
+    PaperValue("critic.init", "reward_model", f"{_CODE}, `critic = ScalarModel.from_pretrained(reward_model_path)`"),
+    PaperValue("optim.name", "adamw", f"{_CODE}, Args.optimizer"),
+    PaperValue("optim.learning_rate", 3e-6, f"{_SBATCH}, LR"),
+    PaperValue("optim.eps", 1e-5, f"{_CODE}, Args.eps"),
+    PaperValue("optim.b1", 0.9, "torch.optim.AdamW default (not overridden)"),
+    PaperValue("optim.b2", 0.999, "torch.optim.AdamW default (not overridden)"),
+    PaperValue("optim.weight_decay", 0.01, "torch.optim.AdamW default (not overridden)"),
+    PaperValue("optim.schedule", "linear", f"{_CODE}, `lrnow = frac * args.lr`"),
+    PaperValue("optim.warmup_steps", 0, f"{_CODE}, Args.warm_up_steps"),
+    PaperValue("optim.max_grad_norm", 0.0, f"{_CODE} (no clipping call; its DeepSpeed config was not checked)"),
+    PaperValue("train.batch_size", 512, f"{_SBATCH}: 8 GPUs x micro-batch x accumulation = 512"),
+    PaperValue("train.steps", EPISODES // 512, f"{_CODE}, num_updates = total_episodes // batch_size"),
+    PaperValue("seeds", list(PAPER_SEEDS), f"{_SBATCH}, SEEDS (4 per model size)"),
+]
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, policy="Qwen/Qwen2.5-1.5B", rm="checkpoints/tldr_rm", fsdp=1, steps=0, runlocal=False)
+    a = parse_arg(arg, policy="checkpoints/tldr_sft", rm="checkpoints/tldr_rm", fsdp=1, steps=0, runlocal=False)
     c = config_lib.base_config()
 
     # ---- models: SFT policy (its copy is the reference); reward model = judge in reward_model mode = critic init
@@ -99,6 +148,8 @@ def get_config(arg: str = ""):
     c.optim.learning_rate = 3e-6
     c.optim.eps = 1e-5
     c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.01  # torch.optim.AdamW's default, which the reproduction keeps
+    c.optim.max_grad_norm = 0.0  # the reproduction's script does not clip
     c.optim.schedule = "linear"
     c.optim.warmup_steps = 0
     c.train.steps = a.steps or EPISODES // c.train.batch_size
@@ -112,3 +163,7 @@ def get_config(arg: str = ""):
         apply_runlocal(c)
     c.lock()
     return c
+
+
+__doc__ += paper_table(get_config(), PAPER, "Settings against the reproduction (recipes.PaperValue; pinned by "
+                       "tests/test_experiments.py):")

@@ -17,9 +17,16 @@ Variants
                2. python scripts/train_reward_model.py --model POLICY_OR_BASE --data pairs.jsonl --out RM_DIR \\
                       --rm.max_len=768 --label_judge.path=JUDGE   (labels the pairs with AI preferences, trains)
                3. this config with rm=RM_DIR.
-Both variants, as the paper states them: REINFORCE with a learned baseline (`algo.estimator = "reinforce"`, one
-on-policy update per batch), KL penalty in the reward with coefficient beta = 0.05, sampling temperature 0.9. Batch
-size, learning rate, step count, lengths and the critic's form are this codebase's choices, not the paper's.
+Both variants use the paper's RL settings (`recipes.set_lee2023`, table at the end): REINFORCE with a learned
+baseline, the objective (1 - beta) r - beta KL with beta = 0.05, sampling temperature 0.9, Adafactor at 1e-5 on
+batches of 128 prompts for 8 epochs, 1024 prompt and 128 response tokens, and the paper's checkpoint selection:
+the 4 policies of highest validation reward are kept (workdir/best_policies), and the final one is the candidate
+an evaluator that is not the reward prefers most against the SFT policy (the paper adds manual inspection).
+Canonical RLAIF's reward model, as the paper trains it (same appendix): initialised from the SFT policy, learning
+rate 1e-5, batch 128, until the loss plateaus (2-3 epochs), 1152 input tokens:
+    python scripts/train_reward_model.py --model SFT_DIR --data pairs.jsonl --out RM_DIR --lr=1e-5 \\
+        --batch_size=128 --steps=<3 epochs> --rm.max_len=1152
+(our script uses AdamW where the paper uses Adafactor.)
 
 Models. The paper's policy is a PaLM 2 XS fine-tuned (SFT) on TL;DR and its labeler PaLM 2 L. Here the user names
 open models of a supported family (llama, mistral, qwen2, qwen3, gemma); for a faithful run the policy should be
@@ -41,7 +48,8 @@ rate, so expect it to move well above 0.5 when training works, not to equal 0.71
 the judge is the reward model, which cannot compare two summaries; there `eval/judge_score` tracks the reward.)
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import apply_runlocal, parse_arg, set_lee2023_loop, set_lee2023_rl, set_tldr_data
+from rlaif_jax.recipes import (LEE2023_ROWS, LEE2023_SEEDS, TLDR_DATASET, TLDR_TRAIN_PROMPTS, PaperValue, apply_runlocal,
+                               lee2023_steps_row, paper_table, parse_arg, set_lee2023, set_tldr_data)
 
 
 # The d-RLAIF scoring prompt, adapted from the paper's appendix; {num_scores} becomes the top of the scale.
@@ -61,9 +69,23 @@ PAIRWISE_TEMPLATE = (
 )
 
 
+PAPER_SEEDS = LEE2023_SEEDS
+PAPER = LEE2023_ROWS + [
+    lee2023_steps_row(TLDR_TRAIN_PROMPTS, "filtered TL;DR"),
+    PaperValue("policy model", "PaLM 2 XS fine-tuned on TL;DR", "Lee et al. 2023, Sec. 3 and training appendix",
+               "PaLM 2 is not released: an open SFT summariser you name", ours="policy="),
+    PaperValue("judge.path", "PaLM 2 L", "Lee et al. 2023, Sec. 3 (the AI labeler)",
+               "PaLM 2 is not released: an open instruct LLM", ours="meta-llama/Llama-3.1-8B-Instruct"),
+    PaperValue("judge.mode", "pointwise", "Lee et al. 2023, d-RLAIF: a 1-10 score from the judge"),
+    PaperValue("judge.num_scores", 10, "Lee et al. 2023, d-RLAIF (scores 1 to 10)"),
+    PaperValue("data.path", TLDR_DATASET, "Stiennon et al. 2020's filtered TL;DR, which Lee et al. 2023 use "
+               "(here as Huang et al. 2024 publish it)"),
+]
+
+
 def get_config(arg: str = ""):
     a = parse_arg(arg, variant="direct", policy="meta-llama/Llama-3.2-1B-Instruct",
-                  judge="meta-llama/Llama-3.1-8B-Instruct", rm="checkpoints/tldr_rlaif_rm", fsdp=1, steps=1000,
+                  judge="meta-llama/Llama-3.1-8B-Instruct", rm="checkpoints/tldr_rlaif_rm", fsdp=1, steps=0,
                   runlocal=False)
     if a.variant not in ("direct", "canonical"):
         raise ValueError(f"variant={a.variant!r}; use variant=direct (d-RLAIF) or variant=canonical (distilled RM)")
@@ -77,7 +99,7 @@ def get_config(arg: str = ""):
     # ---- the judge
     c.judge.dtype = c.judge.param_dtype = "bfloat16"  # frozen: no f32 master copy needed
     c.judge.chat_template = True  # instruct judges answer inside their chat format; the score is the first token
-    c.judge.max_len = 768  # template + 512-token prompt + response (+ a second response for the eval pairwise)
+    c.judge.max_len = 1536  # template + 1024-token prompt + 128-token response (+ a second one for a pairwise eval)
     if a.variant == "direct":
         c.judge.path = a.judge
         c.judge.mode = "pointwise"
@@ -95,15 +117,14 @@ def get_config(arg: str = ""):
     # ---- data
     set_tldr_data(c.data)
 
-    # ---- sampling, reward (the judge's score in [-1, 1], beta = 0.05) and REINFORCE with a learned baseline,
-    # as in the paper; summaries are short
-    set_lee2023_rl(c)
-    c.rollout.max_new_tokens = 64
-
-    # ---- optimisation and loop (this codebase's choices)
-    set_lee2023_loop(c, batch_size=128, steps=a.steps, fsdp=a.fsdp, wandb_project="rlaif_tldr")
+    # ---- sampling, reward (the judge's score in [-1, 1]), REINFORCE with a learned baseline, optimisation, loop
+    set_lee2023(c, train_prompts=TLDR_TRAIN_PROMPTS, steps=a.steps, fsdp=a.fsdp, wandb_project="rlaif_tldr")
 
     if a.runlocal:
         apply_runlocal(c)
     c.lock()
     return c
+
+
+__doc__ += paper_table(get_config(), PAPER, "Settings against Lee et al. 2023 (variant=direct; recipes.PaperValue, "
+                       "pinned by tests/test_experiments.py):")

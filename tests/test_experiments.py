@@ -105,6 +105,36 @@ def test_ppo_details_matches_the_reproduction():
     assert c.train.steps == 1_000_000 // 512  # 1M episodes
 
 
+PAPER_RECIPES = [n for n in EXPERIMENTS if hasattr(load(n), "PAPER")]
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_table_matches_the_config(name):
+    """Every row of a recipe's paper table holds for its default config: a "same" row equals the paper's value, a
+    row with a deviation differs from it and equals the `ours` it states; the docstring shows the table."""
+    from rlaif_jax import recipes
+    module = load(name)
+    c = module.get_config()
+    assert recipes.paper_table_problems(c, module.PAPER) == []
+    for row in module.PAPER:
+        assert row.source and f"  {row.setting} | " in module.__doc__, row.setting
+    seeds = [row for row in module.PAPER if row.setting == "seeds"]
+    assert len(seeds) == 1 and list(module.PAPER_SEEDS) == recipes.ours(c, seeds[0])
+
+
+def test_paper_table_catches_drift():
+    """The checker is not vacuous: a changed value, a stale deviation and a missing `ours` are each reported."""
+    from rlaif_jax import recipes
+    c = get("ppo_tldr_details")
+    rows = [recipes.PaperValue("optim.learning_rate", 1e-5, "src"),
+            recipes.PaperValue("optim.eps", 1e-5, "src", "we differ"),
+            recipes.PaperValue("judge model", "GPT-4", "src", "not released")]
+    problems = recipes.paper_table_problems(c, rows)
+    assert len(problems) == 3
+    assert "3e-06 is not the paper's 1e-05" in problems[0] and "explains a deviation" in problems[1]
+    assert "needs `ours`" in problems[2]
+
+
 def test_cai_hh_uses_principles_and_the_harmless_subset():
     c = get("cai_hh")
     assert c.judge.mode == "principles" and len(c.judge.principles) >= 4 and "{principle}" in c.judge.template
