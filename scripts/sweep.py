@@ -130,6 +130,21 @@ def run_local(command: list[str], workdir: str, env: dict[str, str]) -> int:
         return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+def paper_seeds(config: str) -> tuple[int, ...]:
+    """The PAPER_SEEDS of an experiment file (experiments/X.py[:arg]): the seed count of the paper it reproduces."""
+    import importlib.util
+
+    path = config.split(":", 1)[0]
+    spec = importlib.util.spec_from_file_location("sweep_experiment", path)
+    if spec is None or not os.path.exists(path):
+        raise SystemExit(f"--paper_seeds: no experiment file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "PAPER_SEEDS"):
+        raise SystemExit(f"--paper_seeds: {path} names no PAPER_SEEDS (only the paper recipes do)")
+    return tuple(module.PAPER_SEEDS)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -139,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one axis of the grid")
     p.add_argument("--grid_file", default="", help='JSON file {"KEY": [V1, V2], ...} with more axes')
     p.add_argument("--set", action="append", default=[], metavar="KEY=V", help="override for every run")
+    p.add_argument("--paper_seeds", action="store_true",
+                   help="add a seed axis with the seeds of the paper the config reproduces (its PAPER_SEEDS)")
     p.add_argument("--launcher", default="local", choices=LAUNCHERS)
     p.add_argument("--report_only", action="store_true", help="aggregate the runs' metrics, start nothing")
     p.add_argument("--rerun", action="store_true", help="local: also run grid points already marked done")
@@ -153,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.grid_file) as f:
             grid_json = json.load(f)
     grid = parse_grid(args.grid, grid_json)
+    if args.paper_seeds:
+        grid.append(("seed", [str(s) for s in paper_seeds(args.config)]))
     fixed = dict(parse_assignment(s) for s in args.set)
     clash = sorted(set(fixed) & {k for k, _ in grid})
     if clash:

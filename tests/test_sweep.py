@@ -73,6 +73,16 @@ def test_printed_commands_one_per_run(launcher, capsys):
         assert argv == expected
 
 
+def test_paper_seeds_add_the_papers_seed_axis(capsys):
+    """--paper_seeds runs the reproduction's 4 seeds (ppo_tldr_details: its sbatch file's SEEDS)."""
+    assert sweep.main(["--config", os.path.join(ROOT, "experiments", "ppo_tldr_details.py") + ":runlocal", "--out", "/cluster/s", "--launcher",
+                       "print", "--paper_seeds"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("--config.seed=")[1].split()[0] for line in lines] == ["44413", "55513", "66613", "77713"]
+    with pytest.raises(SystemExit, match="no PAPER_SEEDS"):
+        sweep.main(["--config", os.path.join(ROOT, "experiments", "testbed.py"), "--out", "/x", "--launcher", "print", "--paper_seeds"])
+
+
 def test_printed_gpu_command_reaches_the_training_program_with_the_overrides(capsys):
     sweep.main(["--config", "c.py", "--out", "o", "--grid", "seed=4", "--launcher", "gpu"])
     argv = shlex.split(capsys.readouterr().out.strip())
