@@ -5,18 +5,22 @@
 Arguments (comma-separated): policy=SFT checkpoint, rm=reward-model folder, fsdp=N (mesh), steps=N, runlocal.
 
 Follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"
-(arXiv:2403.17031; code github.com/vwxyzjn/summarize_from_feedback_details, `ppo_left_padding.py`), itself a
+(arXiv:2403.17031; code github.com/vwxyzjn/summarize_from_feedback_details, `ppo.py`, `ppo_left_padding.py`), itself a
 reproduction of Stiennon et al. 2020. The details carried over, with their values in that code:
-  EOS trick            the reward model scores the response truncated after its first EOS, read at that token
-                       (`rewards.shape_rewards` places the score on the stop token)
+  EOS trick            the reward model scores the response truncated after its first EOS, with that EOS as the
+                       last token of its row, and the reward is read there (`judge.include_stop_token = True`;
+                       the reward model must be trained with it, `--rm.include_stop_token=True` below, which
+                       ends every training response with the EOS too)
   missing-EOS penalty  a response without EOS within the 53-token budget gets the score -1 instead of the RM's
                        (`reward.missing_stop_mode = "replace"`, `reward.missing_stop_penalty = -1`)
   temperature 0.7      for sampling and for the log-probabilities of the update
   critic from the RM   a separate value model initialised from the reward model (`critic.init = "reward_model"`)
   KL in the reward     per-token k1 penalty, fixed beta = 0.05
-  reward whitening     the reproduction whitens the per-token rewards (scale only, shift_mean=False); here the
-                       sequence score is whitened over the batch without removing its mean
-                       (`reward.score_norm = "whiten"`, `norm_subtract_mean = False`), an approximation
+  reward whitening     the per-token rewards (score on the EOS token + KL penalty on every token) are whitened
+                       over all response tokens of the batch, scale only (`reward.whiten_token_rewards = True`,
+                       `token_whiten_shift_mean = False`; the reproduction's `whiten_rewards`, ppo.py). One
+                       difference: its mask runs one token past the EOS and puts the score there; ours ends at
+                       the EOS, which carries the score and its own KL (`rewards.py`, step 8)
   PPO                  GAE gamma 1, lambda 0.95, 4 epochs of 1 minibatch per batch of 512 prompts, ratio clip 0.2,
                        value clip 0.2, vf_coef 0.1, advantages whitened; Adam lr 3e-6, eps 1e-5, linear decay to 0;
                        1M episodes = 1953 updates
@@ -28,10 +32,16 @@ a supported family (llama, mistral, qwen2, qwen3, gemma):
   policy  an SFT summariser of TL;DR in that prompt format, e.g. trained with TRL's `trl sft` on "trl-lib/tldr"
           (prompt / completion columns in the same format);
   rm      a reward model on OpenAI's human comparisons (RLHF, as in the paper), or AI-labelled ones (RLAIF):
+          python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144 \\
+              --kind preferences --out comparisons.jsonl
+          python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered \\
+              --kind sft --out references.jsonl
           python scripts/train_reward_model.py --model SFT_DIR --data comparisons.jsonl --out RM_DIR \\
-              --rm.max_len=640
-          with one {"prompt", "response_a", "response_b", "p_a_better"} per comparison (p_a_better 1 or 0 for
-          human choices). The RM folder is both the reward (`judge.mode = "reward_model"`) and the critic's init.
+              --rm.max_len=640 --rm.include_stop_token=True --normalize_to=references.jsonl
+          (comparisons.jsonl: one {"prompt", "response_a", "response_b", "p_a_better"} per comparison, p_a_better 1
+          for the human's choice; `--normalize_to` shifts the RM so the dataset's reference summaries score 0 on
+          average, as the reproduction's reward.py does). The RM folder is both the reward
+          (`judge.mode = "reward_model"`) and the critic's init.
 
 Target (paper, Section 7.1, PPO scaling figure): GPT-3.5's preference of the PPO policy's summaries over the
 dataset's reference summaries rises with model size; the 2.8B and 6.9B PPO models outperform OpenAI's released
@@ -59,6 +69,7 @@ def get_config(arg: str = ""):
     c.judge.mode = "reward_model"
     c.judge.dtype = c.judge.param_dtype = "bfloat16"
     c.judge.max_len = 640  # 512-token query + 53-token response + the RM template
+    c.judge.include_stop_token = True  # the EOS ends the RM's row: the reward is read at the EOS token
     c.critic.kind = "separate"
     c.critic.init = "reward_model"
     c.critic.path = a.rm
@@ -71,15 +82,16 @@ def get_config(arg: str = ""):
     c.rollout.temperature = 0.7
     c.rollout.max_new_tokens = 53
 
-    # ---- reward: EOS trick + missing-EOS penalty, fixed KL 0.05 in the reward, whitening without mean shift
+    # ---- reward: missing-EOS penalty, fixed KL 0.05 in the reward, per-token rewards whitened without mean shift
     c.reward.missing_stop_mode = "replace"
     c.reward.missing_stop_penalty = -1.0
     c.reward.kl_coef = 0.05
     c.reward.kl_estimator = "k1"
     c.reward.kl_in_reward = True
     c.reward.adaptive_kl = False
-    c.reward.score_norm = "whiten"
-    c.reward.norm_subtract_mean = False
+    c.reward.score_norm = "none"  # the score is whitened with the KL, per token, not on its own
+    c.reward.whiten_token_rewards = True
+    c.reward.token_whiten_shift_mean = False
 
     # ---- PPO with GAE
     c.algo.estimator = "gae"

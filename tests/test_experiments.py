@@ -103,6 +103,10 @@ def test_ppo_details_matches_the_reproduction():
     assert (c.algo.estimator, c.algo.gamma, c.algo.lam, c.algo.epochs, c.algo.vf_coef) == ("gae", 1.0, 0.95, 4, 0.1)
     assert (c.reward.kl_coef, c.optim.learning_rate, c.train.batch_size) == (0.05, 3e-6, 512)
     assert c.train.steps == 1_000_000 // 512  # 1M episodes
+    # the per-token rewards (score + KL) are whitened, scale only; the reward is read at the EOS token
+    assert (c.reward.whiten_token_rewards, c.reward.token_whiten_shift_mean, c.reward.score_norm) == (True, False,
+                                                                                                    "none")
+    assert c.judge.include_stop_token
 
 
 def test_cai_hh_uses_principles_and_the_harmless_subset():
