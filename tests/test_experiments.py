@@ -84,7 +84,7 @@ def test_rlaif_tldr_matches_the_paper_settings():
         assert c.reward.kl_coef == 0.05 and c.reward.kl_in_reward and c.reward.kl_estimator == "k1"
         assert c.rollout.temperature == 0.9
         assert c.algo.estimator == "reinforce" and c.algo.epochs == 1 and c.critic.kind != "none"
-        assert c.data.prompt_format.endswith("TL;DR:")
+        assert c.data.schema == c.data.path and data_lib.TLDR_PROMPT_FORMAT.endswith("TL;DR:")
     direct = get("rlaif_tldr", "variant=direct")
     assert (direct.judge.mode, direct.judge.num_scores) == ("pointwise", 10)
     assert "{num_scores}" in direct.judge.template  # the scale in the words follows num_scores
