@@ -9,10 +9,15 @@ Follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Ca
 (github.com/vwxyzjn/summarize_from_feedback_details: `ppo_left_padding.py` at commit bed5a4d, and
 `sbatches/ppo_left_padding.sbatch` for the batch, learning rate and seeds). The table at the end lists every
 setting it gives, ours beside it; `tests/test_experiments.py` holds the config to it. Its details, in words:
-  EOS trick            responses are cut after their first EOS and the reward model reads the score at that token;
-                       a response without EOS within the 53 tokens gets the score -1 instead
+  EOS trick            responses are cut after their first EOS, which ends the reward model's row, and the reward
+                       is read there (`judge.include_stop_token = True`; train the reward model with it,
+                       `--rm.include_stop_token=True` below, so its training responses end with the EOS too); a
+                       response without EOS within the 53 tokens gets the score -1 instead
   KL in the reward     per-token k1 (log pi - log pi_ref) times a fixed 0.05, the score added at the EOS token
-  reward whitening     the per-token rewards (score + KL) whitened over the batch without shifting their mean
+  reward whitening     the per-token rewards (score + KL) whitened over all response tokens of the batch without
+                       shifting their mean (`reward.whiten_token_rewards`); `ppo_left_padding.py` whitens all 53
+                       sampled tokens, `ppo.py`'s mask ends one token past the EOS and puts the score there, ours
+                       ends at the EOS, which carries the score and its own KL
   PPO                  GAE gamma 1, lambda 0.95, 4 epochs of 1 minibatch per batch of 512 prompts, ratio and value
                        clip 0.2, vf_coef 0.1, advantages whitened; AdamW lr 3e-6, eps 1e-5, torch's default weight
                        decay 0.01, linear decay to 0, no gradient clipping in the script; 1M episodes = 1953 updates
@@ -26,10 +31,16 @@ model (`reward.py`) per seed. GPT-NeoX folders load directly (`rlaif_jax.models.
   policy  an SFT summariser of TL;DR in that prompt format (`policy=`; e.g. the reproduction's SFT checkpoint, or
           TRL's `trl sft` on "trl-lib/tldr");
   rm      a reward model on OpenAI's human comparisons (RLHF, as in the paper), or AI-labelled ones (RLAIF):
+          python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144 \\
+              --kind preferences --out comparisons.jsonl
+          python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered \\
+              --kind sft --out references.jsonl
           python scripts/train_reward_model.py --model SFT_DIR --data comparisons.jsonl --out RM_DIR \\
-              --rm.max_len=640
-          with one {"prompt", "response_a", "response_b", "p_a_better"} per comparison (p_a_better 1 or 0 for
-          human choices). The RM folder is both the reward (`judge.mode = "reward_model"`) and the critic's init.
+              --rm.max_len=640 --rm.include_stop_token=True --normalize_to=references.jsonl
+          (comparisons.jsonl: one {"prompt", "response_a", "response_b", "p_a_better"} per comparison, p_a_better 1
+          for the human's choice; `--normalize_to` shifts the RM so the dataset's reference summaries score 0 on
+          average, as the reproduction's reward.py does). The RM folder is both the reward
+          (`judge.mode = "reward_model"`) and the critic's init.
 
 Evaluation (the reproduction's protocol): every `eval.every` steps the policy samples at temperature 0.01 on the
 validation split and the reward model scores its summaries and the dataset's reference summaries
@@ -62,6 +73,13 @@ PAPER = [
                f"{_CODE}, generation_config and `kl = logprobs - ref_logprobs`",
                "a row stops at its EOS: nothing after it is sampled, scored or penalised",
                ours="not sampled"),
+    PaperValue("judge.include_stop_token", True, f"{_CODE}, get_reward reads the last non-pad token: the kept EOS"),
+    PaperValue("reward.whiten_token_rewards", True, f"{_CODE}, PpoHParams.whiten_rewards"),
+    PaperValue("reward.token_whiten_shift_mean", False, f"{_CODE}, `whiten(rewards, shift_mean=False)`"),
+    PaperValue("reward.score_norm", "none", f"{_CODE} (the score is whitened only with the per-token rewards)"),
+    PaperValue("reward model bias", "mean reward of the references subtracted", "reward.py (config.bias)",
+               ours="--normalize_to=references.jsonl of scripts/train_reward_model.py", deviation="a flag of "
+               "the reward-model script (the RL config reads the reward model as saved)"),
     PaperValue("reward.missing_stop_mode", "replace", f"{_CODE}, `scores = torch.where(contain_pad_token, ...)`"),
     PaperValue("reward.missing_stop_penalty", -1.0, f"{_CODE}, Args.penalty_reward_value"),
     PaperValue("reward.kl_coef", 0.05, f"{_CODE}, RewardHParams.kl_coef"),
@@ -108,6 +126,7 @@ def get_config(arg: str = ""):
     c.judge.mode = "reward_model"
     c.judge.dtype = c.judge.param_dtype = "bfloat16"
     c.judge.max_len = 640  # 512-token query + 53-token response + the RM template
+    c.judge.include_stop_token = True  # the EOS ends the RM's row: the reward is read at the EOS token
     c.critic.kind = "separate"
     c.critic.init = "reward_model"
     c.critic.path = a.rm
@@ -120,15 +139,16 @@ def get_config(arg: str = ""):
     c.rollout.temperature = 0.7
     c.rollout.max_new_tokens = 53
 
-    # ---- reward: EOS trick + missing-EOS penalty, fixed KL 0.05 in the reward, whitening without mean shift
+    # ---- reward: missing-EOS penalty, fixed KL 0.05 in the reward, per-token rewards whitened without mean shift
     c.reward.missing_stop_mode = "replace"
     c.reward.missing_stop_penalty = -1.0
     c.reward.kl_coef = 0.05
     c.reward.kl_estimator = "k1"
     c.reward.kl_in_reward = True
     c.reward.adaptive_kl = False
-    c.reward.score_norm = "whiten"
-    c.reward.norm_subtract_mean = False
+    c.reward.score_norm = "none"  # the score is whitened with the KL, per token, not on its own
+    c.reward.whiten_token_rewards = True
+    c.reward.token_whiten_shift_mean = False
 
     # ---- PPO with GAE
     c.algo.estimator = "gae"

@@ -5,7 +5,9 @@ Pipeline (`load_prompt_splits`):
               `Dataset.save_to_disk`, or a hub dataset name + split, all through the `datasets` library
   2. text     the prompt is one column (`prompt_field`: a string, or a list of chat messages
               `[{"role", "content"}, ...]`), or several columns combined by `prompt_format`
-              ("Question: {question}\\nContext: {context}")
+              ("Question: {question}\\nContext: {context}"), or what the adapter of a public dataset's
+              `schema` reads (`DATASETS`, by hub name: TL;DR, OpenAI's comparisons, trl-lib/tldr,
+              CarperAI's comparisons, Anthropic HH; also their preference / SFT records)
   3. reject   rows whose prompt is missing, None or blank are dropped and counted
   4. tokenize optionally through the tokenizer's chat template (with the generation prompt appended);
               prompts longer than `max_prompt_len` tokens are cut from the left (the end, which holds the
@@ -47,6 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Local file (.json/.jsonl/.parquet/.csv/.arrow, globs allowed), a save_to_disk folder, or a hub name.
     c.path = ""
+    # A public dataset's schema by its hub name (a key of DATASETS): its adapter writes the prompt (and reference)
+    # columns, so prompt_field / prompt_format / prompt_parser stay unset. With path empty the hub dataset of that
+    # name is read; with path set, a local copy in that schema.
+    c.schema = ""
     c.name = ""  # hub dataset configuration name ("" = default)
     c.data_dir = ""  # hub dataset sub-folder, datasets.load_dataset(path, data_dir=...) (e.g. "harmless-base")
     c.split = "train"  # split (slices like "train[:1000]" work); local files hold a single "train" split
@@ -75,9 +81,22 @@ def default_config() -> ml_collections.ConfigDict:
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError with what to change when the `data` section is inconsistent; reads no file (the columns
     a prompt uses are checked when the data is loaded)."""
-    if not cfg.path:
+    if not cfg.path and not cfg.schema:
         raise ValueError("config.data.path is empty; set it to a .jsonl/.json/.parquet/.csv file, a save_to_disk "
-                         "folder or a hub dataset name")
+                         "folder or a hub dataset name (or config.data.schema to a dataset of DATASETS)")
+    if cfg.schema:
+        if cfg.schema not in DATASETS:
+            raise ValueError(f"config.data.schema={cfg.schema!r} is not a known dataset; use one of "
+                             f"{sorted(DATASETS)} or ''")
+        if cfg.prompt_format or cfg.prompt_parser or cfg.prompt_field != SCHEMA_PROMPT:
+            raise ValueError(f"config.data.schema={cfg.schema!r} reads the prompt itself; clear config.data."
+                             f"prompt_format / prompt_parser and leave prompt_field={SCHEMA_PROMPT!r}")
+        if cfg.reference_field and (cfg.reference_field != SCHEMA_REFERENCE
+                                    or not DATASETS[cfg.schema].has_reference):
+            has = DATASETS[cfg.schema].has_reference
+            raise ValueError(f"config.data.reference_field={cfg.reference_field!r} with config.data.schema="
+                             f"{cfg.schema!r}: " + (f"the schema's reference column is {SCHEMA_REFERENCE!r}" if has
+                                                    else "that dataset has no reference responses; set it to ''"))
     if cfg.prompt_parser and cfg.prompt_parser not in PROMPT_PARSERS:
         raise ValueError(f"config.data.prompt_parser={cfg.prompt_parser!r}; use one of {sorted(PROMPT_PARSERS)} or ''")
     if cfg.prompt_format and not _format_fields(cfg.prompt_format):
@@ -218,6 +237,166 @@ PROMPT_PARSERS = {
     "hh_transcript": hh_transcript_prompt,                                     # chat messages
     "hh_transcript_text": lambda t: hh_transcript_prompt(t, as_messages=False),  # raw text
 }
+
+
+# ---------------------------------------------------------------------------------------------- dataset schemas
+# Public datasets by hub name: each schema adapter reads one raw row into an `Example` (prompt, reference
+# response, preferred / dispreferred response). `config.data.schema` names one for the RL prompts (a hub name, or a
+# local copy in `config.data.path`); `read_examples` + `preference_records` / `sft_records` turn one into the JSONL
+# files scripts/train_reward_model.py and SFT trainers read (scripts/export_dataset.py).
+#
+# Responses are written as the continuation of the text prompt: a leading space after the prompt's final
+# "TL;DR:" / "Assistant:", the rest stripped (the sources disagree on the space; the reproduction and TRL's
+# trl-lib/tldr add it to the summaries, openai/summarize_from_feedback's texts carry it).
+
+# OpenAI's TL;DR query format (summarize-from-feedback tasks.py; the reproduction's tldr_dataset.py format_str,
+# TRL's examples/datasets/tldr.py).
+TLDR_PROMPT_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+SCHEMA_PROMPT, SCHEMA_REFERENCE = "prompt", "reference"  # the columns a schema writes for the prompt pipeline
+
+
+class Example(NamedTuple):
+    """One row of a dataset in the terms of this codebase; None where the row has no such field (a row without a
+    prompt is rejected like a blank prompt)."""
+    prompt: Any  # text, or chat messages [{"role", "content"}, ...] when asked for messages
+    reference: str | None = None  # a reference response (SFT target, reward.pairwise_baseline="dataset_reference")
+    chosen: str | None = None  # the preferred response of a comparison
+    rejected: str | None = None
+
+
+class Schema(NamedTuple):
+    read: Any  # (row: dict, as_messages: bool) -> Example
+    has_reference: bool
+    has_pairs: bool
+
+
+def _continuation(text: Any) -> str | None:
+    """A response as the continuation of its text prompt: " " + the stripped text (None when blank)."""
+    return " " + text.strip() if isinstance(text, str) and text.strip() else None
+
+
+def _tldr_prompt(fields: Any) -> str | None:
+    if not isinstance(fields, dict) or any(_is_blank(fields.get(k)) for k in ("subreddit", "title", "post")):
+        return None  # e.g. the CNN/DM rows of openai/summarize_from_feedback (an "article", no post)
+    return TLDR_PROMPT_FORMAT.format(subreddit=fields["subreddit"], title=fields["title"], post=fields["post"])
+
+
+def _read_tldr_posts(row: dict, as_messages: bool) -> Example:
+    """vwxyzjn/summarize_from_feedback_tldr_3_filtered (id, subreddit, title, post, summary) and the
+    reproduction's tokenised copy of it (+ query, query_token, reference_response, ...: tldr_dataset.py), whose
+    pre-tokenised Pythia columns are not used: the prompt is rebuilt from the raw columns, the reference is the
+    summary (which has no leading space there; tldr_dataset.py adds it, and "<|endoftext|>")."""
+    return Example(_tldr_prompt(row), reference=_continuation(row.get("summary")))
+
+
+def _read_oai_comparisons(row: dict, as_messages: bool) -> Example:
+    """vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144: openai/summarize_from_feedback's
+    "comparisons" (info {id, post, title, subreddit, ...}, summaries [{text, policy, note}, x2], choice, worker,
+    batch, split, extra) plus the reproduction's tokenised columns (query, chosen, rejected with "<|endoftext|>",
+    ...: tldr_dataset.py `process_response_data`), which are not used. chosen = summaries[choice].text."""
+    summaries, choice = row.get("summaries"), row.get("choice")
+    pair = (None, None)
+    if isinstance(summaries, list) and len(summaries) == 2 and choice in (0, 1):
+        pair = (_continuation(summaries[choice].get("text")), _continuation(summaries[1 - choice].get("text")))
+    return Example(_tldr_prompt(row.get("info")), chosen=pair[0], rejected=pair[1])
+
+
+def _read_prompt_completion(row: dict, as_messages: bool) -> Example:
+    """trl-lib/tldr (prompt, completion): TRL's examples/datasets/tldr.py, prompt in OpenAI's format, completion
+    " " + summary."""
+    prompt = row.get("prompt")
+    return Example(None if _is_blank(prompt) else prompt, reference=_continuation(row.get("completion")))
+
+
+CARPER_TLDR_CUE = "TL;DR:"
+
+
+def _read_carper_comparisons(row: dict, as_messages: bool) -> Example:
+    """CarperAI/openai_summarize_comparisons (prompt, chosen, rejected): the prompt is the post without the
+    "TL;DR:" cue and each summary starts with "TL;DR: " (trlx's summarize_rlhf scripts strip those 7 characters
+    and join prompt + "\\n" + summary). Not verifiable from code in reach: the exact line breaks inside the
+    prompt; it is kept as published, with "\\nTL;DR:" appended so the responses continue it."""
+    prompt = row.get("prompt")
+
+    def summary(text: Any) -> str | None:
+        if isinstance(text, str) and text.lstrip().startswith(CARPER_TLDR_CUE):
+            text = text.lstrip()[len(CARPER_TLDR_CUE):]
+        return _continuation(text)
+
+    prompt = None if _is_blank(prompt) else prompt.rstrip() + "\n" + CARPER_TLDR_CUE
+    return Example(prompt, chosen=summary(row.get("chosen")), rejected=summary(row.get("rejected")))
+
+
+def _final_reply(transcript: Any) -> str | None:
+    if not isinstance(transcript, str) or transcript.rfind(HH_ASSISTANT) < 0:
+        return None
+    return _continuation(transcript[transcript.rfind(HH_ASSISTANT) + len(HH_ASSISTANT):])
+
+
+def _read_hh(row: dict, as_messages: bool) -> Example:
+    """Anthropic/hh-rlhf (chosen, rejected transcripts): the prompt is the dialogue before the final assistant
+    reply (`hh_transcript_prompt`), the two final replies are the pair. A row whose two transcripts differ before
+    their final replies has no common prompt and is rejected (TRL's hh-rlhf-helpful-base.py takes their common
+    prefix instead)."""
+    prompts = [hh_transcript_prompt(row.get(k), as_messages=False) for k in ("chosen", "rejected")]
+    if prompts[0] is None or prompts[0] != prompts[1]:
+        return Example(None)
+    prompt = hh_transcript_prompt(row["chosen"], as_messages) if as_messages else prompts[0]
+    return Example(prompt, chosen=_final_reply(row["chosen"]), rejected=_final_reply(row["rejected"]))
+
+
+TLDR_POSTS = Schema(_read_tldr_posts, has_reference=True, has_pairs=False)
+# hub name -> schema (config.data.schema, scripts/export_dataset.py --dataset)
+DATASETS: dict[str, Schema] = {
+    "vwxyzjn/summarize_from_feedback_tldr_3_filtered": TLDR_POSTS,
+    "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144": TLDR_POSTS,
+    "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144": Schema(_read_oai_comparisons, False, True),
+    "trl-lib/tldr": Schema(_read_prompt_completion, has_reference=True, has_pairs=False),
+    "CarperAI/openai_summarize_comparisons": Schema(_read_carper_comparisons, has_reference=False, has_pairs=True),
+    "Anthropic/hh-rlhf": Schema(_read_hh, has_reference=False, has_pairs=True),
+}
+
+
+def schema_of(name: str) -> Schema:
+    if name not in DATASETS:
+        raise DataError(f"no dataset schema {name!r}; known: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def apply_schema(raw: Any, name: str, as_messages: bool) -> Any:
+    """The raw dataset with the schema's prompt and reference written into SCHEMA_PROMPT / SCHEMA_REFERENCE (the
+    other columns kept, for host-side lookups); the prompt pipeline reads them like any prompt column."""
+    read = schema_of(name).read
+
+    def columns(batch: dict[str, list]) -> dict[str, list]:
+        n = len(next(iter(batch.values())))
+        examples = [read({k: v[i] for k, v in batch.items()}, as_messages) for i in range(n)]
+        return {SCHEMA_PROMPT: [e.prompt for e in examples], SCHEMA_REFERENCE: [e.reference for e in examples]}
+
+    return raw.map(columns, batched=True, desc=f"read {name}")
+
+
+def read_examples(name: str, path: str = "", split: str = "train", data_dir: str = "",
+                  as_messages: bool = False) -> list[Example]:
+    """Every row of dataset `name` (the hub dataset, or a local copy of it at `path`) as an Example."""
+    read = schema_of(name).read
+    return [read(row, as_messages) for row in load_raw(path or name, split, data_dir=data_dir)]
+
+
+def preference_records(examples: Sequence[Example]) -> tuple[list[dict[str, Any]], int]:
+    """The comparisons as scripts/train_reward_model.py's JSONL records {"prompt", "response_a" (the preferred),
+    "response_b", "p_a_better": 1.0}, and how many examples had no complete pair (left out)."""
+    records = [{"prompt": e.prompt, "response_a": e.chosen, "response_b": e.rejected, "p_a_better": 1.0}
+               for e in examples if isinstance(e.prompt, str) and e.chosen and e.rejected]
+    return records, len(examples) - len(records)
+
+
+def sft_records(examples: Sequence[Example]) -> tuple[list[dict[str, Any]], int]:
+    """(prompt, reference response) as prompt-completion records {"prompt", "completion"} (TRL's SFT format, and
+    train_reward_model.py --normalize_to), and how many examples had none (left out)."""
+    records = [{"prompt": e.prompt, "completion": e.reference} for e in examples
+               if isinstance(e.prompt, str) and e.reference]
+    return records, len(examples) - len(records)
 
 
 def _format_fields(template: str) -> list[str]:
@@ -379,12 +558,17 @@ class PromptSplits(NamedTuple):
 def load_prompt_splits(cfg: ml_collections.ConfigDict, tokenizer: Any) -> PromptSplits:
     """Train prompts and held-out eval prompts (None when no eval source is configured)."""
     validate_config(cfg)
-    raw = load_raw(cfg.path, cfg.split, cfg.name, cfg.data_dir)
+
+    def load(path: str, split: str) -> Any:
+        raw = load_raw(path or cfg.schema, split, cfg.name, cfg.data_dir)
+        return apply_schema(raw, cfg.schema, bool(cfg.use_chat_template)) if cfg.schema else raw
+
+    raw = load(cfg.path, cfg.split)
     raw_eval = None
     if cfg.eval_path:
-        raw_eval = load_raw(cfg.eval_path, cfg.eval_split or "train", cfg.name, cfg.data_dir)
+        raw_eval = load(cfg.eval_path, cfg.eval_split or "train")
     elif cfg.eval_split:
-        raw_eval = load_raw(cfg.path, cfg.eval_split, cfg.name, cfg.data_dir)
+        raw_eval = load(cfg.path, cfg.eval_split)
     elif cfg.eval_fraction > 0:
         parts = raw.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed, shuffle=True)
         raw, raw_eval = parts["train"], parts["test"]

@@ -40,7 +40,9 @@ def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
 def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / sqrt(var + eps) over valid entries (+ mean back if not shift_mean); padding comes out 0.
 
-    Statistics are population (ddof=0) mean/variance over every valid entry of the array.
+    Statistics are population (ddof=0) mean/variance over every valid entry of the array, eps inside the square
+    root: the `masked_whiten` of the PPO reproduction (summarize_from_feedback_details/ppo.py: masked_var(values,
+    mask, False), rsqrt(var + 1e-8)) and its unmasked `whiten` (ppo_left_padding.py, torch.var(unbiased=False)).
     """
     mean = masked_mean(x, mask)
     whitened = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)

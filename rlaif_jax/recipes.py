@@ -230,23 +230,23 @@ def set_lee2023(c: ml_collections.ConfigDict, *, train_prompts: int, steps: int,
 TLDR_TRAIN_PROMPTS = 116_722
 # The filtered Reddit TL;DR of Stiennon et al. 2020 (OpenAI's `tldr_3_filtered`: 116,722 / 6,447 / 6,553 posts),
 # as published by the PPO-details reproduction (Huang et al. 2024). Its raw columns are id, subreddit, title,
-# post, summary (+ the reproduction's pre-tokenised query / reference columns, which we do not use).
+# post, summary (+ the reproduction's pre-tokenised query / reference columns, which we do not use); its schema
+# in data.DATASETS builds OpenAI's query format (data.TLDR_PROMPT_FORMAT) from the raw columns.
 TLDR_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
-# OpenAI's query format (summarize-from-feedback tasks.py), assembled here from the raw columns.
-TLDR_PROMPT_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
 def set_tldr_data(d: ml_collections.ConfigDict) -> None:
-    """`config.data` for TL;DR: the hub dataset, OpenAI's prompt format over its columns, held-out validation.
+    """`config.data` for TL;DR: the hub dataset read by its schema (OpenAI's prompt format over its columns, the
+    summary as the reference response), held-out validation.
 
     OpenAI truncates long posts inside the POST field; our loader cuts prompts longer than max_prompt_len from
     the left instead (keeping "TL;DR:"). The filtered posts are short enough that at 512 tokens this is rare; the
     loader logs how many prompts it cut.
     """
     d.path = TLDR_DATASET
+    d.schema = TLDR_DATASET
     d.split = "train"
     d.eval_split = "validation"
     d.eval_max_prompts = 512
-    d.prompt_format = TLDR_PROMPT_FORMAT
     d.use_chat_template = False  # the policy is an SFT summariser continuing after "TL;DR:"
     d.max_prompt_len = 512

@@ -4,7 +4,8 @@
 
 Rows are the judge template rendered with (prompt, response) and LEFT-padded, exactly as the judge's rows
 (`judging.encode_pairs` for training, `judging` in reward_model mode for scoring). Training fits the
-Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft preferences (`train`).
+Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft preferences (`train`);
+`normalize_to_references` then optionally shifts it so a dataset's reference responses score 0 on average.
 
 Files: a reward-model folder is the backbone as an HF checkpoint (`hf.save_model`) plus VALUE_HEAD_FILE and
 REWARD_MODEL_META_FILE (`read_settings`: every judge setting that changes what the reward model reads, as it was
@@ -154,6 +155,39 @@ def evaluate(params: RewardModelParams, cfg: ModelConfig, data: PairBatch, batch
         r_a.append(np.asarray(ra))
         r_b.append(np.asarray(rb))
     return ranking_accuracy(np.concatenate(r_a), np.concatenate(r_b), data.p_a_better)
+
+
+# ================================================================================================ normalisation
+_reward_values_jit = jax.jit(reward_values, static_argnums=1)
+
+
+def row_rewards(params: RewardModelParams, cfg: ModelConfig, tokens_nt: np.ndarray, mask_nt: np.ndarray,
+           batch_size: int) -> np.ndarray:
+    """(N,) float32 rewards of the rows, in batches of `batch_size` (the last one padded with copies of a row, so
+    every batch has one compiled shape)."""
+    n = tokens_nt.shape[0]
+    if n == 0:
+        raise ValueError("no rows to score")
+    out = []
+    for start in range(0, n, batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+        out.append(np.asarray(_reward_values_jit(params, cfg, jnp.asarray(tokens_nt[idx]), jnp.asarray(mask_nt[idx]))))
+    return np.concatenate(out)[:n].astype(np.float32)
+
+
+def normalize_to_references(params: RewardModelParams, cfg: ModelConfig, tokens_nt: np.ndarray,
+                            mask_nt: np.ndarray, batch_size: int) -> tuple[RewardModelParams, float]:
+    """Shifts the reward model so that the rows (prompt + a dataset's reference response) score 0 on average:
+    mean = (1/N) sum_n r_n, then the value head's bias -= mean, so every reward moves by exactly -mean.
+
+    The reproduction does this after training (summarize_from_feedback_details/reward.py: the mean predicted
+    reward of the train split's query + reference_response becomes `config.bias`, which ScalarModel.forward
+    subtracts); here it is folded into the head's bias, so the saved folder needs nothing new to read it.
+    Returns (shifted params, mean)."""
+    mean = float(np.mean(row_rewards(params, cfg, tokens_nt, mask_nt, batch_size).astype(np.float64)))
+    head = dict(params.value_head)
+    head["bias"] = (jnp.asarray(head["bias"], jnp.float32) - mean).astype(jnp.asarray(head["bias"]).dtype)
+    return RewardModelParams(params.model, head), mean
 
 
 # ================================================================================================ files

@@ -17,6 +17,13 @@ Everything here is pure, jittable, float32, and never lets padding reach a stati
   6 place         the score goes on the stop token (the last token the mask marks), zeros elsewhere
   7 KL            if kl_in_reward: r_t -= kl_coef * kl_t on every valid token; otherwise the loss owner adds
                   `kl_loss_term(...)` (coef * aggregated kl) to the loss and the rewards carry no KL.
+  8 whiten tokens if whiten_token_rewards: the per-token rewards r_t of step 7 (score at its token and KL together)
+                  are whitened over every valid token of the batch, r_t <- (r_t - mean) / sqrt(var + norm_eps)
+                  (+ mean back unless token_whiten_shift_mean): the `whiten_rewards` of the PPO reproduction
+                  (summarize_from_feedback_details/ppo.py, `masked_whiten(rewards, mask=~padding_mask_p1,
+                  shift_mean=False)`: population variance, eps 1e-8; `ops.masked_whiten`). Its mask also counts
+                  one token past the EOS, where it places the score (KL 0 there); ours ends at the stop token,
+                  which carries both the score and that token's KL.
 
 The masked reductions and KL estimators come from `rlaif_jax.ops`, the neutral module algorithms.py imports too:
 one definition of "mean over valid tokens" for the whole codebase.
@@ -67,7 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
     # --- normalisation of the (clipped) score ---
     c.score_norm = "none"         # "none" | "whiten" (batch mean/std) | "running" (running std across steps)
     c.norm_subtract_mean = False  # whiten/running: also subtract the (batch/running) mean; False keeps it
-    c.norm_eps = 1e-8
+    c.norm_eps = 1e-8             # also the eps of whiten_token_rewards
+    # --- whitening of the per-token rewards (score + KL), after the KL penalty (step 8) ---
+    c.whiten_token_rewards = False  # the PPO reproductions' `whiten_rewards`: over every valid token of the batch
+    c.token_whiten_shift_mean = False  # also remove their mean (the reproduction keeps it: shift_mean=False)
     # --- KL to the frozen reference policy ---
     c.kl_estimator = "k1"         # "k1" | "k2" | "k3" (Schulman, "Approximating KL"); in the loss only k2 / k3
     c.kl_in_reward = True         # True: -coef * kl_t per token in the reward; False: coef * kl as a loss term
@@ -97,6 +107,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"reward.length_target={cfg.length_target} must be >= 0 (0: every token costs)")
     if not cfg.norm_eps > 0:
         raise ValueError(f"reward.norm_eps={cfg.norm_eps} must be > 0")
+    if cfg.token_whiten_shift_mean and not cfg.whiten_token_rewards:
+        raise ValueError("reward.token_whiten_shift_mean=True does nothing without reward.whiten_token_rewards=True; "
+                         "set both, or neither")
     if not cfg.kl_coef >= 0:
         raise ValueError(f"reward.kl_coef={cfg.kl_coef} must be >= 0 (0 with adaptive_kl=False turns the KL off)")
     if cfg.adaptive_kl and (cfg.kl_target <= 0 or cfg.kl_horizon <= 0):
@@ -371,6 +384,12 @@ def shape_rewards(cfg: ml_collections.ConfigDict, state: RewardState, scores_b: 
         token_rewards_br = token_rewards_br - kl_penalty_br
         metrics["reward/kl_penalty"] = jnp.mean(jnp.sum(kl_penalty_br, axis=-1))
     metrics["kl/coef"] = coef
+
+    # 8 whiten the per-token rewards (score and KL together) over the batch's valid tokens
+    if cfg.whiten_token_rewards:
+        metrics["reward/token_reward_sum_before_whiten"] = jnp.mean(jnp.sum(token_rewards_br, axis=-1))
+        token_rewards_br = masked_whiten(token_rewards_br, mask_br, shift_mean=cfg.token_whiten_shift_mean,
+                                         eps=cfg.norm_eps)
     metrics["reward/token_reward_sum"] = jnp.mean(jnp.sum(token_rewards_br, axis=-1))
 
     new_kl = kl_controller_update(cfg, state.kl, metrics[f"kl/{cfg.kl_estimator}"], scores_b.shape[0])

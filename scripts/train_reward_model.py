@@ -10,9 +10,14 @@ run.
 The reward model is an HF checkpoint (--model) plus a scalar value head, trained with a soft Bradley-Terry loss
 (`rlaif_jax.reward_model`). Output: a folder that `judging.load_judge` reads in reward_model mode.
 
+--normalize_to=refs.jsonl ({"prompt", "completion"} per line, as `scripts/export_dataset.py --kind sft` writes
+a dataset's reference responses) shifts the trained model so those references score 0 on average (the
+reproduction of Huang et al. 2024 does this after training; `reward_model.normalize_to_references`).
+
     python scripts/train_reward_model.py --model PATH --data prefs.jsonl --eval_data held.jsonl --out OUT \\
         [--rm.template='Prompt : {prompt}\\nResponse : {response}' --rm.max_len=512] \\
         [--label_judge.path=JUDGE]   # only when some lines lack p_a_better
+        [--normalize_to=refs.jsonl]  # reference responses that should score 0 on average
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlaif_jax import judging, reward_model
+from rlaif_jax import data, judging, reward_model
 from rlaif_jax.models import hf
 
 log = logging.getLogger("train_reward_model")
@@ -34,6 +39,8 @@ flags.DEFINE_integer("steps", 200, "optimizer steps")
 flags.DEFINE_integer("batch_size", 16, "pairs per step")
 flags.DEFINE_float("lr", 1e-4, "AdamW learning rate")
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay")
+flags.DEFINE_string("normalize_to", "", "JSONL of (prompt, completion) reference responses: after training, shift "
+                    "the value head's bias so that they score 0 on average")
 flags.DEFINE_integer("seed", 0, "seed (value-head init, data order, labelling)")
 config_flags.DEFINE_config_dict("rm", judging.default_config("reward_model"), "template settings of the reward model")
 config_flags.DEFINE_config_dict("label_judge", judging.default_config("pairwise"),
@@ -63,7 +70,15 @@ def main(argv):
         cfg, backbone, judging.encode_pairs(spec, tok, records), steps=F.steps, batch_size=F.batch_size,
         learning_rate=F.lr, weight_decay=F.weight_decay, seed=F.seed,
         eval_data=judging.encode_pairs(spec, tok, eval_records) if eval_records else None)
-    reward_model.save_reward_model(F.out, cfg, result.params.model, result.params.value_head, tok, spec)
+    params = result.params
+    if F.normalize_to:
+        references = [r for _, r in data.read_jsonl(F.normalize_to, {"prompt", "completion"}, "reference responses")]
+        tokens, mask = judging.encode_responses(spec, tok, [r["prompt"] for r in references],
+                                                [r["completion"] for r in references])
+        params, mean = reward_model.normalize_to_references(params, cfg, tokens, mask, F.batch_size)
+        log.info("normalised: the %d references of %s scored %.4f on average; the bias now subtracts it",
+                 len(references), F.normalize_to, mean)
+    reward_model.save_reward_model(F.out, cfg, params.model, params.value_head, tok, spec)
     log.info("saved the reward model to %s (use config.judge.mode=reward_model, config.judge.path=%s)", F.out, F.out)
 
 

@@ -283,3 +283,102 @@ def test_a_missing_reference_column_is_named(tmp_path, tok):
 def test_no_reference_field_no_reference_arrays(prompts):
     batch = next(data.PromptLoader(prompts, 4))
     assert batch.reference_bf is None and batch.reference_mask_bf is None
+
+
+# ---------------------------------------------------------------------------------------------- dataset schemas
+# Small files in the exact column layout of each public dataset (parquet as the hub publishes them, HH as jsonl).
+TLDR_NAME = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+TLDR_ROWS = [  # summary without a leading space, as in the hub dataset (the reproduction's tldr_dataset.py)
+    {"id": "t3_1", "subreddit": "a", "title": "b c", "post": "hello world", "summary": "why sky blue"},
+    {"id": "t3_2", "subreddit": "d", "title": "e", "post": "   ", "summary": "f"},  # blank post: rejected
+    {"id": "t3_3", "subreddit": "g", "title": "h", "post": "q ctx", "summary": "hello"},
+]
+TLDR_FIRST = "SUBREDDIT: r/a\n\nTITLE: b c\n\nPOST: hello world\n\nTL;DR:"
+
+
+def test_tldr_schema_gives_prompts_references_and_sft_records(tmp_path, tok):
+    path = write(tmp_path, "parquet", TLDR_ROWS)
+    cfg = cfg_for(path, schema=TLDR_NAME, reference_field="reference", shuffle=False)
+    train, _ = data.load_prompts(cfg, tok, 2)
+    assert (train.prompts.num_loaded, train.prompts.num_rejected) == (3, 1)
+    texts = train.prompts.dataset[data.PROMPT_TEXT]
+    assert texts == [TLDR_FIRST, "SUBREDDIT: r/g\n\nTITLE: h\n\nPOST: q ctx\n\nTL;DR:"]
+    batch = next(train)
+    np.testing.assert_array_equal(batch.reference_bf[0, :4], ids_of("why sky blue") + [tok.eos_token_id])
+    # the reproduction's tokenised copy has the same raw columns (its extra ones are not read)
+    assert data.DATASETS[TLDR_NAME] is data.DATASETS[TLDR_NAME + "_oai_preprocessing_1706381144"]
+
+    records, left_out = data.sft_records(data.read_examples(TLDR_NAME, path))
+    assert left_out == 1 and records == [{"prompt": TLDR_FIRST, "completion": " why sky blue"},
+                                         {"prompt": texts[1], "completion": " hello"}]
+
+
+def test_openai_comparisons_schema_gives_the_chosen_summary_first(tmp_path):
+    def info(subreddit, title, post, article=None):
+        return {"id": "x", "post": post, "title": title, "subreddit": subreddit, "site": None, "article": article}
+
+    def summaries(a, b):
+        return [{"text": a, "policy": "sup2", "note": None}, {"text": b, "policy": "ref", "note": None}]
+
+    rows = [
+        {"info": info("a", "b", "c"), "summaries": summaries(" hello world", " why"), "choice": 1,
+         "worker": "w1", "batch": "batch3", "split": "train", "extra": {"confidence": 7}},
+        {"info": info("d", "e", "f"), "summaries": summaries(" sky", " blue"), "choice": 0,
+         "worker": "w2", "batch": "batch3", "split": "train", "extra": {"confidence": None}},
+        {"info": info(None, None, None, article="news"), "summaries": summaries(" g", " h"), "choice": 0,
+         "worker": "w3", "batch": "cnndm0", "split": "valid1", "extra": {"confidence": 1}},  # CNN/DM: no post
+    ]
+    path = write(tmp_path, "parquet", rows)
+    name = "vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144"
+    records, left_out = data.preference_records(data.read_examples(name, path))
+    assert left_out == 1
+    assert records == [
+        {"prompt": "SUBREDDIT: r/a\n\nTITLE: b\n\nPOST: c\n\nTL;DR:", "response_a": " why",
+         "response_b": " hello world", "p_a_better": 1.0},
+        {"prompt": "SUBREDDIT: r/d\n\nTITLE: e\n\nPOST: f\n\nTL;DR:", "response_a": " sky", "response_b": " blue",
+         "p_a_better": 1.0}]
+
+
+def test_trl_tldr_and_carper_comparisons_schemas(tmp_path, tok):
+    trl_rows = [{"prompt": TLDR_FIRST, "completion": " why sky blue"}, {"prompt": "q", "completion": ""}]
+    trl_path = write(tmp_path, "parquet", trl_rows)
+    train = data.load_prompt_splits(cfg_for(trl_path, schema="trl-lib/tldr", reference_field="reference"), tok).train
+    assert (len(train), train.num_rejected) == (1, 1)  # no completion: no reference, rejected
+    assert data.sft_records(data.read_examples("trl-lib/tldr", trl_path)) == (
+        [{"prompt": TLDR_FIRST, "completion": " why sky blue"}], 1)
+
+    carper_rows = [{"prompt": "SUBREDDIT: r/a\nTITLE: b\nPOST: c", "chosen": "TL;DR: hello world",
+                    "rejected": "TL;DR: why"}]
+    carper_path = str(tmp_path / "carper.parquet")
+    pd.DataFrame(carper_rows).to_parquet(carper_path)
+    records, _ = data.preference_records(data.read_examples("CarperAI/openai_summarize_comparisons", carper_path))
+    assert records == [{"prompt": "SUBREDDIT: r/a\nTITLE: b\nPOST: c\nTL;DR:", "response_a": " hello world",
+                        "response_b": " why", "p_a_better": 1.0}]
+
+
+def test_hh_schema_pairs_the_final_replies_and_reads_prompts_as_messages(tmp_path, tok):
+    rows = [
+        {"chosen": "\n\nHuman: hello\n\nAssistant: a b\n\nHuman: why sky\n\nAssistant: blue",
+         "rejected": "\n\nHuman: hello\n\nAssistant: a b\n\nHuman: why sky\n\nAssistant: c d"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: e", "rejected": "\n\nHuman: ctx\n\nAssistant: f"},  # two prompts
+        {"chosen": "\n\nHuman: q", "rejected": "\n\nHuman: q"},  # no assistant reply
+    ]
+    path = write(tmp_path, "jsonl", rows)
+    records, left_out = data.preference_records(data.read_examples("Anthropic/hh-rlhf", path))
+    assert left_out == 2 and records == [{
+        "prompt": "\n\nHuman: hello\n\nAssistant: a b\n\nHuman: why sky\n\nAssistant:", "response_a": " blue",
+        "response_b": " c d", "p_a_better": 1.0}]
+    train = data.load_prompt_splits(cfg_for(path, schema="Anthropic/hh-rlhf", use_chat_template=True), tok).train
+    assert train.dataset[data.PROMPT_TEXT] == ["<bos><|user|> hello <|assistant|> a b <|user|> why sky <|assistant|>"]
+
+
+def test_schema_config_errors():
+    for changes, message in [
+        (dict(schema="org/unknown"), "config.data.schema='org/unknown' is not a known dataset"),
+        (dict(schema="trl-lib/tldr", prompt_format="{post}"), "reads the prompt itself"),
+        (dict(schema="Anthropic/hh-rlhf", reference_field="reference"), "that dataset has no reference responses"),
+        (dict(schema="trl-lib/tldr", reference_field="completion"), "the schema's reference column is 'reference'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            data.validate_config(cfg_for("", **changes))
+    data.validate_config(cfg_for("", schema="trl-lib/tldr"))  # the hub dataset of that name

@@ -84,7 +84,7 @@ def test_rlaif_tldr_matches_the_paper_settings():
         assert c.reward.kl_coef == 0.05 and c.reward.kl_in_reward and c.reward.kl_estimator == "k1"
         assert c.rollout.temperature == 0.9
         assert c.algo.estimator == "reinforce" and c.algo.epochs == 1 and c.critic.kind != "none"
-        assert c.data.prompt_format.endswith("TL;DR:")
+        assert c.data.schema == c.data.path and data_lib.TLDR_PROMPT_FORMAT.endswith("TL;DR:")
     direct = get("rlaif_tldr", "variant=direct")
     assert (direct.judge.mode, direct.judge.num_scores) == ("pointwise", 10)
     assert "{num_scores}" in direct.judge.template  # the scale in the words follows num_scores
@@ -103,6 +103,10 @@ def test_ppo_details_matches_the_reproduction():
     assert (c.algo.estimator, c.algo.gamma, c.algo.lam, c.algo.epochs, c.algo.vf_coef) == ("gae", 1.0, 0.95, 4, 0.1)
     assert (c.reward.kl_coef, c.optim.learning_rate, c.train.batch_size) == (0.05, 3e-6, 512)
     assert c.train.steps == 1_000_000 // 512  # 1M episodes
+    # the per-token rewards (score + KL) are whitened, scale only; the reward is read at the EOS token
+    assert (c.reward.whiten_token_rewards, c.reward.token_whiten_shift_mean, c.reward.score_norm) == (True, False,
+                                                                                                    "none")
+    assert c.judge.include_stop_token
 
 
 PAPER_RECIPES = [n for n in EXPERIMENTS if hasattr(load(n), "PAPER")]

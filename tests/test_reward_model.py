@@ -176,3 +176,39 @@ def test_sample_pairs_writes_two_policy_responses_per_prompt(tmp_path):
     assert len(rows) == 10 and all(set(r) == {"prompt", "response_a", "response_b"} for r in rows)
     assert all(w in tiny.WORDS for r in rows for w in (r["response_a"] + " " + r["response_b"]).split())
     assert sum(r["response_a"] != r["response_b"] for r in rows) >= 8  # two independent samples per prompt
+
+
+def test_normalize_to_references_centres_references_and_shifts_every_score(hf_folder):
+    """After normalisation the references score 0 on average, and any other row's score moves by exactly the
+    references' mean (computed here in NumPy from the scores before)."""
+    from rlaif_jax.models import transformer as tfm
+    rm_config = rm_judge_config(max_len=24)
+    cfg, backbone = hf.load_model(hf_folder, dtype=rm_config.dtype, param_dtype=rm_config.param_dtype)
+    tok = hf.load_tokenizer(hf_folder)
+    spec = judging.make_spec(rm_config, tok)
+    head = tfm.init_value_head(cfg, jax.random.key(1))
+    head["bias"] = jnp.asarray(0.3, head["bias"].dtype)
+    params = reward_model.RewardModelParams(backbone, head)
+    pairs = make_pairs(np.random.RandomState(3), 5)
+    prompts = [r["prompt"] for r in pairs]
+    ref_tokens, ref_mask = judging.encode_responses(spec, tok, prompts, [r["response_a"] for r in pairs])
+    other_tokens, other_mask = judging.encode_responses(spec, tok, prompts, [r["response_b"] for r in pairs])
+    before_refs = reward_model.row_rewards(params, cfg, ref_tokens, ref_mask, batch_size=2)  # 5 rows: a padded batch
+    before_other = reward_model.row_rewards(params, cfg, other_tokens, other_mask, batch_size=2)
+    assert abs(before_refs.mean()) > 1e-2  # something to remove
+
+    normalized, mean = reward_model.normalize_to_references(params, cfg, ref_tokens, ref_mask, batch_size=2)
+    np.testing.assert_allclose(mean, before_refs.astype(np.float64).mean(), rtol=1e-6)
+    after_refs = reward_model.row_rewards(normalized, cfg, ref_tokens, ref_mask, batch_size=2)
+    after_other = reward_model.row_rewards(normalized, cfg, other_tokens, other_mask, batch_size=2)
+    np.testing.assert_allclose(after_refs.mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(after_other - before_other, -mean, atol=1e-6)
+    np.testing.assert_allclose(float(normalized.value_head["bias"]), 0.3 - mean, rtol=1e-6)
+
+
+def test_encode_responses_ends_complete_responses_with_eos_only_with_include_stop_token(hf_folder):
+    tok = hf.load_tokenizer(hf_folder)
+    for include, last in ((True, tok.eos_token_id), (False, tok.convert_tokens_to_ids("g1"))):
+        spec = judging.make_spec(rm_judge_config(max_len=24, include_stop_token=include), tok)
+        tokens, mask = judging.encode_responses(spec, tok, ["w1 w2"], ["w3 g1"])
+        assert tokens[0, -1] == last and mask[0, -1] == 1

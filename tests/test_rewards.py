@@ -230,3 +230,36 @@ def test_place_at_stop_and_rule_weight_errors():
         rewards.composite_score(_cfg(), jnp.zeros(3), {"fmt": jnp.zeros(3)})
     with pytest.raises(ValueError, match="kl_estimator"):
         _cfg(kl_estimator="k5")
+
+
+@pytest.mark.parametrize("shift_mean", [False, True])
+def test_whiten_token_rewards_matches_numpy_over_the_valid_tokens(shift_mean):
+    """reward.whiten_token_rewards whitens the per-token rewards (score at its token + KL penalty) over every
+    valid token of the batch, as the reproduction's masked_whiten (summarize_from_feedback_details/ppo.py):
+    population variance, eps 1e-8 inside the root, the mean added back unless shift_mean; padding stays 0."""
+    cfg = _cfg(kl_coef=0.1, kl_estimator="k1", missing_stop_mode="replace", missing_stop_penalty=-1.0,
+               whiten_token_rewards=True, token_whiten_shift_mean=shift_mean)
+    token_rewards, _, metrics = _run_shape(cfg)
+    # NumPy reference, built here: -coef * k1 per valid token, the score on the stop token (row 1 never stopped:
+    # its score is replaced by -1 on its last token), then the whitening over the 10 valid entries only.
+    raw = -0.1 * K1
+    raw[0, 1] += 2.0
+    raw[1, 3] += -1.0
+    raw[2, 3] += 0.5
+    valid = raw[MASK > 0]
+    assert valid.size == 10
+    mean, var = valid.mean(), np.mean((valid - valid.mean()) ** 2)
+    want = (raw - mean) / np.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)
+    want = np.where(MASK > 0, want, 0.0)
+    np.testing.assert_allclose(np.asarray(token_rewards), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["reward/token_reward_sum_before_whiten"]), raw.sum(-1).mean(),
+                               rtol=1e-5)
+    got_valid = np.asarray(token_rewards)[MASK > 0]
+    np.testing.assert_allclose(got_valid.std(), 1.0, rtol=1e-4)  # unit spread over the valid tokens
+    np.testing.assert_allclose(got_valid.mean(), 0.0 if shift_mean else mean, atol=1e-5)
+
+
+def test_token_whiten_shift_mean_alone_is_refused():
+    with pytest.raises(ValueError, match="token_whiten_shift_mean=True does nothing without reward."
+                                         "whiten_token_rewards=True"):
+        _cfg(token_whiten_shift_mean=True)

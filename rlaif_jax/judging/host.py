@@ -169,10 +169,20 @@ def label_preferences(records: list[dict[str, Any]], judge: Judge, batch_size: i
     return records
 
 
+def encode_responses(spec: JudgeSpec, tok, prompts: Sequence[str], responses: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of reward-model rows of complete text responses (a preference file's, a dataset's
+    references). A complete response ended, so with `include_stop_token` its row ends with the judge's EOS text
+    (`spec.stop_text`), as the row of a sample that stopped does when the reward model scores it in training."""
+    texts = [r + spec.stop_text for r in responses]
+    tokens, mask, _ = encode_texts(spec, tok, {"prompt": list(prompts), "response": texts})
+    return tokens, mask
+
+
 def encode_pairs(spec: JudgeSpec, tok, records: Sequence[dict[str, Any]]) -> reward_model.PairBatch:
     """Both responses of every labelled pair rendered with the reward model's template (one row each)."""
     prompts = [r["prompt"] for r in records]
-    tokens_a, mask_a, _ = encode_texts(spec, tok, {"prompt": prompts, "response": [r["response_a"] for r in records]})
-    tokens_b, mask_b, _ = encode_texts(spec, tok, {"prompt": prompts, "response": [r["response_b"] for r in records]})
+    tokens_a, mask_a = encode_responses(spec, tok, prompts, [r["response_a"] for r in records])
+    tokens_b, mask_b = encode_responses(spec, tok, prompts, [r["response_b"] for r in records])
     return reward_model.PairBatch(tokens_a, mask_a, tokens_b, mask_b,
                                   np.asarray([r["p_a_better"] for r in records], np.float32))
