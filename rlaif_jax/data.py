@@ -383,11 +383,18 @@ def read_examples(name: str, path: str = "", split: str = "train", data_dir: str
     return [read(row, as_messages) for row in load_raw(path or name, split, data_dir=data_dir)]
 
 
-def preference_records(examples: Sequence[Example]) -> tuple[list[dict[str, Any]], int]:
+def preference_records(examples: Sequence[Example], labelled: bool = True) -> tuple[list[dict[str, Any]], int]:
     """The comparisons as scripts/train_reward_model.py's JSONL records {"prompt", "response_a" (the preferred),
-    "response_b", "p_a_better": 1.0}, and how many examples had no complete pair (left out)."""
-    records = [{"prompt": e.prompt, "response_a": e.chosen, "response_b": e.rejected, "p_a_better": 1.0}
-               for e in examples if isinstance(e.prompt, str) and e.chosen and e.rejected]
+    "response_b", "p_a_better": 1.0}, and how many examples had no complete pair (left out). Unlabelled (RLAIF:
+    an AI labeller decides, `--label_judge`), the pairs carry no p_a_better and the human's choice is not in the
+    order: it alternates from row to row, so A is the preferred reply in half of them."""
+    complete = [e for e in examples if isinstance(e.prompt, str) and e.chosen and e.rejected]
+    if labelled:
+        records = [{"prompt": e.prompt, "response_a": e.chosen, "response_b": e.rejected, "p_a_better": 1.0}
+                   for e in complete]
+    else:
+        records = [{"prompt": e.prompt, "response_a": a, "response_b": b}
+                   for i, e in enumerate(complete) for a, b in [(e.chosen, e.rejected)[::1 if i % 2 == 0 else -1]]]
     return records, len(examples) - len(records)
 
 

@@ -6,6 +6,8 @@
         --kind sft --split train --out references.jsonl  # -> SFT, train_reward_model.py --normalize_to
 
 --kind preferences: {"prompt", "response_a" (the preferred), "response_b", "p_a_better": 1.0} per comparison;
+--kind pairs: the same pairs without the human's label, for an AI labeller (RLAIF: train_reward_model.py
+--label_judge.path=JUDGE labels them), A and B alternating between the preferred and the other reply;
 --kind sft: {"prompt", "completion"} per reference response (TRL's prompt-completion format). Prompts are text
 (Anthropic HH: the dialogue up to the final "\\n\\nAssistant:"). --path reads a local copy in the same schema.
 """
@@ -21,7 +23,7 @@ from rlaif_jax import data
 log = logging.getLogger("export_dataset")
 
 flags.DEFINE_enum("dataset", None, sorted(data.DATASETS), "hub name of the dataset (its schema)", required=True)
-flags.DEFINE_enum("kind", None, ["preferences", "sft"], "what to write", required=True)
+flags.DEFINE_enum("kind", None, ["preferences", "pairs", "sft"], "what to write", required=True)
 flags.DEFINE_string("out", None, "output JSONL", required=True)
 flags.DEFINE_string("path", "", "a local copy of the dataset in its schema (default: the hub dataset)")
 flags.DEFINE_string("split", "train", "split (slices like train[:1000] work)")
@@ -33,13 +35,16 @@ def main(argv):
     F = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     schema = data.DATASETS[F.dataset]
-    if not (schema.has_pairs if F.kind == "preferences" else schema.has_reference):
-        raise SystemExit(f"{F.dataset} has no {'comparisons' if F.kind == 'preferences' else 'reference responses'}"
+    pairs = F.kind in ("preferences", "pairs")
+    if not (schema.has_pairs if pairs else schema.has_reference):
+        raise SystemExit(f"{F.dataset} has no {'comparisons' if pairs else 'reference responses'}"
                          f"; datasets with them: " + ", ".join(
-                             n for n, s in sorted(data.DATASETS.items())
-                             if (s.has_pairs if F.kind == "preferences" else s.has_reference)))
+                             n for n, s in sorted(data.DATASETS.items()) if (s.has_pairs if pairs else s.has_reference)))
     examples = data.read_examples(F.dataset, F.path, F.split, F.data_dir)
-    records, left_out = (data.preference_records if F.kind == "preferences" else data.sft_records)(examples)
+    if pairs:
+        records, left_out = data.preference_records(examples, labelled=F.kind == "preferences")
+    else:
+        records, left_out = data.sft_records(examples)
     with open(F.out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     log.info("wrote %d %s records to %s (%d rows without them left out)", len(records), F.kind, F.out, left_out)

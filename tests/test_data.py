@@ -368,6 +368,10 @@ def test_hh_schema_pairs_the_final_replies_and_reads_prompts_as_messages(tmp_pat
     assert left_out == 2 and records == [{
         "prompt": "\n\nHuman: hello\n\nAssistant: a b\n\nHuman: why sky\n\nAssistant:", "response_a": " blue",
         "response_b": " c d", "p_a_better": 1.0}]
+    # For an AI labeller: no label, and the preferred reply alternates between A and B (rows 0 and 1 here).
+    unlabelled, _ = data.preference_records(data.read_examples("Anthropic/hh-rlhf", path) * 2, labelled=False)
+    assert [(r["response_a"], r["response_b"]) for r in unlabelled] == [(" blue", " c d"), (" c d", " blue")]
+    assert all("p_a_better" not in r for r in unlabelled)
     train = data.load_prompt_splits(cfg_for(path, schema="Anthropic/hh-rlhf", use_chat_template=True), tok).train
     assert train.dataset[data.PROMPT_TEXT] == ["<bos><|user|> hello <|assistant|> a b <|user|> why sky <|assistant|>"]
 
