@@ -36,7 +36,8 @@ GIB = 2.0 ** 30
 def matmul_params(cfg) -> int:
     """Weights a token passes through in one forward (every projection and the LM head; not the lookup)."""
     D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return cfg.num_layers * (2 * D * H * E + 2 * D * K * E + 3 * D * F) + D * cfg.vocab_size
+    mlp = (3 if cfg.gated_mlp else 2) * D * F  # gate, up, down; or up, down
+    return cfg.num_layers * (2 * D * H * E + 2 * D * K * E + mlp) + D * cfg.vocab_size
 
 
 def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.JudgeSpec) -> dict[str, float]:

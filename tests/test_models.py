@@ -11,6 +11,7 @@ import transformers
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
+from rlaif_jax.models.config import HF_ACTIVATIONS, ModelConfig
 from tests.tiny import hf_logits, left_padded_batch, save_random_hf_model
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +25,13 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
     "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+    # Pythia's layout: parallel residual, RoPE on half of each head, untied embed_out (num_key_value_heads is
+    # ignored: GPT-NeoX has no GQA).
+    "gpt_neox": (transformers.GPTNeoXConfig, dict(rotary_pct=0.5, rotary_emb_base=1000.0)),
 }
+# GPT-NeoX's other switches: sequential residual, RoPE on a quarter of each head, head tied to embed_in. Larger
+# weights than the families' (noise 0.3) so that exact and tanh gelu differ by more than the parity tolerance.
+NEOX_SEQUENTIAL_TIED = dict(use_parallel_residual=False, rotary_pct=0.25, tie_word_embeddings=True)
 
 # A left-padded batch of three rows with 8, 5 and 3 real tokens.
 LENGTHS = (8, 5, 3)
@@ -62,7 +69,7 @@ def test_parity_with_hf(checkpoints, family):
     assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt_neox"])
 def test_kv_cache_decoding_matches_full_forward(checkpoints, family):
     folder, _ = checkpoints[family]
     cfg, params = hf.load_model(folder)
@@ -118,8 +125,9 @@ def test_shared_prefix_forward_equals_full_forward(checkpoints, family):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
-def test_round_trip_export_then_hf_load(checkpoints, tmp_path):
-    folder, model = checkpoints["qwen3"]
+@pytest.mark.parametrize("family", ["qwen3", "gpt_neox"])
+def test_round_trip_export_then_hf_load(checkpoints, tmp_path, family):
+    folder, model = checkpoints[family]
     cfg, params = hf.load_model(folder)
     hf.save_model(params, cfg, str(tmp_path / "export"), max_shard_bytes=20_000)  # forces index sharding
     assert os.path.exists(tmp_path / "export" / "model.safetensors.index.json")
@@ -131,6 +139,71 @@ def test_round_trip_export_then_hf_load(checkpoints, tmp_path):
     cfg2, params2 = hf.load_model(str(tmp_path / "export"))  # and our own importer reads the sharded index
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_gpt_neox_sequential_tied_parity_and_export(tmp_path):
+    """Logits parity with HF on the left-padded batch, and the export loads in HF with the same logits."""
+    model = save_random_hf_model(transformers.GPTNeoXConfig(**{**COMMON, **NEOX_SEQUENTIAL_TIED}),
+                                 str(tmp_path / "hf"), noise=0.3)
+    cfg, params = hf.load_model(str(tmp_path / "hf"))
+    assert (cfg.parallel_residual, cfg.rotary_dim, cfg.tie_word_embeddings, cfg.activation) == (False, 2, True, "gelu")
+    tokens, mask = batch()
+    real = mask == 1
+    ref = hf_logits(model, tokens, mask)
+    assert np.abs(np.asarray(forward(params, cfg, tokens, mask).logits) - ref)[real].max() <= 1e-4
+    hf.save_model(params, cfg, str(tmp_path / "export"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"),
+                                                                 attn_implementation="eager").eval()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask)[real], ref[real])
+
+
+def test_gpt_neox_shared_prefix_and_sharded_import(checkpoints):
+    """The shared-prefix forward equals `forward` on the concatenated rows (logits; the gradients' path is the
+    other families'), and the import onto a data x fsdp x tensor mesh (each device reading its slice of the fused
+    query_key_value tensor) gives the single-device params, sharded."""
+    folder, _ = checkpoints["gpt_neox"]
+    cfg, params = hf.load_model(folder)
+    prefix, prefix_mask = batch(seed=2)
+    n, C = 2, 3  # two continuations per prefix, right-padded after their last token
+    cont = np.random.default_rng(3).integers(3, 97, size=(len(LENGTHS) * n, C)).astype(np.int32)
+    cont_mask = (np.arange(C)[None, :] < np.array([3, 1, 2, 3, 3, 1])[:, None]).astype(np.int32)
+    rows, rows_mask = np.repeat(prefix, n, axis=0), np.repeat(prefix_mask, n, axis=0)
+    full_tokens, full_mask = np.concatenate([rows, cont], 1), np.concatenate([rows_mask, cont_mask], 1)
+    prefix_out, cont_out = jax.jit(tfm.forward_shared_prefix, static_argnums=1)(params, cfg, prefix, prefix_mask,
+                                                                                 cont, cont_mask)
+    shared = np.concatenate([np.repeat(np.asarray(prefix_out.logits), n, axis=0), np.asarray(cont_out.logits)], 1)
+    full = np.asarray(forward(params, cfg, full_tokens, full_mask).logits)
+    assert np.abs(shared - full)[full_mask == 1].max() <= 1e-5
+
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    _, sharded = hf.load_model(folder, mesh=mesh)
+    assert sharded["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert shd.check_sharded(mesh, sharded, min_size=1024) == []
+    jax.tree.map(np.testing.assert_array_equal, sharded, params)
+
+
+def test_activations_match_hf():
+    """Each HF hidden_act we accept, through our name for it, computes transformers' ACT2FN."""
+    import torch
+    from transformers.activations import ACT2FN
+    x = np.linspace(-6, 6, 241, dtype=np.float32)
+    for hf_name, ours in HF_ACTIVATIONS.items():
+        ref = ACT2FN[hf_name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(tfm.activation(x, ours)), ref, atol=2e-6, err_msg=hf_name)
+
+
+def test_pythia_config_of_transformers_4(checkpoints):
+    """Pythia's config.json (transformers 4.x) names RoPE's settings rotary_pct / rotary_emb_base and has no
+    attention_bias: read as the 5.x fields are; and what we write keeps both spellings."""
+    folder, _ = checkpoints["gpt_neox"]
+    cfg = hf.load_config(folder)
+    legacy = json.loads(open(os.path.join(folder, "config.json")).read())
+    del legacy["rope_parameters"], legacy["attention_bias"]
+    legacy.update(rotary_pct=0.5, rotary_emb_base=1000.0, transformers_version="4.24.0")
+    assert ModelConfig.from_hf(legacy) == cfg
+    assert (cfg.rotary_dim, cfg.rope_theta, cfg.qkv_bias, cfg.o_bias) == (4, 1000.0, True, True)
+    written = cfg.to_hf()
+    assert (written["rotary_pct"], written["rope_parameters"]["partial_rotary_factor"]) == (0.5, 0.5)
 
 
 def test_sharded_forward_equals_single_device(checkpoints):
@@ -188,6 +261,12 @@ def edit_config(folder, **changes):
 def test_error_unsupported_architecture(broken):
     edit_config(broken, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ValueError, match=r"unsupported architecture: model_type='gpt2'.*GPT2LMHeadModel"):
+        hf.load_model(str(broken))
+
+
+def test_error_unsupported_activation(broken):
+    edit_config(broken, hidden_act="quick_gelu")
+    with pytest.raises(ValueError, match=r"unsupported hidden_act 'quick_gelu' \(supported: silu, swish, gelu"):
         hf.load_model(str(broken))
 
 

@@ -6,13 +6,20 @@ Families differ in a handful of switches, all named here:
   qwen2    + bias on the q, k, v projections
   qwen3    + RMSNorm on q and k per head (before RoPE)
   gemma    (1 + w) RMSNorm, GeGLU (tanh gelu), embeddings scaled by sqrt(hidden), tied head
+  gpt_neox LayerNorm with bias, plain (not gated) gelu MLP, RoPE on the first `rotary_dim` dims of each head
+           only, biases on every projection, parallel residual (x + attn(ln1(x)) + mlp(ln2(x))) or sequential,
+           no GQA; untied head by default (Pythia)
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox")
+# HF hidden_act -> our activation name; each is checked against transformers' ACT2FN in tests/test_models.py.
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the compute / storage dtypes a config may name
 
 
@@ -30,15 +37,20 @@ class ModelConfig:
     # RoPE scaling as a sorted tuple of (key, value) pairs so the config stays hashable (a jit static arg);
     # None or a rope_type of "default" means plain RoPE.
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    rms_norm_eps: float = 1e-6
+    # RoPE on the first int(head_dim * partial_rotary_factor) dims of each head (gpt_neox; HF's own formula).
+    partial_rotary_factor: float = 1.0
+    norm_eps: float = 1e-6  # of the RMSNorms, or of the LayerNorms when layer_norm
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # qwen2; llama/mistral configs with attention_bias=True also set o_bias
+    qkv_bias: bool = False  # qwen2; llama/mistral/gpt_neox configs with attention_bias=True also set o_bias
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # qwen3
     norm_plus_one: bool = False  # gemma: x * (1 + w)
     scale_embeddings: bool = False  # gemma: embeddings * sqrt(hidden)
-    activation: str = "silu"  # or "gelu_tanh"
+    layer_norm: bool = False  # gpt_neox: LayerNorm (mean-centred, with bias) in place of RMSNorm
+    gated_mlp: bool = True  # down(act(gate) * up); gpt_neox: down(act(up)), no gate
+    parallel_residual: bool = False  # gpt_neox use_parallel_residual: attention and MLP both read the block input
+    activation: str = "silu"  # a value of HF_ACTIVATIONS
     max_position_embeddings: int = 2048
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -55,11 +67,28 @@ class ModelConfig:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.activation not in ("silu", "gelu_tanh"):
-            raise ValueError(f"unsupported activation {self.activation!r}")
+        if self.activation not in ACTIVATION_TO_HF:
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATION_TO_HF)}")
+        if self.rotary_dim % 2:
+            raise ValueError(f"RoPE on an odd number of dims ({self.rotary_dim} = int(head_dim {self.head_dim} * "
+                             f"partial_rotary_factor {self.partial_rotary_factor})) is not supported")
+        # The switches each family's HF code has (what to_hf and the name mapping can write).
+        if self.family == "gpt_neox":
+            if (not self.layer_norm or self.gated_mlp or not self.mlp_bias or self.num_kv_heads != self.num_heads
+                    or self.num_heads * self.head_dim != self.hidden_size):
+                raise ValueError("gpt_neox has layer_norm, gated_mlp=False, mlp_bias and no GQA (num_kv_heads = "
+                                 "num_heads, num_heads * head_dim = hidden_size)")
+        elif self.layer_norm or not self.gated_mlp or self.parallel_residual or self.partial_rotary_factor != 1.0:
+            raise ValueError(f"layer_norm, gated_mlp=False, parallel_residual and partial_rotary_factor are gpt_neox "
+                             f"settings; {self.family} has none of them")
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -76,8 +105,11 @@ class ModelConfig:
                 f"unsupported architecture: model_type={family!r} (architectures={arch}); "
                 f"rlaif_jax supports model_type in {list(SUPPORTED_FAMILIES)}"
             )
+        neox = family == "gpt_neox"
         rope = dict(hf.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        # transformers 4.x GPT-NeoX configs (Pythia's) name RoPE's base and fraction rotary_emb_base / rotary_pct.
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+        partial_rotary_factor = rope.pop("partial_rotary_factor", hf.get("rotary_pct", 0.25)) if neox else 1.0
         legacy = hf.get("rope_scaling")
         if legacy:
             rope.update(legacy)
@@ -91,11 +123,12 @@ class ModelConfig:
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        attention_bias = bool(hf.get("attention_bias", False))
-        act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-        if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-            # Gemma's HF code uses the tanh approximation whatever hidden_act says (gelu -> gelu_pytorch_tanh).
-            act = "gelu_tanh"
+        attention_bias = bool(hf.get("attention_bias", neox))  # GPTNeoXConfig's default is True
+        hf_act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if family == "gemma" and hf_act == "gelu":
+            hf_act = "gelu_pytorch_tanh"  # as GemmaConfig does: Gemma's legacy "gelu" means the tanh approximation
+        if hf_act not in HF_ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {hf_act!r} (supported: {', '.join(HF_ACTIVATIONS)})")
         sliding = hf.get("sliding_window")
         if family == "qwen2" or family == "qwen3":
             sliding = sliding if hf.get("use_sliding_window") else None
@@ -106,19 +139,23 @@ class ModelConfig:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            num_kv_heads=num_heads if neox else hf.get("num_key_value_heads") or num_heads,  # GPT-NeoX: no GQA
             head_dim=head_dim,
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            partial_rotary_factor=float(partial_rotary_factor),
+            norm_eps=hf.get("layer_norm_eps", 1e-5) if neox else hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma")),
             qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family in ("llama", "mistral") and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            o_bias=family in ("llama", "mistral", "gpt_neox") and attention_bias,
+            mlp_bias=neox or bool(hf.get("mlp_bias", False)),  # GPT-NeoX's MLP Linears always have biases
             qk_norm=family == "qwen3",
             norm_plus_one=family == "gemma",
             scale_embeddings=family == "gemma",
-            activation=act,
+            layer_norm=neox,
+            gated_mlp=not neox,
+            parallel_residual=neox and bool(hf.get("use_parallel_residual", True)),
+            activation=HF_ACTIVATIONS[hf_act],
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             sliding_window=sliding,
             bos_token_id=hf.get("bos_token_id"),
@@ -131,7 +168,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict that transformers' AutoConfig / AutoModelForCausalLM load."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}[self.family]
+                "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}[self.family]
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             rope_parameters.update(dict(self.rope_scaling))
@@ -144,18 +181,23 @@ class ModelConfig:
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
             "rope_parameters": rope_parameters,
-            "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "gelu_pytorch_tanh" if self.activation == "gelu_tanh" else "silu",
+            "hidden_act": ACTIVATION_TO_HF[self.activation],
             "bos_token_id": self.bos_token_id,
             "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
             "pad_token_id": self.pad_token_id,
             "dtype": self.param_dtype,
         }
+        if self.family == "gpt_neox":
+            rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
+            out.update(layer_norm_eps=self.norm_eps, use_parallel_residual=self.parallel_residual,
+                       attention_bias=self.qkv_bias,
+                       # transformers 4.x (Pythia's era) reads RoPE's settings only from these two.
+                       rotary_pct=self.partial_rotary_factor, rotary_emb_base=self.rope_theta)
+            return out
+        out.update(num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.norm_eps)
         if self.family in ("llama", "mistral"):
             out["attention_bias"] = self.qkv_bias
             out["mlp_bias"] = self.mlp_bias

@@ -20,6 +20,17 @@ The name mapping, with the transposes in plain sight (HF Linear stores (out, in)
   model.layers.i.mlp.down_proj.weight          (D, F)        -> layers.down        [i] (F, D)
   model.norm.weight                            (D,)          -> final_norm         (D,)
   lm_head.weight                               (V, D)        -> lm_head            (D, V)   (absent when tied)
+
+GPT-NeoX (model_type gpt_neox: Pythia), whose LayerNorms and Linears all have biases (`<n>.bias` -> `<ours>_bias`):
+  gpt_neox.embed_in.weight                     (V, D)        -> embed              (V, D)
+  gpt_neox.layers.i.input_layernorm.weight     (D,)          -> layers.attn_norm   [i] (D,)
+  gpt_neox.layers.i.attention.query_key_value.weight (H*3*E, D) -> layers.{q,k,v}  [i] (D, H, E): rows (head, q|k|v, e)
+  gpt_neox.layers.i.attention.dense.weight     (D, H*E)      -> layers.o           [i] (H, E, D)
+  gpt_neox.layers.i.post_attention_layernorm.weight (D,)     -> layers.mlp_norm    [i] (D,)
+  gpt_neox.layers.i.mlp.dense_h_to_4h.weight   (F, D)        -> layers.up          [i] (D, F)   (no gate)
+  gpt_neox.layers.i.mlp.dense_4h_to_h.weight   (D, F)        -> layers.down        [i] (F, D)
+  gpt_neox.final_layer_norm.weight             (D,)          -> final_norm         (D,)
+  embed_out.weight                             (V, D)        -> lm_head            (D, V)   (absent when tied)
 """
 from __future__ import annotations
 
@@ -47,8 +58,8 @@ _ST_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-# Buffers some checkpoints carry that are derived, not learned.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Buffers some checkpoints carry that are derived, not learned (GPT-NeoX's older ones: the causal mask).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
 
 class CheckpointError(errors.UserError):
@@ -153,44 +164,104 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- name mapping
-def _hf_layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    """our layer param -> (HF name with {i}, HF->ours transform, ours->HF transform) for one layer."""
+# Each entry: our param -> (HF name, HF tensor -> ours, ours -> HF tensor). The last reads the dict that holds
+# the param (one layer's params, or the top level) because one HF tensor may hold several of ours: GPT-NeoX's
+# query_key_value is q, k and v, each read from its slice and written back together.
+Mapping = dict[str, tuple[str, Callable, Callable]]
+
+
+def _hf_layer_map(cfg: ModelConfig) -> Mapping:
+    """The mapping of one layer's params (HF names with {i} for the layer)."""
     D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    ident = (lambda w: w, lambda w: w)
-    def proj_in(n):  # (n*E, D) <-> (D, n, E)
-        return (lambda w: w.T.reshape(D, n, E), lambda w: w.reshape(D, n * E).T)
-    def bias(n):  # (n*E,) <-> (n, E)
-        return (lambda w: w.reshape(n, E), lambda w: w.reshape(n * E))
-    transpose = (lambda w: w.T, lambda w: w.T)
-    p = "model.layers.{i}."
-    m = {
-        "attn_norm": (p + "input_layernorm.weight", *ident),
-        "q": (p + "self_attn.q_proj.weight", *proj_in(H)),
-        "k": (p + "self_attn.k_proj.weight", *proj_in(K)),
-        "v": (p + "self_attn.v_proj.weight", *proj_in(K)),
-        "o": (p + "self_attn.o_proj.weight", lambda w: w.T.reshape(H, E, D), lambda w: w.reshape(H * E, D).T),
-        "mlp_norm": (p + "post_attention_layernorm.weight", *ident),
-        "gate": (p + "mlp.gate_proj.weight", *transpose),
-        "up": (p + "mlp.up_proj.weight", *transpose),
-        "down": (p + "mlp.down_proj.weight", *transpose),
-        "q_bias": (p + "self_attn.q_proj.bias", *bias(H)),
-        "k_bias": (p + "self_attn.k_proj.bias", *bias(K)),
-        "v_bias": (p + "self_attn.v_proj.bias", *bias(K)),
-        "o_bias": (p + "self_attn.o_proj.bias", *ident),
-        "gate_bias": (p + "mlp.gate_proj.bias", *ident),
-        "up_bias": (p + "mlp.up_proj.bias", *ident),
-        "down_bias": (p + "mlp.down_proj.bias", *ident),
-        "q_norm": (p + "self_attn.q_norm.weight", *ident),
-        "k_norm": (p + "self_attn.k_norm.weight", *ident),
-    }
+
+    def of(key, to_hf=lambda w: w):  # ours -> HF of a tensor that is one param of ours
+        return lambda lp: to_hf(lp[key])
+
+    def proj_in(key, n):  # (n*E, D) <-> (D, n, E)
+        return lambda w: w.T.reshape(D, n, E), of(key, lambda w: w.reshape(D, n * E).T)
+
+    def bias(key, n):  # (n*E,) <-> (n, E)
+        return lambda w: w.reshape(n, E), of(key, lambda w: w.reshape(n * E))
+
+    def same(key):
+        return lambda w: w, of(key)
+
+    def transposed(key):
+        return lambda w: w.T, of(key, lambda w: w.T)
+
+    o = (lambda w: w.T.reshape(H, E, D), of("o", lambda w: w.reshape(H * E, D).T))
+    if cfg.family == "gpt_neox":
+        p = "gpt_neox.layers.{i}."
+        qkv = p + "attention.query_key_value."
+
+        # HF views the fused output as (..., H, 3 * E) and chunks the last axis: rows ordered (head, q|k|v, e).
+        def qkv_part(c):  # (H*3*E, D) -> (D, H, E), (H*3*E,) -> (H, E)
+            return (lambda w: w.reshape(H, 3, E, D)[:, c].transpose(2, 0, 1),
+                    lambda w: w.reshape(H, 3, E)[:, c])
+
+        def join_qkv(lp):
+            return np.stack([lp["q"], lp["k"], lp["v"]], axis=2).reshape(D, H * 3 * E).T
+
+        def join_qkv_bias(lp):
+            return np.stack([lp["q_bias"], lp["k_bias"], lp["v_bias"]], axis=1).reshape(H * 3 * E)
+
+        m = {
+            "attn_norm": (p + "input_layernorm.weight", *same("attn_norm")),
+            "attn_norm_bias": (p + "input_layernorm.bias", *same("attn_norm_bias")),
+            **{key: (qkv + "weight", qkv_part(c)[0], join_qkv) for c, key in enumerate("qkv")},
+            **{key + "_bias": (qkv + "bias", qkv_part(c)[1], join_qkv_bias) for c, key in enumerate("qkv")},
+            "o": (p + "attention.dense.weight", *o),
+            "o_bias": (p + "attention.dense.bias", *same("o_bias")),
+            "mlp_norm": (p + "post_attention_layernorm.weight", *same("mlp_norm")),
+            "mlp_norm_bias": (p + "post_attention_layernorm.bias", *same("mlp_norm_bias")),
+            "up": (p + "mlp.dense_h_to_4h.weight", *transposed("up")),
+            "up_bias": (p + "mlp.dense_h_to_4h.bias", *same("up_bias")),
+            "down": (p + "mlp.dense_4h_to_h.weight", *transposed("down")),
+            "down_bias": (p + "mlp.dense_4h_to_h.bias", *same("down_bias")),
+        }
+    else:
+        p = "model.layers.{i}."
+        m = {
+            "attn_norm": (p + "input_layernorm.weight", *same("attn_norm")),
+            "q": (p + "self_attn.q_proj.weight", *proj_in("q", H)),
+            "k": (p + "self_attn.k_proj.weight", *proj_in("k", K)),
+            "v": (p + "self_attn.v_proj.weight", *proj_in("v", K)),
+            "o": (p + "self_attn.o_proj.weight", *o),
+            "mlp_norm": (p + "post_attention_layernorm.weight", *same("mlp_norm")),
+            "gate": (p + "mlp.gate_proj.weight", *transposed("gate")),
+            "up": (p + "mlp.up_proj.weight", *transposed("up")),
+            "down": (p + "mlp.down_proj.weight", *transposed("down")),
+            "q_bias": (p + "self_attn.q_proj.bias", *bias("q_bias", H)),
+            "k_bias": (p + "self_attn.k_proj.bias", *bias("k_bias", K)),
+            "v_bias": (p + "self_attn.v_proj.bias", *bias("v_bias", K)),
+            "o_bias": (p + "self_attn.o_proj.bias", *same("o_bias")),
+            "gate_bias": (p + "mlp.gate_proj.bias", *same("gate_bias")),
+            "up_bias": (p + "mlp.up_proj.bias", *same("up_bias")),
+            "down_bias": (p + "mlp.down_proj.bias", *same("down_bias")),
+            "q_norm": (p + "self_attn.q_norm.weight", *same("q_norm")),
+            "k_norm": (p + "self_attn.k_norm.weight", *same("k_norm")),
+        }
     return {k: v for k, v in m.items() if k in tfm.param_shapes(cfg)["layers"]}
 
 
-_TOP_MAP = {
-    "embed": ("model.embed_tokens.weight", lambda w: w, lambda w: w),
-    "final_norm": ("model.norm.weight", lambda w: w, lambda w: w),
-    "lm_head": ("lm_head.weight", lambda w: w.T, lambda w: w.T),
-}
+def _hf_top_map(cfg: ModelConfig) -> Mapping:
+    """The mapping of the params outside the layers (lm_head included when tied: its tensor is then ignored)."""
+    def same(key):
+        return lambda w: w, lambda params: params[key]
+
+    if cfg.family == "gpt_neox":
+        return {
+            "embed": ("gpt_neox.embed_in.weight", *same("embed")),
+            "final_norm": ("gpt_neox.final_layer_norm.weight", *same("final_norm")),
+            "final_norm_bias": ("gpt_neox.final_layer_norm.bias", *same("final_norm_bias")),
+            # transformers 5 renames it lm_head when loading and back to embed_out when saving.
+            "lm_head": ("embed_out.weight", lambda w: w.T, lambda params: params["lm_head"].T),
+        }
+    return {
+        "embed": ("model.embed_tokens.weight", *same("embed")),
+        "final_norm": ("model.norm.weight", *same("final_norm")),
+        "lm_head": ("lm_head.weight", lambda w: w.T, lambda params: params["lm_head"].T),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -253,7 +324,7 @@ def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: st
     expected = tfm.param_shapes(cfg)
     axes = tfm.param_logical_axes(cfg)
     shardings = shd.tree_shardings(mesh, axes, tfm.abstract_params(cfg), rules)
-    layer_map = _hf_layer_map(cfg)
+    layer_map, top_map = _hf_layer_map(cfg), _hf_top_map(cfg)
 
     @functools.lru_cache(maxsize=4)
     def hf_tensor(name: str, transform_key: str) -> np.ndarray:
@@ -270,7 +341,7 @@ def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: st
                                   f"config.json implies {want}")
 
     def load_top(key):
-        hf_name, fwd, _ = _TOP_MAP[key]
+        hf_name, fwd, _ = top_map[key]
         if key == "lm_head" and hf_name not in reader.names():
             raise CheckpointError(f"missing tensor {hf_name!r} (config.json says tie_word_embeddings=false)")
         transforms[key] = fwd
@@ -301,18 +372,26 @@ def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: st
     params = {k: load_top(k) for k in expected if k != "layers"}
     params["layers"] = {k: load_layer(k) for k in expected["layers"]}
     unused = sorted(n for n in reader.names() - used if not n.endswith(_IGNORED_SUFFIXES)
-                    and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+                    and not (n == top_map["lm_head"][0] and cfg.tie_word_embeddings))
     if unused:
         log.warning("ignored %d checkpoint tensors not used by %s: %s", len(unused), cfg.family, unused[:8])
     return cfg, params
 
 
+@functools.lru_cache(maxsize=None)
 def _hf_shape(ours: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """The HF shape a parameter should have, for error messages."""
-    shape = (tfm.param_shapes(cfg)["layers"][ours[7:]][0][1:] if ours.startswith("layers.")
-             else tfm.param_shapes(cfg)[ours][0])
-    inv = (_hf_layer_map(cfg)[ours[7:]] if ours.startswith("layers.") else _TOP_MAP[ours])[2]
-    return inv(np.lib.stride_tricks.as_strided(np.zeros((), np.uint8), shape, [0] * len(shape))).shape
+    """The HF shape of the tensor that holds our param `ours` ("embed", "layers.q", ...), for error messages: the
+    ours -> HF transform applied to zero-stride uint8 stand-ins of our params (only a fused tensor is allocated)."""
+    shapes = tfm.param_shapes(cfg)
+    if ours.startswith("layers."):
+        level = {k: shape[1:] for k, (shape, _) in shapes["layers"].items()}  # one layer: no leading layers axis
+        mapping = _hf_layer_map(cfg)
+    else:
+        level = {k: entry[0] for k, entry in shapes.items() if k != "layers"}
+        mapping = _hf_top_map(cfg)
+    stand_ins = {k: np.lib.stride_tricks.as_strided(np.zeros((), np.uint8), shape, [0] * len(shape))
+                 for k, shape in level.items()}
+    return mapping[ours.removeprefix("layers.")][2](stand_ins).shape
 
 
 def load_tokenizer(path_or_id: str):
@@ -338,15 +417,17 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def to_hf_tensors(params: tfm.Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our params -> {HF name: numpy array}, gathered to the host one tensor at a time."""
-    out = {}
-    for key, (hf_name, _, inv) in _TOP_MAP.items():
-        if key in params:
-            out[hf_name] = np.ascontiguousarray(inv(_to_host(params[key])))
+    """Our params -> {HF name: numpy array}, gathered to the host one HF tensor's params at a time."""
+    top = {k: _to_host(v) for k, v in params.items() if k != "layers"}
+    out = {hf_name: np.ascontiguousarray(inv(top)) for key, (hf_name, _, inv) in _hf_top_map(cfg).items() if key in top}
+    # Grouped by HF tensor: the params of ours that one HF tensor holds (GPT-NeoX's q, k, v) are gathered together.
+    groups: dict[str, tuple[Callable, list[str]]] = {}
     for key, (pattern, _, inv) in _hf_layer_map(cfg).items():
-        stacked = _to_host(params["layers"][key])
+        groups.setdefault(pattern, (inv, []))[1].append(key)
+    for pattern, (inv, keys) in groups.items():
+        stacked = {k: _to_host(params["layers"][k]) for k in keys}
         for i in range(cfg.num_layers):
-            out[pattern.format(i=i)] = np.ascontiguousarray(inv(stacked[i]))
+            out[pattern.format(i=i)] = np.ascontiguousarray(inv({k: w[i] for k, w in stacked.items()}))
     return out
 
 

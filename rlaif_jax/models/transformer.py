@@ -1,10 +1,10 @@
-"""A pure-functional decoder-only transformer for the Llama / Mistral / Qwen2 / Qwen3 / Gemma families.
+"""A pure-functional decoder-only transformer for the Llama / Mistral / Qwen2 / Qwen3 / Gemma / GPT-NeoX families.
 
 Params are a nested dict of arrays; every function here is pure and jittable with `cfg` static.
 Layers are stacked on a leading `layers` axis. `forward` and `forward_shared_prefix` run them with
 `lax.scan`, so their compile time does not grow with depth; decoding (`prefill` / `decode`) runs them
-unrolled (see `decoding_params`). Each layer's q/k/v and gate/up weights are fused into one matmul each
-(`fuse_projections`). Shapes use these letters:
+unrolled (see `decoding_params`). Each layer's q/k/v and (gated MLPs') gate/up weights are fused into one matmul
+each (`fuse_projections`). Shapes use these letters:
   B batch, T new tokens, S key slots (= T without a cache, = cache length with one), D hidden,
   H query heads, K kv heads, G = H // K query heads per kv head, E head dim, F mlp width, V vocab, L layers.
 
@@ -66,10 +66,13 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "v": ((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim")),
         "o": ((L, H, E, D), ("layers", "heads", "head_dim", "embed")),
         "mlp_norm": ((L, D), ("layers", "embed")),
-        "gate": ((L, D, F), ("layers", "embed", "mlp")),
+        **({"gate": ((L, D, F), ("layers", "embed", "mlp"))} if cfg.gated_mlp else {}),
         "up": ((L, D, F), ("layers", "embed", "mlp")),
         "down": ((L, F, D), ("layers", "mlp", "embed")),
     }
+    if cfg.layer_norm:
+        layers["attn_norm_bias"] = ((L, D), ("layers", "embed"))
+        layers["mlp_norm_bias"] = ((L, D), ("layers", "embed"))
     if cfg.qkv_bias:
         layers["q_bias"] = ((L, H, E), ("layers", "heads", "head_dim"))
         layers["k_bias"] = ((L, K, E), ("layers", "kv_heads", "head_dim"))
@@ -77,13 +80,16 @@ def param_shapes(cfg: ModelConfig) -> Params:
     if cfg.o_bias:
         layers["o_bias"] = ((L, D), ("layers", "embed"))
     if cfg.mlp_bias:
-        layers["gate_bias"] = ((L, F), ("layers", "mlp"))
+        if cfg.gated_mlp:
+            layers["gate_bias"] = ((L, F), ("layers", "mlp"))
         layers["up_bias"] = ((L, F), ("layers", "mlp"))
         layers["down_bias"] = ((L, D), ("layers", "embed"))
     if cfg.qk_norm:
         layers["q_norm"] = ((L, E), ("layers", "head_dim"))
         layers["k_norm"] = ((L, E), ("layers", "head_dim"))
     shapes = {"embed": ((V, D), ("vocab", "embed")), "layers": layers, "final_norm": ((D,), ("embed",))}
+    if cfg.layer_norm:
+        shapes["final_norm_bias"] = ((D,), ("embed",))
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = ((D, V), ("embed", "vocab"))
     return shapes
@@ -111,11 +117,11 @@ def _init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     leaves = []
     for (path, (shape, _)), k in zip(flat, keys):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
+        if "bias" in name:  # before "norm": LayerNorm biases start at zero too
+            leaves.append(jnp.zeros(shape, dtype))
+        elif "norm" in name:
             # Gemma stores norm weights as offsets from 1.
             leaves.append(jnp.zeros(shape, dtype) if cfg.norm_plus_one else jnp.ones(shape, dtype))
-        elif "bias" in name:
-            leaves.append(jnp.zeros(shape, dtype))
         else:
             leaves.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -162,9 +168,35 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Arra
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    """(x - mean(x)) / sqrt(var(x) + eps) * w + b (torch.nn.LayerNorm), normalised in float32."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def block_norm(x: jax.Array, params: Params, name: str, cfg: ModelConfig) -> jax.Array:
+    """The norm `name` (attn_norm, mlp_norm, final_norm) of `params`: RMSNorm, or LayerNorm with its bias
+    `name + "_bias"` (gpt_neox)."""
+    if cfg.layer_norm:
+        return layer_norm(x, params[name], params[name + "_bias"], cfg.norm_eps)
+    return rms_norm(x, params[name], cfg.norm_eps, cfg.norm_plus_one)
+
+
+def activation(x: jax.Array, name: str) -> jax.Array:
+    """The MLP's nonlinearity by ModelConfig.activation name (gelu: exact erf; gelu_tanh: the tanh approximation)."""
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
+
+
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies 1 / theta^(2i/E), with Llama-3 or linear scaling when the config asks."""
-    E = cfg.head_dim
+    """Inverse frequencies 1 / theta^(2i/E), with Llama-3 or linear scaling when the config asks; E is the
+    rotated part of a head (`cfg.rotary_dim`: all of it but in gpt_neox)."""
+    E = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float64) / E))
     scaling = cfg.rope_scaling_dict
     if scaling is None:
@@ -183,7 +215,13 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """HF's rotate-half RoPE: x * cos + rotate_half(x) * sin, angles = position * inv_freq."""
+    """HF's rotate-half RoPE: x * cos + rotate_half(x) * sin, angles = position * inv_freq. With fewer frequencies
+    than E / 2 (partial rotary, gpt_neox) only the first 2 * len(inv_freq) dims rotate (as a head of their own:
+    rotate_half pairs dim i with i + len(inv_freq)); the rest pass through."""
+    rotated_dims = 2 * inv_freq.shape[-1]
+    if rotated_dims < x_bthe.shape[-1]:
+        rotated_part = apply_rope(x_bthe[..., :rotated_dims], positions_bt, inv_freq)
+        return jnp.concatenate([rotated_part, x_bthe[..., rotated_dims:]], axis=-1)
     angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # (B, T, E/2)
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
@@ -213,7 +251,9 @@ def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig):
 
 def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv=None, index=None,
            context_kv=None):
-    """One pre-norm block -> (x_btd, kv). Keys are laid out (B, K, E, S), values (B, K, S, E) (see `attention`).
+    """One pre-norm block -> (x_btd, kv): x + attn(norm(x)), then + mlp(norm(that)); or, with a parallel residual
+    (gpt_neox), x + attn(norm1(x)) + mlp(norm2(x)). Keys are laid out (B, K, E, S), values (B, K, S, E) (see
+    `attention`).
 
     With `cache_kv`, this layer's cache buffers: the T new keys and values are written at slot `index`, the
     queries attend over the whole buffers, and kv is the updated buffers (decoding). Otherwise the queries attend
@@ -222,7 +262,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     dt = jnp.dtype(cfg.dtype)
     B, T = x_btd.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
-    h = rms_norm(x_btd, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    h = block_norm(x_btd, lp, "attn_norm", cfg)
     qkv = jnp.einsum("btd,dkce->btkce", h, lp["qkv"].astype(dt))  # (B, T, K, G + 2, E), see fuse_projections
     if cfg.qkv_bias:
         qkv = qkv + lp["qkv_bias"].astype(dt)
@@ -230,8 +270,8 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     q, k, v = jnp.split(qkv, [G, G + 1], axis=3)
     q, k, v = q.reshape(B, T, cfg.num_heads, cfg.head_dim), k[:, :, :, 0], v[:, :, :, 0]
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, False)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, False)
+        q = rms_norm(q, lp["q_norm"], cfg.norm_eps, False)
+        k = rms_norm(k, lp["k_norm"], cfg.norm_eps, False)
     q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -256,19 +296,33 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
     out = (attn @ lp["o"].astype(dt).reshape(cfg.num_heads * cfg.head_dim, -1)).reshape(B, T, -1)
     if cfg.o_bias:
         out = out + lp["o_bias"].astype(dt)
+    if cfg.parallel_residual:
+        x_btd = x_btd + out + _mlp(cfg, lp, block_norm(x_btd, lp, "mlp_norm", cfg))
+        return constrain(x_btd, ("batch", "length", "embed")), new_kv
     x_btd = constrain(x_btd + out, ("batch", "length", "embed"))
+    out = _mlp(cfg, lp, block_norm(x_btd, lp, "mlp_norm", cfg))
+    return constrain(x_btd + out, ("batch", "length", "embed")), new_kv
 
-    h = rms_norm(x_btd, lp["mlp_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
-    gate_up = jnp.einsum("btd,dcf->btcf", h, lp["gate_up"].astype(dt))  # (B, T, 2, F)
-    if cfg.mlp_bias:
-        gate_up = gate_up + lp["gate_up_bias"].astype(dt)
-    gate, up = (x[:, :, 0] for x in jnp.split(gate_up, 2, axis=2))
-    act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    hidden = constrain(act * up, ("batch", "length", "mlp"))
+
+def _mlp(cfg: ModelConfig, lp, h_btd):
+    """down(act(gate(h)) * up(h)), or down(act(up(h))) without a gate (gpt_neox); biases where the config has them."""
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.gated_mlp:
+        gate_up = jnp.einsum("btd,dcf->btcf", h_btd, lp["gate_up"].astype(dt))  # (B, T, 2, F)
+        if cfg.mlp_bias:
+            gate_up = gate_up + lp["gate_up_bias"].astype(dt)
+        gate, up = (x[:, :, 0] for x in jnp.split(gate_up, 2, axis=2))
+        hidden = activation(gate, cfg.activation) * up
+    else:
+        up = jnp.einsum("btd,df->btf", h_btd, lp["up"].astype(dt))
+        if cfg.mlp_bias:
+            up = up + lp["up_bias"].astype(dt)
+        hidden = activation(up, cfg.activation)
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
     out = jnp.einsum("btf,fd->btd", hidden, lp["down"].astype(dt))
     if cfg.mlp_bias:
         out = out + lp["down_bias"].astype(dt)
-    return constrain(x_btd + out, ("batch", "length", "embed")), new_kv
+    return out
 
 
 def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
@@ -288,7 +342,7 @@ def _embed(params: Params, cfg: ModelConfig, tokens_bt) -> jax.Array:
 
 
 def _output(params: Params, cfg: ModelConfig, x_btd) -> Output:
-    hidden = rms_norm(x_btd, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
+    hidden = block_norm(x_btd, params, "final_norm", cfg)
     return Output(constrain(unembed(params, cfg, hidden), ("batch", "length", "vocab")), hidden)
 
 
@@ -322,8 +376,8 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
 
 
 def fuse_projections(layer_params: Params, cfg: ModelConfig) -> Params:
-    """Layer params (stacked or one layer's) with q, k, v fused into `qkv` (..., D, K, G + 2, E) and gate, up
-    into `gate_up` (..., D, 2, F); biases alike. Unchanged if already fused.
+    """Layer params (stacked or one layer's) with q, k, v fused into `qkv` (..., D, K, G + 2, E) and, in a gated
+    MLP, gate, up into `gate_up` (..., D, 2, F); biases alike. Unchanged if already fused.
 
     One matmul instead of three (two) per layer: at decode's few rows per step XLA:CPU's matmuls are bound by
     per-call overhead, not FLOPs. The q heads are grouped under their kv head (query head h = k * G + g reads
@@ -340,9 +394,10 @@ def fuse_projections(layer_params: Params, cfg: ModelConfig) -> Params:
         qb, kb, vb = lp.pop("q_bias"), lp.pop("k_bias"), lp.pop("v_bias")
         qb = qb.reshape(*qb.shape[:-2], K, G, qb.shape[-1])
         lp["qkv_bias"] = jnp.concatenate([qb, kb[..., None, :], vb[..., None, :]], axis=-2)
-    lp["gate_up"] = jnp.stack([lp.pop("gate"), lp.pop("up")], axis=-2)
-    if cfg.mlp_bias:
-        lp["gate_up_bias"] = jnp.stack([lp.pop("gate_bias"), lp.pop("up_bias")], axis=-2)
+    if cfg.gated_mlp:
+        lp["gate_up"] = jnp.stack([lp.pop("gate"), lp.pop("up")], axis=-2)
+        if cfg.mlp_bias:
+            lp["gate_up_bias"] = jnp.stack([lp.pop("gate_bias"), lp.pop("up_bias")], axis=-2)
     return lp
 
 
