@@ -40,7 +40,9 @@ model (`reward.py`) per seed. GPT-NeoX folders load directly (`rlaif_jax.models.
           (comparisons.jsonl: one {"prompt", "response_a", "response_b", "p_a_better"} per comparison, p_a_better 1
           for the human's choice; `--normalize_to` shifts the RM so the dataset's reference summaries score 0 on
           average, as the reproduction's reward.py does). The RM folder is both the reward
-          (`judge.mode = "reward_model"`) and the critic's init.
+          (`judge.mode = "reward_model"`) and the critic's init. The reproduction's own reward models (its
+          `ScalarModel` folders) load as they are: pass one as rm= with --config.judge.template='{prompt}{response}'
+          (they read the query and the response concatenated).
 
 Evaluation (the reproduction's protocol): every `eval.every` steps the policy samples at temperature 0.01 on the
 validation split and the reward model scores its summaries and the dataset's reference summaries

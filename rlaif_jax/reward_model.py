@@ -8,6 +8,10 @@ Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft p
 `normalize_to_references` then optionally shifts it so a dataset's reference responses score 0 on average.
 
 Files: a reward-model folder is the backbone as an HF checkpoint (`hf.save_model`) plus VALUE_HEAD_FILE and
+REWARD_MODEL_META_FILE. The `ScalarModel` folders the summarize-from-feedback reproductions release (Huang et al.
+2024: backbone under "lm_backbone.", "scalar_head", config.json with "base_config" and "bias") load as they are
+(`hf.scalar_model_config`): their rows are unchecked, so the judge template must rebuild theirs (query and response
+concatenated: template "{prompt}{response}", include_stop_token=True). Own folders hold
 REWARD_MODEL_META_FILE (`read_settings`: every judge setting that changes what the reward model reads, as it was
 trained; a judge that loads the folder with another value of any of them is refused, `check_read_settings`).
 
@@ -248,6 +252,16 @@ def save_reward_model(out_dir: str, cfg: ModelConfig, params, value_head, tokeni
 def load_value_head(folder: str, cfg: ModelConfig) -> dict[str, jax.Array]:
     """The value head {kernel (D,), bias ()} of a reward-model folder (also a critic's initialisation)."""
     from safetensors.numpy import load_file
+    scalar = hf.scalar_model_config(folder)
+    if scalar is not None:  # a ScalarModel of the summarize-from-feedback reproductions: the head is in its weights
+        reader = hf.SafetensorsReader(folder)
+        weight, bias = (reader.get(hf.SCALAR_HEAD + n) for n in ("weight", "bias"))
+        if weight.shape != (1, cfg.hidden_size) or bias.shape != (1,):
+            raise ValueError(f"{folder}: expected scalar_head.weight (1, {cfg.hidden_size}) and scalar_head.bias "
+                             f"(1,), got {weight.shape} and {bias.shape}")
+        # Its forward subtracts config.bias (the reference responses' mean reward, reward.py) after the head.
+        return {"kernel": jnp.asarray(weight[0], cfg.param_dtype),
+                "bias": jnp.asarray(bias[0] - scalar["bias"], cfg.param_dtype)}
     path = os.path.join(folder, VALUE_HEAD_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"reward_model mode: no {VALUE_HEAD_FILE} in {folder}; train one with "

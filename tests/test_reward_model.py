@@ -212,3 +212,37 @@ def test_encode_responses_ends_complete_responses_with_eos_only_with_include_sto
         spec = judging.make_spec(rm_judge_config(max_len=24, include_stop_token=include), tok)
         tokens, mask = judging.encode_responses(spec, tok, ["w1 w2"], ["w3 g1"])
         assert tokens[0, -1] == last and mask[0, -1] == 1
+
+
+def test_scalar_model_folder_of_the_ppo_reproduction_loads_as_a_reward_model(tmp_path):
+    """A reward model saved as the summarize-from-feedback reproductions save theirs (`ScalarModel`: a GPT-NeoX
+    `AutoModel` under "lm_backbone.", a (1, D) "scalar_head", config.json with "base_config" and "bias") loads as
+    judge.mode="reward_model" params, and scores rows as torch does: scalar_head(hidden_states[-1]) - bias."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    neox = transformers.GPTNeoXConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=64)
+    backbone = transformers.GPTNeoXModel(neox).eval()
+    head = torch.nn.Linear(32, 1)
+    with torch.no_grad():
+        for p in list(backbone.parameters()) + list(head.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    tensors = {f"lm_backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    tensors.update({f"scalar_head.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["ScalarModel"], "base_model": "EleutherAI/pythia-160m", "base_config": neox.to_dict(),
+        "hidden_size": 32, "bias": 0.25}))
+
+    cfg, params = hf.load_model(str(tmp_path))
+    assert cfg.family == "gpt_neox" and cfg.tie_word_embeddings  # no LM head: never used by a reward model
+    rm = reward_model.RewardModelParams(params, reward_model.load_value_head(str(tmp_path), cfg))
+    tokens = np.random.default_rng(0).integers(3, 61, (3, 7)).astype(np.int32)
+    ours = np.asarray(reward_model.reward_values(rm, cfg, tokens, np.ones_like(tokens)))
+    with torch.no_grad():
+        hidden = backbone(torch.tensor(tokens, dtype=torch.long), output_hidden_states=True).hidden_states[-1]
+        want = (head(hidden)[:, -1, 0] - 0.25).numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-4)

@@ -97,10 +97,31 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-class SafetensorsReader:
-    """Memory-mapped read access to the tensors of one checkpoint folder (single file or index-sharded)."""
+# A reward model of the summarize-from-feedback reproductions (Huang et al. 2024, `ScalarModel` in their
+# reward.py / ppo_left_padding.py): config.json holds the backbone's config under "base_config" and a "bias", the
+# weights are the base model's (`AutoModel`, no LM head) under "lm_backbone." plus "scalar_head.weight" (1, D) and
+# "scalar_head.bias" (1,); reward = scalar_head(final hidden state) - bias.
+SCALAR_BACKBONE_PREFIX = "lm_backbone."
+SCALAR_HEAD = "scalar_head."
 
-    def __init__(self, folder: str):
+
+def scalar_model_config(folder: str) -> dict[str, Any] | None:
+    """The config.json of a `ScalarModel` reward-model folder, or None for any other folder."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return config if isinstance(config.get("base_config"), dict) and "bias" in config else None
+
+
+class SafetensorsReader:
+    """Memory-mapped read access to the tensors of one checkpoint folder (single file or index-sharded).
+
+    `renames` maps a name prefix in the files to the one the importer asks for (a ScalarModel's backbone)."""
+
+    def __init__(self, folder: str, renames: Mapping[str, str] | None = None):
         index_path = os.path.join(folder, "model.safetensors.index.json")
         single_path = os.path.join(folder, "model.safetensors")
         if os.path.exists(index_path):
@@ -123,6 +144,9 @@ class SafetensorsReader:
             header, offset = _read_safetensors_header(path)
             for key, meta in header.items():
                 self._entries[key] = (path, meta, offset)
+        for old_prefix, new_prefix in (renames or {}).items():
+            self._entries = {new_prefix + k[len(old_prefix):] if k.startswith(old_prefix) else k: v
+                             for k, v in self._entries.items()}
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(self._entries))
             if absent:
@@ -289,7 +313,18 @@ def load_config(folder: str, dtype: str = "float32", param_dtype: str = "float32
             hf_config = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); it is corrupt or truncated") from None
+    if scalar_model_config(folder) is not None:
+        # A ScalarModel reward model: its backbone has no LM head, and a reward model never unembeds, so the
+        # backbone is read as tied (the embedding stands in for the head it does not have).
+        hf_config = {**hf_config["base_config"], "tie_word_embeddings": True}
     return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+
+
+def _weight_renames(folder: str, cfg: ModelConfig) -> dict[str, str]:
+    """Prefix renames that make a ScalarModel folder's backbone tensors read as the family's causal-LM names."""
+    if scalar_model_config(folder) is None:
+        return {}
+    return {SCALAR_BACKBONE_PREFIX: "gpt_neox." if cfg.family == "gpt_neox" else "model."}
 
 
 def check_folder(path_or_id: str, setting: str, weights: bool = True) -> None:
@@ -317,7 +352,7 @@ def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: st
     layout on `mesh` (a single-device mesh when None)."""
     folder = resolve_path(path_or_id)
     cfg = load_config(folder, dtype, param_dtype)
-    reader = SafetensorsReader(folder)
+    reader = SafetensorsReader(folder, _weight_renames(folder, cfg))
     if mesh is None:
         mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     target_dtype = np.dtype(jax.numpy.dtype(param_dtype))
@@ -372,6 +407,7 @@ def load_model(path_or_id: str, mesh: jax.sharding.Mesh | None = None, dtype: st
     params = {k: load_top(k) for k in expected if k != "layers"}
     params["layers"] = {k: load_layer(k) for k in expected["layers"]}
     unused = sorted(n for n in reader.names() - used if not n.endswith(_IGNORED_SUFFIXES)
+                    and not n.startswith(SCALAR_HEAD)  # a ScalarModel's head: reward_model.load_value_head
                     and not (n == top_map["lm_head"][0] and cfg.tie_word_embeddings))
     if unused:
         log.warning("ignored %d checkpoint tensors not used by %s: %s", len(unused), cfg.family, unused[:8])
