@@ -25,7 +25,7 @@ HH_SAMPLE = os.path.join(DATA, "hh_rlhf_sample.jsonl")
 ARGS = {
     "rlaif_tldr": ["", "variant=canonical", "runlocal", "variant=canonical,runlocal",
                    "policy=/models/sft,judge=google/gemma-2-9b-it,fsdp=4,steps=10"],
-    "cai_hh": ["", "runlocal", "fsdp=2"],
+    "rlaif_harmless": ["", "runlocal", "fsdp=2", "rm=/ckpt/rm,steps=10"],
     "ppo_tldr_details": ["", "runlocal", "policy=/ckpt/sft,rm=/ckpt/rm,fsdp=8,steps=5"],
     # judge=pairwise with the grpo estimator needs main's reward.pairwise_baseline (TODO(merge) in the file).
     "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5"],
@@ -139,12 +139,18 @@ def test_paper_table_catches_drift():
     assert "needs `ours`" in problems[2]
 
 
-def test_cai_hh_uses_principles_and_the_harmless_subset():
-    c = get("cai_hh")
-    assert c.judge.mode == "principles" and len(c.judge.principles) >= 4 and "{principle}" in c.judge.template
+def test_rlaif_harmless_is_canonical_rlaif_on_the_harmless_subset():
+    """Lee et al.'s harmless task: RL against a reward model distilled from AI labels, on HH harmless-base, whose
+    labelling template asks the pairwise question train_reward_model.py's labeller reads."""
+    module = load("rlaif_harmless")
+    c = module.get_config("rm=/rm")
+    assert (c.judge.mode, c.judge.path, c.eval.win_rate) == ("reward_model", "/rm", False)
     assert (c.data.path, c.data.data_dir, c.data.prompt_field) == ("Anthropic/hh-rlhf", "harmless-base", "chosen")
     assert c.data.prompt_parser == "hh_transcript" and c.data.use_chat_template
-    assert c.reward.kl_coef == 0.05 and c.rollout.temperature == 0.9
+    from rlaif_jax import judging
+    label = judging.default_config("pairwise")
+    label.template, label.path = module.LABEL_TEMPLATE, "/judge"
+    judging.validate_config(label)
 
 
 def test_testbed_pairwise_judge_and_online_dpo():
@@ -165,7 +171,7 @@ def test_testbed_pairwise_judge_and_online_dpo():
         get("testbed", "estimator=ppo")
 
 
-@pytest.mark.parametrize("name", ["rlaif_tldr", "cai_hh", "ppo_tldr_details"])
+@pytest.mark.parametrize("name", ["rlaif_tldr", "rlaif_harmless", "ppo_tldr_details"])
 def test_runlocal_changes_only_the_size(name):
     """runlocal is the same experiment, smaller: every field outside the size knobs is identical."""
     size_keys = {"train.batch_size", "train.steps", "optim.grad_accum", "algo.minibatches", "data.max_prompt_len",
@@ -277,7 +283,7 @@ def render_chat(messages):
 
 needs_prompt_parser = pytest.mark.skipif(
     "prompt_parser" not in data_lib.default_config(),
-    reason="rlaif_jax.data has no `prompt_parser` yet (the HH transcript parser proposed with experiments/cai_hh.py)")
+    reason="rlaif_jax.data has no `prompt_parser` yet (the HH transcript parser)")
 
 
 @needs_prompt_parser
@@ -287,7 +293,7 @@ def test_hh_loader_cuts_the_transcript_before_the_final_reply():
     assert set(rows[0]) == {"chosen", "rejected"}  # Anthropic/hh-rlhf's columns
     expected = [render_chat(m) for m in HH_EXPECTED_MESSAGES]
     tok = word_tokenizer(expected, chat_template=CHAT)
-    splits = data_lib.load_prompt_splits(local_data_section("cai_hh", HH_SAMPLE, data_dir=""), tok)
+    splits = data_lib.load_prompt_splits(local_data_section("rlaif_harmless", HH_SAMPLE, data_dir=""), tok)
     train = splits.train
     assert (train.num_loaded, train.num_rejected, len(train)) == (4, 1, 3)  # no assistant turn: rejected
     assert train.dataset[data_lib.PROMPT_TEXT] == expected
@@ -295,7 +301,7 @@ def test_hh_loader_cuts_the_transcript_before_the_final_reply():
         assert "locksmith" not in text and "council" not in text and "manager" not in text
 
     # The text form (a base model without a chat template) ends with the assistant cue.
-    base = data_lib.load_prompt_splits(local_data_section("cai_hh", HH_SAMPLE, data_dir="", use_chat_template=False,
+    base = data_lib.load_prompt_splits(local_data_section("rlaif_harmless", HH_SAMPLE, data_dir="", use_chat_template=False,
                                                           prompt_parser="hh_transcript_text"), tok).train
     assert base.dataset[data_lib.PROMPT_TEXT][0] == "\n\nHuman: How do I pick a lock?\n\nAssistant:"
     assert base.dataset[data_lib.PROMPT_TEXT][1].endswith(
@@ -322,7 +328,7 @@ def dry_run(script, *args, **env):
 
 
 def test_tpu_launcher_runs_the_same_command_on_every_worker():
-    argv = dry_run("scripts/launch_tpu_pod.sh", "experiments/cai_hh.py:fsdp=8", "/mnt/shared/run 1",
+    argv = dry_run("scripts/launch_tpu_pod.sh", "experiments/rlaif_harmless.py:fsdp=8", "/mnt/shared/run 1",
                    "--config.train.steps=5", TPU_NAME="pod", ZONE="us-central2-b", PROJECT="proj",
                    REMOTE_ENV="HF_TOKEN=x")
     assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
@@ -331,7 +337,7 @@ def test_tpu_launcher_runs_the_same_command_on_every_worker():
     remote = argv[argv.index("--command") + 1]
     setup, _, train = remote.rpartition(" && ")
     assert setup.startswith("cd ~/rlaif_jax && export RLAIF_DISTRIBUTED=1 HF_TOKEN=x")
-    assert shlex.split(train) == ["python3", "-m", "rlaif_jax.train", "--config=experiments/cai_hh.py:fsdp=8",
+    assert shlex.split(train) == ["python3", "-m", "rlaif_jax.train", "--config=experiments/rlaif_harmless.py:fsdp=8",
                                   "--workdir=/mnt/shared/run 1", "--config.train.steps=5"]
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts/launch_tpu_pod.sh"), "c", "w"], capture_output=True,
                          text=True, env={"PATH": os.environ["PATH"], "DRY_RUN": "1"})
