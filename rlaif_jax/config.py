@@ -101,6 +101,8 @@ def compute_config() -> ml_collections.ConfigDict:
 
 def eval_config() -> ml_collections.ConfigDict:
     """Defaults of `config.eval` (the held-out evaluation of evaluate.py)."""
+    from rlaif_jax import independent_eval
+
     e = ml_collections.ConfigDict()
     e.every = 25            # evaluate every N steps (and after the last); 0 = never
     e.max_prompts = 64      # held-out prompts per evaluation (rounded up to whole batches)
@@ -111,6 +113,9 @@ def eval_config() -> ml_collections.ConfigDict:
     # A ground-truth grader the judge never sees: "module:function" taking (prompt_texts, response_texts,
     # stopped) and returning {metric: per-example list}; "" = none.
     e.ground_truth = ""
+    # An evaluator model that is not the training reward (rlaif_jax/independent_eval.py): win rate against
+    # `baseline`, its interval, the length-controlled win rate and the harmless rate; path "" = off.
+    e.evaluator = independent_eval.default_config()
     return e
 
 
@@ -152,6 +157,8 @@ def _validate_compute(cp: ml_collections.ConfigDict) -> None:
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    from rlaif_jax import independent_eval
+
     if e.every < 0:
         raise ValueError(f"config.eval.every={e.every} must be >= 0 (0 = never evaluate)")
     if e.max_prompts < 1 or e.samples_per_prompt < 1:
@@ -164,6 +171,10 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
                          "or clear the template")
     if e.ground_truth:
         hooks.load_function(e.ground_truth, "config.eval.ground_truth")
+    independent_eval.validate_config(e.evaluator)
+    if e.evaluator.path and not e.every:
+        raise ValueError("config.eval.evaluator.path is set but config.eval.every=0 never evaluates; set "
+                         "config.eval.every or clear the path")
 
 
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
@@ -276,7 +287,8 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
     if c.eval.win_rate and c.judge.mode in ("reward_model", "remote"):
         raise ValueError(f"config.eval.win_rate=True asks the judge to compare two responses, which a "
                          f"{'reward model' if c.judge.mode == 'reward_model' else 'remote judge'} (judge.mode="
-                         f"{c.judge.mode!r}) cannot: set config.eval.win_rate=False")
+                         f"{c.judge.mode!r}) cannot: set config.eval.win_rate=False (a win rate by another model: "
+                         "config.eval.evaluator.path)")
 
     # Batch divisibility on the mesh: the rollout batch is split over data x fsdp, each update's minibatch too.
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -316,16 +328,21 @@ def _check_references(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"reward.pairwise_baseline={baseline!r} is only read by a pairwise judge's reward "
                          f"(judge.mode='pairwise', an estimator other than online_dpo); set it to ''")
     uses_slot = "{reference}" in (c.judge.template or "") + (c.eval.pairwise_template or "")
+    evaluator_reads = bool(c.eval.evaluator.path) and c.eval.evaluator.baseline == "reference"
+    if evaluator_reads and not field:
+        raise ValueError("config.eval.evaluator.baseline='reference' compares with the data's reference responses: "
+                         "set config.data.reference_field to their column")
     if baseline == "dataset_reference" and not field:
         raise ValueError("reward.pairwise_baseline='dataset_reference' needs config.data.reference_field (the "
                          "column of reference responses)")
     if uses_slot and not field:
         raise ValueError("config.judge.template has {reference}: set config.data.reference_field to the column "
                          "that fills it")
-    if field and not (uses_slot or baseline == "dataset_reference"):
+    if field and not (uses_slot or baseline == "dataset_reference" or evaluator_reads):
         raise ValueError(f"config.data.reference_field={field!r} is read by nothing: use it as the pairwise "
-                         "baseline (reward.pairwise_baseline='dataset_reference') or in the judge template's "
-                         "{reference} slot, or clear it")
+                         "baseline (reward.pairwise_baseline='dataset_reference'), in the judge template's "
+                         "{reference} slot or as the evaluator's baseline (config.eval.evaluator.baseline="
+                         "'reference'), or clear it")
 
 
 def _check_online_dpo(c: ml_collections.ConfigDict) -> None:

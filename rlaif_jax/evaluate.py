@@ -15,6 +15,8 @@ compare like with like) it measures, per example, then averages into `eval/...` 
                       judge's score on the current policy's own samples, and (judge_gt_accuracy/..., pointwise,
                       principles and rubric judges, thresholded at the middle of their scale) its accuracy; a
                       falling AUC says the policy has drifted to where the judge no longer tells pass from fail
+  evaluator_...       with config.eval.evaluator: win rate (interval, length-controlled), position agreement and
+                      harmless rate by an evaluator model that is not the reward (`independent_eval`)
 and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples.
 Rows are prompt-major (prompt * n + sample), like the rollout's. Both judges (the reward judge and the pairwise
 one of the win rate) score on their spec's path, token space or host (`judging.score_outside_jit`), as
@@ -28,11 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rlaif_jax import builder
 from rlaif_jax import data as data_lib
-from rlaif_jax import hooks, judging, ops, stats
+from rlaif_jax import hooks, independent_eval, judging, ops, stats
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
@@ -58,11 +59,6 @@ def judge_agreement(scores: np.ndarray, ground_truth: dict[str, np.ndarray], mod
         if mode in ACCURACY_THRESHOLDS:
             out[f"judge_gt_accuracy/{name}"] = float(np.mean((scores > ACCURACY_THRESHOLDS[mode]) == (values == 1.0)))
     return out
-
-
-def gather_to_host(x) -> np.ndarray:
-    """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class Evaluator:
@@ -104,6 +100,17 @@ class Evaluator:
         self._sample = jax.jit(sample)
         self._policy_stats = jax.jit(policy_stats)
 
+        # An evaluator that is not the reward (config.eval.evaluator): loaded once, its own sampling settings.
+        e, self.independent, self.independent_baseline = c.eval.evaluator, None, None
+        if e.path and self.batches:
+            stop_ids = parts.sampling.stop_ids
+            evaluators = independent_eval.load_evaluators(e, parts.policy_tokenizer, stop_ids, mesh)
+            self.independent = independent_eval.PairwiseEvaluation(e, evaluators, parts.policy_tokenizer, stop_ids,
+                                                                   mesh, parts.sampling.cache_phases)
+            if e.baseline not in independent_eval.BASELINES:  # another saved policy
+                self.independent_baseline = independent_eval.load_policy(
+                    e.baseline, "config.eval.evaluator.baseline", mesh, None, c.policy.dtype, parts.policy_tokenizer)[0]
+
     def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout,
                references: tuple, texts: tuple[list[str], list[str]], key: jax.Array) -> dict:
         """The reward judge's scores (and criteria) and the win rate against the initial policy's responses,
@@ -137,6 +144,15 @@ class Evaluator:
             out["position_agree"] = pm.position_agree_b
         return out
 
+    def independent_metrics(self, state: ts.TrainState, frozen: ts.Frozen) -> dict[str, float]:
+        """eval/evaluator_*: the current policy against config.eval.evaluator.baseline, judged by the evaluator."""
+        e, cfg = self.c.eval.evaluator, self.parts.models.policy
+        baseline = {"initial_policy": independent_eval.Policy(frozen.reference, cfg),
+                    "reference": "reference"}.get(e.baseline, self.independent_baseline)
+        per_prompt = self.independent.compare(independent_eval.Policy(state.params["policy"], cfg), baseline,
+                                              self.batches, jax.random.key(self.c.seed + 2), e.baseline)
+        return {f"eval/evaluator_{k}": v for k, v in independent_eval.summarize(per_prompt, self.c.seed).items()}
+
     def evaluate(self, state: ts.TrainState, frozen: ts.Frozen, step: int, writer) -> dict[str, float]:
         if not self.batches:
             return {}
@@ -153,16 +169,16 @@ class Evaluator:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(state.params["policy"], tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
-            prompt_tokens, response_tokens, response_mask = map(gather_to_host, (
+            prompt_tokens, response_tokens, response_mask = map(shd.gather_to_host, (
                 roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
             prompts = tokenizer.batch_decode(prompt_tokens, skip_special_tokens=True)
             responses = [tokenizer.decode(t[m > 0], skip_special_tokens=True)
                          for t, m in zip(response_tokens, response_mask)]
-            out = jax.tree.map(gather_to_host, {
+            out = jax.tree.map(shd.gather_to_host, {
                 **self._judge(frozen, roll, self.initial[i], references, (prompts, responses), k_judge),
                 **self._policy_stats(state.params["policy"], frozen.reference, roll)})
-            valid = np.repeat(gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
-            stopped = gather_to_host(roll.stopped_b)
+            valid = np.repeat(shd.gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
+            stopped = shd.gather_to_host(roll.stopped_b)
             gt = self.ground_truth(prompts, responses, stopped) if self.ground_truth else {}
             for name, values in {**{k: v for k, v in out.items() if k != "criteria" and v is not None},
                                  **{f"gt/{k}": np.asarray(v) for k, v in gt.items()}}.items():
@@ -181,5 +197,6 @@ class Evaluator:
         agreement = judge_agreement(np.asarray(per_example["score"]), {
             k[len("gt/"):]: np.asarray(v) for k, v in per_example.items() if k.startswith("gt/")},
             self.parts.judge_spec.mode)
+        independent = self.independent_metrics(state, frozen) if self.independent is not None else {}
         return {**{f"eval/{METRIC_NAMES.get(k, k)}": float(np.mean(v)) for k, v in per_example.items()},
-                **{f"eval/{k}": v for k, v in agreement.items()}}
+                **{f"eval/{k}": v for k, v in agreement.items()}, **independent}

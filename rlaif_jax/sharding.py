@@ -141,6 +141,13 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules=rules))
 
 
+def gather_to_host(x) -> np.ndarray:
+    """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def check_sharded(mesh: Mesh, params: Any, min_size: int = 2**14) -> list[str]:
     """Names of parameters with at least `min_size` elements that end up fully replicated on a mesh of more
     than one device (MaxText-style guard: large replicated weights waste memory at scale)."""

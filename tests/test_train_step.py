@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from rlaif_jax import builder, evaluate, judging, ops, reward_model
+from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
@@ -457,6 +458,35 @@ def test_host_path_step_and_evaluation_judge_each_group_by_one_principle(world, 
     for name in ("judge_score", "win_rate", "position_agreement", "kl", "response_length"):
         assert np.isfinite(metrics[f"eval/{name}"]), name
     assert len(samples.rows) == c.eval.num_samples_logged
+
+
+def test_evaluation_adds_the_independent_evaluators_numbers(single, world):
+    """config.eval.evaluator (here the tiny world's judge, asked pairwise and harmless): the evaluation adds
+    eval/evaluator_*. At step 0 the policy is the initial one and greedy sampling gives both the same responses, so
+    the win rate, its interval and the LC win rate are exactly 1/2 and both harmless P(yes) are equal; the same
+    with the data's references as the baseline when they are the initial policy's responses (the references'
+    plumbing: right-padded, ended by EOS)."""
+    c = make_config(world)
+    c.eval.evaluator.update(path=world["judge"], template=c.eval.pairwise_template, option_tokens=("1", "2"),
+                            max_len=24, max_new_tokens=4, harmless_question="e f", yes_no_tokens=("1", "2"),
+                            harmless_template="Q : {prompt} R : {response} Q : {criterion} S :")
+    tokens, mask = prompts(world, seed=6)
+    batch = data_lib.PromptBatch(tokens, mask, np.ones(len(tokens), np.int32), np.arange(len(tokens)))
+    with jax.set_mesh(one_device_mesh()):
+        evaluator = evaluate.Evaluator(c, single, [batch], one_device_mesh())
+        out = evaluator.independent_metrics(single.state, single.frozen)
+        initial = evaluator.independent._baseline[("initial_policy", 0)]
+        c.eval.evaluator.baseline, c.data.reference_field = "reference", "reference"
+        config_lib.validate(c, num_devices=1)
+        references = dict(reference_bf=np.asarray(initial[0]), reference_mask_bf=np.asarray(initial[1]))
+        evaluator.batches = [batch._replace(**references)]
+        against_references = evaluator.independent_metrics(single.state, single.frozen)
+    for metrics in (out, against_references):
+        for name in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate"):
+            assert metrics[f"eval/evaluator_{name}"] == 0.5, name
+        assert metrics["eval/evaluator_harmless_p"] == metrics["eval/evaluator_baseline_harmless_p"]
+        assert metrics["eval/evaluator_prompts"] == len(tokens)
+    assert out["eval/evaluator_length_a"] > 0 and "eval/evaluator_harmless_rate_ci_high" in out
 
 
 # ------------------------------------------------------------------------------------------------- online DPO

@@ -124,7 +124,11 @@ def write_counting_judge(folder: str, strength: float = 4.0) -> str:
 def write_judge_with_other_tokenizer(folder: str) -> str:
     """The counting judge with one extra, never used word in its tokenizer's vocabulary: a tokenizer that differs
     from the policy's (so the run takes the host judge path) yet encodes every text of this world to the same ids."""
-    write_counting_judge(folder)
+    return add_unused_word(write_counting_judge(folder))
+
+
+def add_unused_word(folder: str) -> str:
+    """Adds one never used word to a saved model's tokenizer vocabulary (see write_judge_with_other_tokenizer)."""
     path = os.path.join(folder, "tokenizer.json")
     with open(path) as f:
         tok = json.load(f)
