@@ -4,6 +4,8 @@ harmless rate, with bootstrap intervals over prompts.
     python -m rlaif_jax.independent_eval --policy=RUN_OR_HF_FOLDER --evaluator.path=EVALUATOR --out=results.json \
         [--evaluator.baseline=initial_policy|reference|FOLDER] [--data.path=prompts.jsonl] \
         [--evaluator.harmless_question=...] [--evaluator.temperature=0.01 --evaluator.max_new_tokens=128]
+    python -m rlaif_jax.independent_eval --policy=RUN --select_best --evaluator.path=EVALUATOR --out=ranking.json
+        # Lee et al. 2023's final-checkpoint choice among the run's kept candidates (`select_best_policy`)
 
 The in-training `evaluate.Evaluator` reports the reward judge's own opinion; a policy optimised against that judge
 is graded by it too. Here an evaluator model of its own (`config.eval.evaluator`, any family the judge loader
@@ -406,6 +408,47 @@ def run_cli(policy: str, e: ml_collections.ConfigDict, data_cfg: ml_collections.
     return results
 
 
+def select_best_policy(workdir: str, e: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict, out: str,
+                       **kwargs) -> dict:
+    """The final checkpoint chosen as Lee et al. 2023 choose it (less their manual inspection): every candidate a
+    run kept in WORKDIR/best_policies (`config.checkpoint.keep_best`, the policies of highest validation reward) is
+    compared with the baseline (by default the run's initial policy, on the run's held-out prompts) by `run_cli`,
+    and the one of highest win rate is recorded as "selected" in best_policies/index.json. Each candidate's
+    results go to best_policies/step_<s>.eval.json; `out` gets the ranking. Returns it."""
+    from rlaif_jax import checkpoint as ckpt_lib
+
+    folder, run_config = resolve_policy(workdir, "--policy")
+    index_path = os.path.join(workdir, ckpt_lib.BEST_DIR, ckpt_lib.BEST_INDEX)
+    if run_config is None or not os.path.exists(index_path):
+        raise errors.ConfigError(f"--select_best: {workdir} has no {index_path}; train with "
+                                 "config.checkpoint.keep_best > 0 to keep candidates")
+    with open(index_path) as f:
+        index = json.load(f)
+    e = ml_collections.ConfigDict(e.to_dict())
+    if e.baseline == "initial_policy":
+        e.baseline = run_config["policy"]["path"]
+    if not data_cfg.path:
+        data_cfg = ml_collections.ConfigDict(run_config["data"])
+    ranking = []
+    for entry in index["kept"]:
+        r = run_cli(entry["path"], e, data_cfg, os.path.join(workdir, ckpt_lib.BEST_DIR,
+                                                             f"step_{entry['step']}.eval.json"), **kwargs)
+        ranking.append({"step": entry["step"], "path": entry["path"], index["metric"]: entry["value"],
+                        **{k: r[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate")}})
+    ranking.sort(key=lambda r: (-r["win_rate"], r["step"]))
+    result = {"baseline": e.baseline, "evaluator": e.path, "selected": ranking[0], "ranking": ranking}
+    if jax.process_index() == 0:
+        index["selected"] = ranking[0]
+        with open(index_path + ".tmp", "w") as f:
+            json.dump(index, f, indent=2)
+        os.replace(index_path + ".tmp", index_path)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    log.info("selected the policy of step %d (win rate %.3f against %s) among %d candidates: %s",
+             ranking[0]["step"], ranking[0]["win_rate"], e.baseline, len(ranking), ranking[0]["path"])
+    return result
+
+
 def main(argv) -> int:
     del argv
     from absl import flags
@@ -416,7 +459,11 @@ def main(argv) -> int:
     train.configure_logging()
     try:
         train.maybe_initialize_distributed(None, None, None)
-        run_cli(F.policy, F.evaluator, F.data, F.out, F.max_prompts, F.batch_size, F.seed, F.dtype)
+        if F.select_best:
+            select_best_policy(F.policy, F.evaluator, F.data, F.out, max_prompts=F.max_prompts,
+                               batch_size=F.batch_size, seed=F.seed, dtype=F.dtype)
+        else:
+            run_cli(F.policy, F.evaluator, F.data, F.out, F.max_prompts, F.batch_size, F.seed, F.dtype)
     except errors.UserError as err:
         errors.report(err)
     return 0
@@ -432,6 +479,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 8, "prompts per batch (a multiple of the device count)")
     flags.DEFINE_integer("seed", 0, "sampling key (temperature > 0) and bootstrap seed")
     flags.DEFINE_string("dtype", "float32", "the policies' dtype")
+    flags.DEFINE_bool("select_best", False, "--policy is a run's workdir: rank the candidates it kept in "
+                      "best_policies (config.checkpoint.keep_best) and record the best as its final checkpoint")
     config_flags.DEFINE_config_dict("evaluator", default_config(), "the evaluator (config.eval.evaluator)")
     config_flags.DEFINE_config_dict("data", data_lib.default_config(), "the prompts (config.data); default: the "
                                     "run's own (its held-out split) when --policy is a workdir")

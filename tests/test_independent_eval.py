@@ -224,3 +224,14 @@ def test_cli_on_a_saved_run_against_its_initial_policy(world, tmp_path):
     assert 0 < np.mean([row["harmless_p_a"] for row in rows]) == pytest.approx(res["harmless_p"])
     lengths = np.asarray([len(row["response_a"]) - len(row["response_b"]) for row in rows], float)
     assert res["lc_win_rate"] == pytest.approx(ie.length_controlled_win_rate(p, lengths)[0])
+    # --select_best: the run's kept candidates (here one, the same trained policy) ranked against the same baseline
+    # on the same prompts and key give the same numbers, and the choice is recorded in best_policies/index.json.
+    best = run / "best_policies"
+    shutil.copytree(world["trained"], best / "step_4")
+    (best / "index.json").write_text(json.dumps({"metric": "eval/judge_score", "kept": [
+        {"step": 4, "value": 0.3, "path": str(best / "step_4")}]}))
+    ranking = ie.select_best_policy(str(run), e, data_lib.default_config(), str(tmp_path / "ranking.json"),
+                                    max_prompts=8, batch_size=8)
+    assert ranking["selected"]["step"] == 4 and ranking["selected"]["win_rate"] == pytest.approx(res["win_rate"])
+    assert json.loads((best / "index.json").read_text())["selected"]["step"] == 4
+    assert (best / "step_4.eval.json").exists()
