@@ -2,7 +2,8 @@
 
     python -m rlaif_jax.train --config experiments/ppo_tldr_details.py:policy=SFT_DIR,rm=RM_DIR,fsdp=8 --workdir DIR
 
-Arguments (comma-separated): policy=SFT checkpoint, rm=reward-model folder, fsdp=N (mesh), steps=N, runlocal.
+Arguments (comma-separated): policy=SFT checkpoint, rm=reward-model folder, evaluator=HF id or folder (the
+independent evaluator), fsdp=N (mesh), steps=N, runlocal.
 
 Follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR Summarization"
 (arXiv:2403.17031), a reproduction of Stiennon et al. 2020, value by value from its code
@@ -54,7 +55,8 @@ size; the 2.8B and 6.9B PPO models outperform OpenAI's released 1.3B PPO checkpo
 the per-size values from that figure).
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import NOT_GIVEN, PaperValue, apply_runlocal, paper_table, parse_arg, set_tldr_data
+from rlaif_jax.recipes import (NOT_GIVEN, TLDR_PAIRWISE_TEMPLATE, PaperValue, apply_runlocal, paper_table,
+                               parse_arg, set_tldr_data)
 
 
 EPISODES = 1_000_000  # total sampled responses of the reproduction (`total_episodes`)
@@ -112,12 +114,19 @@ PAPER = [
     PaperValue("optim.max_grad_norm", 0.0, f"{_CODE} (no clipping call; its DeepSpeed config was not checked)"),
     PaperValue("train.batch_size", 512, f"{_SBATCH}: 8 GPUs x micro-batch x accumulation = 512"),
     PaperValue("train.steps", EPISODES // 512, f"{_CODE}, num_updates = total_episodes // batch_size"),
+    PaperValue("eval.evaluator.temperature", 0.01, f"{_CODE}, validation_generation_config (0.01 + 1e-7)"),
+    PaperValue("eval.evaluator.max_new_tokens", 53, f"{_CODE}, validation_generation_config"),
+    PaperValue("eval.evaluator.baseline", "reference", f"{_CODE}, evaluate() (reference_response_token) and the "
+               "paper's preference over the reference summaries"),
+    PaperValue("evaluator model", "GPT-3.5 (OpenAI API)", "Huang et al. 2024, Sec. 7.1 (eval/oai.py)",
+               "an open LLM you name (evaluator=): the API is not a local model", ours="evaluator="),
     PaperValue("seeds", list(PAPER_SEEDS), f"{_SBATCH}, SEEDS (4 per model size)"),
 ]
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, policy="checkpoints/tldr_sft", rm="checkpoints/tldr_rm", fsdp=1, steps=0, runlocal=False)
+    a = parse_arg(arg, policy="checkpoints/tldr_sft", rm="checkpoints/tldr_rm", evaluator="Qwen/Qwen2.5-72B-Instruct",
+                  fsdp=1, steps=0, runlocal=False)
     c = config_lib.base_config()
 
     # ---- models: SFT policy (its copy is the reference); reward model = judge in reward_model mode = critic init
@@ -134,8 +143,20 @@ def get_config(arg: str = ""):
     c.critic.path = a.rm
     c.eval.win_rate = False  # the reward model cannot compare two responses; eval/judge_score tracks its reward
 
-    # ---- data
+    # ---- data (the summary column is the reference the evaluation compares with)
     set_tldr_data(c.data)
+    c.data.reference_field = "reference"
+
+    # ---- evaluation as the reproduction does it: near-greedy samples (temperature 0.01) of the validation prompts,
+    # compared with the dataset's reference summaries by a model that is not the reward (its paper: GPT-3.5)
+    c.eval.evaluator.path = a.evaluator
+    c.eval.evaluator.dtype = c.eval.evaluator.param_dtype = "bfloat16"
+    c.eval.evaluator.template = TLDR_PAIRWISE_TEMPLATE
+    c.eval.evaluator.chat_template = True
+    c.eval.evaluator.max_len = 1024
+    c.eval.evaluator.baseline = "reference"
+    c.eval.evaluator.temperature = 0.01
+    c.eval.evaluator.max_new_tokens = 53
 
     # ---- sampling: temperature 0.7, 53 response tokens, stop at the policy's EOS
     c.rollout.temperature = 0.7

@@ -4,7 +4,8 @@
     python -m rlaif_jax.train --config experiments/rlaif_tldr.py:variant=canonical,rm=RM_DIR --workdir DIR
 
 Arguments (comma-separated): variant=direct|canonical, policy=HF id or folder, judge=HF id or folder (direct),
-rm=reward-model folder (canonical), fsdp=N (mesh), steps=N, runlocal (a 2-step smoke run of the same setup).
+rm=reward-model folder (canonical), evaluator=HF id or folder (the independent evaluator), fsdp=N (mesh),
+steps=N (default: the paper's 8 epochs), runlocal (a 2-step smoke run of the same setup).
 
 Variants
   direct     d-RLAIF (the paper's Section on direct RLAIF): during RL the off-the-shelf judge LLM is asked for a
@@ -42,14 +43,17 @@ paper trains on this filtered set. Held-out: its validation split.
 Target (paper, Table 1 / Figure 1; human evaluators, win rate against the SFT policy):
   canonical RLAIF vs SFT 71%, RLHF vs SFT 73%, RLAIF vs RLHF head-to-head 50%;
   d-RLAIF vs SFT about 74% (above canonical RLAIF; see the d-RLAIF results table of arXiv v3 for the exact value).
-What this run reports instead: `eval/win_rate` is the judge LLM's pairwise preference of the trained policy over
-the initial (SFT) policy, both presentation orders averaged; it is an AI-judged proxy of the paper's human win
-rate, so expect it to move well above 0.5 when training works, not to equal 0.71-0.74. (In the canonical variant
-the judge is the reward model, which cannot compare two summaries; there `eval/judge_score` tracks the reward.)
+What this run reports instead: `eval/evaluator_win_rate` (with its bootstrap interval and the length-controlled
+`eval/evaluator_lc_win_rate`) is an evaluator LLM's pairwise preference of the trained policy's summaries over the
+initial (SFT) policy's, both presentation orders averaged; the evaluator (evaluator=, default Qwen2.5-72B-Instruct)
+is not the reward, so it is an AI proxy of the paper's human raters: expect it well above 0.5 when training works,
+not equal to 0.71-0.74. `eval/win_rate` (variant=direct) is the reward judge's own opinion of the same comparison,
+which a policy optimised against that judge inflates.
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import (LEE2023_ROWS, LEE2023_SEEDS, TLDR_DATASET, TLDR_TRAIN_PROMPTS, PaperValue, apply_runlocal,
-                               lee2023_steps_row, paper_table, parse_arg, set_lee2023, set_tldr_data)
+from rlaif_jax.recipes import (LEE2023_ROWS, LEE2023_SEEDS, NOT_GIVEN, TLDR_DATASET, TLDR_PAIRWISE_TEMPLATE,
+                               TLDR_TRAIN_PROMPTS, PaperValue,
+                               apply_runlocal, lee2023_steps_row, paper_table, parse_arg, set_lee2023, set_tldr_data)
 
 
 # The d-RLAIF scoring prompt, adapted from the paper's appendix; {num_scores} becomes the top of the scale.
@@ -60,15 +64,6 @@ DIRECT_TEMPLATE = (
     "of the TEXT and adds nothing that is not in it.\n\n"
     "TEXT:\n{prompt}\n\nSUMMARY:\n{response}\n\nReply with the SCORE only."
 )
-# Evaluation: which of two summaries is better (the paper's preference-labelling task, OpenAI preamble adapted).
-PAIRWISE_TEMPLATE = (
-    "A good summary is a shorter piece of text that has the essence of the original. It tries to accomplish the "
-    "same purpose and conveys the key information from the original post. Below is a Reddit post and two summaries "
-    "of it, A and B. Which summary is better?\n\n"
-    "TEXT:\n{prompt}\n\nSUMMARY A:\n{response}\n\nSUMMARY B:\n{response_b}\n\nReply with A or B only."
-)
-
-
 PAPER_SEEDS = LEE2023_SEEDS
 PAPER = LEE2023_ROWS + [
     lee2023_steps_row(TLDR_TRAIN_PROMPTS, "filtered TL;DR"),
@@ -80,13 +75,19 @@ PAPER = LEE2023_ROWS + [
     PaperValue("judge.num_scores", 10, "Lee et al. 2023, d-RLAIF (scores 1 to 10)"),
     PaperValue("data.path", TLDR_DATASET, "Stiennon et al. 2020's filtered TL;DR, which Lee et al. 2023 use "
                "(here as Huang et al. 2024 publish it)"),
+    PaperValue("evaluation", "human raters' win rate against the SFT policy", "Lee et al. 2023, Sec. 3.3 and Table 1",
+               "raters are not available: an evaluator LLM that is not the reward (eval.evaluator)",
+               ours="an evaluator LLM's win rate against the initial (SFT) policy, both orders"),
+    PaperValue("eval.evaluator.baseline", "initial_policy", "Lee et al. 2023, Table 1 (win rate vs SFT)"),
+    PaperValue("eval.evaluator.temperature", NOT_GIVEN, "Lee et al. 2023", "not stated where we read: greedy",
+               ours=0.0),
 ]
 
 
 def get_config(arg: str = ""):
     a = parse_arg(arg, variant="direct", policy="meta-llama/Llama-3.2-1B-Instruct",
-                  judge="meta-llama/Llama-3.1-8B-Instruct", rm="checkpoints/tldr_rlaif_rm", fsdp=1, steps=0,
-                  runlocal=False)
+                  judge="meta-llama/Llama-3.1-8B-Instruct", rm="checkpoints/tldr_rlaif_rm",
+                  evaluator="Qwen/Qwen2.5-72B-Instruct", fsdp=1, steps=0, runlocal=False)
     if a.variant not in ("direct", "canonical"):
         raise ValueError(f"variant={a.variant!r}; use variant=direct (d-RLAIF) or variant=canonical (distilled RM)")
     c = config_lib.base_config()
@@ -110,9 +111,21 @@ def get_config(arg: str = ""):
         c.judge.mode = "reward_model"
         c.judge.chat_template = False
     if a.variant == "direct":
-        c.eval.pairwise_template = PAIRWISE_TEMPLATE
+        c.eval.pairwise_template = TLDR_PAIRWISE_TEMPLATE
     else:  # the judge is the reward model, which cannot compare two summaries: no win rate (validation refuses one)
         c.eval.win_rate = False
+
+    # ---- evaluation by a model that is not the reward (the paper's human raters): its pairwise preference of the
+    # policy's summaries over the SFT policy's, both orders, greedy decoding; it also ranks the kept candidates
+    # (python -m rlaif_jax.independent_eval --policy=WORKDIR --select_best ...)
+    c.eval.evaluator.path = a.evaluator
+    c.eval.evaluator.dtype = c.eval.evaluator.param_dtype = "bfloat16"
+    c.eval.evaluator.template = TLDR_PAIRWISE_TEMPLATE
+    c.eval.evaluator.chat_template = True
+    c.eval.evaluator.max_len = 1536
+    c.eval.evaluator.baseline = "initial_policy"
+    c.eval.evaluator.temperature = 0.0
+    c.eval.evaluator.max_new_tokens = 128
 
     # ---- data
     set_tldr_data(c.data)

@@ -235,6 +235,16 @@ TLDR_TRAIN_PROMPTS = 116_722
 TLDR_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
 
 
+# Which of two TL;DR summaries is better (Lee et al.'s preference-labelling task, OpenAI's preamble adapted): the
+# evaluator's question in both TL;DR recipes, and the d-RLAIF judge's win rate.
+TLDR_PAIRWISE_TEMPLATE = (
+    "A good summary is a shorter piece of text that has the essence of the original. It tries to accomplish the "
+    "same purpose and conveys the key information from the original post. Below is a Reddit post and two summaries "
+    "of it, A and B. Which summary is better?\n\n"
+    "TEXT:\n{prompt}\n\nSUMMARY A:\n{response}\n\nSUMMARY B:\n{response_b}\n\nReply with A or B only."
+)
+
+
 def set_tldr_data(d: ml_collections.ConfigDict) -> None:
     """`config.data` for TL;DR: the hub dataset read by its schema (OpenAI's prompt format over its columns, the
     summary as the reference response), held-out validation.
