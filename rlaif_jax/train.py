@@ -12,6 +12,7 @@ This file holds the flags, `main` and the run loop; the rooms it calls:
   workdir.py    what may be written into the workdir; fresh start or resume, and which config changes a resume allows
   errors.py     the one error channel: a user's mistake is one line `FATAL <kind> error: ...` and exit code 2
   plan.py       plan mode
+  program.py    what the programs share (with sft.py): multi-host start-up, logging, flag errors, `Preemption`
 
 Phases of `main` (`launch`):
   1 logging (--plan hands over to plan.py here, on simulated devices); distributed init; before anything is
@@ -30,12 +31,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 
 import jax
 import ml_collections
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rlaif_jax import builder
@@ -45,10 +44,12 @@ from rlaif_jax import data as data_lib
 from rlaif_jax import errors, evaluate, judging
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
+from rlaif_jax import program
 from rlaif_jax import reward_functions
 from rlaif_jax import sharding as shd
 from rlaif_jax import workdir as workdir_lib
 from rlaif_jax.models import hf
+from rlaif_jax.program import Preemption, configure_logging, maybe_initialize_distributed, parse_flags
 from rlaif_jax.testbed import build as testbed_build
 
 log = logging.getLogger("rlaif_jax")
@@ -66,43 +67,6 @@ _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "plan mode: number of si
 _DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "plan mode: memory of one target device")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume although the config changed settings "
                                          "that alter what the run computes (model, data, batch, algorithm, ...)")
-
-
-# ---------------------------------------------------------------------------------------------- preemption
-class Preemption:
-    """SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) and SIGINT (Ctrl-C) ask the loop to stop at
-    the next step boundary: it saves a checkpoint of that step, says where the run will resume, and exits with
-    128 + the signal's number. A second signal of the same kind acts at once (the default handler is back).
-
-    On several processes every one must stop at the same step: there SIGTERM is left to JAX's preemption service
-    (`jax.distributed` installs its notifier), and `multihost_utils.reached_preemption_sync_point(step)`, called at
-    every step by every process, turns True on the same step everywhere. SIGINT is not intercepted there (Ctrl-C
-    reaches one process only)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.multihost = jax.process_count() > 1
-        signals = () if self.multihost else (signal.SIGTERM, signal.SIGINT)
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])
-        log.warning("%s received: stopping after the step in progress, with a checkpoint (send it again to stop "
-                    "at once, without one)", signal.Signals(signum).name)
-
-    def requested(self, step: int) -> bool:
-        """Whether to stop after `step`; every process calls it at every step."""
-        if self.multihost:
-            from jax.experimental import multihost_utils
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signum = self.signum or signal.SIGTERM
-        return self.signum is not None
-
-    def close(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -211,36 +175,6 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
     return 0
 
 
-def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
-    """Multi-host: `jax.distributed.initialize` from flags, or from the environment: JAX_COORDINATOR_ADDRESS /
-    JAX_NUM_PROCESSES / JAX_PROCESS_ID, or auto-detection on TPU pods (RLAIF_DISTRIBUTED=1, as
-    scripts/launch_tpu_pod.sh sets) and SLURM. Must run before any other jax call."""
-    env = os.environ
-    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    # CPU processes exchange collectives through gloo (accelerators use their own interconnect).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator:
-        num_processes = num_processes or int(env["JAX_NUM_PROCESSES"])
-        process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"])
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif (env.get("RLAIF_DISTRIBUTED") == "1" or env.get("TPU_WORKER_HOSTNAMES")
-          or ("SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)):
-        # TPU pods (the launcher sets RLAIF_DISTRIBUTED=1; the topology comes from the metadata server) and SLURM:
-        # jax.distributed finds coordinator, process count and index by itself.
-        jax.distributed.initialize()
-
-
-def configure_logging() -> None:
-    """Our own progress lines at INFO; the libraries' (orbax logs every checkpoint file) only from WARNING."""
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def check_inputs(c: ml_collections.ConfigDict) -> None:
     """What is knowable about the model folders and data files before any is loaded: they exist, config.json and
     safetensors headers parse and fit their files, tokenizer files are there (hub ids are checked when fetched)."""
@@ -248,11 +182,7 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
     hf.check_folder(c.judge.path, "config.judge.path")
     if c.critic.path:
         hf.check_folder(c.critic.path, "config.critic.path")
-    for setting, path in (("config.data.path", c.data.path), ("config.data.eval_path", c.data.eval_path)):
-        if path and not data_lib._is_local(path) and (os.path.isabs(path) or path.startswith(("./", "../", "~"))
-                                                       or os.path.splitext(path)[1] in data_lib._LOCAL_BUILDERS):
-            raise errors.DataError(f"{setting}={path!r}: no such file or folder; fix the path (a hub dataset is "
-                                   "named org/name)")
+    program.check_data_paths(c.data)
 
 
 def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, allow_config_change: bool = False,
@@ -296,16 +226,6 @@ def main(argv):
     return launch(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value, plan=_PLAN.value,
                   plan_devices=_PLAN_DEVICES.value, device_memory_gib=_DEVICE_MEMORY.value,
                   distributed=(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config mistakes (a typo in --config.x.y, a value of the wrong type) reported as
-    one line that says what to change instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        errors.report(errors.ConfigError(message))
 
 
 if __name__ == "__main__":

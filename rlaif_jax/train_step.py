@@ -106,9 +106,9 @@ def group_permutation(key: jax.Array, rows: int, n: int) -> jax.Array:
     return (jax.random.permutation(key, rows // n)[:, None] * n + jnp.arange(n)).reshape(rows)
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
-    """AdamW (or Adafactor, `optim.name`) with warm-up then a constant / linear / cosine schedule, after
-    global-norm clipping. Weight decay is decoupled in both (added to the update, scaled by the schedule)."""
+def learning_rate_schedule(c: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule:
+    """Learning rate by optimizer update: linear warm-up over optim.warmup_steps, then constant / linear / cosine
+    decay (to 0 at `total_updates`), `optim.schedule`."""
     o = c.optim
     decay_steps = max(total_updates - o.warmup_steps, 1)
     if o.schedule == "constant":
@@ -119,6 +119,13 @@ def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.Gr
         after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
     schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), after],
                                     [o.warmup_steps]) if o.warmup_steps else after
+    return schedule
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.GradientTransformation:
+    """AdamW (or Adafactor, `optim.name`) at `learning_rate_schedule`, after global-norm clipping. Weight decay is
+    decoupled in both (added to the update, scaled by the schedule)."""
+    o, schedule = c.optim, learning_rate_schedule(c, total_updates)
     chain = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
     if o.name == "adafactor":
         chain.append(optax.adafactor(schedule, weight_decay_rate=o.weight_decay or None))

@@ -35,13 +35,14 @@ MARKER_FILE = ".rlaif_jax_run"
 LAUNCHER_FILES = ("train.log",)  # scripts/sweep.py's log of the run, written beside it
 CONFIG_FILE = "config.json"
 FINAL_POLICY = "final_policy"
+POLICY_EXPORTS = "policies"  # sft.py's exports every train.export_every steps: policies/step_<s>
 # An earlier run's outputs, moved aside (never truncated) when there is no checkpoint to resume them from.
 RUN_OUTPUTS = (metrics_lib.METRICS_FILE, CONFIG_FILE, FINAL_POLICY, metrics_lib.SAMPLES_DIR,
-               metrics_lib.WANDB_ID_FILE, ckpt_lib.BEST_DIR)
+               metrics_lib.WANDB_ID_FILE, ckpt_lib.BEST_DIR, POLICY_EXPORTS)
 # Settings a resumed run may change: how it is logged, evaluated, checkpointed and laid out on devices, how long
 # it runs. Every other setting changes what the run computes.
 RESUME_ALLOWED = ("logging.", "eval.", "checkpoint.", "compute.", "mesh.", "testbed.", "train.steps",
-                  "train.export_final", "train.max_consecutive_skipped")
+                  "train.export_final", "train.export_every", "train.max_consecutive_skipped")
 # Files that say a folder holds a model (or other foreign data), not a run.
 _FOREIGN_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".model", ".index.json")
 

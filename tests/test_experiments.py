@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
+from rlaif_jax import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -28,6 +29,7 @@ ARGS = {
     "rlaif_harmless": ["", "runlocal", "fsdp=2", "rm=/ckpt/rm,steps=10"],
     "ppo_tldr_details": ["", "runlocal", "policy=/ckpt/sft,rm=/ckpt/rm,fsdp=8,steps=5"],
     # judge=pairwise with the grpo estimator needs main's reward.pairwise_baseline (TODO(merge) in the file).
+    "sft_tldr": ["", "runlocal", "fsdp=8,steps=5"],
     "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -55,8 +57,10 @@ def test_config_parses_locks_and_validates(name, arg):
     c = module.get_config() if arg is None else module.get_config(arg)
     assert c.is_locked
     devices = [8] if c.mesh.fsdp > 1 else [1, 8]
+    # experiments/sft_*.py are configs of the SFT program (rlaif_jax.sft), the rest of the RL program.
+    validate = sft.validate if name.startswith("sft_") else config_lib.validate
     for n in devices:
-        config_lib.validate(c, num_devices=n)
+        validate(c, num_devices=n)
     with pytest.raises(AttributeError):
         c.not_a_field = 1  # locked: typos are errors
 
