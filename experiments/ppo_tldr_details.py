@@ -120,6 +120,9 @@ PAPER = [
                "paper's preference over the reference summaries"),
     PaperValue("evaluator model", "GPT-3.5 (OpenAI API)", "Huang et al. 2024, Sec. 7.1 (eval/oai.py)",
                "an open LLM you name (evaluator=): the API is not a local model", ours="evaluator="),
+    PaperValue("checkpoint.keep_best", 0, f"{_CODE}: the policy after the last update is saved and evaluated "
+               "(no selection among checkpoints)"),
+    PaperValue("train.export_final", True, f"{_CODE}, `policy.save_pretrained(output_dir)` after training"),
     PaperValue("seeds", list(PAPER_SEEDS), f"{_SBATCH}, SEEDS (4 per model size)"),
 ]
 

@@ -20,6 +20,7 @@ into place, so an interrupted build is never mistaken for a finished one and the
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -310,7 +311,21 @@ def build(config: ml_collections.ConfigDict | None = None, out_dir: str | None =
     if is_complete(root) and not force:
         log(f"reusing the testbed built in {root}")
         return art
+    # One build at a time per folder: processes that start together (parallel test workers, the hosts of a sweep)
+    # wait for the first one's build and reuse it instead of each spending minutes on the same models.
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(f"{root.rstrip(os.sep)}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(root) and not force:
+            log(f"reusing the testbed another process built in {root}")
+            return art
+        return _build(config, art, force, show_progress, log)
 
+
+def _build(config: ml_collections.ConfigDict, art: Artifacts, force: bool, show_progress: bool,
+           log: Callable[[str], None]) -> Artifacts:
+    """`build`'s work, under its lock: writes the build into a temporary sibling, then renames it into place."""
+    root = art.root
     tmp = f"{root.rstrip(os.sep)}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
