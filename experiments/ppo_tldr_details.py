@@ -118,6 +118,9 @@ PAPER = [
     PaperValue("eval.evaluator.max_new_tokens", 53, f"{_CODE}, validation_generation_config"),
     PaperValue("eval.evaluator.baseline", "reference", f"{_CODE}, evaluate() (reference_response_token) and the "
                "paper's preference over the reference summaries"),
+    PaperValue("reward-model score in evaluation", "of near-greedy (0.01) samples, beside the references' scores",
+               f"{_CODE}, evaluate()", "eval/judge_score scores samples at the rollout's 0.7, where eval/kl is "
+               "measured too; the near-greedy samples go to the evaluator", ours="of samples at temperature 0.7"),
     PaperValue("evaluator model", "GPT-3.5 (OpenAI API)", "Huang et al. 2024, Sec. 7.1 (eval/oai.py)",
                "an open LLM you name (evaluator=): the API is not a local model", ours="evaluator="),
     PaperValue("checkpoint.keep_best", 0, f"{_CODE}: the policy after the last update is saved and evaluated "
