@@ -26,6 +26,8 @@ setup(
     extras_require={
         # torch is pinned exactly: 2.13.0 is the CPU build this project's machines carry;
         # any other version pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "trl>=0.20,<2"],
+        # pytest-xdist: scripts/test.sh runs the suite in 2 worker processes (most tests are bound by one core's
+        # XLA compile, so two workers use a 2-core machine fully).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "trl>=0.20,<2"],
     },
 )
