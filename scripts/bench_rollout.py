@@ -14,6 +14,10 @@ here with a 2048^3 matmul in JAX (and in torch; the larger of the two is the pea
 analytically (useful work only): 2 * (matmul params) per token, plus attention 4 * H * E per (query, real key)
 pair, plus the LM head on the last prompt position and on each generated position.
 
+Host diagnostics (`HostCounters`, one line per side): cores used, page faults and context switches per second, and
+the load average, over the timed runs, so a slow run shows whether neighbours took the cores or temporaries were
+faulted in.
+
 Usage:  python scripts/bench_rollout.py [--repeats 5]
 Last line: speedup_vs_transformers=<our tokens/s / HF tokens/s>.
 """
@@ -45,6 +49,42 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+class HostCounters:
+    """What the host did while a side of the benchmark ran, to explain a slow run: accumulates, over every
+    `with counters:` block, wall time, this process's CPU time (all threads), minor / major page faults and
+    voluntary / involuntary context switches (getrusage), and the 1-minute load average seen at each entry.
+    CPU time well under wall x threads, many involuntary switches and a load above the core count say that
+    other processes took the cores; many page faults per second say fresh temporaries are being faulted in."""
+
+    def __init__(self, name: str):
+        self.name, self.wall, self.cpu = name, 0.0, 0.0
+        self.minflt = self.majflt = self.nvcsw = self.nivcsw = 0
+        self.loads: list[float] = []
+
+    def __enter__(self):
+        import resource
+        self._t, self._r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        self.loads.append(os.getloadavg()[0])
+        return self
+
+    def __exit__(self, *exc):
+        import resource
+        r, r0 = resource.getrusage(resource.RUSAGE_SELF), self._r
+        self.wall += time.perf_counter() - self._t
+        self.cpu += (r.ru_utime - r0.ru_utime) + (r.ru_stime - r0.ru_stime)
+        self.minflt += r.ru_minflt - r0.ru_minflt
+        self.majflt += r.ru_majflt - r0.ru_majflt
+        self.nvcsw += r.ru_nvcsw - r0.ru_nvcsw
+        self.nivcsw += r.ru_nivcsw - r0.ru_nivcsw
+
+    def line(self) -> str:
+        wall = max(self.wall, 1e-9)
+        return (f"host[{self.name}] wall_s={self.wall:.2f} cores_used={self.cpu / wall:.2f}/{os.cpu_count()} "
+                f"minor_faults_per_s={self.minflt / wall:.0f} major_faults={self.majflt} "
+                f"involuntary_switches_per_s={self.nivcsw / wall:.0f} voluntary_switches_per_s={self.nvcsw / wall:.0f} "
+                f"load1={min(self.loads, default=0):.2f}-{max(self.loads, default=0):.2f}")
 
 
 def matmul_peak(repeats: int) -> tuple[float, float]:
@@ -136,12 +176,15 @@ def main():
     # Alternate the sides so that load from other processes falls on all alike; before each timed run, one
     # untimed run of the same side and setting (see the module docstring).
     ours_all, hf_all = [], {t: [] for t in thread_counts}
+    ours_host, hf_host = HostCounters("ours"), {t: HostCounters(f"hf_threads={t}") for t in thread_counts}
     for _ in range(args.repeats):
         ours_run()
-        ours_all.append(median_time(ours_run, 1)[0])
+        with ours_host:
+            ours_all.append(median_time(ours_run, 1)[0])
         for threads in thread_counts:
             hf_run_with(threads)
-            hf_all[threads].append(median_time(lambda: hf_run_with(threads), 1)[0])
+            with hf_host[threads]:
+                hf_all[threads].append(median_time(lambda: hf_run_with(threads), 1)[0])
     torch.set_num_threads(os.cpu_count())
     ours_s = statistics.median(ours_all)
     hf_by_threads = {t: statistics.median(v) for t, v in hf_all.items()}
@@ -164,6 +207,8 @@ def main():
     print(f"ours_tokens_per_s={ours_tps:.1f}")
     print(f"transformers_tokens_per_s={hf_tps:.1f}")
     print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f}")
+    for counters in (ours_host, *hf_host.values()):
+        print(counters.line())
     print(f"rollout_gflop={flops / 1e9:.3f} ours_gflops={flops / ours_s / 1e9:.2f} "
           f"ours_fraction_of_peak={flops / ours_s / peak:.3f} hf_fraction_of_peak={flops / hf_s / peak:.3f}")
     pairs = statistics.median(h / o for h, o in zip(hf_all[best_threads], ours_all))

@@ -52,6 +52,10 @@ measurements spread over the run). XLA's own cost_analysis of each compiled phas
 counts a while_loop / scan body once, and the layers run as a lax.scan, so it shows about 1 / num_layers of the
 work (and the rollout's decode loop once).
 
+Host diagnostics (bench_rollout.HostCounters), one line per side over its timed steps: cores used, page faults and
+context switches per second, the load average: a slow run shows whether neighbours took the cores (cores used below
+the thread count, many involuntary switches, load above the core count) or fresh temporaries were faulted in.
+
 Usage:  python scripts/bench_step.py [--steps 5] [--warmup 1]
 Last line: speedup_vs_trl=<TRL seconds per step / our seconds per step>.
 """
@@ -70,7 +74,7 @@ import numpy as np
 import torch
 import transformers
 
-from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, matmul_peak
+from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, matmul_peak
 
 from rlaif_jax import config as config_lib
 from rlaif_jax import builder, judging
@@ -215,6 +219,7 @@ class Ours:
         self.mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
         self.rules = [tuple(r) for r in c.mesh.rules]
         self.c, self.batches, self.i = c, batches, 0
+        self.host = HostCounters("ours_step")  # the fused steps' host diagnostics
         self.keys = iter(jax.random.split(jax.random.key(123), 100000))
         with self._ctx():
             s = builder.build(c, self.mesh, self.rules)
@@ -275,10 +280,11 @@ class Ours:
     def run_step(self) -> float:
         tokens, mask = self.batches[self.i % len(self.batches)]
         self.i += 1
-        t0 = time.perf_counter()
-        self.state, metrics = self.step(self.state, self.frozen, tokens, mask)
-        self.last_metrics = jax.device_get(metrics)  # what the training loop reads back every step
-        return time.perf_counter() - t0
+        with self.host:
+            t0 = time.perf_counter()
+            self.state, metrics = self.step(self.state, self.frozen, tokens, mask)
+            self.last_metrics = jax.device_get(metrics)  # what the training loop reads back every step
+            return time.perf_counter() - t0
 
     def run_phases(self) -> dict[str, float]:
         tokens, mask = self.batches[self.i % len(self.batches)]
@@ -326,14 +332,16 @@ def make_judge_reward(judge_folder: str, tokenizer):
 class Interleave(transformers.TrainerCallback):
     """Times each TRL optimizer step and runs one round of ours after it."""
 
-    def __init__(self, ours: Ours | None):
-        self.ours, self.trl_s, self._t0 = ours, [], None
+    def __init__(self, ours: Ours | None, host: HostCounters):
+        self.ours, self.trl_s, self._t0, self.host = ours, [], None, host
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.host.__enter__()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trl_s.append(time.perf_counter() - self._t0)
+        self.host.__exit__(None, None, None)
         if self.ours is not None:
             self.ours.record_round()
 
@@ -350,7 +358,7 @@ def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, ours: Ours
         top_k=0, top_p=1.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
         per_device_train_batch_size=PROMPTS * GENERATIONS, gradient_accumulation_steps=1, max_steps=steps,
         generation_kwargs={"min_new_tokens": NEW}, dataloader_num_workers=0)
-    callback = Interleave(ours)
+    callback = Interleave(ours, HostCounters(f"trl_threads={threads}"))
     trainer = trl.GRPOTrainer(model=policy, reward_funcs=make_judge_reward(world["judge"], tokenizer), args=args,
                               train_dataset=datasets.Dataset.from_dict({"prompt": prompt_texts}),
                               processing_class=tokenizer, callbacks=[callback])
@@ -359,6 +367,7 @@ def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, ours: Ours
     length = trainer._metrics["train"].get("completions/min_length", [NEW])
     assert min(length) == NEW, f"TRL completions shorter than {NEW}: {length}"
     torch.set_num_threads(os.cpu_count())
+    print(callback.host.line(), flush=True)
     return callback.trl_s
 
 
@@ -427,6 +436,7 @@ def main():
     print(f"trl_baseline=torch_threads={best}")
     print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
           f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
+    print(ours.host.line())
     print("flops_gflop analytic ours: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_ours.items())
           + "; xla cost_analysis: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in ours.cost.items()))
     print("flops_gflop analytic trl:  " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_trl.items()))
