@@ -352,10 +352,12 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     """`builder.build` from config.json and tokenizer files alone (plan mode) gives the model configs, judge spec
     and sampling settings, and the shapes, dtypes and shardings of the train state and frozen models, that the
     build with real weights gives, on a (data=2, fsdp=2, tensor=2) mesh. A reward-model judge and a separate critic
-    initialised from it cover the value heads; compute.scan_unroll reaches the trained models only."""
+    initialised from it cover the value heads; compute.scan_unroll and remat reach the trained models only, the
+    attention settings the judge too."""
     rm = write_reward_model(world, str(tmp_path / "rm"))
     c = make_config(world, **{"judge.mode": "reward_model", "judge.path": rm, "critic.kind": "separate",
-                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2})
+                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2,
+                              "compute.remat": "full", "compute.attention": "chunked", "compute.attention_chunk": 4})
     mesh = shd.make_mesh(2, 2, 2)
     rules = [tuple(r) for r in c.mesh.rules]
     with shd.use_rules(rules), jax.set_mesh(mesh):
@@ -363,6 +365,8 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
         shapes = builder.build(c, mesh, rules, weights=False)
     assert shapes.models == real.models
     assert (real.models.policy.scan_unroll, real.models.critic.scan_unroll, real.models.judge.scan_unroll) == (2, 2, 1)
+    assert (real.models.policy.remat, real.models.critic.remat, real.models.judge.remat) == ("full", "full", "none")
+    assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in real.models.__dict__.values())
     assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
     assert isinstance(shapes.frozen.judge, reward_model.RewardModelParams)
     for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):
