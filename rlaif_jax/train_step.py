@@ -72,8 +72,9 @@ class Models:
 # ---------------------------------------------------------------------------------------------- helpers
 def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_bp, response_br, response_mask_br,
                       temperature: float, rows_per_prompt: int = 1):
-    """One forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
-    logits at the response positions (B, R, V) and the hidden states that precede each response token.
+    """One forward over [prompt, response]; returns log pi(response_t | ...) at `temperature` (B, R), the entropy
+    of the tempered distribution at each response position (B, R, 0 at padding; `token_logprobs`) and the hidden
+    states that precede each response token (B, R, D).
 
     rows_per_prompt = n > 1 says rows b * n .. b * n + n - 1 share one prompt (the n samples of a group): each
     prompt then runs once (`tfm.forward_shared_prefix`), which saves (n - 1) / n of the prompt positions'
@@ -94,10 +95,37 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
         mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(mask_dtype)], axis=1)
         # Position P - 1 + t holds the hidden state that predicts response token t.
         hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
-    logits_brv = shd.constrain(tfm.unembed(params, cfg, hidden_brd), ("batch", "length", "vocab")) / temperature
-    logp_brv = jax.nn.log_softmax(logits_brv, axis=-1)
-    logp_br = jnp.take_along_axis(logp_brv, response_br[..., None], axis=-1)[..., 0]
-    return logp_br, logits_brv, hidden_brd
+    logp_br, entropy_br = token_logprobs(params, cfg, hidden_brd, response_br, response_mask_br, temperature)
+    return logp_br, entropy_br, hidden_brd
+
+
+def token_logprobs(params: Params, cfg: ModelConfig, hidden_brd, response_br, response_mask_br, temperature: float):
+    """The LM head on the hidden states before each response token: (log pi(response_t) at `temperature`, the
+    tempered distribution's entropy `algorithms.entropy_from_logits`), (B, R) float32 each.
+
+    With cfg.logprob_chunk = C > 0 (config.compute.logprob_chunk) the R positions go through the head C at a time
+    (`lax.map` over blocks, each under `jax.checkpoint`): the (B, R, V) float32 logits, at real vocabularies the
+    learn phase's largest activation, are never whole; the backward recomputes each block's logits from its
+    hidden states (one more (B, R, D) x (D, V) matmul)."""
+    def block(hidden_bcd, tokens_bc, mask_bc):
+        logits_bcv = shd.constrain(tfm.unembed(params, cfg, hidden_bcd), ("batch", "length", "vocab")) / temperature
+        logp_bc = jnp.take_along_axis(jax.nn.log_softmax(logits_bcv, axis=-1), tokens_bc[..., None], axis=-1)[..., 0]
+        return logp_bc, algorithms.entropy_from_logits(logits_bcv, mask_bc)
+
+    B, R = response_br.shape
+    C = cfg.logprob_chunk
+    if not 0 < C < R:
+        return block(hidden_brd, response_br, response_mask_br)
+    n = -(-R // C)
+
+    def blocks(x_br):  # (B, R, ...) -> (n, B, C, ...), R padded to n * C
+        x = jnp.pad(x_br, ((0, 0), (0, n * C - R)) + ((0, 0),) * (x_br.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, C, *x_br.shape[2:]), 1, 0)
+
+    logp_nbc, entropy_nbc = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs),
+                                        (blocks(hidden_brd), blocks(response_br), blocks(response_mask_br)))
+    unblock = lambda x_nbc: jnp.moveaxis(x_nbc, 0, 1).reshape(B, n * C)[:, :R]  # noqa: E731
+    return unblock(logp_nbc), unblock(entropy_nbc)
 
 
 def group_permutation(key: jax.Array, rows: int, n: int) -> jax.Array:
@@ -255,12 +283,12 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
     temperature = c.rollout.temperature
 
     def loss_fn(params: Params, d: dict, norm: ops.LossNorm):
-        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                 d["resp"], d["rmask"], temperature, rows_per_prompt)
+        logp, entropy, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
+                                                  d["resp"], d["rmask"], temperature, rows_per_prompt)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
         metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
                                                         d["rmask"], "token_mean", norm)
-        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
+        ent_loss, ent_metrics = algorithms.entropy_loss(entropy, d["rmask"], c.algo, norm)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
         values = None
         if c.critic.kind != "none":
