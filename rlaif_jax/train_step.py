@@ -416,27 +416,19 @@ def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm:
     return params, opt_state, skipped, update_metrics
 
 
-def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
-                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
-                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
-    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
-    (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
-    (the host path's `HostJudgeStep.functions`), or None."""
-    if c.algo.estimator == "online_dpo":
-        return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                        roll: rollout_lib.Rollout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Phase 3 (PPO family): (reference log-probs, log-probs before the update, critic values), each (B, R) and
+    without gradient. Plan mode compiles it alone to show its memory."""
     temperature = c.rollout.temperature
     prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
     resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
-
-    # 3 log-probs before the update, reference log-probs, critic values.
     # "Old" log-probs are the sampler's own: log pi(token) at the temperature under these very params (a second
     # forward would agree to ~1e-7; `policy/logp_mismatch` measures that at the first update).
     old_logp = roll.policy_logp_br
     # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
-    n = c.rollout.n_samples
-    share = n if c.compute.share_prompt_forward else 1
-    kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
-    if kl_off:
+    share = c.rollout.n_samples if c.compute.share_prompt_forward else 1
+    if c.reward.kl_coef == 0 and not c.reward.adaptive_kl:
         ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
     else:
         ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature,
@@ -446,7 +438,25 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
                                              temperature, share)
     old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
-    ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
+    return jax.lax.stop_gradient((ref_logp, old_logp, old_values))
+
+
+def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
+                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
+    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
+    (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
+    (the host path's `HostJudgeStep.functions`), or None."""
+    if c.algo.estimator == "online_dpo":
+        return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+    prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
+    resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
+
+    # 3 log-probs before the update, reference log-probs, critic values.
+    ref_logp, old_logp, old_values = pre_update_forwards(c, models, state, frozen, roll)
+    kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
+    n = c.rollout.n_samples
+    share = n if c.compute.share_prompt_forward else 1  # the forwards run each prompt once per group
 
     # 4 shaping: scores and the responses' rule terms -> per-token rewards (KL, penalties, normalisation)
     rule_inputs = reward_rules.RuleInputs(prompt, pmask, resp, rmask, roll.stopped_b)
