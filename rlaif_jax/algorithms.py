@@ -298,11 +298,12 @@ def entropy_from_logits(logits_brv: jax.Array, response_mask_br: jax.Array) -> j
     return jnp.where(response_mask_br > 0, entropy_br, 0.0)
 
 
-def entropy_loss(logits_brv: jax.Array, response_mask_br: jax.Array, cfg: ml_collections.ConfigDict,
+def entropy_loss(entropy_br: jax.Array, response_mask_br: jax.Array, cfg: ml_collections.ConfigDict,
                  norm: LossNorm | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Entropy bonus as a loss: -ent_coef * aggregate(H_t). Returns (loss, {"policy/entropy": aggregate(H_t)});
-    `norm` as in `ppo_policy_loss`."""
-    entropy = aggregate(entropy_from_logits(logits_brv, response_mask_br), response_mask_br, cfg.loss_agg, norm)
+    """Entropy bonus as a loss: -ent_coef * aggregate(H_t), from the per-token entropies H_t (`entropy_from_logits`,
+    which the learn phase computes block by block with the log-probs). Returns (loss, {"policy/entropy":
+    aggregate(H_t)}); `norm` as in `ppo_policy_loss`."""
+    entropy = aggregate(entropy_br, response_mask_br, cfg.loss_agg, norm)
     return -cfg.ent_coef * entropy, {"policy/entropy": entropy}
 
 

@@ -6,7 +6,8 @@
                                           are ShapeDtypeStructs (with shardings) to `.lower` the step with
 
 What plan mode compiles is by construction what training compiles: every decision is taken here, once, for both:
-  - the model configs, with `config.compute.scan_unroll` on the trained models (policy, reference, critic)
+  - the model configs, with `config.compute`'s model settings (`config.model_compute_settings`) on the trained
+    models (policy, reference, critic) and its attention settings on the judge
   - the sampler's settings (`rollout.SamplingConfig`): its stop ids are the ones the judge cuts responses at
   - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" or "host" (re-tokenisation, only
     with `config.train.allow_tokenizer_mismatch`); `judging.load_judge` logs it, plan mode prints it
@@ -32,6 +33,7 @@ from rlaif_jax import judging, reward_model, reward_rules
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
+from rlaif_jax.config import model_compute_settings
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -91,7 +93,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         else:
             cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
             params = _abstract_params(cfg, mesh, rules)
-        return cfg.replace(scan_unroll=c.compute.scan_unroll), params
+        return cfg.replace(**model_compute_settings(c.compute)), params
 
     # ---- policy, the sampler's settings, the judge and its path
     policy_folder = hf.resolve_path(c.policy.path, weights)
@@ -106,6 +108,9 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
         judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
+    # The judge only runs forwards: of the compute settings, its attention's apply.
+    judge = judge._replace(cfg=judge.cfg.replace(attention=c.compute.attention,
+                                                 attention_chunk=c.compute.attention_chunk))
     if judge.spec.path == "host" and judge.spec.mode != "remote" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "

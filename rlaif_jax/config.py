@@ -18,7 +18,7 @@ import ml_collections
 
 from rlaif_jax import algorithms, errors, hooks, rewards
 from rlaif_jax import sharding as shd
-from rlaif_jax.models.config import FLOAT_DTYPES
+from rlaif_jax.models.config import ATTENTION_CHOICES, FLOAT_DTYPES, REMAT_CHOICES
 
 CRITICS = ("value_head", "separate", "none")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -96,7 +96,25 @@ def compute_config() -> ml_collections.ConfigDict:
     # Forwards over whole groups (n_samples > 1) run each prompt once (tfm.forward_shared_prefix): update phase of
     # bench_step.py 1.44 -> 1.04 s. False: every row runs its prompt (the reference the shared path is tested against).
     c.share_prompt_forward = True
+    # Activation memory of the trained models' forwards (policy, reference, separate critic; attention also the
+    # judge's). remat: what the backward keeps of each layer, the rest recomputed: "none" | "full" (nothing,
+    # ~1/3 more compute) | "dots" (matmul outputs) | "minimal" (weight matmuls' outputs, not attention's) |
+    # "everything" (MaxText's remat_policy names; transformer.REMAT_POLICIES).
+    c.remat = "none"
+    # Attention of the forwards without a KV cache: "xla" materialises (B, H, T, T) scores | "chunked" reads
+    # attention_chunk keys at a time with an online softmax, memory linear in T (transformer.chunked_attention).
+    c.attention = "xla"
+    c.attention_chunk = 512
+    # Response positions per block of the LM head in the learn phase's log-probs (train_step.response_logprobs):
+    # the (rows, R, V) float32 logits are never whole, each block recomputed in the backward; 0 = all at once.
+    c.logprob_chunk = 0
     return c
+
+
+def model_compute_settings(cp: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `config.compute` settings that live on a trained model's ModelConfig (builder.build applies them)."""
+    return {"scan_unroll": cp.scan_unroll, "remat": cp.remat, "attention": cp.attention,
+            "attention_chunk": cp.attention_chunk, "logprob_chunk": cp.logprob_chunk}
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -154,6 +172,12 @@ def _validate_critic(cr: ml_collections.ConfigDict) -> None:
 def _validate_compute(cp: ml_collections.ConfigDict) -> None:
     if cp.scan_unroll < 1:
         raise ValueError(f"config.compute.scan_unroll={cp.scan_unroll} must be >= 1 (1 = a rolled scan)")
+    _check_choice(cp.remat, REMAT_CHOICES, "config.compute.remat")
+    _check_choice(cp.attention, ATTENTION_CHOICES, "config.compute.attention")
+    if cp.attention_chunk < 1:
+        raise ValueError(f"config.compute.attention_chunk={cp.attention_chunk} must be >= 1 (keys per block)")
+    if cp.logprob_chunk < 0:
+        raise ValueError(f"config.compute.logprob_chunk={cp.logprob_chunk} must be >= 0 (0 = no chunking)")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,7 @@
 """Plan mode: the train step compiled ahead of time on simulated devices, from shapes alone.
 
     python -m rlaif_jax.train --config experiments/X.py --plan --plan_devices=N [--device_memory_gib=G]
+                                                                                [--plan_phases]
 
 `plan` builds the run with `builder.build(..., weights=False)`: the model configs, judge spec, shardings and
 step that training builds, from config.json and tokenizer files alone (no weights are read or allocated). It
@@ -12,6 +13,10 @@ programs, each compiled here on its own: the rollout, the judge forward over the
 tokens each; the host work between the programs, re-tokenisation and reward functions, is not planned) and the
 learn phase. Each program's memory is
 printed; the step's peak is the largest of theirs.
+
+With --plan_phases the fused step's phases are also compiled each on its own (`compile_phases`: rollout, judge,
+reference/critic forwards, learn) and their memory printed, to show which phase sets the peak and what the
+config.compute memory settings (remat, attention, logprob_chunk) change.
 """
 from __future__ import annotations
 
@@ -115,20 +120,53 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     return {"rollout": rollout, "judge forward": judge, "learn": learn}
 
 
-def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, Any]:
+def compile_phases(c: ml_collections.ConfigDict, parts: builder.RunParts, mesh: jax.sharding.Mesh, prompts_bp
+                   ) -> dict[str, Any]:
+    """The fused step's phases, each compiled alone with the step's shardings and fed the shapes the phase before
+    hands it: {"rollout": (sampling, with the judge's inputs), "judge": (the token-space judge), "reference/critic":
+    (phase 3's forwards, `train_step.pre_update_forwards`; not for online_dpo, whose reference forward reads the
+    judge's pairs), "learn": (phases 3-6, the update included)}. The programs are the host path's
+    (`train_step.make_host_judge_step`) with the judge jitted in token space."""
+    models, spec = parts.models, parts.judge_spec
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, parts.frozen)
+    step = ts.make_host_judge_step(c, models, spec, mesh, parts.state_shardings, frozen_shardings,
+                                   parts.policy_tokenizer, parts.judge_tokenizer)
+    rollout = step.sample.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()
+    roll, inputs, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
+
+    def judge(frozen, roll, inputs, key):
+        score_fn = functools.partial(judging.score, frozen.judge, models.judge, spec)
+        scores_b, metrics = ts.judge_phase(c, score_fn, roll, key, inputs)
+        return scores_b, metrics.summary(spec)
+
+    judge = jax.jit(judge).lower(parts.frozen, roll, inputs, keys[1]).compile()
+    scores_b, summary = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
+    programs = {"rollout": rollout, "judge": judge}
+    if c.algo.estimator != "online_dpo":
+        forwards = jax.jit(functools.partial(ts.pre_update_forwards, c, models))
+        programs["reference/critic"] = forwards.lower(parts.state, parts.frozen, roll).compile()
+    programs["learn"] = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, _host_terms(c, roll),
+                                         keys).compile()
+    return programs
+
+
+def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = False) -> dict[str, Any]:
     """Compiles the train step ahead of time from shapes alone on the configured mesh, prints per-device memory,
-    FLOPs and fit, and returns them."""
+    FLOPs and fit, and returns them. With `phases` (one fused program), also each phase compiled alone
+    (`compile_phases`): which phase sets the peak."""
     mesh, rules = shd.mesh_from_config(c.mesh)
     with shd.use_rules(rules), jax.set_mesh(mesh):
         parts = builder.build(c, mesh, rules, weights=False)
         prompts_bp = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
                                           sharding=shd.batch_sharding(mesh, 2))
         t0 = time.perf_counter()
-        if not isinstance(parts.step_fn, ts.HostJudgeStep):
+        fused = not isinstance(parts.step_fn, ts.HostJudgeStep)
+        if fused:
             programs = {"step": parts.step_fn.lower(parts.state, parts.frozen, *step_data(c, prompts_bp)).compile()}
         else:
             programs = compile_host_path(c, parts, prompts_bp)
         compile_s = time.perf_counter() - t0
+        phase_programs = compile_phases(c, parts, mesh, prompts_bp) if phases and fused else {}
 
     memory = {name: memory_gib(compiled) for name, compiled in programs.items()}
     largest = max(memory.values(), key=lambda m: m["peak_gib"])
@@ -145,6 +183,8 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float) -> dict[str, An
     }
     if len(memory) > 1:
         report["programs"] = memory
+    if phase_programs:
+        report["phases"] = {name: memory_gib(compiled) for name, compiled in phase_programs.items()}
     print_report(c, report, flops)
     return report
 
@@ -155,13 +195,15 @@ def print_report(c: ml_collections.ConfigDict, report: dict[str, Any], flops: di
              f"({report['judge_mode']}, {report['judge_path']} path), {report['devices']} devices {report['mesh']}, "
              f"batch {c.train.batch_size} x {c.rollout.n_samples} samples, "
              f"prompt {c.data.max_prompt_len} + {c.rollout.max_new_tokens} tokens"]
+    def table(programs: dict[str, dict[str, float]]) -> list[str]:
+        return [f"  {'program':<16} {'arguments':>10} {'outputs':>10} {'donated':>10} {'temporaries':>12} "
+                f"{'peak':>10}"] + [
+            f"  {name:<16} {m['arguments_gib']:10.4g} {m['outputs_gib']:10.4g} {m['aliased_gib']:10.4g} "
+            f"{m['temporaries_gib']:12.4g} {m['peak_gib']:10.4g}" for name, m in programs.items()]
+
     if "programs" in report:
         lines += ["per-device memory (GiB) of the host path's programs, each compiled alone (the host work between "
-                  "them is not planned):",
-                  f"  {'program':<14} {'arguments':>10} {'outputs':>10} {'donated':>10} {'temporaries':>12} "
-                  f"{'peak':>10}"]
-        lines += [f"  {name:<14} {m['arguments_gib']:10.4g} {m['outputs_gib']:10.4g} {m['aliased_gib']:10.4g} "
-                  f"{m['temporaries_gib']:12.4g} {m['peak_gib']:10.4g}" for name, m in report["programs"].items()]
+                  "them is not planned):", *table(report["programs"])]
         lines.append(f"  peak (the largest program's) {report['peak_gib']:.4g}   {fit}")
     else:
         lines += ["per-device memory (GiB):",
@@ -170,6 +212,10 @@ def print_report(c: ml_collections.ConfigDict, report: dict[str, Any], flops: di
                   "place)",
                   f"  temporaries {report['temporaries_gib']:10.4g}",
                   f"  peak        {report['peak_gib']:10.4g}   {fit}"]
+    if "phases" in report:
+        lines += ["per-device memory (GiB) of each phase compiled alone, with the step's shardings (the step above "
+                  "is one program: its peak is not their sum; learn includes reference/critic):",
+                  *table(report["phases"])]
     lines += [f"FLOPs per step: {report['tflops_per_step']:.4g} TFLOP "
               f"({report['tflops_per_step_per_device']:.4g} per device): "
               + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in flops.items()),

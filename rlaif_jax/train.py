@@ -65,6 +65,8 @@ _PLAN = flags.DEFINE_bool("plan", False, "compile the train step ahead of time f
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "plan mode: number of simulated devices "
                                      "(0 = the product of config.mesh, which then must not use -1)")
 _DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "plan mode: memory of one target device")
+_PLAN_PHASES = flags.DEFINE_bool("plan_phases", False, "plan mode: also compile each phase of the fused step alone "
+                                 "and print its memory (rollout, judge, reference/critic, learn)")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume although the config changed settings "
                                          "that alter what the run computes (model, data, batch, algorithm, ...)")
 
@@ -186,7 +188,7 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
 
 
 def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, allow_config_change: bool = False,
-           plan: bool = False, plan_devices: int = 0, device_memory_gib: float = 16.0,
+           plan: bool = False, plan_devices: int = 0, device_memory_gib: float = 16.0, plan_phases: bool = False,
            distributed: tuple[str | None, int | None, int | None] = (None, None, None)) -> int:
     """The whole program after flag parsing (tests call it in-process); returns the exit code. A user error (an
     `errors.UserError` from any phase) ends it here, the one place that catches them: one line, exit code 2."""
@@ -203,7 +205,7 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
             jax.config.update("jax_platforms", "cpu")
             config_lib.validate(config, num_devices=n)
             testbed_build.ensure_built(config)  # plan mode reads the testbed's config.json files and tokenizers
-            plan_lib.plan(config, device_memory_gib)
+            plan_lib.plan(config, device_memory_gib, phases=plan_phases)
             return 0
         maybe_initialize_distributed(*distributed)
         if not workdir:
@@ -224,7 +226,7 @@ def main(argv):
     del argv
     configure_logging()
     return launch(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value, plan=_PLAN.value,
-                  plan_devices=_PLAN_DEVICES.value, device_memory_gib=_DEVICE_MEMORY.value,
+                  plan_devices=_PLAN_DEVICES.value, device_memory_gib=_DEVICE_MEMORY.value, plan_phases=_PLAN_PHASES.value,
                   distributed=(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 

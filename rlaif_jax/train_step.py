@@ -72,8 +72,9 @@ class Models:
 # ---------------------------------------------------------------------------------------------- helpers
 def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_bp, response_br, response_mask_br,
                       temperature: float, rows_per_prompt: int = 1):
-    """One forward over [prompt, response]; returns log pi(response_t | ...) at `temperature`, the tempered
-    logits at the response positions (B, R, V) and the hidden states that precede each response token.
+    """One forward over [prompt, response]; returns log pi(response_t | ...) at `temperature` (B, R), the entropy
+    of the tempered distribution at each response position (B, R, 0 at padding; `token_logprobs`) and the hidden
+    states that precede each response token (B, R, D).
 
     rows_per_prompt = n > 1 says rows b * n .. b * n + n - 1 share one prompt (the n samples of a group): each
     prompt then runs once (`tfm.forward_shared_prefix`), which saves (n - 1) / n of the prompt positions'
@@ -94,10 +95,37 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
         mask = jnp.concatenate([prompt_mask_bp, response_mask_br.astype(mask_dtype)], axis=1)
         # Position P - 1 + t holds the hidden state that predicts response token t.
         hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
-    logits_brv = shd.constrain(tfm.unembed(params, cfg, hidden_brd), ("batch", "length", "vocab")) / temperature
-    logp_brv = jax.nn.log_softmax(logits_brv, axis=-1)
-    logp_br = jnp.take_along_axis(logp_brv, response_br[..., None], axis=-1)[..., 0]
-    return logp_br, logits_brv, hidden_brd
+    logp_br, entropy_br = token_logprobs(params, cfg, hidden_brd, response_br, response_mask_br, temperature)
+    return logp_br, entropy_br, hidden_brd
+
+
+def token_logprobs(params: Params, cfg: ModelConfig, hidden_brd, response_br, response_mask_br, temperature: float):
+    """The LM head on the hidden states before each response token: (log pi(response_t) at `temperature`, the
+    tempered distribution's entropy `algorithms.entropy_from_logits`), (B, R) float32 each.
+
+    With cfg.logprob_chunk = C > 0 (config.compute.logprob_chunk) the R positions go through the head C at a time
+    (`lax.map` over blocks, each under `jax.checkpoint`): the (B, R, V) float32 logits, at real vocabularies the
+    learn phase's largest activation, are never whole; the backward recomputes each block's logits from its
+    hidden states (one more (B, R, D) x (D, V) matmul)."""
+    def block(hidden_bcd, tokens_bc, mask_bc):
+        logits_bcv = shd.constrain(tfm.unembed(params, cfg, hidden_bcd), ("batch", "length", "vocab")) / temperature
+        logp_bc = jnp.take_along_axis(jax.nn.log_softmax(logits_bcv, axis=-1), tokens_bc[..., None], axis=-1)[..., 0]
+        return logp_bc, algorithms.entropy_from_logits(logits_bcv, mask_bc)
+
+    B, R = response_br.shape
+    C = cfg.logprob_chunk
+    if not 0 < C < R:
+        return block(hidden_brd, response_br, response_mask_br)
+    n = -(-R // C)
+
+    def blocks(x_br):  # (B, R, ...) -> (n, B, C, ...), R padded to n * C
+        x = jnp.pad(x_br, ((0, 0), (0, n * C - R)) + ((0, 0),) * (x_br.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, C, *x_br.shape[2:]), 1, 0)
+
+    logp_nbc, entropy_nbc = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs),
+                                        (blocks(hidden_brd), blocks(response_br), blocks(response_mask_br)))
+    unblock = lambda x_nbc: jnp.moveaxis(x_nbc, 0, 1).reshape(B, n * C)[:, :R]  # noqa: E731
+    return unblock(logp_nbc), unblock(entropy_nbc)
 
 
 def group_permutation(key: jax.Array, rows: int, n: int) -> jax.Array:
@@ -262,12 +290,12 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
     temperature = c.rollout.temperature
 
     def loss_fn(params: Params, d: dict, norm: ops.LossNorm):
-        logp, logits, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                 d["resp"], d["rmask"], temperature, rows_per_prompt)
+        logp, entropy, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
+                                                  d["resp"], d["rmask"], temperature, rows_per_prompt)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
         metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
                                                         d["rmask"], "token_mean", norm)
-        ent_loss, ent_metrics = algorithms.entropy_loss(logits, d["rmask"], c.algo, norm)
+        ent_loss, ent_metrics = algorithms.entropy_loss(entropy, d["rmask"], c.algo, norm)
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
         values = None
         if c.critic.kind != "none":
@@ -395,27 +423,19 @@ def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm:
     return params, opt_state, skipped, update_metrics
 
 
-def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
-                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
-                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
-    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
-    (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
-    (the host path's `HostJudgeStep.functions`), or None."""
-    if c.algo.estimator == "online_dpo":
-        return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                        roll: rollout_lib.Rollout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Phase 3 (PPO family): (reference log-probs, log-probs before the update, critic values), each (B, R) and
+    without gradient. Plan mode compiles it alone to show its memory."""
     temperature = c.rollout.temperature
     prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
     resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
-
-    # 3 log-probs before the update, reference log-probs, critic values.
     # "Old" log-probs are the sampler's own: log pi(token) at the temperature under these very params (a second
     # forward would agree to ~1e-7; `policy/logp_mismatch` measures that at the first update).
     old_logp = roll.policy_logp_br
     # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
-    n = c.rollout.n_samples
-    share = n if c.compute.share_prompt_forward else 1
-    kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
-    if kl_off:
+    share = c.rollout.n_samples if c.compute.share_prompt_forward else 1
+    if c.reward.kl_coef == 0 and not c.reward.adaptive_kl:
         ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
     else:
         ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature,
@@ -425,7 +445,25 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
         _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
                                              temperature, share)
     old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
-    ref_logp, old_logp, old_values = jax.lax.stop_gradient((ref_logp, old_logp, old_values))
+    return jax.lax.stop_gradient((ref_logp, old_logp, old_values))
+
+
+def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
+                roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
+                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
+    """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
+    (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
+    (the host path's `HostJudgeStep.functions`), or None."""
+    if c.algo.estimator == "online_dpo":
+        return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+    prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
+    resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
+
+    # 3 log-probs before the update, reference log-probs, critic values.
+    ref_logp, old_logp, old_values = pre_update_forwards(c, models, state, frozen, roll)
+    kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
+    n = c.rollout.n_samples
+    share = n if c.compute.share_prompt_forward else 1  # the forwards run each prompt once per group
 
     # 4 shaping: scores and the responses' rule terms -> per-token rewards (KL, penalties, normalisation)
     rule_inputs = reward_rules.RuleInputs(prompt, pmask, resp, rmask, roll.stopped_b)

@@ -231,7 +231,7 @@ def test_entropy_matches_numpy():
                 want[b, t] = -sum(pi * np.log(pi) for pi in p)
     got = jax.jit(algorithms.entropy_from_logits)(logits, mask)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-    loss, m = algorithms.entropy_loss(logits, mask, _cfg(ent_coef=0.01, loss_agg="seq_mean_token_mean"))
+    loss, m = algorithms.entropy_loss(got, mask, _cfg(ent_coef=0.01, loss_agg="seq_mean_token_mean"))
     seq_mean = np.mean([want[0, :2].mean(), want[1, 0]])
     np.testing.assert_allclose(float(m["policy/entropy"]), seq_mean, rtol=1e-5)
     np.testing.assert_allclose(float(loss), -0.01 * seq_mean, rtol=1e-5)

@@ -112,6 +112,10 @@ REJECTED = {
     "policy_dtype": ({"policy.dtype": "fp8"}, "config.policy.dtype='fp8'; choose one of"),
     "critic_path_unused": ({"critic.path": "/rm"}, "config.critic.path='/rm' is only read by a separate critic"),
     "scan_unroll": ({"compute.scan_unroll": 0}, "config.compute.scan_unroll=0 must be >= 1"),
+    "remat": ({"compute.remat": "offload"}, "config.compute.remat='offload'; choose one of"),
+    "attention": ({"compute.attention": "flash"}, "config.compute.attention='flash'; choose one of"),
+    "attention_chunk": ({"compute.attention_chunk": 0}, "config.compute.attention_chunk=0 must be >= 1"),
+    "logprob_chunk": ({"compute.logprob_chunk": -1}, "config.compute.logprob_chunk=-1 must be >= 0"),
     # optim, train, mesh, seed
     "learning_rate_zero": ({"optim.learning_rate": 0.0}, "config.optim.learning_rate=0.0 must be finite and > 0"),
     "learning_rate_nan": ({"optim.learning_rate": float("nan")}, "config.optim.learning_rate=nan must be finite"),

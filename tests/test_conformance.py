@@ -348,7 +348,8 @@ def test_aggregation_shares_of_every_term_add_up(agg):
 
     def terms(rows, norm):
         m = LOSS_MASK[rows]
-        return np.array([float(algorithms.entropy_loss(logits[rows], m, cfg, norm)[0]),
+        entropy = algorithms.entropy_from_logits(logits[rows], m)
+        return np.array([float(algorithms.entropy_loss(entropy, m, cfg, norm)[0]),
                          float(algorithms.value_loss(v_new[rows], v_old[rows], ret[rows], m, cfg, norm)[0]),
                          float(rewards.kl_loss_term(LOGP_NEW[rows].astype(np.float32), ref[rows], m,
                                                     jnp.float32(0.1), "k3", agg, norm)[0])])
@@ -381,7 +382,7 @@ def test_value_loss_and_entropy_equal_nplus():
     np.testing.assert_allclose(float(m["value/loss"]), vf_loss, rtol=1e-5)
     np.testing.assert_allclose(float(loss), 0.1 * vf_loss, rtol=1e-5)
     np.testing.assert_allclose(float(m["value/clipfrac"]), vf_clipfrac, rtol=1e-6)
-    _, m = algorithms.entropy_loss(f32(logits), LOSS_MASK, cfg)
+    _, m = algorithms.entropy_loss(algorithms.entropy_from_logits(f32(logits), LOSS_MASK), LOSS_MASK, cfg)
     np.testing.assert_allclose(float(m["policy/entropy"]), entropy, rtol=1e-5)
 
 

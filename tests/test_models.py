@@ -311,3 +311,86 @@ def test_error_shape_mismatch(broken):
 def test_error_not_a_folder(tmp_path):
     with pytest.raises(hf.CheckpointError, match="could not be fetched from the hub"):
         hf.load_model(str(tmp_path / "no-such-model"))
+
+
+# ---------------------------------------------------------------------------------------------- memory settings
+# config.compute's remat and attention settings change how the no-cache forward is computed, not what: each is
+# checked against the plain path (remat "none", attention "xla", itself checked against HF above).
+@pytest.fixture(scope="module")
+def memory_model(checkpoints):
+    """Params of the Mistral checkpoint (GQA: 4 query heads over 2 kv heads) and its config with a sliding window
+    of 5, and config.compute's model settings: model(**settings) -> cfg."""
+    cfg, params = hf.load_model(checkpoints["mistral"][0])
+    return params, lambda **settings: cfg.replace(sliding_window=5, **settings)
+
+
+def logits_and_grads(cfg, params, shared_prefix: bool):
+    """Logits of the left-padded batch (all positions, padding included) and the gradient of a random weighting
+    of them, by `forward` or, with shared_prefix, by `forward_shared_prefix` (the batch as prefixes of 2
+    continuations each)."""
+    tokens, mask = batch()
+    cont = np.random.default_rng(1).integers(3, 97, size=(2 * len(LENGTHS), 4)).astype(np.int32)
+    cont_mask = (np.arange(4)[None] < np.array([4, 2, 4, 1, 3, 4])[:, None]).astype(np.int32)
+
+    def logits(p):
+        if not shared_prefix:
+            return tfm.forward(p, cfg, tokens, mask).logits
+        prefix_out, cont_out = tfm.forward_shared_prefix(p, cfg, tokens, mask, cont, cont_mask)
+        return jax.numpy.concatenate([jax.numpy.repeat(prefix_out.logits, 2, axis=0), cont_out.logits], axis=1)
+
+    weights = np.random.default_rng(2).normal(size=jax.eval_shape(logits, params).shape).astype(np.float32)
+    loss = lambda p: (logits(p) * weights).sum()  # noqa: E731
+    return jax.jit(lambda p: (logits(p), jax.grad(loss)(p)))(params)
+
+
+@pytest.fixture(scope="module")
+def plain_run(memory_model):
+    """The plain path's params, config maker and {shared_prefix: (logits, gradients)}."""
+    params, model = memory_model
+    return params, model, {shared: logits_and_grads(model(), params, shared) for shared in (False, True)}
+
+
+def assert_same_as_plain(plain_run, shared_prefix: bool, **settings):
+    params, model, plain = plain_run
+    got, want = logits_and_grads(model(**settings), params, shared_prefix), plain[shared_prefix]
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1])):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+
+
+def test_remat_gradients_equal_no_remat(plain_run):
+    """Remat "full" recomputes each layer of the scan in the backward pass: logits and gradients equal the run
+    without remat. (The policies that save matmul outputs are checked with chunked attention below.)"""
+    assert_same_as_plain(plain_run, False, remat="full")
+
+
+@pytest.mark.parametrize("shared_prefix, remat", [(False, "minimal"), (True, "dots")])
+def test_chunked_attention_equals_xla_attention(plain_run, shared_prefix, remat):
+    """Online-softmax attention over key blocks of 5 (8 keys, or 12 with the shared prefix: not whole blocks),
+    with GQA, a sliding window and left padding (padding queries that may see no key, where the plain softmax
+    averages all keys): logits at every position and gradients equal the (B, H, T, S) softmax's, in `forward` and
+    in the shared-prefix forward, whose continuations attend over their prefix's keys too; under a remat policy
+    that saves the weight matmuls' outputs (minimal) or all matmuls' (dots) around the custom-VJP attention."""
+    assert_same_as_plain(plain_run, shared_prefix, attention="chunked", attention_chunk=5, remat=remat)
+
+
+def test_remat_and_chunked_attention_lower_compiled_memory():
+    """XLA's memory analysis of the compiled gradient of a loss through `forward` (4 layers, 512 tokens): remat
+    "full" keeps only each layer's input for the backward pass, so its temporaries are smaller than without remat;
+    chunked attention then drops the (B, H, T, T) scores that the recomputed layer still builds."""
+    base = dict(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                num_kv_heads=2, head_dim=16)
+    tokens = jax.ShapeDtypeStruct((2, 512), np.int32)
+
+    def temp_bytes(**settings):
+        cfg = ModelConfig(**base, **settings)
+        loss = lambda p, t: tfm.forward(p, cfg, t, t > 0).logits.mean()  # noqa: E731
+        compiled = jax.jit(jax.grad(loss)).lower(tfm.abstract_params(cfg), tokens).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    none, full = temp_bytes(), temp_bytes(remat="full")
+    chunked = temp_bytes(remat="full", attention="chunked", attention_chunk=128)
+    print(f"temporaries (MiB): remat none {none / 2**20:.1f}, full {full / 2**20:.1f}, "
+          f"full + chunked attention {chunked / 2**20:.1f}")
+    assert full < 0.6 * none and chunked < 0.6 * full

@@ -306,7 +306,7 @@ def test_group_permutation_keeps_groups_whole():
 
 
 def test_shared_prompt_logprobs_equal_per_row_forward(world, single):
-    """The learn phase runs each prompt once for the n samples of a group: its log-probs, logits and hidden
+    """The learn phase runs each prompt once for the n samples of a group: its log-probs, entropies and hidden
     states equal the per-row forward's (1e-5), on one device and sharded over 8."""
     s = single
     cfg, params = s.models.policy, s.state.params["policy"]
@@ -327,6 +327,31 @@ def test_shared_prompt_logprobs_equal_per_row_forward(world, single):
             shared = logprobs(on_mesh, cfg, *batch, 1.0, 2)
         for a, b in zip(per_row, shared):
             np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], atol=1e-5)
+
+
+def test_chunked_logprobs_equal_whole_logprobs(single):
+    """config.compute.logprob_chunk: the LM head over blocks of 4 of the 6 response positions (not whole blocks),
+    each recomputed in the backward, gives the log-probs and entropies of the whole (B, R, V) logits, and the same
+    gradients with respect to the params (LM head, tied or not) and the hidden states."""
+    cfg, params = single.models.policy, single.state.params["policy"]
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, 6, cfg.hidden_size)).astype(np.float32)
+    tokens = rng.integers(0, cfg.vocab_size, size=(3, 6)).astype(np.int32)
+    mask = (np.arange(6)[None] < np.array([[6], [2], [5]])).astype(np.float32)
+    w_logp, w_entropy = rng.normal(size=(2, 3, 6)).astype(np.float32)
+
+    def run(cfg):
+        def loss(p, h):
+            logp, entropy = ts.token_logprobs(p, cfg, h, tokens, mask, 0.7)
+            return (w_logp * logp + w_entropy * entropy).sum(), (logp, entropy)
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, hidden)
+
+    (grads, (logp, entropy)), (want_grads, (want_logp, want_entropy)) = run(cfg.replace(logprob_chunk=4)), run(cfg)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(want_logp), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(entropy), np.asarray(want_entropy), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(entropy)[mask == 0] == 0) and np.all(np.asarray(entropy)[mask == 1] > 0)
+    for a, b in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * np.abs(np.asarray(a)).max())
 
 
 def test_shared_prompt_forward_step_equals_per_row_step(world, batches):
@@ -353,10 +378,13 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     """`builder.build` from config.json and tokenizer files alone (plan mode) gives the model configs, judge spec
     and sampling settings, and the shapes, dtypes and shardings of the train state and frozen models, that the
     build with real weights gives, on a (data=2, fsdp=2, tensor=2) mesh. A reward-model judge and a separate critic
-    initialised from it cover the value heads; compute.scan_unroll reaches the trained models only."""
+    initialised from it cover the value heads; compute.scan_unroll and remat reach the trained models only, the
+    attention settings the judge too."""
     rm = write_reward_model(world, str(tmp_path / "rm"))
     c = make_config(world, **{"judge.mode": "reward_model", "judge.path": rm, "critic.kind": "separate",
-                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2})
+                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2,
+                              "compute.remat": "full", "compute.attention": "chunked", "compute.attention_chunk": 4,
+                              "compute.logprob_chunk": 3})
     mesh = shd.make_mesh(2, 2, 2)
     rules = [tuple(r) for r in c.mesh.rules]
     with shd.use_rules(rules), jax.set_mesh(mesh):
@@ -364,6 +392,9 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
         shapes = builder.build(c, mesh, rules, weights=False)
     assert shapes.models == real.models
     assert (real.models.policy.scan_unroll, real.models.critic.scan_unroll, real.models.judge.scan_unroll) == (2, 2, 1)
+    assert (real.models.policy.remat, real.models.critic.remat, real.models.judge.remat) == ("full", "full", "none")
+    assert (real.models.policy.logprob_chunk, real.models.critic.logprob_chunk) == (3, 3)
+    assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in real.models.__dict__.values())
     assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
     assert isinstance(shapes.frozen.judge, reward_model.RewardModelParams)
     for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):

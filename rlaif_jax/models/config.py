@@ -20,6 +20,10 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox")
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+# Compute settings (config.compute): remat policies as MaxText names them (transformer.REMAT_POLICIES) and the
+# attention implementations of the no-cache forward (transformer.attention).
+REMAT_CHOICES = ("none", "full", "dots", "minimal", "everything")
+ATTENTION_CHOICES = ("xla", "chunked")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the compute / storage dtypes a config may name
 
 
@@ -61,6 +65,12 @@ class ModelConfig:
     # Layers unrolled per iteration of the forward's lax.scan (jax.lax.scan's `unroll`; not an HF field). 1 keeps
     # compile time flat in depth; unrolling all layers speeds XLA:CPU's backward on small models.
     scan_unroll: int = 1
+    # How the no-cache forward is computed (config.compute; none is an HF field, each changes memory and speed,
+    # the results only by float rounding): see transformer.REMAT_POLICIES and transformer.attention.
+    remat: str = "none"  # rematerialisation of each layer of the forward's lax.scan in the backward pass
+    attention: str = "xla"  # "xla": (B, H, T, S) scores at once | "chunked": key blocks, online softmax
+    attention_chunk: int = 512  # keys per block of "chunked" attention
+    logprob_chunk: int = 0  # response positions per block of train_step.response_logprobs' LM head; 0 = all
 
     def __post_init__(self):
         if self.family not in SUPPORTED_FAMILIES:
@@ -69,6 +79,12 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.activation not in ACTIVATION_TO_HF:
             raise ValueError(f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATION_TO_HF)}")
+        if self.remat not in REMAT_CHOICES or self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"remat={self.remat!r}, attention={self.attention!r}; choose remat from {REMAT_CHOICES} "
+                             f"and attention from {ATTENTION_CHOICES}")
+        if self.attention_chunk < 1 or self.logprob_chunk < 0:
+            raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1 and logprob_chunk="
+                             f"{self.logprob_chunk} >= 0 (0 = no chunking)")
         if self.rotary_dim % 2:
             raise ValueError(f"RoPE on an odd number of dims ({self.rotary_dim} = int(head_dim {self.head_dim} * "
                              f"partial_rotary_factor {self.partial_rotary_factor})) is not supported")

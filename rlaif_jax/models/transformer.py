@@ -18,6 +18,7 @@ the loop carry, which XLA performs in place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -231,22 +232,132 @@ def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
     return (x32 * cos + rotated * sin).astype(x_bthe.dtype)
 
 
-def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig):
+def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig, chunked: bool = False):
     """Grouped-query softmax attention -> (B, K, G, T, E); `allowed_bts` says which key slot each query may see.
 
     Keys are (B, K, E, S) and values (B, K, S, E), the cache's layouts: both einsums are then batched
     (G*T, E) x (E, S) and (G*T, S) x (S, E) matmuls over (B, K) with each right operand in the [contract, out]
     layout that XLA:CPU's matmul reads fastest and in place (keys stored as (B, K, S, E) make the scores
-    slower per decode step; README, "Performance"), with no per-step transpose of the cache."""
+    slower per decode step; README, "Performance"), with no per-step transpose of the cache.
+
+    With `chunked` and cfg.attention == "chunked" the keys are read in blocks of cfg.attention_chunk with a running
+    max and sum (`chunked_attention`): memory linear in S instead of the (B, H, T, S) scores. The forwards without
+    a cache ask for it; decoding (a few queries over the cache) does not need it."""
     B, T, H, E = q_bthe.shape
     K = k_bkes.shape[1]
     q = q_bthe.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4).reshape(B, K, (H // K) * T, E)
-    scores = jnp.einsum("bkqe,bkes->bkqs", q, k_bkes, preferred_element_type=jnp.float32)
-    scores = scores.reshape(B, K, H // K, T, -1) / math.sqrt(E)
-    scores = jnp.where(allowed_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bkse.dtype).reshape(B, K, (H // K) * T, -1)
+    if chunked and cfg.attention == "chunked":
+        out = chunked_attention(q, k_bkes, v_bkse, allowed_bts, cfg.attention_chunk)
+        return out.reshape(B, K, H // K, T, E)
+    probs = jax.nn.softmax(_masked_scores(q, k_bkes, allowed_bts), axis=-1).astype(v_bkse.dtype)
     out = jnp.einsum("bkqs,bkse->bkqe", probs, v_bkse)
     return out.reshape(B, K, H // K, T, E)
+
+
+def _query_mask(allowed_bts, queries: int):
+    """`allowed_bts` for queries grouped G*T per kv head (query g * T + t is token t of head g): (B, 1, G*T, S)."""
+    B, T, S = allowed_bts.shape
+    return jnp.broadcast_to(allowed_bts[:, None, None], (B, 1, queries // T, T, S)).reshape(B, 1, queries, S)
+
+
+def _masked_scores(q_bkqe, k_bkes, allowed_bts):
+    """Scaled scores (B, K, G*T, S) in float32 of queries grouped (B, K, G*T, E) against keys (B, K, E, S), with
+    disallowed slots at the float32 minimum (so a row with no allowed key averages all S slots, as HF's does)."""
+    scores = jnp.einsum("bkqe,bkes->bkqs", q_bkqe, k_bkes, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q_bkqe.shape[-1])
+    return jnp.where(_query_mask(allowed_bts, q_bkqe.shape[2]), scores, jnp.finfo(jnp.float32).min)
+
+
+def _key_blocks(k_bkes, v_bkse, allowed_bts, chunk: int):
+    """Keys, values and mask split into blocks of `chunk` slots along S, block axis first (the scan's xs), S padded
+    to a whole number of blocks. Padding slots get a score of -inf (`_block_scores`): unlike a disallowed slot they
+    weigh nothing even in a row with no allowed key, so the result is the unpadded attention's."""
+    B, K, E, S = k_bkes.shape
+    n = -(-S // chunk)
+    pad = n * chunk - S
+    k = jnp.pad(k_bkes, ((0, 0), (0, 0), (0, 0), (0, pad))).reshape(B, K, E, n, chunk).transpose(3, 0, 1, 2, 4)
+    v = jnp.pad(v_bkse, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, K, n, chunk, E).transpose(2, 0, 1, 3, 4)
+    allowed = jnp.pad(allowed_bts, ((0, 0), (0, 0), (0, pad))).reshape(B, -1, n, chunk).transpose(2, 0, 1, 3)
+    real = (jnp.arange(n * chunk) < S).reshape(n, chunk)
+    return k, v, allowed, real
+
+
+def _block_scores(q_bkqe, k_bkec, allowed_btc, real_c):
+    """One key block's scores (B, K, G*T, C): `_masked_scores`, and -inf at the padding slots."""
+    return jnp.where(real_c, _masked_scores(q_bkqe, k_bkec, allowed_btc), -jnp.inf)
+
+
+def _chunked_attention_fwd(q_bkqe, k_bkes, v_bkse, allowed_bts, chunk):
+    """Online softmax over key blocks (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022): per query a
+    running max m, sum l of exp(s - m) and output acc, rescaled by exp(m_old - m_new) as each block arrives.
+    Returns the output (B, K, G*T, E) in v's dtype and each row's max m and sum l (B, K, G*T): kept apart, not as
+    the log-sum-exp m + log l, which rounds to m in a row with no allowed key (m = the float32 minimum)."""
+    B, K, Q, E = q_bkqe.shape
+    k_blocks, v_blocks, allowed_blocks, real = _key_blocks(k_bkes, v_bkse, allowed_bts, chunk)
+
+    def block(carry, xs):
+        m, l, acc = carry
+        k, v, allowed, real_c = xs
+        s = _block_scores(q_bkqe, k, allowed, real_c)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        acc = acc * rescale[..., None] + jnp.einsum("bkqc,bkce->bkqe", p.astype(v.dtype), v,
+                                                    preferred_element_type=jnp.float32)
+        return (m_new, l * rescale + p.sum(axis=-1), acc), None
+
+    init = (jnp.full((B, K, Q), -jnp.inf, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, E), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(block, init, (k_blocks, v_blocks, allowed_blocks, real))
+    return (acc / l[..., None]).astype(v_bkse.dtype), (m, l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunked_attention(q_bkqe, k_bkes, v_bkse, allowed_bts, chunk: int):
+    """`attention`'s softmax(q k^T / sqrt(E)) v with queries grouped (B, K, G*T, E), computed over key blocks of
+    `chunk` slots: memory linear in S, forward and backward. The backward (a custom VJP, as FlashAttention's)
+    keeps only the output and each row's softmax max and sum and recomputes every block's probabilities from them, where
+    autodiff of the forward's scan would store every block's (B, K, G*T, chunk) probabilities."""
+    return _chunked_attention_fwd(q_bkqe, k_bkes, v_bkse, allowed_bts, chunk)[0]
+
+
+def _chunked_attention_vjp_fwd(q_bkqe, k_bkes, v_bkse, allowed_bts, chunk):
+    out, (m, l) = _chunked_attention_fwd(q_bkqe, k_bkes, v_bkse, allowed_bts, chunk)
+    return out, (q_bkqe, k_bkes, v_bkse, allowed_bts, out, m, l)
+
+
+def _chunked_attention_vjp_bwd(chunk, residuals, dout_bkqe):
+    """With P = exp(S - m) / l per block: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), masked as the
+    forward's `where` masks it, dQ = sum over blocks of dS K / sqrt(E), dK = dS^T Q / sqrt(E)."""
+    q, k_bkes, v_bkse, allowed_bts, out, m, l = residuals
+    B, K, E, S = k_bkes.shape
+    scale = 1.0 / math.sqrt(E)
+    dout = dout_bkqe.astype(jnp.float32)
+    delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O) = rowsum(P * dP)
+    k_blocks, v_blocks, allowed_blocks, real = _key_blocks(k_bkes, v_bkse, allowed_bts, chunk)
+    Q = q.shape[2]
+
+    def block(dq, xs):
+        k, v, allowed, real_c = xs
+        s = _block_scores(q, k, allowed, real_c)
+        p = jnp.exp(s - m[..., None]) / l[..., None]  # (B, K, Q, C)
+        dv = jnp.einsum("bkqc,bkqe->bkce", p, dout)
+        dp = jnp.einsum("bkqe,bkce->bkqc", dout, v.astype(jnp.float32))
+        ds = p * (dp - delta[..., None])
+        ds = jnp.where(_query_mask(allowed, Q), ds, 0.0) * scale
+        dq = dq + jnp.einsum("bkqc,bkec->bkqe", ds, k.astype(jnp.float32))
+        dk = jnp.einsum("bkqc,bkqe->bkec", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    dq, (dk_blocks, dv_blocks) = jax.lax.scan(block, jnp.zeros(q.shape, jnp.float32),
+                                              (k_blocks, v_blocks, allowed_blocks, real))
+    n = dk_blocks.shape[0]
+    dk = dk_blocks.transpose(1, 2, 3, 0, 4).reshape(B, K, E, n * chunk)[..., :S]
+    dv = dv_blocks.transpose(1, 2, 0, 3, 4).reshape(B, K, n * chunk, E)[:, :, :S]
+    return dq.astype(q.dtype), dk.astype(k_bkes.dtype), dv.astype(v_bkse.dtype), None
+
+
+chunked_attention.defvjp(_chunked_attention_vjp_fwd, _chunked_attention_vjp_bwd)
 
 
 def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv=None, index=None,
@@ -289,7 +400,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
         new_kv = (k, v)
     else:
         keys, values, new_kv = k, v, (k, v)
-    attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg)
+    attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg, chunked=cache_kv is None)
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, cfg.num_heads * cfg.head_dim)
@@ -323,6 +434,25 @@ def _mlp(cfg: ModelConfig, lp, h_btd):
     if cfg.mlp_bias:
         out = out + lp["down_bias"].astype(dt)
     return out
+
+
+# What the backward pass keeps of each layer's forward under ModelConfig.remat (names as MaxText's remat_policy);
+# the rest it recomputes from the layer's input, which the scan keeps anyway.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # nothing: least memory, one more forward per backward
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul's output, attention's (B, H, T, S) scores too
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the weight matmuls', not attention's
+    "everything": jax.checkpoint_policies.everything_saveable,  # all of it (no memory saved; a reference point)
+}
+
+
+def remat_layer(body, cfg: ModelConfig):
+    """The scan body of the layer stack under cfg.remat's `jax.checkpoint` policy ("none": unchanged).
+    prevent_cse=False: inside a scan the recomputation cannot be merged with the forward, which is what
+    prevent_cse guards against (jax.checkpoint's docs)."""
+    if cfg.remat == "none":
+        return body
+    return jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
 
 def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
@@ -359,7 +489,8 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
         def body(x, lp):
             return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)[0], None
 
-        x, _ = jax.lax.scan(body, x, fuse_projections(params["layers"], cfg), unroll=cfg.scan_unroll)
+        x, _ = jax.lax.scan(remat_layer(body, cfg), x, fuse_projections(params["layers"], cfg),
+                            unroll=cfg.scan_unroll)
         return _output(params, cfg, x), None
 
     ks, vs = [], []
@@ -517,7 +648,8 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
         return (prefix_x, x), None
 
     carry = (_embed(params, cfg, prefix_tokens_bp), _embed(params, cfg, tokens_nt))
-    (prefix_x, x), _ = jax.lax.scan(body, carry, fuse_projections(params["layers"], cfg), unroll=cfg.scan_unroll)
+    (prefix_x, x), _ = jax.lax.scan(remat_layer(body, cfg), carry, fuse_projections(params["layers"], cfg),
+                                    unroll=cfg.scan_unroll)
     return _output(params, cfg, prefix_x), _output(params, cfg, x)
 
 
