@@ -141,6 +141,13 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules=rules))
 
 
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The same whole array, held by every process (rows rendered on the host), -> a global array: each device
+    takes its own slice. (`data.to_global` is the other way in: each process passes only its own rows.)"""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def gather_to_host(x) -> np.ndarray:
     """A global array (or this process's rows of one) -> the whole array as numpy, on every process."""
     from jax.experimental import multihost_utils

@@ -16,8 +16,6 @@ from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
 from rlaif_jax import independent_eval as ie
 from rlaif_jax import sharding as shd
-from rlaif_jax.models import hf
-from rlaif_jax.models import transformer as tfm
 from tests import tiny, tiny_config
 
 PAIR_TEMPLATE = "Q : {prompt} R : {response} R : {response_b} S :"
@@ -129,24 +127,12 @@ def torch_reference(folder: str, r: ie.PerPrompt) -> dict[str, np.ndarray]:
             "agree": (p_ab - 0.5) * (p_ba - 0.5) < 0, "harmless_a": harmless["a"], "harmless_b": harmless["b"]}
 
 
-def write_evaluator(folder: str) -> str:
-    """A random tiny Llama with its attention, MLP and LM head scaled up (x6, x6, x20): at the default init the
-    last position's answer hardly depends on the texts, scaled its P("1") / P("2") moves with them and their order."""
-    cfg = tiny.model_config()
-    params = tfm.init_params(cfg, jax.random.key(7))
-    params["embed"], params["lm_head"] = params["embed"] * 5.0, params["lm_head"] * 20.0
-    params["layers"] = {k: v * 6.0 if k in ("q", "k", "v", "o", "gate", "up", "down") else v
-                        for k, v in params["layers"].items()}
-    hf.save_model(params, cfg, folder, tokenizer=tiny.make_tokenizer())
-    return folder
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("independent"))
     w = tiny.make_world(root)
     w["trained"] = tiny.write_policy(os.path.join(root, "trained"), seed=1)
-    w["evaluator"] = write_evaluator(os.path.join(root, "evaluator"))
+    w["evaluator"] = tiny.write_opinionated_judge(os.path.join(root, "evaluator"))
     w["evaluator_other_tokenizer"] = tiny.add_unused_word(
         shutil.copytree(w["evaluator"], os.path.join(root, "evaluator_other_tokenizer")))
     return w

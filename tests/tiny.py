@@ -121,6 +121,20 @@ def write_counting_judge(folder: str, strength: float = 4.0) -> str:
     return folder
 
 
+def write_opinionated_judge(folder: str, seed: int = 7, head_scale: float = 20.0) -> str:
+    """A random tiny Llama with its attention, MLP and LM head scaled up (x6, x6, x head_scale): at the default init
+    the last position's answer hardly depends on the texts, scaled its P("1") / P("2") moves with them and their
+    order (the independent evaluator's and the labeller's tests)."""
+    import jax
+    cfg = model_config()
+    params = tfm.init_params(cfg, jax.random.key(seed))
+    params["embed"], params["lm_head"] = params["embed"] * 5.0, params["lm_head"] * head_scale
+    params["layers"] = {k: v * 6.0 if k in ("q", "k", "v", "o", "gate", "up", "down") else v
+                        for k, v in params["layers"].items()}
+    hf.save_model(params, cfg, folder, tokenizer=make_tokenizer())
+    return folder
+
+
 def write_judge_with_other_tokenizer(folder: str) -> str:
     """The counting judge with one extra, never used word in its tokenizer's vocabulary: a tokenizer that differs
     from the policy's (so the run takes the host judge path) yet encodes every text of this world to the same ids."""

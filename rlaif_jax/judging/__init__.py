@@ -34,7 +34,7 @@ Where each piece lives:
                validation, `JudgeSpec` / `make_spec`, the token_space-or-host decision
   assembly.py  token space: slot sources, truncation (`kept_lengths`), row assembly, `score`
   scoring.py   each mode's arithmetic, `SCORERS`, the judge forward and `JudgeMetrics` (both paths)
-  host.py      the host path and text judging: `encode_texts`, `score_texts`, `score_host`, `score_outside_jit`,
+  host.py      the host path and text judging: `encode_texts`, `encode_queries`, `score_texts`, `score_host`, `score_outside_jit`,
                reward-model rows of text responses and preference pairs (`encode_responses`, `encode_pairs`)
   loading.py   `Judge`, `load_judge`
   remote.py    the remote judge's client (chat completions or a JSON reward API, retries, neutral fallback)
@@ -42,16 +42,16 @@ To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a 
 need assembly.py and host.py to fill it).
 """
 from rlaif_jax.judging.assembly import sample_principles, score, score_jit
-from rlaif_jax.judging.host import (encode_pairs, encode_responses, encode_texts, label_preferences, score_host,
-                                   score_outside_jit, score_texts)
+from rlaif_jax.judging.host import (encode_pairs, encode_queries, encode_responses, encode_texts, label_preferences,
+                                   score_host, score_outside_jit, score_texts)
 from rlaif_jax.judging.loading import Judge, load_judge
 from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
 from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_config, make_spec, remote_spec,
                                     tokenizers_match, validate_config)
 
 __all__ = [
-    "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_responses",
-    "encode_texts", "label_preferences", "load_judge", "make_spec", "remote_spec", "sample_principles", "score",
-    "score_host", "score_jit", "score_outside_jit", "score_queries_jit", "score_texts", "tokenizers_match",
-    "validate_config",
+    "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_queries",
+    "encode_responses", "encode_texts", "label_preferences", "load_judge", "make_spec", "remote_spec",
+    "sample_principles", "score", "score_host", "score_jit", "score_outside_jit", "score_queries_jit", "score_texts",
+    "tokenizers_match", "validate_config",
 ]

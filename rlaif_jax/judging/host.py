@@ -5,8 +5,8 @@ and tokenised with the judge's (`encode_texts`, which cuts too-long rows by the 
 space, counted in judge tokens), then the same jitted judge forward and scoring run (`score_queries`). With the
 same tokenizer and whitespace slot boundaries both paths give the same rows (tested).
 
-Text in, scores out, is also what `scripts/judge_eval.py`, the preference labelling (`label_preferences`) and
-the reward model's training data (`encode_pairs`) use. Rows are query-major as in token space.
+Text in, scores out, is also what `scripts/judge_eval.py`, the preference labelling (`rlaif_jax.labelling`, through
+`encode_queries`) and the reward model's training data (`encode_pairs`) use. Rows are query-major as in token space.
 """
 from __future__ import annotations
 
@@ -67,15 +67,13 @@ def encode_texts(spec: JudgeSpec, judge_tok, slot_texts: dict[str, Sequence[str]
     return tokens, mask, truncated
 
 
-def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok, prompts: Sequence[str],
-                responses: Sequence[str], rng: jax.Array, *, rows_per_prompt: int = 1,
-                responses_b: Sequence[str] | None = None, references: Sequence[str] | None = None
-                ) -> tuple[jax.Array, JudgeMetrics]:
-    """Judging from text (host rendering + the jitted judge forward and scoring). Used by the host path,
-    `scripts/judge_eval.py` and the preference labelling. rows_per_prompt: as in `score` (one principle per
-    prompt)."""
+def encode_queries(spec: JudgeSpec, judge_tok, prompts: Sequence[str], responses: Sequence[str],
+                   principle_index_b: np.ndarray | None = None, *, responses_b: Sequence[str] | None = None,
+                   references: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The query rows of B examples from their texts, query-major (row n = q * B + b): each query's slots filled
+    with the example's inputs the mode's `Query` names (pairwise: (a, b) then (b, a)), rendered and tokenised by
+    `encode_texts`. Returns tokens (Q * B, max_len), mask, truncated (Q * B,)."""
     B = len(prompts)
-    principle_index_b = _sample_principles_jit(spec, rng, B, rows_per_prompt)
     inputs: dict[str, list[str]] = {"prompt": list(prompts), "response": list(responses)}
     if "response_b" in spec.slots:
         if responses_b is None:
@@ -93,7 +91,19 @@ def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok
             slot_texts[slot] = [spec.criterion_texts[q.criterion] for q in spec.queries for _ in range(B)]
         else:
             slot_texts[slot] = [text for name in spec.slot_inputs(slot) for text in inputs[name]]
-    tokens, mask, truncated = encode_texts(spec, judge_tok, slot_texts)
+    return encode_texts(spec, judge_tok, slot_texts)
+
+
+def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok, prompts: Sequence[str],
+                responses: Sequence[str], rng: jax.Array, *, rows_per_prompt: int = 1,
+                responses_b: Sequence[str] | None = None, references: Sequence[str] | None = None
+                ) -> tuple[jax.Array, JudgeMetrics]:
+    """Judging from text (host rendering + the jitted judge forward and scoring). Used by the host path and
+    `scripts/judge_eval.py`; the preference labelling (`rlaif_jax.labelling`) renders with `encode_queries` too.
+    rows_per_prompt: as in `score` (one principle per prompt)."""
+    principle_index_b = _sample_principles_jit(spec, rng, len(prompts), rows_per_prompt)
+    tokens, mask, truncated = encode_queries(spec, judge_tok, prompts, responses, principle_index_b,
+                                             responses_b=responses_b, references=references)
     return score_queries_jit(judge_params, judge_cfg, spec, jnp.asarray(tokens), jnp.asarray(mask),
                              jnp.asarray(truncated), principle_index_b)
 
@@ -152,21 +162,11 @@ def score_outside_jit(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, pol
 # ================================================================================================ preference pairs
 def label_preferences(records: list[dict[str, Any]], judge: Judge, batch_size: int, seed: int
                       ) -> list[dict[str, Any]]:
-    """Fills missing p_a_better of preference pairs ({prompt, response_a, response_b}) with the pairwise judge's
-    P(a better) (both orders averaged)."""
-    if judge.spec.mode != "pairwise":
-        raise ValueError(f"labelling needs a pairwise judge, got mode {judge.spec.mode!r}")
-    todo = [i for i, r in enumerate(records) if r.get("p_a_better") is None]
-    rng = jax.random.key(seed)
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
-        rng, key = jax.random.split(rng)
-        p, _ = score_texts(judge.params, judge.cfg, judge.spec, judge.tokenizer,
-                           [records[i]["prompt"] for i in idx], [records[i]["response_a"] for i in idx], key,
-                           responses_b=[records[i]["response_b"] for i in idx])
-        for i, pi in zip(idx, np.asarray(p)):
-            records[i] = dict(records[i], p_a_better=float(pi))
-    return records
+    """Fills missing p_a_better of preference pairs: `rlaif_jax.labelling.label_preferences` (the labeller; imported
+    here when called, as labelling sits above judging). Kept for scripts/train_reward_model.py until it calls the
+    labeller itself."""
+    from rlaif_jax import labelling
+    return labelling.label_preferences(records, judge, batch_size, seed)
 
 
 def encode_responses(spec: JudgeSpec, tok, prompts: Sequence[str], responses: Sequence[str]

@@ -319,6 +319,18 @@ def _split_template(template: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(parts[0::2]), tuple(parts[1::2])
 
 
+def template_slots(template: str) -> tuple[str, ...]:
+    """The slot names of a template text, in order ("{num_scores}" and other braces are not slots)."""
+    return _split_template(template)[1]
+
+
+def fill_template(template: str, slot_texts: dict[str, str]) -> str:
+    """A template text with each of its slots replaced by `slot_texts[slot]`, other braces kept (as `render`, from
+    the template text instead of a spec: a few-shot exemplar's question is rendered by it)."""
+    literals, slots = _split_template(template)
+    return literals[0] + "".join(slot_texts[slot] + lit for slot, lit in zip(slots, literals[1:]))
+
+
 def _effective_template(config, judge_tok) -> str:
     template = config.template or MODES[config.mode].template
     template = template.replace("{num_scores}", str(config.num_scores))
