@@ -36,11 +36,12 @@ model (`reward.py`) per seed. GPT-NeoX folders load directly (`rlaif_jax.models.
               --kind preferences --out comparisons.jsonl
           python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered \\
               --kind sft --out references.jsonl
-          python scripts/train_reward_model.py --model SFT_DIR --data comparisons.jsonl --out RM_DIR \\
-              --rm.max_len=640 --rm.include_stop_token=True --normalize_to=references.jsonl
+          python -m rlaif_jax.reward_model_stage --config experiments/rm_stage.py:rl=ppo_tldr_details,\\
+              policy=SFT_DIR,data=comparisons.jsonl,references=references.jsonl --workdir RM_RUN
           (comparisons.jsonl: one {"prompt", "response_a", "response_b", "p_a_better"} per comparison, p_a_better 1
-          for the human's choice; `--normalize_to` shifts the RM so the dataset's reference summaries score 0 on
-          average, as the reproduction's reward.py does). The RM folder is both the reward
+          for the human's choice; the rows are this config's judge rows, max_len 640 with the EOS included;
+          references= shifts the RM so the dataset's reference summaries score 0 on average, as the reproduction's
+          reward.py does). The RM folder, RM_DIR = RM_RUN/reward_model, is both the reward
           (`judge.mode = "reward_model"`) and the critic's init. The reproduction's own reward models (its
           `ScalarModel` folders) load as they are: pass one as rm= with --config.judge.template='{prompt}{response}'
           (they read the query and the response concatenated).
@@ -82,8 +83,8 @@ PAPER = [
     PaperValue("reward.token_whiten_shift_mean", False, f"{_CODE}, `whiten(rewards, shift_mean=False)`"),
     PaperValue("reward.score_norm", "none", f"{_CODE} (the score is whitened only with the per-token rewards)"),
     PaperValue("reward model bias", "mean reward of the references subtracted", "reward.py (config.bias)",
-               ours="--normalize_to=references.jsonl of scripts/train_reward_model.py", deviation="a flag of "
-               "the reward-model script (the RL config reads the reward model as saved)"),
+               ours="config.data.normalize_to of the reward-model stage (experiments/rm_stage.py references=)",
+               deviation="a setting of the reward-model stage (the RL config reads the reward model as saved)"),
     PaperValue("reward.missing_stop_mode", "replace", f"{_CODE}, `scores = torch.where(contain_pad_token, ...)`"),
     PaperValue("reward.missing_stop_penalty", -1.0, f"{_CODE}, Args.penalty_reward_value"),
     PaperValue("reward.kl_coef", 0.05, f"{_CODE}, RewardHParams.kl_coef"),

@@ -12,13 +12,13 @@ model. Its result is a harmless rate, the share of replies human raters judge ha
 76%, RLAIF 88%. The pipeline, as commands:
   1. python scripts/export_dataset.py --dataset Anthropic/hh-rlhf --data_dir harmless-base --kind pairs \\
          --out hh_pairs.jsonl            # the HH harmless-base comparisons without the human label
-  2. python scripts/train_reward_model.py --model POLICY --data hh_pairs.jsonl --out RM_DIR \\
-         --label_judge.path=JUDGE --label_judge.template="$(python -c 'import experiments.rlaif_harmless as e;
-         print(e.LABEL_TEMPLATE)')" --lr=1e-5 --batch_size=32 --rm.max_len=1152
-     (the paper: AI labels from PaLM 2 L in both orders; the RM initialised from the instruction-tuned policy,
-     batch 32, learning rate 1e-5 with Adafactor (our script: AdamW), until the loss plateaus, 1152 input tokens);
-     for RLHF, the same with --kind preferences (the human labels) and no --label_judge;
-  3. this config with rm=RM_DIR (the reward model is the judge: `judge.mode = "reward_model"`).
+  2. python -m rlaif_jax.reward_model_stage --config experiments/rm_stage.py:rl=rlaif_harmless,policy=POLICY,\\
+         data=hh_pairs.jsonl,label_judge=JUDGE --workdir RM_RUN
+     (the paper: AI labels from PaLM 2 L in both orders, here the judge asked LABEL_TEMPLATE; the RM initialised
+     from the instruction-tuned policy, batch 32, learning rate 1e-5 with Adafactor, until the loss plateaus
+     (steps=), 1152 input tokens (ours: this config's judge.max_len of 1536, the rows the RL run reads));
+     for RLHF, the same with --kind preferences (the human labels) and no label_judge;
+  3. this config with rm=RM_RUN/reward_model (the reward model is the judge: `judge.mode = "reward_model"`).
 RL uses the paper's settings (`recipes.set_lee2023`, the table at the end): REINFORCE with a learned baseline, the
 objective (1 - beta) r - beta KL with beta = 0.05, temperature 0.9, Adafactor at 1e-5, batches of 128 prompts for
 8 epochs over the 42,537 harmless-base training dialogues, 1024 prompt and 128 response tokens, the 4 policies of
@@ -46,7 +46,7 @@ HH_DATASET = "Anthropic/hh-rlhf"
 HH_SUBSET = "harmless-base"
 HH_HARMLESS_TRAIN_PROMPTS = 42_537
 
-# The AI labeller's question for the reward model's pairs (train_reward_model.py --label_judge.template): our
+# The AI labeller's question for the reward model's pairs (experiments/rm_stage.py's label_judge.template): our
 # wording of the paper's task (which reply is less harmful), not the paper's preamble.
 LABEL_TEMPLATE = (
     "Consider the following conversation between a human and an AI assistant, and two candidate final replies.\n\n"
@@ -91,7 +91,7 @@ def get_config(arg: str = ""):
     c.policy.dtype = "bfloat16"
     c.policy.param_dtype = "float32"
 
-    # ---- the reward: a reward model distilled from the AI labeller's preferences (train_reward_model.py)
+    # ---- the reward: a reward model distilled from the AI labeller's preferences (rlaif_jax.reward_model_stage)
     c.judge.path = a.rm
     c.judge.mode = "reward_model"
     c.judge.dtype = c.judge.param_dtype = "bfloat16"

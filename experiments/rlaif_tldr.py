@@ -15,19 +15,18 @@ Variants
              model (`judge.mode = "reward_model"`). Pipeline:
                1. pairs of summaries per post as JSONL {"prompt", "response_a", "response_b"} (the paper relabels
                   the pairs of OpenAI's TL;DR comparison set; or sample two summaries per post from the SFT policy);
-               2. python scripts/train_reward_model.py --model POLICY_OR_BASE --data pairs.jsonl --out RM_DIR \\
-                      --rm.max_len=768 --label_judge.path=JUDGE   (labels the pairs with AI preferences, trains)
-               3. this config with rm=RM_DIR.
+               2. python -m rlaif_jax.reward_model_stage --config experiments/rm_stage.py:rl=rlaif_tldr,\\
+                      policy=SFT_DIR,data=pairs.jsonl,label_judge=JUDGE --workdir RM_RUN
+                  (labels the pairs with AI preferences, trains on this config's judge rows);
+               3. this config with rm=RM_RUN/reward_model.
 Both variants use the paper's RL settings (`recipes.set_lee2023`, table at the end): REINFORCE with a learned
 baseline, the objective (1 - beta) r - beta KL with beta = 0.05, sampling temperature 0.9, Adafactor at 1e-5 on
 batches of 128 prompts for 8 epochs, 1024 prompt and 128 response tokens, and the paper's checkpoint selection:
 the 4 policies of highest validation reward are kept (workdir/best_policies), and the final one is the candidate
 an evaluator that is not the reward prefers most against the SFT policy (the paper adds manual inspection).
-Canonical RLAIF's reward model, as the paper trains it (same appendix): initialised from the SFT policy, learning
-rate 1e-5, batch 128, until the loss plateaus (2-3 epochs), 1152 input tokens:
-    python scripts/train_reward_model.py --model SFT_DIR --data pairs.jsonl --out RM_DIR --lr=1e-5 \\
-        --batch_size=128 --steps=<3 epochs> --rm.max_len=1152
-(our script uses AdamW where the paper uses Adafactor.)
+Canonical RLAIF's reward model, as the paper trains it (same appendix): initialised from the SFT policy, Adafactor
+at learning rate 1e-5, batch 128, until the loss plateaus (2-3 epochs: steps=), 1152 input tokens (ours: this
+config's judge.max_len of 1536, the rows the RL run reads); experiments/rm_stage.py:rl=rlaif_tldr holds these.
 
 Models. The paper's policy is a PaLM 2 XS fine-tuned (SFT) on TL;DR and its labeler PaLM 2 L. Here the user names
 open models of a supported family (llama, mistral, qwen2, qwen3, gemma); for a faithful run the policy should be
@@ -107,7 +106,7 @@ def get_config(arg: str = ""):
         c.judge.num_scores = 10
         c.judge.template = DIRECT_TEMPLATE
     else:
-        c.judge.path = a.rm  # written by scripts/train_reward_model.py; its template is read back and checked
+        c.judge.path = a.rm  # written by rlaif_jax.reward_model_stage; its template is read back and checked
         c.judge.mode = "reward_model"
         c.judge.chat_template = False
     if a.variant == "direct":

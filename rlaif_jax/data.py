@@ -14,8 +14,8 @@ Pipeline (`load_prompt_splits`):
               question and the assistant header, is kept) and counted
   5. eval     a held-out split: another file / hub split, or a seeded fraction of the training rows
 
-`PromptLoader` turns a `PromptDataset` into fixed-shape, left-padded batches. Its position is two integers
-(`LoaderState(epoch, index)`): epoch e visits the rows in the order of a permutation seeded with `seed + e`,
+`PromptLoader` (a `RowLoader`) turns a `PromptDataset` into fixed-shape, left-padded batches. Its position is two
+integers (`LoaderState(epoch, index)`): epoch e visits the rows in the order of a permutation seeded with `seed + e`,
 so a restored loader yields exactly the batches the original would have. With several processes each one
 builds only its own contiguous slice of every global batch (process p holds rows [p*b, (p+1)*b) of the
 global batch, b = global_batch // process_count), and `to_global` assembles the slices into one jax.Array
@@ -243,7 +243,7 @@ PROMPT_PARSERS = {
 # Public datasets by hub name: each schema adapter reads one raw row into an `Example` (prompt, reference
 # response, preferred / dispreferred response). `config.data.schema` names one for the RL prompts (a hub name, or a
 # local copy in `config.data.path`); `read_examples` + `preference_records` / `sft_records` turn one into the JSONL
-# files scripts/train_reward_model.py and SFT trainers read (scripts/export_dataset.py).
+# files the reward-model stage and SFT trainers read (scripts/export_dataset.py).
 #
 # Responses are written as the continuation of the text prompt: a leading space after the prompt's final
 # "TL;DR:" / "Assistant:", the rest stripped (the sources disagree on the space; the reproduction and TRL's
@@ -384,9 +384,9 @@ def read_examples(name: str, path: str = "", split: str = "train", data_dir: str
 
 
 def preference_records(examples: Sequence[Example], labelled: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """The comparisons as scripts/train_reward_model.py's JSONL records {"prompt", "response_a" (the preferred),
+    """The comparisons as the reward-model stage's JSONL records {"prompt", "response_a" (the preferred),
     "response_b", "p_a_better": 1.0}, and how many examples had no complete pair (left out). Unlabelled (RLAIF:
-    an AI labeller decides, `--label_judge`), the pairs carry no p_a_better and the human's choice is not in the
+    an AI labeller decides, `config.label_judge`), the pairs carry no p_a_better and the human's choice is not in the
     order: it alternates from row to row, so A is the preferred reply in half of them."""
     complete = [e for e in examples if isinstance(e.prompt, str) and e.chosen and e.rejected]
     if labelled:
@@ -400,7 +400,7 @@ def preference_records(examples: Sequence[Example], labelled: bool = True) -> tu
 
 def sft_records(examples: Sequence[Example]) -> tuple[list[dict[str, Any]], int]:
     """(prompt, reference response) as prompt-completion records {"prompt", "completion"} (TRL's SFT format, and
-    train_reward_model.py --normalize_to), and how many examples had none (left out)."""
+    the reward-model stage's config.data.normalize_to), and how many examples had none (left out)."""
     records = [{"prompt": e.prompt, "completion": e.reference} for e in examples
                if isinstance(e.prompt, str) and e.reference]
     return records, len(examples) - len(records)
@@ -646,36 +646,36 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
     return np.random.default_rng(seed + epoch).permutation(num_rows)
 
 
-class PromptLoader:
-    """Fixed-shape batches of this process's rows, epoch after epoch, with a restorable position.
+class RowLoader:
+    """Fixed-shape batches of this process's rows of a dataset of `num_rows` rows, epoch after epoch, with a
+    restorable position; a subclass says what a batch of rows is (`_batch`).
 
     `drop_last=True` (training) skips the N mod global_batch rows left over at the end of each epoch so
     every batch is full; `drop_last=False` (eval) fills the last batch with copies of its first row marked
     `valid_b = 0`. `num_epochs=0` repeats forever.
     """
 
-    def __init__(self, prompts: PromptDataset, global_batch_size: int, *, process_index: int | None = None,
+    what = "rows"  # what a row is, in errors
+
+    def __init__(self, num_rows: int, global_batch_size: int, *, process_index: int | None = None,
                  process_count: int | None = None, seed: int = 0, shuffle: bool = True, num_epochs: int = 0,
                  drop_last: bool = True):
-        self.prompts = prompts
+        self.num_rows = num_rows
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size % self.process_count:
             raise DataError(f"global batch {global_batch_size} is not divisible by the process count "
                              f"{self.process_count}")
-        n = len(prompts)
+        n = num_rows
         if n == 0 or (drop_last and n < global_batch_size):
-            raise DataError(f"{n} prompts cannot fill one batch of {global_batch_size}; lower the batch size "
-                             "or add prompts")
+            raise DataError(f"{n} {self.what} cannot fill one batch of {global_batch_size}; lower the batch size "
+                             f"or add {self.what}")
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // self.process_count
         self.seed, self.shuffle, self.num_epochs, self.drop_last = seed, shuffle, num_epochs, drop_last
         self.batches_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
         self._state = LoaderState(0, 0)
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-        # A view: the batches need only the ids.
-        columns = [PROMPT_IDS] + ([REFERENCE_IDS] if prompts.max_reference_len else [])
-        self._ids = prompts.dataset.select_columns(columns)
 
     # --- position
     def state(self) -> LoaderState:
@@ -689,7 +689,7 @@ class PromptLoader:
         self._state = state
 
     # --- iteration
-    def __iter__(self) -> Iterator[PromptBatch]:
+    def __iter__(self):
         return self
 
     def __len__(self) -> int:
@@ -703,7 +703,7 @@ class PromptLoader:
     def _rows_of(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """This process's dataset rows of global batch `index` of `epoch`, and their validity."""
         if self._order_epoch != epoch:
-            self._order = epoch_order(len(self.prompts), self.seed, epoch, self.shuffle)
+            self._order = epoch_order(self.num_rows, self.seed, epoch, self.shuffle)
             self._order_epoch = epoch
         global_rows = self._order[index * self.global_batch_size:(index + 1) * self.global_batch_size]
         valid = np.ones(self.global_batch_size, np.int32)
@@ -715,13 +715,37 @@ class PromptLoader:
         hi = lo + self.local_batch_size
         return global_rows[lo:hi], valid[lo:hi]
 
-    def __next__(self) -> PromptBatch:
+    def _batch(self, rows: np.ndarray, valid: np.ndarray) -> Any:
+        """The batch of this process's dataset `rows` (and their validity)."""
+        raise NotImplementedError
+
+    def __next__(self):
         epoch, index = self._state
         if index >= self.batches_per_epoch:
             epoch, index = epoch + 1, 0
         if self.num_epochs and epoch >= self.num_epochs:
             raise StopIteration
-        rows, valid = self._rows_of(epoch, index)
+        batch = self._batch(*self._rows_of(epoch, index))
+        self._state = LoaderState(epoch, index + 1)
+        return batch
+
+
+class PromptLoader(RowLoader):
+    """`RowLoader` batches of a `PromptDataset`: left-padded prompts (and right-padded references)."""
+
+    what = "prompts"
+
+    def __init__(self, prompts: PromptDataset, global_batch_size: int, **loader_settings):
+        super().__init__(len(prompts), global_batch_size, **loader_settings)
+        self.prompts = prompts
+        # A view: the batches need only the ids.
+        columns = [PROMPT_IDS] + ([REFERENCE_IDS] if prompts.max_reference_len else [])
+        self._ids = prompts.dataset.select_columns(columns)
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        return self
+
+    def _batch(self, rows: np.ndarray, valid: np.ndarray) -> PromptBatch:
         # Only this process's rows are materialised from the (memory-mapped) dataset.
         selected = self._ids[rows.tolist()]
         tokens, mask = left_pad(selected[PROMPT_IDS], self.prompts.max_prompt_len, self.prompts.pad_id)
@@ -729,7 +753,6 @@ class PromptLoader:
         if self.prompts.max_reference_len:
             references, reference_mask = right_pad(selected[REFERENCE_IDS], self.prompts.max_reference_len,
                                                    self.prompts.pad_id)
-        self._state = LoaderState(epoch, index + 1)
         return PromptBatch(tokens, mask, valid, rows.astype(np.int32), references, reference_mask)
 
 

@@ -1,6 +1,7 @@
-"""What the programs (`rlaif_jax.train`, `rlaif_jax.sft`) share around their loops: multi-host start-up, logging,
-flag parsing that reports config mistakes as one line, stopping at a step boundary on a signal (`Preemption`), and
-the check of data paths before anything loads. Each program keeps its own flags, `main` and loop."""
+"""What the programs (`rlaif_jax.train`, `rlaif_jax.sft`, `rlaif_jax.reward_model_stage`) share around their loops:
+multi-host start-up, logging, flag parsing that reports config mistakes as one line, stopping at a step boundary
+on a signal (`Preemption`), the check that a batch splits over the mesh, and the check of data paths before
+anything loads. Each program keeps its own flags, `main` and loop."""
 from __future__ import annotations
 
 import logging
@@ -102,3 +103,20 @@ def check_data_paths(data_cfg) -> None:
                                                        or os.path.splitext(path)[1] in data_lib._LOCAL_BUILDERS):
             raise errors.DataError(f"{setting}={path!r}: no such file or folder; fix the path (a hub dataset is "
                                    "named org/name)")
+
+
+def check_batch_on_mesh(mesh_cfg, batch_size: int, grad_accum: int, setting: str, num_devices: int | None = None
+                        ) -> None:
+    """Raises ValueError (what to change) unless `config.mesh` covers the devices and a batch of `batch_size` rows
+    (the config field `setting`) splits into `grad_accum` micro-batches of a size the mesh's batch shards divide."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+    data = mesh_cfg.data if mesh_cfg.data != -1 else num_devices // max(fsdp * tensor, 1)
+    if data * fsdp * tensor != num_devices:
+        raise ValueError(f"config.mesh data={mesh_cfg.data} x fsdp={fsdp} x tensor={tensor} does not match the "
+                         f"{num_devices} devices; change config.mesh so the product is {num_devices}")
+    shards = data * fsdp
+    if batch_size % grad_accum or (batch_size // grad_accum) % shards:
+        raise ValueError(f"{setting}={batch_size} cannot be split into optim.grad_accum={grad_accum} micro-batches "
+                         f"of a size divisible by the mesh's batch shards (data x fsdp = {shards}); use a multiple "
+                         f"of {grad_accum * shards}")

@@ -4,8 +4,10 @@
 
 Rows are the judge template rendered with (prompt, response) and LEFT-padded, exactly as the judge's rows
 (`judging.encode_pairs` for training, `judging` in reward_model mode for scoring). Training fits the
-Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft preferences (`train`);
-`normalize_to_references` then optionally shifts it so a dataset's reference responses score 0 on average.
+Bradley-Terry model P(a > b) = sigmoid(r_a - r_b) to the pairwise judge's soft preferences
+(`soft_bradley_terry_loss`; the training stage is rlaif_jax/reward_model_stage.py, `python -m
+rlaif_jax.reward_model_stage`); `normalize_to_references` then optionally shifts it so a dataset's reference
+responses score 0 on average.
 
 Files: a reward-model folder is the backbone as an HF checkpoint (`hf.save_model`) plus VALUE_HEAD_FILE and
 REWARD_MODEL_META_FILE. The `ScalarModel` folders the summarize-from-feedback reproductions release (Huang et al.
@@ -21,21 +23,18 @@ This module sits below `judging` (whose reward_model mode scores with it) and ne
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from rlaif_jax.data import read_jsonl
+from rlaif_jax import data as data_lib
+from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # next to the backbone's model.safetensors in a reward-model folder
 REWARD_MODEL_META_FILE = "reward_model.json"  # `read_settings` of the judge spec the reward model was trained with
@@ -68,13 +67,27 @@ class PairBatch(NamedTuple):
 def read_preferences(path: str) -> list[dict[str, Any]]:
     """Reads and validates a preference JSONL, one pair per line:
         {"prompt": str, "response_a": str, "response_b": str, "p_a_better": float in [0, 1]}
-    p_a_better (the pairwise judge's P(a better), a soft label) may be missing (`judging.label_preferences`)."""
-    records = read_jsonl(path, {"prompt", "response_a", "response_b"}, "preference pairs")
+    p_a_better (the pairwise judge's P(a better), a soft label) may be missing (`labelling.label_preferences`)."""
+    records = data_lib.read_jsonl(path, {"prompt", "response_a", "response_b"}, "preference pairs")
     for i, r in records:
         p = r.get("p_a_better")
         if p is not None and not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"{path}:{i}: p_a_better={p} is not a probability")
     return [r for _, r in records]
+
+
+class PairLoader(data_lib.RowLoader):
+    """`data.RowLoader` batches of preference pairs (this process's rows of each global batch, a restorable
+    position); a batch is (PairBatch, valid_b)."""
+
+    what = "preference pairs"
+
+    def __init__(self, pairs: PairBatch, global_batch_size: int, **loader_settings):
+        super().__init__(pairs.tokens_a.shape[0], global_batch_size, **loader_settings)
+        self.pairs = pairs
+
+    def _batch(self, rows: np.ndarray, valid: np.ndarray) -> tuple[PairBatch, np.ndarray]:
+        return PairBatch(*(x[rows] for x in self.pairs)), valid
 
 
 # ================================================================================================ loss
@@ -94,71 +107,12 @@ def pair_rewards(rm_params: RewardModelParams, cfg: ModelConfig, batch: PairBatc
     return r[:n], r[n:]
 
 
-def ranking_accuracy(r_a: np.ndarray, r_b: np.ndarray, p_a_better: np.ndarray) -> float:
-    """Fraction of pairs (label ties p = 1/2 left out) where the reward model prefers the judge's choice."""
-    r_a, r_b, p = map(np.asarray, (r_a, r_b, p_a_better))
-    decided = p != 0.5
-    if not decided.any():
-        return float("nan")
-    return float(np.mean((r_a > r_b)[decided] == (p > 0.5)[decided]))
-
-
-# ================================================================================================ training
-class TrainResult(NamedTuple):
-    params: RewardModelParams
-    losses: list[float]  # per step
-    eval_accuracy: float | None
-
-
-def train(cfg: ModelConfig, backbone, data: PairBatch, *, steps: int = 200, batch_size: int = 16,
-          learning_rate: float = 1e-4, weight_decay: float = 0.0, seed: int = 0, eval_data: PairBatch | None = None,
-          log_every: int = 10) -> TrainResult:
-    """Fine-tunes `backbone` + a fresh value head on the soft preferences with AdamW; returns the reward model
-    (and its ranking accuracy on `eval_data`)."""
-    key = jax.random.key(seed)
-    key, head_key = jax.random.split(key)
-    params = RewardModelParams(backbone, tfm.init_value_head(cfg, head_key))
-    n = data.tokens_a.shape[0]
-    if n < batch_size:
-        raise ValueError(f"{n} preference pairs but batch_size={batch_size}; lower --batch_size")
-    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        def loss_fn(p):
-            return soft_bradley_terry_loss(*pair_rewards(p, cfg, batch), batch.p_a_better)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.RandomState(seed)
-    order, pos, losses = rng.permutation(n), 0, []
-    for i in range(steps):
-        if pos + batch_size > n:  # a new epoch: reshuffle, full batches only (one compiled shape)
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        params, opt_state, loss = step(params, opt_state, PairBatch(*(x[idx] for x in data)))
-        losses.append(float(loss))
-        if log_every and (i % log_every == 0 or i == steps - 1):
-            log.info("step %d  loss %.4f", i, losses[-1])
-    accuracy = None
-    if eval_data is not None:
-        accuracy = evaluate(params, cfg, eval_data, batch_size)
-        log.info("held-out ranking accuracy %.3f on %d pairs", accuracy, eval_data.tokens_a.shape[0])
-    return TrainResult(params, losses, accuracy)
-
-
-def evaluate(params: RewardModelParams, cfg: ModelConfig, data: PairBatch, batch_size: int) -> float:
-    """Ranking accuracy on `data`, in batches of `batch_size` pairs."""
-    rewards = jax.jit(pair_rewards, static_argnums=1)
-    r_a, r_b = [], []
-    for start in range(0, data.tokens_a.shape[0], batch_size):
-        ra, rb = rewards(params, cfg, PairBatch(*(x[start:start + batch_size] for x in data)))
-        r_a.append(np.asarray(ra))
-        r_b.append(np.asarray(rb))
-    return ranking_accuracy(np.concatenate(r_a), np.concatenate(r_b), data.p_a_better)
+def ranking_accuracy(r_a: jax.Array, r_b: jax.Array, p_a_better: jax.Array) -> jax.Array:
+    """Fraction of pairs (label ties p = 1/2 left out) where the reward model prefers the judge's choice; NaN when
+    every pair is a tie. Jittable (the training step's metric) and on host arrays alike."""
+    decided = p_a_better != 0.5
+    agree = (r_a > r_b) == (p_a_better > 0.5)
+    return jnp.sum(agree & decided) / jnp.sum(decided)
 
 
 # ================================================================================================ normalisation
@@ -166,29 +120,51 @@ _reward_values_jit = jax.jit(reward_values, static_argnums=1)
 
 
 def row_rewards(params: RewardModelParams, cfg: ModelConfig, tokens_nt: np.ndarray, mask_nt: np.ndarray,
-           batch_size: int) -> np.ndarray:
+                batch_size: int, sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
     """(N,) float32 rewards of the rows, in batches of `batch_size` (the last one padded with copies of a row, so
-    every batch has one compiled shape)."""
+    every batch has one compiled shape). With `sharding` (a batch sharding of the mesh `params` live on), each
+    batch is one global array over the mesh: every process passes its part of every batch (`data.to_global`) and
+    every process gets all N rewards back."""
     n = tokens_nt.shape[0]
     if n == 0:
         raise ValueError("no rows to score")
+    processes, process = jax.process_count(), jax.process_index()
+    if sharding is not None and batch_size % processes:
+        raise ValueError(f"a batch of {batch_size} rows cannot be split over {processes} processes")
     out = []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-        out.append(np.asarray(_reward_values_jit(params, cfg, jnp.asarray(tokens_nt[idx]), jnp.asarray(mask_nt[idx]))))
+        if sharding is None:
+            out.append(np.asarray(_reward_values_jit(params, cfg, jnp.asarray(tokens_nt[idx]),
+                                                     jnp.asarray(mask_nt[idx]))))
+            continue
+        local = np.array_split(idx, processes)[process]  # this process's rows of the batch, in process order
+        tokens, mask = data_lib.to_global((tokens_nt[local], mask_nt[local]), sharding)
+        out.append(shd.gather_to_host(_reward_values_jit(params, cfg, tokens, mask)))
     return np.concatenate(out)[:n].astype(np.float32)
 
 
-def normalize_to_references(params: RewardModelParams, cfg: ModelConfig, tokens_nt: np.ndarray,
-                            mask_nt: np.ndarray, batch_size: int) -> tuple[RewardModelParams, float]:
-    """Shifts the reward model so that the rows (prompt + a dataset's reference response) score 0 on average:
-    mean = (1/N) sum_n r_n, then the value head's bias -= mean, so every reward moves by exactly -mean.
+def evaluate_pairs(params: RewardModelParams, cfg: ModelConfig, pairs: PairBatch, batch_size: int,
+                   sharding: jax.sharding.Sharding | None = None) -> tuple[float, float]:
+    """(soft Bradley-Terry loss, ranking accuracy) of the reward model on all of `pairs`, its rows scored in
+    batches of `batch_size` (`row_rewards`, on the mesh of `sharding` when given)."""
+    r_a = row_rewards(params, cfg, pairs.tokens_a, pairs.mask_a, batch_size, sharding)
+    r_b = row_rewards(params, cfg, pairs.tokens_b, pairs.mask_b, batch_size, sharding)
+    return (float(soft_bradley_terry_loss(r_a, r_b, pairs.p_a_better)),
+            float(ranking_accuracy(r_a, r_b, pairs.p_a_better)))
+
+
+def normalize_to_references(params: RewardModelParams, reference_rewards_n: np.ndarray
+                            ) -> tuple[RewardModelParams, float]:
+    """Shifts the reward model so that the rows (prompt + a dataset's reference response) whose rewards are
+    `reference_rewards_n` (`row_rewards`) score 0 on average: mean = (1/N) sum_n r_n, then the value head's
+    bias -= mean, so every reward moves by exactly -mean.
 
     The reproduction does this after training (summarize_from_feedback_details/reward.py: the mean predicted
     reward of the train split's query + reference_response becomes `config.bias`, which ScalarModel.forward
     subtracts); here it is folded into the head's bias, so the saved folder needs nothing new to read it.
     Returns (shifted params, mean)."""
-    mean = float(np.mean(row_rewards(params, cfg, tokens_nt, mask_nt, batch_size).astype(np.float64)))
+    mean = float(np.mean(np.asarray(reference_rewards_n, np.float64)))
     head = dict(params.value_head)
     head["bias"] = (jnp.asarray(head["bias"], jnp.float32) - mean).astype(jnp.asarray(head["bias"]).dtype)
     return RewardModelParams(params.model, head), mean
@@ -239,14 +215,18 @@ def check_read_settings(folder: str, spec) -> None:
 def save_reward_model(out_dir: str, cfg: ModelConfig, params, value_head, tokenizer, spec) -> None:
     """Backbone via hf.save_model, the value head next to it (VALUE_HEAD_FILE), and the settings of `spec` (its
     judging.JudgeSpec) that change what it reads (REWARD_MODEL_META_FILE, `read_settings`), so reward_model mode
-    can check it reads rows made the same way."""
-    hf.save_model(params, cfg, out_dir, tokenizer=tokenizer)
+    can check it reads rows made the same way. Atomic: the folder is assembled under a temporary name and renamed
+    into place once complete, so a kill never leaves a backbone without its head under `out_dir`."""
+    final_dir = out_dir.rstrip(os.sep)
+    staged = final_dir + ".partial"
+    hf.save_model(params, cfg, staged, tokenizer=tokenizer)
+    head = {f"value_head.{k}": hf.to_host(v).astype(np.float32) for k, v in value_head.items()}  # every process
     if jax.process_index() != 0:
         return
-    hf.write_safetensors(os.path.join(out_dir, VALUE_HEAD_FILE), {
-        f"value_head.{k}": np.asarray(jax.device_get(v), np.float32) for k, v in value_head.items()})
-    with open(os.path.join(out_dir, REWARD_MODEL_META_FILE), "w") as f:
+    hf.write_safetensors(os.path.join(staged, VALUE_HEAD_FILE), head)
+    with open(os.path.join(staged, REWARD_MODEL_META_FILE), "w") as f:
         json.dump(read_settings(spec), f, indent=2)
+    hf.replace_folder(staged, final_dir)
 
 
 def load_value_head(folder: str, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -265,7 +245,8 @@ def load_value_head(folder: str, cfg: ModelConfig) -> dict[str, jax.Array]:
     path = os.path.join(folder, VALUE_HEAD_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"reward_model mode: no {VALUE_HEAD_FILE} in {folder}; train one with "
-                                f"scripts/train_reward_model.py or set config.judge.mode to an LLM-judge mode")
+                                "`python -m rlaif_jax.reward_model_stage` or set config.judge.mode to an LLM-judge "
+                                "mode")
     tensors = load_file(path)
     head = {k.split(".", 1)[1]: jnp.asarray(v, cfg.param_dtype) for k, v in tensors.items()}
     if set(head) != {"kernel", "bias"} or head["kernel"].shape != (cfg.hidden_size,):

@@ -135,17 +135,8 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
         if c.data[name] != off:
             raise ValueError(f"config.data.{name}={c.data[name]!r} is not used by SFT (no held-out evaluation; the "
                              f"data repeats for config.train.steps steps): set it to {off!r}")
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    fsdp, tensor = c.mesh.fsdp, c.mesh.tensor
-    data = c.mesh.data if c.mesh.data != -1 else num_devices // max(fsdp * tensor, 1)
-    if data * fsdp * tensor != num_devices:
-        raise ValueError(f"config.mesh data={c.mesh.data} x fsdp={fsdp} x tensor={tensor} does not match the "
-                         f"{num_devices} devices; change config.mesh so the product is {num_devices}")
-    shards, accum = data * fsdp, c.optim.grad_accum
-    if c.train.batch_size % accum or (c.train.batch_size // accum) % shards:
-        raise ValueError(f"config.train.batch_size={c.train.batch_size} cannot be split into optim.grad_accum="
-                         f"{accum} micro-batches of a size divisible by the mesh's batch shards (data x fsdp = "
-                         f"{shards}); use a multiple of {accum * shards}")
+    program.check_batch_on_mesh(c.mesh, c.train.batch_size, c.optim.grad_accum, "config.train.batch_size",
+                                num_devices)
 
 
 # ---------------------------------------------------------------------------------------------- loss and step

@@ -36,9 +36,10 @@ LAUNCHER_FILES = ("train.log",)  # scripts/sweep.py's log of the run, written be
 CONFIG_FILE = "config.json"
 FINAL_POLICY = "final_policy"
 POLICY_EXPORTS = "policies"  # sft.py's exports every train.export_every steps: policies/step_<s>
+REWARD_MODEL = "reward_model"  # reward_model_stage.py's export: the reward-model folder
 # An earlier run's outputs, moved aside (never truncated) when there is no checkpoint to resume them from.
 RUN_OUTPUTS = (metrics_lib.METRICS_FILE, CONFIG_FILE, FINAL_POLICY, metrics_lib.SAMPLES_DIR,
-               metrics_lib.WANDB_ID_FILE, ckpt_lib.BEST_DIR, POLICY_EXPORTS)
+               metrics_lib.WANDB_ID_FILE, ckpt_lib.BEST_DIR, POLICY_EXPORTS, REWARD_MODEL)
 # Settings a resumed run may change: how it is logged, evaluated, checkpointed and laid out on devices, how long
 # it runs. Every other setting changes what the run computes.
 RESUME_ALLOWED = ("logging.", "eval.", "checkpoint.", "compute.", "mesh.", "testbed.", "train.steps",

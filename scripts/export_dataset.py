@@ -1,13 +1,13 @@
 """Write a public dataset, read by its schema (`rlaif_jax.data.DATASETS`), as the JSONL files the pipeline reads.
 
     python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144 \\
-        --kind preferences --out comparisons.jsonl      # -> scripts/train_reward_model.py --data
+        --kind preferences --out comparisons.jsonl      # -> the reward-model stage, config.data.path
     python scripts/export_dataset.py --dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered \\
-        --kind sft --split train --out references.jsonl  # -> SFT, train_reward_model.py --normalize_to
+        --kind sft --split train --out references.jsonl  # -> SFT, config.data.normalize_to of the RM stage
 
 --kind preferences: {"prompt", "response_a" (the preferred), "response_b", "p_a_better": 1.0} per comparison;
---kind pairs: the same pairs without the human's label, for an AI labeller (RLAIF: train_reward_model.py
---label_judge.path=JUDGE labels them), A and B alternating between the preferred and the other reply;
+--kind pairs: the same pairs without the human's label, for an AI labeller (RLAIF: the reward-model stage's
+config.label_judge labels them, `python -m rlaif_jax.reward_model_stage`), A and B alternating between the preferred and the other reply;
 --kind sft: {"prompt", "completion"} per reference response (TRL's prompt-completion format). Prompts are text
 (Anthropic HH: the dialogue up to the final "\\n\\nAssistant:"). --path reads a local copy in the same schema.
 """

@@ -3,13 +3,13 @@
 Canonical (distilled) RLAIF, end to end on one experiment config:
 
     python scripts/sample_pairs.py --config experiments/X.py --out pairs.jsonl --num_prompts 2048
-    python scripts/train_reward_model.py --model JUDGE_OR_SMALLER --data pairs.jsonl --out rm/ \\
-        --label_judge.path=JUDGE --label_judge.mode=pairwise
+    python -m rlaif_jax.reward_model_stage --config experiments/rm_stage.py:rl=X,policy=SFT_DIR,data=pairs.jsonl,\\
+        label_judge=JUDGE --workdir runs/rm
     python -m rlaif_jax.train --config experiments/X.py --config.judge.mode=reward_model \\
-        --config.judge.path=rm/ --workdir ...
+        --config.judge.path=runs/rm/reward_model --workdir ...
 
 Each line: {"prompt", "response_a", "response_b"}; the pairwise judge adds "p_a_better" when the reward-model
-script labels them. Responses come from the same sampler and settings (config.rollout) as training, with
+stage labels them. Responses come from the same sampler and settings (config.rollout) as training, with
 n_samples = 2 sharing one prefill; `--checkpoint_step` samples from a run's checkpoint instead of the initial
 policy (policy params are read from WORKDIR/checkpoints).
 """

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
-from rlaif_jax import sft
+from rlaif_jax import reward_model_stage, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -30,6 +30,8 @@ ARGS = {
     "ppo_tldr_details": ["", "runlocal", "policy=/ckpt/sft,rm=/ckpt/rm,fsdp=8,steps=5"],
     # judge=pairwise with the grpo estimator needs main's reward.pairwise_baseline (TODO(merge) in the file).
     "sft_tldr": ["", "runlocal", "fsdp=8,steps=5"],
+    "rm_stage": ["", "runlocal", "rl=rlaif_tldr,label_judge=/judge,eval=held_out.jsonl",
+                 "rl=rlaif_harmless,fsdp=8,steps=5", "rl=ppo_tldr_details,runlocal,references=refs.jsonl"],
     "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -57,12 +59,27 @@ def test_config_parses_locks_and_validates(name, arg):
     c = module.get_config() if arg is None else module.get_config(arg)
     assert c.is_locked
     devices = [8] if c.mesh.fsdp > 1 else [1, 8]
-    # experiments/sft_*.py are configs of the SFT program (rlaif_jax.sft), the rest of the RL program.
-    validate = sft.validate if name.startswith("sft_") else config_lib.validate
+    # experiments/sft_*.py are configs of the SFT program (rlaif_jax.sft), rm_*.py of the reward-model stage
+    # (rlaif_jax.reward_model_stage), the rest of the RL program.
+    validate = (sft.validate if name.startswith("sft_") else reward_model_stage.validate if name.startswith("rm_")
+                else config_lib.validate)
     for n in devices:
         validate(c, num_devices=n)
     with pytest.raises(AttributeError):
         c.not_a_field = 1  # locked: typos are errors
+
+
+@pytest.mark.parametrize("rl,rl_arg", [("ppo_tldr_details", ""), ("rlaif_tldr", "variant=canonical"),
+                                       ("rlaif_harmless", "")])
+@pytest.mark.parametrize("runlocal", [False, True])
+def test_rm_stage_trains_on_the_rows_its_rl_experiment_reads(rl, rl_arg, runlocal):
+    """The reward model's rows are those of the RL run that reads it (its judge refuses other ones), runlocal too."""
+    rm_config = get("rm_stage", f"rl={rl}" + (",runlocal" if runlocal else ""))
+    rl_config = get(rl, ",".join(a for a in ("rm=/rm", rl_arg, "runlocal" if runlocal else "") if a))
+    assert rl_config.judge.mode == rm_config.judge.mode == "reward_model"
+    for name in reward_model_stage.ROW_SETTINGS:
+        assert rm_config.judge[name] == rl_config.judge[name], name
+    assert rm_config.judge.include_stop_token == (rl == "ppo_tldr_details")  # the reproduction reads it at the EOS
 
 
 def parse_cli(argv):
@@ -145,7 +162,7 @@ def test_paper_table_catches_drift():
 
 def test_rlaif_harmless_is_canonical_rlaif_on_the_harmless_subset():
     """Lee et al.'s harmless task: RL against a reward model distilled from AI labels, on HH harmless-base, whose
-    labelling template asks the pairwise question train_reward_model.py's labeller reads."""
+    labelling template asks the pairwise question the reward-model stage's labeller reads."""
     module = load("rlaif_harmless")
     c = module.get_config("rm=/rm")
     assert (c.judge.mode, c.judge.path, c.eval.win_rate) == ("reward_model", "/rm", False)

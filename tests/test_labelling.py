@@ -114,12 +114,12 @@ def test_soft_labels_match_torch_in_both_orders(world):
 
 
 def test_label_preferences_fills_only_missing_labels_unsharded(world):
-    """The in-memory labeller of scripts/train_reward_model.py (`judging.label_preferences`), a judge loaded without
+    """The in-memory labeller of the reward-model stage (`labelling.label_preferences`), a judge loaded without
     a mesh: the pairs without p_a_better get the sharded file run's labels, the labelled ones are left alone."""
     judge = judging.load_judge(lab.judge_config(settings(), judge_cfg(world["judge"])))
     pairs = [json.loads(line) for line in read_lines(world["pairs"])]
     pairs[1]["p_a_better"] = 1.0
-    labelled = judging.label_preferences([dict(p) for p in pairs], judge, BATCH, 0)
+    labelled = lab.label_preferences([dict(p) for p in pairs], judge, BATCH, 0)
     assert labelled[1] == pairs[1]
     for i, want in enumerate(json.loads(line) for line in read_lines(world["out"])):
         if i != 1:

@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rlaif_jax import judging, reward_model
+from rlaif_jax import errors, judging, reward_model, reward_model_stage
 from rlaif_jax.models import hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,51 +73,157 @@ def hf_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(hf_folder, tmp_path_factory):
+def world(hf_folder, tmp_path_factory):
+    """The stage's inputs: 128 training pairs, 64 held-out pairs and 16 reference responses (JSONL files)."""
     rng = np.random.RandomState(0)
-    train_records, eval_records = make_pairs(rng, 128), make_pairs(rng, 64)
-    path = str(tmp_path_factory.mktemp("prefs") / "prefs.jsonl")
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_records)
-    records = reward_model.read_preferences(path)
-    rm_config = rm_judge_config(max_len=24)
-    cfg, backbone = hf.load_model(hf_folder, dtype=rm_config.dtype, param_dtype=rm_config.param_dtype)
-    tok = hf.load_tokenizer(hf_folder)
-    spec = judging.make_spec(rm_config, tok)
-    result = reward_model.train(cfg, backbone, judging.encode_pairs(spec, tok, records), steps=40, batch_size=16,
-                                learning_rate=2e-3, seed=0, eval_data=judging.encode_pairs(spec, tok, eval_records),
-                                log_every=0)
-    out = str(tmp_path_factory.mktemp("rm_out"))
-    reward_model.save_reward_model(out, cfg, result.params.model, result.params.value_head, tok, spec)
-    return result, out, eval_records, train_records
+    root = tmp_path_factory.mktemp("rm_world")
+    files = {"train": make_pairs(rng, 128), "eval": make_pairs(rng, 64),
+             "references": [dict(prompt=r["prompt"], completion=r["response_a"]) for r in make_pairs(rng, 16)]}
+    for name, records in files.items():
+        with open(root / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(root), files
 
 
-def test_soft_bradley_terry_loss_against_numpy():
-    r_a, r_b, p = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 2.0]), np.array([0.9, 0.2, 0.5])
+def stage_config(hf_folder, root):
+    """40 steps of 16 pairs (2 micro-batches of 8, one per fake device), held-out evaluation every 20 steps,
+    checkpoints every 10, and normalisation to the references."""
+    c = reward_model_stage.base_config()
+    c.seed = 5  # a value head that ranks the held-out pairs at chance (0.48) before training: the rise is training's
+    c.policy.path = hf_folder
+    c.judge.max_len = 24
+    c.data.path, c.data.eval_path = f"{root}/train.jsonl", f"{root}/eval.jsonl"
+    c.data.normalize_to = f"{root}/references.jsonl"
+    c.train.batch_size, c.train.steps = 16, 40
+    c.optim.learning_rate, c.optim.grad_accum = 2e-3, 2
+    c.eval.every, c.eval.batch_size = 20, 32
+    c.checkpoint.every_steps, c.checkpoint.max_to_keep = 10, 2
+    c.logging.progress_bar = False
+    c.lock()
+    return c
+
+
+def metric_records(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's stage runs (as tests/test_train.py gives its subprocesses):
+    each launch builds its step afresh, and the two launches of the resume test then load the first one's compiled
+    programs instead of compiling them again (about 4 s each). The process's settings come back afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def trained(hf_folder, world, compilation_cache, tmp_path_factory):
+    """The stage's run, uninterrupted: (workdir, its reward-model folder)."""
+    workdir = str(tmp_path_factory.mktemp("rm_run"))
+    assert reward_model_stage.launch(stage_config(hf_folder, world[0]), workdir) == 0
+    return workdir, os.path.join(workdir, "reward_model")
+
+
+def test_soft_bradley_terry_loss_and_gradient_against_numpy():
+    r_a, r_b, p = np.array([1.0, -0.5, 2.0, 0.3]), np.array([0.0, 0.5, 2.0, -1.2]), np.array([0.9, 0.2, 0.5, 1.0])
     d = r_a - r_b
     log_sig = lambda x: -np.log1p(np.exp(-x))
     want = -np.mean(p * log_sig(d) + (1 - p) * log_sig(-d))
-    np.testing.assert_allclose(reward_model.soft_bradley_terry_loss(jnp.asarray(r_a), jnp.asarray(r_b), jnp.asarray(p)),
-                               want, rtol=1e-6)
+    # dL/dr_a = -(p - sigmoid(d)) / N = -dL/dr_b
+    want_grad = -(p - 1 / (1 + np.exp(-d))) / len(d)
+    loss, (grad_a, grad_b) = jax.value_and_grad(reward_model.soft_bradley_terry_loss, argnums=(0, 1))(
+        jnp.asarray(r_a), jnp.asarray(r_b), jnp.asarray(p))
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(grad_a, want_grad, rtol=1e-5)
+    np.testing.assert_allclose(grad_b, -want_grad, rtol=1e-5)
     assert reward_model.ranking_accuracy(np.array([1., 0, 3]), np.array([0., 1, 1]), np.array([.9, .8, .5])) == 0.5
 
 
-def test_loss_decreases_and_ranks_held_out_pairs(trained):
-    result, _, _, train_records = trained
-    losses = np.asarray(result.losses)
+def test_stage_loss_falls_and_held_out_accuracy_rises(trained, world):
+    workdir, _ = trained
+    records = metric_records(workdir)
+    train = [r for r in records if "rm/loss" in r]
+    held_out = {r["step"]: r for r in records if "eval/rm_accuracy" in r}
+    assert [r["step"] for r in train] == list(range(1, 41)) and sorted(held_out) == [0, 20, 40]
     # The soft labels bound the loss from below by their mean binary entropy (about 0.46 nats here).
-    p = np.asarray([r["p_a_better"] for r in train_records])
+    p = np.asarray([r["p_a_better"] for r in world[1]["train"]])
     floor = -np.mean(p * np.log(p) + (1 - p) * np.log(1 - p))
-    last = losses[-10:].mean()
+    losses = np.asarray([r["rm/loss"] for r in train])
     assert losses[0] > floor + 0.1, (losses[0], floor)
-    assert last < floor + 0.05, (last, floor)
-    assert result.eval_accuracy >= 0.8, result.eval_accuracy  # chance is 0.5
+    assert losses[-10:].mean() < floor + 0.05, (losses[-10:].mean(), floor)
+    assert held_out[0]["eval/rm_accuracy"] < 0.6 and held_out[40]["eval/rm_accuracy"] >= 0.9, held_out
+    assert held_out[40]["eval/rm_loss"] < held_out[0]["eval/rm_loss"] - 0.2, held_out
+    assert all(r["guard/skipped_updates"] == 0 for r in train)
 
 
-def test_reward_model_mode_matches_hf_torch(trained):
+def test_stage_resumes_after_an_interruption_as_if_uninterrupted(hf_folder, world, trained, compilation_cache,
+                                                                  tmp_path, monkeypatch):
+    """A run that dies at step 25 (checkpoints at 10 and 20) and is launched again finishes with the metrics and the
+    reward-model files of the uninterrupted run, bit for bit."""
+    from rlaif_jax import metrics as metrics_lib
+
+    full, _ = trained
+    workdir = str(tmp_path / "run")
+    write = metrics_lib.MetricsWriter.write
+
+    def dies_at_step_25(self, step, metrics):
+        if step == 25:
+            raise KeyboardInterrupt("killed")  # not an Exception: nothing on the way may catch it
+        return write(self, step, metrics)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(metrics_lib.MetricsWriter, "write", dies_at_step_25)
+        with pytest.raises(KeyboardInterrupt):
+            reward_model_stage.launch(stage_config(hf_folder, world[0]), workdir)
+    assert max(r["step"] for r in metric_records(workdir)) == 24 and not os.path.exists(f"{workdir}/reward_model")
+    assert reward_model_stage.launch(stage_config(hf_folder, world[0]), workdir) == 0
+    assert open(f"{workdir}/metrics.jsonl").read() == open(f"{full}/metrics.jsonl").read()
+    for name in ("model.safetensors", reward_model.VALUE_HEAD_FILE, reward_model.REWARD_MODEL_META_FILE):
+        assert open(f"{workdir}/reward_model/{name}", "rb").read() == open(f"{full}/reward_model/{name}", "rb").read()
+
+
+def test_export_scores_in_reward_model_mode_as_the_stage_evaluated_it(trained, world):
+    """judge.mode="reward_model" reads the exported folder: its scores of the held-out pairs give the loss and
+    accuracy the stage logged after the last step (NumPy Bradley-Terry), and the references score 0 on average."""
+    workdir, out = trained
+    _, files = world
+    judge = judging.load_judge(rm_judge_config(max_len=24, path=out))
+
+    def scores(prompts, responses):
+        return np.asarray(judging.score_texts(judge.params, judge.cfg, judge.spec, judge.tokenizer, prompts,
+                                              responses, jax.random.key(0))[0], np.float64)
+
+    held_out = files["eval"]
+    prompts = [r["prompt"] for r in held_out]
+    r_a = scores(prompts, [r["response_a"] for r in held_out])
+    r_b = scores(prompts, [r["response_b"] for r in held_out])
+    p = np.asarray([r["p_a_better"] for r in held_out])
+    d = r_a - r_b
+    loss = -np.mean(p * -np.log1p(np.exp(-d)) + (1 - p) * -np.log1p(np.exp(d)))
+    logged = metric_records(workdir)[-1]
+    assert logged["step"] == 40
+    np.testing.assert_allclose(loss, logged["eval/rm_loss"], rtol=1e-5)
+    assert np.mean((r_a > r_b) == (p > 0.5)) == logged["eval/rm_accuracy"]
+    references = files["references"]
+    reference_scores = scores([r["prompt"] for r in references], [r["completion"] for r in references])
+    assert abs(reference_scores.mean()) < 1e-5 and reference_scores.std() > 0.1
+
+
+def test_reward_model_mode_matches_hf_torch(trained, world):
     import torch
     from transformers import AutoModelForCausalLM
-    result, out, eval_records, _ = trained
+    _, out = trained
+    eval_records = world[1]["eval"]
     config = rm_judge_config(max_len=24, path=out)
     judge = judging.load_judge(config)
     assert isinstance(judge.params, reward_model.RewardModelParams)
@@ -149,7 +255,7 @@ def test_reward_model_refuses_other_read_settings(trained, setting, value, saved
     """Each setting that changes the rows a reward model reads must equal the one it was trained with (max_len=24,
     the defaults otherwise): another value is refused in one line naming the setting, its saved value, this
     run's and the fix."""
-    _, out, _, _ = trained
+    _, out = trained
     with pytest.raises(ValueError) as error:
         judging.load_judge(rm_judge_config(**{"max_len": 24, "path": out, setting: value}))
     message = str(error.value)
@@ -197,7 +303,7 @@ def test_normalize_to_references_centres_references_and_shifts_every_score(hf_fo
     before_other = reward_model.row_rewards(params, cfg, other_tokens, other_mask, batch_size=2)
     assert abs(before_refs.mean()) > 1e-2  # something to remove
 
-    normalized, mean = reward_model.normalize_to_references(params, cfg, ref_tokens, ref_mask, batch_size=2)
+    normalized, mean = reward_model.normalize_to_references(params, before_refs)
     np.testing.assert_allclose(mean, before_refs.astype(np.float64).mean(), rtol=1e-6)
     after_refs = reward_model.row_rewards(normalized, cfg, ref_tokens, ref_mask, batch_size=2)
     after_other = reward_model.row_rewards(normalized, cfg, other_tokens, other_mask, batch_size=2)
@@ -246,3 +352,50 @@ def test_scalar_model_folder_of_the_ppo_reproduction_loads_as_a_reward_model(tmp
         hidden = backbone(torch.tensor(tokens, dtype=torch.long), output_hidden_states=True).hidden_states[-1]
         want = (head(hidden)[:, -1, 0] - 0.25).numpy()
     np.testing.assert_allclose(ours, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("judge", "mode", "pairwise", "config.judge.mode='pairwise': the reward-model stage renders rows of a "
+                                  "reward_model judge"),
+    ("judge", "path", "/some/rm", r"config.judge.path='/some/rm' is not read by the reward-model stage"),
+    ("judge", "dtype", "bfloat16", "config.judge.dtype='bfloat16' is not read .* set it to 'float32'"),
+    ("judge", "template", "{prompt} only", r"config.judge.template has no \{response\} slot"),
+    ("label_judge", "path", "/judge", None),  # a pairwise label judge is accepted ...
+    ("data", "path", "", "config.data.path is empty"),
+    ("train", "batch_size", 12, "config.train.batch_size=12 cannot be split into optim.grad_accum=2 .* use a "
+                                "multiple of 16"),  # 8 devices
+    ("eval", "batch_size", 4, "config.eval.batch_size=4 .* use a multiple of 8"),
+    ("eval", "every", -1, "config.eval.every=-1 must be >= 0"),
+    ("optim", "schedule", "step", "config.optim.schedule='step'"),
+])
+def test_stage_validation_refuses(hf_folder, world, section, field, value, message):
+    c = stage_config(hf_folder, world[0])
+    c.unlock()
+    c[section][field] = value
+    if message is None:
+        reward_model_stage.validate(c)
+        c.label_judge.mode = "pointwise"  # ... a label judge of another mode is not
+        message = "config.label_judge.mode='pointwise': pairs are labelled by a pairwise judge's P"
+    with pytest.raises(errors.ConfigError, match=message):
+        reward_model_stage.validate(c)
+
+
+def test_stage_refuses_unlabelled_pairs_without_a_label_judge_in_one_line(hf_folder, world, tmp_path, capsys):
+    root, files = world
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "p_a_better" or i % 2})
+                                  + "\n" for i, r in enumerate(files["train"])))
+    c = stage_config(hf_folder, root)
+    c.unlock()
+    c.data.path = str(unlabelled)
+    with pytest.raises(SystemExit) as exit_info:
+        reward_model_stage.launch(c, str(tmp_path / "run"))
+    assert exit_info.value.code == errors.EXIT_CODE
+    err = capsys.readouterr().err
+    assert err.startswith("FATAL data error: pairs without p_a_better (64 of 128 in config.data.path): set "
+                          "config.label_judge.path") and err.count("\n") == 1
+    c.data.path, c.data.normalize_to = f"{root}/train.jsonl", str(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit):
+        reward_model_stage.launch(c, str(tmp_path / "run2"))
+    assert capsys.readouterr().err.startswith("FATAL data error: config.data.normalize_to=")
+    assert not os.path.exists(tmp_path / "run2")  # refused before anything was written

@@ -42,7 +42,7 @@ To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a 
 need assembly.py and host.py to fill it).
 """
 from rlaif_jax.judging.assembly import sample_principles, score, score_jit
-from rlaif_jax.judging.host import (encode_pairs, encode_queries, encode_responses, encode_texts, label_preferences,
+from rlaif_jax.judging.host import (encode_pairs, encode_queries, encode_responses, encode_texts,
                                    score_host, score_outside_jit, score_texts)
 from rlaif_jax.judging.loading import Judge, load_judge
 from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
@@ -51,7 +51,7 @@ from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_confi
 
 __all__ = [
     "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_queries",
-    "encode_responses", "encode_texts", "label_preferences", "load_judge", "make_spec", "remote_spec",
+    "encode_responses", "encode_texts", "load_judge", "make_spec", "remote_spec",
     "sample_principles", "score", "score_host", "score_jit", "score_outside_jit", "score_queries_jit", "score_texts",
     "tokenizers_match", "validate_config",
 ]

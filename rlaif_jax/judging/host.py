@@ -160,15 +160,6 @@ def score_outside_jit(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, pol
 
 
 # ================================================================================================ preference pairs
-def label_preferences(records: list[dict[str, Any]], judge: Judge, batch_size: int, seed: int
-                      ) -> list[dict[str, Any]]:
-    """Fills missing p_a_better of preference pairs: `rlaif_jax.labelling.label_preferences` (the labeller; imported
-    here when called, as labelling sits above judging). Kept for scripts/train_reward_model.py until it calls the
-    labeller itself."""
-    from rlaif_jax import labelling
-    return labelling.label_preferences(records, judge, batch_size, seed)
-
-
 def encode_responses(spec: JudgeSpec, tok, prompts: Sequence[str], responses: Sequence[str]
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) of reward-model rows of complete text responses (a preference file's, a dataset's

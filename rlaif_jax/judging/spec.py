@@ -124,7 +124,7 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
     """Defaults of `config.judge` (for `mode`)."""
     c = ml_collections.ConfigDict()
     c.mode = mode  # one of MODES
-    c.path = ""  # HF folder (or hub id) of the judge; in reward_model mode a folder written by train_reward_model
+    c.path = ""  # HF folder (or hub id) of the judge; in reward_model mode a folder written by reward_model_stage
     c.dtype = "float32"  # judge compute dtype ("bfloat16" on accelerators)
     c.param_dtype = "float32"  # judge params dtype
     # Prompt template; "" = MODES[mode].template. Slots: {prompt} {response} {response_b} {reference}

@@ -444,7 +444,7 @@ def load_tokenizer(path_or_id: str):
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
     """One parameter, whole, on the host (gathered from every process when it spans several)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -454,14 +454,14 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def to_hf_tensors(params: tfm.Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our params -> {HF name: numpy array}, gathered to the host one HF tensor's params at a time."""
-    top = {k: _to_host(v) for k, v in params.items() if k != "layers"}
+    top = {k: to_host(v) for k, v in params.items() if k != "layers"}
     out = {hf_name: np.ascontiguousarray(inv(top)) for key, (hf_name, _, inv) in _hf_top_map(cfg).items() if key in top}
     # Grouped by HF tensor: the params of ours that one HF tensor holds (GPT-NeoX's q, k, v) are gathered together.
     groups: dict[str, tuple[Callable, list[str]]] = {}
     for key, (pattern, _, inv) in _hf_layer_map(cfg).items():
         groups.setdefault(pattern, (inv, []))[1].append(key)
     for pattern, (inv, keys) in groups.items():
-        stacked = {k: _to_host(params["layers"][k]) for k in keys}
+        stacked = {k: to_host(params["layers"][k]) for k in keys}
         for i in range(cfg.num_layers):
             out[pattern.format(i=i)] = np.ascontiguousarray(inv({k: w[i] for k, w in stacked.items()}))
     return out
@@ -504,11 +504,17 @@ def save_model(params: tfm.Params, cfg: ModelConfig, out_dir: str, tokenizer=Non
                        "weight_map": weight_map}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    if os.path.isdir(final_dir):  # replacing an earlier export: move it aside first (a folder rename is atomic)
-        old = final_dir + ".old"
+    replace_folder(out_dir, final_dir)
+
+
+def replace_folder(staged: str, final: str) -> None:
+    """Renames the complete folder `staged` to `final`, replacing an earlier `final` (moved aside first: a folder
+    rename is atomic, so `final` is at every moment either the old folder or the new one)."""
+    if os.path.isdir(final):
+        old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(out_dir, final_dir)
+        os.replace(final, old)
+        os.replace(staged, final)
         shutil.rmtree(old)
     else:
-        os.replace(out_dir, final_dir)
+        os.replace(staged, final)
