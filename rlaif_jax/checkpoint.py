@@ -132,6 +132,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def resume(self, state: Any, loader: Any) -> tuple[Any, int]:
+        """A program's resume: (the newest checkpoint's state, read into the shardings of `state`, and its step)
+        with `loader` (a data loader with `restore`) moved to the position saved beside it as extra["data"];
+        (state, 0) unchanged when there is no checkpoint."""
+        start = self.latest_step() or 0
+        if start:
+            state, extra = self.restore(start, abstract_state(state))
+            loader.restore(extra["data"])
+            log.info("resumed from the checkpoint of step %d in %s", start, os.path.dirname(self.directory))
+        return state, start
+
     def restore(self, step: int, abstract: Any) -> tuple[Any, dict[str, Any]]:
         """(state, extra) of checkpoint `step`, each array read into the sharding of its ShapeDtypeStruct
         in `abstract` (which may describe another mesh than the one that saved it)."""

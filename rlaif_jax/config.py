@@ -279,8 +279,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     """Raises `errors.ConfigError` (a ValueError) with one line naming the field to change when the config is
     inconsistent: each section by its validator, then the settings that span sections. Reads no weights, builds
     nothing. The validators raise plain ValueErrors; they become config errors here, in one place."""
+    as_config_error(_validate, c, num_devices)
+
+
+def as_config_error(check: Callable[..., None], *args) -> None:
+    """Runs a validator; its plain ValueError becomes a one-line `errors.ConfigError` (a UserError passes as is).
+    The validators of every program's config (training, SFT, reward model) go through here."""
     try:
-        _validate(c, num_devices)
+        check(*args)
     except errors.UserError:
         raise
     except ValueError as e:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 
 import jax
 from absl import flags
@@ -120,3 +121,31 @@ def check_batch_on_mesh(mesh_cfg, batch_size: int, grad_accum: int, setting: str
         raise ValueError(f"{setting}={batch_size} cannot be split into optim.grad_accum={grad_accum} micro-batches "
                          f"of a size divisible by the mesh's batch shards (data x fsdp = {shards}); use a multiple "
                          f"of {grad_accum * shards}")
+
+
+def run_stage_cli(launch: Callable[..., int], what: str, outputs: str) -> None:
+    """The command line of a pipeline stage's program (sft.py, reward_model_stage.py): its flags (--config,
+    --workdir, --allow_config_change, the multi-host ones) defined here, when the program runs, not on import
+    (rlaif_jax.train defines flags of the same names in absl's global registry, and the modules are imported
+    together in tests), then `launch(config, workdir, allow_config_change=..., distributed=...)`. `what` names
+    the config file in --help, `outputs` what the workdir holds."""
+    from absl import app
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, f"{what} config file (experiments/X.py[:arg])",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, f"run folder: {outputs}")
+    coordinator = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+    num_processes = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+    process_id = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+    allow_config_change = flags.DEFINE_bool(
+        "allow_config_change", False, "resume although the config changed settings that alter what the run "
+        "computes (model, data, batch, optimizer, ...)")
+
+    def main(argv):
+        del argv
+        configure_logging()
+        return launch(config.value, workdir.value, allow_config_change=allow_config_change.value,
+                      distributed=(coordinator.value, num_processes.value, process_id.value))
+
+    app.run(main, flags_parser=parse_flags)

@@ -49,8 +49,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
@@ -111,12 +109,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises `errors.ConfigError` with one line naming the field to change; reads no file. The shared sections are
     checked by the RL config's own validators (`config.section_validators`)."""
-    try:
-        _validate(c, num_devices)
-    except errors.UserError:
-        raise
-    except ValueError as e:
-        raise errors.ConfigError(str(e)) from None
+    config_lib.as_config_error(_validate, c, num_devices)
 
 
 def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
@@ -238,11 +231,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
 
         # ---- 3 resume: state and data position
         ckpt = ckpt_lib.Checkpointer(workdir, c.checkpoint)
-        start = ckpt.latest_step() or 0
-        if start:
-            state, extra = ckpt.restore(start, ckpt_lib.abstract_state(state))
-            loader.restore(extra["data"])
-            log.info("resumed from the checkpoint of step %d in %s", start, workdir)
+        state, start = ckpt.resume(state, loader)
         writer = metrics_lib.MetricsWriter(workdir, c.logging, c, start_step=start, total_steps=c.train.steps)
         log.info("%d devices, mesh %s; %d examples per step", jax.device_count(), dict(mesh.shape),
                  c.train.batch_size)
@@ -311,30 +300,5 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def define_flags() -> dict[str, Any]:
-    """The program's flags, defined when it runs (not on import: rlaif_jax.train defines flags of the same names
-    in absl's global registry, and both modules are imported together in tests)."""
-    return {
-        "config": config_flags.DEFINE_config_file("config", None, "SFT config file (experiments/X.py[:arg])",
-                                                  lock_config=True),
-        "workdir": flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, final_policy"),
-        "coordinator": flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0"),
-        "num_processes": flags.DEFINE_integer("num_processes", None, "multi-host: number of processes"),
-        "process_id": flags.DEFINE_integer("process_id", None, "multi-host: this process's index"),
-        "allow_config_change": flags.DEFINE_bool(
-            "allow_config_change", False, "resume although the config changed settings that alter what the run "
-            "computes (model, data, batch, optimizer, ...)"),
-    }
-
-
-def main(argv):
-    del argv
-    program.configure_logging()
-    f = _FLAGS
-    return launch(f["config"].value, f["workdir"].value, allow_config_change=f["allow_config_change"].value,
-                  distributed=(f["coordinator"].value, f["num_processes"].value, f["process_id"].value))
-
-
 if __name__ == "__main__":
-    _FLAGS = define_flags()
-    app.run(main, flags_parser=program.parse_flags)
+    program.run_stage_cli(launch, "SFT", "checkpoints, metrics, final_policy")

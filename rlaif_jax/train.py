@@ -119,11 +119,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
         # ---- 4 resume: state (params, optimizer, KL controller, PRNG) and the data position. A fresh start found
         # the workdir without an earlier run's files (workdir.prepare moved any aside).
         ckpt = ckpt_lib.Checkpointer(workdir, c.checkpoint)
-        start = ckpt.latest_step() or 0
-        if start:
-            state, extra = ckpt.restore(start, ckpt_lib.abstract_state(state))
-            train_loader.restore(extra["data"])
-            log.info("resumed from the checkpoint of step %d in %s", start, workdir)
+        state, start = ckpt.resume(state, train_loader)
         # wandb gets the config without a remote judge's URL and key (as config.json, workdir.config_json).
         writer = metrics_lib.MetricsWriter(workdir, c.logging, judging.remote.redacted(c), start_step=start,
                                            total_steps=c.train.steps)
