@@ -75,7 +75,7 @@ def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token
     folder = hf.resolve_path(config.path, weights=False)
     cfg = hf.load_config(folder, config.dtype, config.param_dtype)
     tok = hf.load_tokenizer(folder)
-    spec = judging.make_spec(config, tok, policy_tok, stop_token_ids)
+    spec = judging.make_spec(config, tok, policy_tok, stop_token_ids, cfg.eos_token_ids)
     params = _abstract_params(cfg, mesh, rules)
     if spec.mode == "reward_model":
         reward_model.check_read_settings(folder, spec)

@@ -4,7 +4,7 @@ chain-of-thought rationale, written to a JSONL file that a restarted run complet
 
     python -m rlaif_jax.labelling --judge.path=JUDGE --data=pairs.jsonl --out=labels.jsonl \\
         [--judge.template=... --judge.option_tokens="('1', '2')"] [--labelling.batch_size=16] \\
-        [--few_shot=exemplars.jsonl] [--labelling.cot.enabled --labelling.cot.max_new_tokens=128] [--mesh.fsdp=8]
+        [--few_shot=exemplars.jsonl] [--judge.cot.enabled --judge.cot.max_new_tokens=128] [--mesh.fsdp=8]
 
 Input: JSONL, one pair per line, {"prompt", "response_a", "response_b"} (what `scripts/export_dataset.py --kind
 pairs` writes); other keys are carried over. Output: the input record plus
@@ -25,18 +25,17 @@ the labeller adds:
 Few-shot exemplars (`labelling.few_shot`, or --few_shot=FILE.jsonl with one exemplar per line): worked examples
     {"prompt", "response_a", "response_b", "better": "a" | "b"[, "rationale"]}
 rendered before the question, each as the judge's template filled with its texts, then (with chain of thought)
-" " + its rationale + cot.answer_prompt, then " " + the option token of its better response; exemplars are joined,
+" " + its rationale + the answer prompt (judge.cot.answer_prompt, or the pairwise mode's), then " " + the option token of its better response; exemplars are joined,
 and followed by the question, with `few_shot_separator`. They become the head of the judge's template (inside the
 user turn with judge.chat_template), so they are tokenised once with the template's literal text and count
 towards judge.max_len. Their texts may not contain a {slot} marker.
 
-Chain of thought (`labelling.cot`, Lee et al. 2023's two steps, "RLAIF vs. RLHF", arXiv:2309.00267, section 3.1):
-  1. the judge's template ends with a request for a rationale (default `COT_TEMPLATE`: "... Rationale :"); the
-     judge samples one with the sampler (`rollout.rollout`: greedy or temperature / top-k / top-p, at most
-     cot.max_new_tokens tokens, ended by the judge's EOS, which is dropped), once per order;
-  2. its tokens and those of cot.answer_prompt (tokenised on their own) are appended to the question's, and the
-     option probabilities are read after them. The judge reads its own tokens, not a re-tokenisation of their text.
-Both steps of a batch are one compiled program (`judge_pairs`).
+Chain of thought (`judge.cot`, Lee et al. 2023's two steps, "RLAIF vs. RLHF", arXiv:2309.00267, section 3.1): the
+judge's own reasoning (`rlaif_jax.judging.reasoning`, the same code the train step's reasoning judge runs): with no
+judge.template, the question is the pairwise mode's `cot_template` ("... Rationale :"); the judge samples a
+rationale after it in each order (greedy by default, at most judge.cot.max_new_tokens tokens), then the option
+probabilities are read after [question, rationale, answer prompt]. Both steps of a batch are one compiled program
+(`judging.score_queries_jit`); the rationale of batch k is sampled with fold_in(key(labelling.seed), k).
 
 Batches, mesh, resume. Batch k holds pairs [k B, (k + 1) B) (the last one padded with copies of its first pair, so
 every batch has one shape and compiles once) and its sampling key is fold_in(seed, k): a pair's label does not
@@ -51,14 +50,12 @@ otherwise mix two judges' labels). --out must be on a filesystem every process s
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 from typing import Any, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,11 +63,8 @@ import numpy as np
 
 from rlaif_jax import data as data_lib
 from rlaif_jax import errors, judging
-from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
-from rlaif_jax.judging import scoring
 from rlaif_jax.judging import spec as spec_lib
-from rlaif_jax.models.config import ModelConfig
 
 log = logging.getLogger("rlaif_jax")
 
@@ -80,8 +74,6 @@ LABEL_FIELDS = ("pair_index", "p_a_better", "p_a_better_ab", "p_a_better_ba", "p
                 "neutral_orders", "truncated", "rationale_ab", "rationale_ba")
 # The slots a labelling template may have: the pair's texts (a pair has no reference; principles are not sampled).
 TEMPLATE_SLOTS = ("prompt", "response", "response_b")
-COT_TEMPLATE = ("Which response answers the prompt better ?\nPrompt : {prompt}\nResponse A : {response}\n"
-                "Response B : {response_b}\nExplain which response is better and why .\nRationale :")
 SETTINGS_SUFFIX = ".settings.json"
 
 
@@ -96,16 +88,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.few_shot = ()
     c.few_shot_separator = "\n\n"  # between exemplars, and between the last one and the question
     c.progress_bar = True
-    c.cot = ml_collections.ConfigDict()
-    c.cot.enabled = False  # two-step chain of thought: a sampled rationale, then the answer after it
-    # Appended after the rationale; the option tokens are read after it. The judge's template (default
-    # COT_TEMPLATE) asks for the rationale.
-    c.cot.answer_prompt = "\nBetter response :"
-    c.cot.max_new_tokens = 64  # the rationale's budget (tokens)
-    c.cot.greedy = True  # argmax decoding; False samples at temperature / top_k / top_p
-    c.cot.temperature = 1.0
-    c.cot.top_k = 0
-    c.cot.top_p = 1.0
     return c
 
 
@@ -123,27 +105,8 @@ def validate_config(c: ml_collections.ConfigDict, judge_cfg: ml_collections.Conf
         raise ValueError(f"config.judge.template has {['{' + s + '}' for s in extra]}; a labelling template fills "
                          "{prompt} {response} {response_b} only (a pair has no reference, and no principle is "
                          "sampled)")
-    if c.cot.enabled:
-        if not c.cot.answer_prompt:
-            raise ValueError("config.labelling.cot.answer_prompt is empty: it asks for the answer after the rationale "
-                             "(e.g. '\\nBetter response :')")
-        if c.cot.greedy:
-            sampled = sorted(k for k in ("temperature", "top_k", "top_p") if c.cot[k] != default_config().cot[k])
-            if sampled:
-                raise ValueError(f"config.labelling.cot.{sampled[0]} is set but config.labelling.cot.greedy is True "
-                                 "(argmax ignores it): set cot.greedy=False to sample the rationale, or clear it")
-        try:
-            _sampling(c.cot, ())
-        except ValueError as e:
-            raise ValueError(str(e).replace("rollout.max_new_tokens", "config.labelling.cot.max_new_tokens")
-                             .replace("rollout.", "config.labelling.cot.")) from None
-    else:
-        changed = sorted(k for k, v in default_config().cot.items() if k != "enabled" and c.cot[k] != v)
-        if changed:
-            raise ValueError(f"config.labelling.cot.{changed[0]} is set but config.labelling.cot.enabled is False: "
-                             "enable chain of thought or clear it")
     for i, exemplar in enumerate(c.few_shot):
-        _check_exemplar(i, exemplar, c.cot.enabled)
+        _check_exemplar(i, exemplar, judge_cfg.cot.enabled)
 
 
 def _check_exemplar(i: int, exemplar: Any, cot: bool) -> None:
@@ -155,7 +118,7 @@ def _check_exemplar(i: int, exemplar: Any, cot: bool) -> None:
     wanted = set(EXEMPLAR_KEYS) | ({"rationale"} if cot else set())
     if keys != wanted:
         if "rationale" in keys and not cot:
-            raise ValueError(f"{where} has a rationale but config.labelling.cot.enabled is False: enable chain of "
+            raise ValueError(f"{where} has a rationale but config.judge.cot.enabled is False: enable chain of "
                              "thought or drop the exemplars' rationales")
         raise ValueError(f"{where} has keys {sorted(keys)}; an exemplar has exactly {sorted(wanted)}")
     if exemplar["better"] not in ("a", "b"):
@@ -169,14 +132,6 @@ def _check_exemplar(i: int, exemplar: Any, cot: bool) -> None:
                              "template would read as a slot; reword it")
 
 
-def _sampling(cot: ml_collections.ConfigDict, stop_ids: Sequence[int]) -> rollout_lib.SamplingConfig:
-    """The rationale's sampling: one sample per judge row, ended by `stop_ids` (validated on construction)."""
-    return rollout_lib.SamplingConfig(
-        max_new_tokens=cot.max_new_tokens, temperature=float(cot.temperature), top_k=cot.top_k,
-        top_p=float(cot.top_p), greedy=bool(cot.greedy), n_samples=1, stop_ids=tuple(int(i) for i in stop_ids),
-        cache_phases=1)
-
-
 def render_exemplars(c: ml_collections.ConfigDict, judge_cfg: ml_collections.ConfigDict) -> str:
     """The few-shot block: each exemplar's question (the judge's template filled with its texts), its rationale
     and answer prompt with chain of thought, and " " + the option token of its better response; joined and ended
@@ -187,15 +142,17 @@ def render_exemplars(c: ml_collections.ConfigDict, judge_cfg: ml_collections.Con
     for e in c.few_shot:
         text = spec_lib.fill_template(template, {"prompt": e["prompt"], "response": e["response_a"],
                                                  "response_b": e["response_b"]})
-        if c.cot.enabled:
-            text += " " + e["rationale"] + c.cot.answer_prompt
+        if judge_cfg.cot.enabled:
+            text += " " + e["rationale"] + (judge_cfg.cot.answer_prompt or judging.MODES["pairwise"].cot_answer_prompt)
         blocks.append(text + " " + options[0 if e["better"] == "a" else 1].strip())
     return "".join(block + c.few_shot_separator for block in blocks)
 
 
 def question_template(c: ml_collections.ConfigDict, judge_cfg: ml_collections.ConfigDict) -> str:
-    """The judge's template, or the default question: the pairwise mode's, or COT_TEMPLATE with chain of thought."""
-    return judge_cfg.template or (COT_TEMPLATE if c.cot.enabled else judging.MODES["pairwise"].template)
+    """The judge's template, or the default question: the pairwise mode's (its `cot_template` with chain of
+    thought)."""
+    mode = judging.MODES["pairwise"]
+    return judge_cfg.template or (mode.cot_template if judge_cfg.cot.enabled else mode.template)
 
 
 def judge_config(c: ml_collections.ConfigDict, judge_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -203,59 +160,6 @@ def judge_config(c: ml_collections.ConfigDict, judge_cfg: ml_collections.ConfigD
     j = ml_collections.ConfigDict(judge_cfg.to_dict())
     j.template = render_exemplars(c, judge_cfg) + question_template(c, judge_cfg)
     return j
-
-
-# ================================================================================================ the compiled step
-@dataclasses.dataclass(frozen=True)
-class Reasoning:
-    """Static chain-of-thought settings: the rationale's sampling and the answer prompt's token ids."""
-    sampling: rollout_lib.SamplingConfig
-    answer_ids: tuple[int, ...]
-
-
-@flax.struct.dataclass
-class PairLabels:
-    """The judge's labels of B pairs (2B judge rows, query-major: order (a, b) then (b, a))."""
-    p_a_better_b: jax.Array  # mean of the two orders' P(a better)
-    p_orders_b2: jax.Array  # P(a better) asked as (a, b), as (b, a)
-    consistent_b: jax.Array  # bool: both orders decided and prefer the same response
-    neutral_count_b: jax.Array  # int32: orders with too little mass on the option tokens
-    truncated_b: jax.Array  # bool
-    rationale_nr: jax.Array | None = None  # chain of thought: the rationale tokens of each row (2B, R)
-    rationale_mask_nr: jax.Array | None = None  # 1 on its tokens (not the stop token, not padding)
-
-
-def answer_rows(question_nt: jax.Array, question_mask_nt: jax.Array, rationale_nr: jax.Array,
-                rationale_mask_nr: jax.Array, answer_ids: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """[question, rationale, answer prompt] as left-padded rows (N, T + R + A): the three pieces concatenated, then
-    each row's real tokens moved to its end in order (a stable sort by the mask), so no gap of unused rationale
-    slots sits between them (positions and sliding windows count slots)."""
-    N = question_nt.shape[0]
-    answer_na = jnp.broadcast_to(jnp.asarray(answer_ids, jnp.int32), (N, len(answer_ids)))
-    tokens = jnp.concatenate([question_nt.astype(jnp.int32), rationale_nr.astype(jnp.int32), answer_na], axis=1)
-    mask = jnp.concatenate([question_mask_nt.astype(jnp.int32), rationale_mask_nr.astype(jnp.int32),
-                            jnp.ones_like(answer_na)], axis=1)
-    order = jnp.argsort(mask, axis=1, stable=True)
-    return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
-
-
-def judge_pairs(params, cfg: ModelConfig, spec: judging.JudgeSpec, reasoning: Reasoning | None, tokens_nt: jax.Array,
-                mask_nt: jax.Array, truncated_n: jax.Array, key: jax.Array) -> PairLabels:
-    """The pairwise judge on 2B query rows, after a sampled rationale when `reasoning` is given (module docstring):
-    rollout of the rationale, the answer rows, one judge forward, the pairwise scoring."""
-    rationale = {}
-    if reasoning is not None:
-        roll = rollout_lib.rollout(params, cfg, tokens_nt, mask_nt, key, reasoning.sampling)
-        stops = jnp.asarray(reasoning.sampling.stop_ids, jnp.int32)
-        keep_nr = (roll.response_mask_br > 0) & ~jnp.isin(roll.response_tokens_br, stops)
-        tokens_nt, mask_nt = answer_rows(tokens_nt, mask_nt, roll.response_tokens_br, keep_nr, reasoning.answer_ids)
-        rationale = dict(rationale_nr=roll.response_tokens_br, rationale_mask_nr=keep_nr.astype(jnp.int32))
-    p_b, m = scoring.score_queries(params, cfg, spec, tokens_nt, mask_nt, truncated_n)
-    return PairLabels(p_a_better_b=p_b, p_orders_b2=m.p_orders_b2, consistent_b=m.position_agree_b,
-                      neutral_count_b=m.neutral_count_b, truncated_b=m.truncated_b, **rationale)
-
-
-judge_pairs_jit = jax.jit(judge_pairs, static_argnums=(1, 2, 3))
 
 
 # ================================================================================================ the labeller
@@ -276,10 +180,6 @@ class Labeller:
             if c.batch_size % shards:
                 raise errors.ConfigError(f"config.labelling.batch_size={c.batch_size} is not divisible by the mesh's "
                                          f"batch shards (data x fsdp = {shards}); use a multiple of {shards}")
-        self.reasoning = None
-        if c.cot.enabled:
-            answer_ids = spec_lib.text_ids(judge.tokenizer, c.cot.answer_prompt)
-            self.reasoning = Reasoning(_sampling(c.cot, judge.cfg.eos_token_ids), tuple(int(i) for i in answer_ids))
 
     def label_batch(self, pairs: Sequence[dict[str, Any]], batch_index: int) -> list[dict[str, Any]]:
         """The label fields (LABEL_FIELDS less pair_index) of up to batch_size pairs; `batch_index` picks the
@@ -293,24 +193,25 @@ class Labeller:
             spec, judge.tokenizer, [p["prompt"] for p in padded], [p["response_a"] + spec.stop_text for p in padded],
             responses_b=[p["response_b"] + spec.stop_text for p in padded])
         key = jax.random.fold_in(jax.random.key(self.c.seed), batch_index)
-        args = (judge.params, judge.cfg, spec, self.reasoning)
+        # The judge's forward and pairwise scoring (after its rationale, with chain of thought): one program.
+        args = (judge.params, judge.cfg, spec)
         if self.mesh is None:
-            labels = judge_pairs_jit(*args, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(truncated), key)
+            scored = judging.score_queries_jit(*args, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(truncated),
+                                               None, key)
         else:
             with shd.use_rules(self.rules), jax.set_mesh(self.mesh):
                 rows = [shd.host_to_global(x, shd.batch_sharding(self.mesh, x.ndim, self.rules))
                         for x in (tokens, mask, truncated)]
-                labels = judge_pairs_jit(*args, *rows, key)
-        labels = jax.tree.map(_to_host, labels)
+                scored = judging.score_queries_jit(*args, *rows, None, key)
+        p_a_better_b, m = jax.tree.map(_to_host, scored)
         out = []
         for b in range(n):
-            record = {"p_a_better": float(labels.p_a_better_b[b]), "p_a_better_ab": float(labels.p_orders_b2[b, 0]),
-                      "p_a_better_ba": float(labels.p_orders_b2[b, 1]),
-                      "position_consistent": bool(labels.consistent_b[b]),
-                      "neutral_orders": int(labels.neutral_count_b[b]), "truncated": bool(labels.truncated_b[b])}
-            if self.reasoning is not None:
+            record = {"p_a_better": float(p_a_better_b[b]), "p_a_better_ab": float(m.p_orders_b2[b, 0]),
+                      "p_a_better_ba": float(m.p_orders_b2[b, 1]), "position_consistent": bool(m.position_agree_b[b]),
+                      "neutral_orders": int(m.neutral_count_b[b]), "truncated": bool(m.truncated_b[b])}
+            if spec.reasoning is not None:  # rows b and B + b: the pair asked in order (a, b) and (b, a)
                 for name, row in (("rationale_ab", b), ("rationale_ba", B + b)):
-                    ids = labels.rationale_nr[row][labels.rationale_mask_nr[row] > 0]
+                    ids = m.rationale_nr[row][m.rationale_mask_nr[row] > 0]
                     record[name] = judge.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
             out.append(record)
         return out
@@ -329,15 +230,16 @@ def load_labeller(c: ml_collections.ConfigDict, judge_cfg: ml_collections.Config
     validate_config(c, judge_cfg)
     judge = judging.load_judge(judge_config(c, judge_cfg), mesh=mesh, rules=rules)
     log.info("labeller: judge %s, %d few-shot exemplars, chain of thought %s", judge_cfg.path, len(c.few_shot),
-             f"on ({'greedy' if c.cot.greedy else 'sampled'}, <= {c.cot.max_new_tokens} tokens)"
-             if c.cot.enabled else "off")
+             f"on ({'greedy' if judge_cfg.cot.greedy else 'sampled'}, <= {judge_cfg.cot.max_new_tokens} tokens)"
+             if judge_cfg.cot.enabled else "off")
     return Labeller(judge, c, mesh, rules)
 
 
 def label_preferences(records: list[dict[str, Any]], judge: judging.Judge | Labeller, batch_size: int, seed: int
                       ) -> list[dict[str, Any]]:
     """Fills the label fields of the preference pairs ({prompt, response_a, response_b}) that lack p_a_better, in
-    memory: `judge` is a loaded pairwise judge (no exemplars, no chain of thought) or a `Labeller`."""
+    memory: `judge` is a loaded pairwise judge (no exemplars; with chain of thought when its config.judge.cot has
+    it) or a `Labeller`."""
     if isinstance(judge, judging.Judge):
         c = default_config()
         c.batch_size, c.seed = batch_size, seed

@@ -111,7 +111,7 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     principle_index_b = jax.eval_shape(functools.partial(
         judging.sample_principles, spec, batch=examples, rows_per_prompt=examples // c.train.batch_size), keys[1])
     judge = judging.score_queries_jit.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt,
-                                            truncated_n, principle_index_b).compile()
+                                            truncated_n, principle_index_b, keys[1]).compile()
     scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
     if c.algo.estimator == "online_dpo":  # the host judge hands on each response's win rate, not the pairs'
         scores_b = jax.eval_shape(functools.partial(algorithms.win_rates, n_samples=c.rollout.n_samples), scores_b)

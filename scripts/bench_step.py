@@ -57,6 +57,7 @@ context switches per second, the load average: a slow run shows whether neighbou
 the thread count, many involuntary switches, load above the core count) or fresh temporaries were faulted in.
 
 Usage:  python scripts/bench_step.py [--steps 5] [--warmup 1]
+        python scripts/bench_step.py --judge_cot 32   # a reasoning judge's cost per step (no TRL run)
 Last line: speedup_vs_trl=<TRL seconds per step / our seconds per step>.
 """
 from __future__ import annotations
@@ -173,7 +174,9 @@ def cost_flops(compiled) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- ours
-def our_config(world: dict[str, str]):
+def our_config(world: dict[str, str], judge_cot: int = 0):
+    """The benchmark's run; judge_cot > 0: the judge writes a greedy rationale of up to that many tokens before
+    its score (config.judge.cot), its row asking "Q :" where the plain row asks "S :", the answer prompt " S :"."""
     c = config_lib.base_config()
     c.policy.path = world["policy"]
     c.judge.path = world["judge"]
@@ -208,6 +211,11 @@ def our_config(world: dict[str, str]):
     c.mesh.data = 1
     c.data.path = "(unread: the benchmark feeds its own prompt batches)"
     c.data.max_prompt_len = PROMPT_LEN
+    if judge_cot:
+        c.judge.template = TEMPLATE.replace("S :", "Q :")
+        c.judge.cot.enabled = True
+        c.judge.cot.max_new_tokens = judge_cot
+        c.judge.cot.answer_prompt = " S :"
     config_lib.validate(c, num_devices=1)
     return c
 
@@ -376,11 +384,43 @@ def fmt(xs):
     return [round(x, 3) for x in xs]
 
 
+def judge_cot_cost(world, batches, rationale_tokens: int, warmup: int, steps: int) -> None:
+    """--judge_cot R: the cost of a reasoning judge per training step. The same run with the plain judge and with
+    judge.cot (a greedy rationale of up to R tokens before the score), each compiled once, their fused steps (and
+    their judge phases alone) alternated, so load from other processes falls on both alike. No TRL run."""
+    plain, cot = Ours(our_config(world), batches), Ours(our_config(world, rationale_tokens), batches)
+    for name, o in (("plain", plain), ("cot", cot)):
+        print(f"{name}_compile_s: fused step={o.compile_s['lower'] + o.compile_s['compile']:.2f} "
+              f"judge alone={o.compile_s['judge']:.2f}", flush=True)
+    times = {k: [] for k in ("plain_step", "cot_step", "plain_judge", "cot_judge")}
+    for i in range(warmup + steps):
+        row = {"plain_step": plain.run_step(), "cot_step": cot.run_step(),
+               "plain_judge": plain.run_phases()["judge"], "cot_judge": cot.run_phases()["judge"]}
+        if i >= warmup:
+            for k, v in row.items():
+                times[k].append(v)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"judge_cot: rationale budget={rationale_tokens} tokens, mean rationale length="
+          f"{cot.last_metrics['judge/rationale_length']:.1f}; judge rows={PROMPTS * GENERATIONS} of {JUDGE_LEN} "
+          f"tokens; policy: {PROMPTS} prompts x {GENERATIONS} x {NEW} tokens")
+    for k, v in times.items():
+        print(f"{k}_s_median={med[k]:.4f} all={fmt(v)}")
+    print(plain.host.line())
+    print(cot.host.line())
+    print(f"judge_phase: plain share of step={med['plain_judge'] / med['plain_step']:.3f}, "
+          f"cot/plain={med['cot_judge'] / med['plain_judge']:.2f}")
+    print(f"judge_cot_extra_s_per_step={med['cot_step'] - med['plain_step']:.4f} "
+          f"judge_cot_step_ratio={med['cot_step'] / med['plain_step']:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each TRL run")
     parser.add_argument("--peak_repeats", type=int, default=3)
+    parser.add_argument("--judge_cot", type=int, default=0, metavar="R",
+                        help="instead of the TRL comparison: our step with a reasoning judge (a rationale of up to R "
+                             "tokens, config.judge.cot) against our plain step")
     args = parser.parse_args()
     root, tokenizer, world = make_world("bench_step_")
     total = args.warmup + args.steps
@@ -390,6 +430,8 @@ def main():
     batches = [(jnp.asarray(ids[i:i + PROMPTS]), jnp.ones((PROMPTS, PROMPT_LEN), jnp.int32))
                for i in range(0, len(ids), PROMPTS)]
 
+    if args.judge_cot:
+        return judge_cot_cost(world, batches, args.judge_cot, args.warmup, args.steps)
     peaks = [matmul_peak(args.peak_repeats)]
     ours = Ours(our_config(world), batches)
     print(f"ours_compile_s: fused step lower={ours.compile_s['lower']:.2f} compile={ours.compile_s['compile']:.2f}; "

@@ -32,7 +32,8 @@ def _words(text):
 def make_tokenizer(permute_seed=None):
     """WordLevel + Whitespace: tokenisation is compositional across whitespace. With `permute_seed`, the same
     words get shuffled ids (a different tokenizer of the same texts, for the host path)."""
-    texts = [m.template for m in judging.MODES.values()] + list(PRINCIPLES) + [c["question"] for c in CRITERIA]
+    texts = [t for m in judging.MODES.values() for t in (m.template, m.cot_template, m.cot_answer_prompt)]
+    texts += list(PRINCIPLES) + [c["question"] for c in CRITERIA]
     texts += ["1 2 3 4 5 A B Yes No"]
     words = []
     for t in texts:
@@ -465,6 +466,87 @@ def test_sharded_equals_unsharded(judge_model):
     np.testing.assert_allclose(got_m.criterion_p_yes_bc, want_m.criterion_p_yes_bc, rtol=0, atol=1e-5)
     summary = got_m.summary(spec)
     assert set(f"judge/criterion/{c['name']}" for c in CRITERIA) <= set(summary)
+
+
+# ------------------------------------------------------------------------------------------ chain of thought
+COT_CONFIG = judge_config(mode="pointwise", max_len=40, cot=dict(judging.reasoning.default_config(), enabled=True,
+                                                                  max_new_tokens=5))
+
+
+def _last_logits(params, cfg, seqs, width=56):
+    """Each sequence's last-position logits: one jitted forward of right-padded rows (causal, so the padding after
+    a sequence does not reach it), the same shape at every call."""
+    tokens = np.full((len(seqs), width), PAD, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for n, seq in enumerate(seqs):
+        tokens[n, :len(seq)], mask[n, :len(seq)] = seq, 1
+    logits = _forward_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    return np.asarray(logits)[np.arange(len(seqs)), [len(q) - 1 for q in seqs]]
+
+
+_forward_jit = jax.jit(lambda p, cfg, t, m: tfm.forward(p, cfg, t, m).logits, static_argnums=1)
+
+
+def _greedy_rationales(params, cfg, rows, max_new):
+    """Greedy decoding by full forwards of the growing rows (no KV cache, not our sampler), each up to its EOS
+    (dropped)."""
+    seqs, done = [list(r) for r in rows], [False] * len(rows)
+    for _ in range(max_new):
+        nxt = _last_logits(params, cfg, seqs).argmax(-1)
+        for n in range(len(seqs)):
+            done[n] = done[n] or int(nxt[n]) == EOS
+            if not done[n]:
+                seqs[n].append(int(nxt[n]))
+    return [s[len(r):] for s, r in zip(seqs, rows)]
+
+
+def test_chain_of_thought_judge_reads_its_answer_after_its_own_greedy_rationale(judge_model):
+    """Reference: the judge row rendered by hand from the mode's cot_template, a greedy rationale decoded by full
+    forwards, then a forward over [row, rationale, answer prompt] and the expected score computed by hand. Both
+    paths (token space inside jit, host) give it; the answer after a rationale is not the answer without one."""
+    cfg, params = judge_model
+    spec = judging.make_spec(COT_CONFIG, TOK)
+    mode = judging.MODES["pointwise"]
+    assert spec.reasoning is not None and spec.reasoning.sampling.stop_ids == (EOS,)
+    assert spec.reasoning.answer_ids == tuple(TOK(mode.cot_answer_prompt, add_special_tokens=False)["input_ids"])
+    batch = rollout_batch(np.random.RandomState(21), 4)
+    template = mode.cot_template.replace("{num_scores}", "5")
+    rows, _ = reference_query_rows(spec, template, batch)
+    score_ids = [TOK.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
+    rows = [[int(t) for t in row if t != PAD] for row in rows]
+    rationales = _greedy_rationales(params, cfg, rows, 5)
+    logits = _last_logits(params, cfg, [r + q + list(spec.reasoning.answer_ids) for r, q in zip(rows, rationales)])
+    p = np.exp(logits[:, score_ids] - logits[:, score_ids].max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = 2 * (p @ np.arange(1, 6) - 1) / 4 - 1
+    assert sum(map(len, rationales)) > 0
+    key = jax.random.key(4)
+    (s_tok, m_tok), (s_host, m_host) = _score_both_paths(cfg, params, spec, batch, None, key)
+    np.testing.assert_allclose(s_tok, want, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(s_host, want, rtol=0, atol=2e-5)
+    for n, rationale in enumerate(rationales):
+        got = np.asarray(m_tok.rationale_nr)[n][np.asarray(m_tok.rationale_mask_nr)[n] > 0]
+        assert got.tolist() == rationale
+    np.testing.assert_allclose(m_tok.summary(spec)["judge/rationale_length"], np.mean([len(r) for r in rationales]))
+    plain = judging.make_spec(judge_config(mode="pointwise", max_len=40, template=template), TOK)
+    s_plain, _ = judging.score_jit(params, cfg, plain, *map(jnp.asarray, batch), key)
+    assert np.abs(np.asarray(s_plain) - np.asarray(want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(mode="reward_model", cot=dict(enabled=True)), "config.judge.cot.enabled: a rationale is read before answer "
+     "tokens, which mode 'reward_model' has none of"),
+    (dict(cot=dict(max_new_tokens=8)), "config.judge.cot.max_new_tokens is set but config.judge.cot.enabled is False"),
+    (dict(cot=dict(enabled=True, top_k=5)), "config.judge.cot.top_k is set but config.judge.cot.greedy is True"),
+    (dict(cot=dict(enabled=True, max_new_tokens=0)), "config.judge.cot.max_new_tokens=0 must be an int >= 1"),
+])
+def test_chain_of_thought_settings_are_checked(kw, message):
+    c = judge_config(path="/some/judge")
+    c.update({k: v for k, v in kw.items() if k != "cot"})
+    c.cot.update(kw["cot"])
+    with pytest.raises(ValueError) as err:
+        judging.validate_config(c)
+    assert str(err.value) == message or str(err.value).startswith(message)
 
 
 # ------------------------------------------------------------------------------------------ scripts/judge_eval.py

@@ -23,6 +23,8 @@ EXEMPLARS = ({"prompt": "b c", "response_a": "a a", "response_b": "d", "better":
 FEW_SHOT_TEXT = "Q : b c R : a a R : d S : 1\n\nQ : e R : f g R : a h S : 2\n\n"
 COT_EXEMPLAR = {"prompt": "b", "response_a": "c", "response_b": "d", "better": "b", "rationale": "d e"}
 COT_FEW_SHOT_TEXT = "Q : b R : c R : d Q : d e S : 2\n\n"
+NO_COT = dict(judging.reasoning.default_config())
+COT = dict(NO_COT, enabled=True)  # the judge's chain of thought (config.judge.cot)
 NUM_PAIRS, BATCH = 11, 8  # two batches on the 8 fake devices, the second padded
 
 
@@ -133,16 +135,17 @@ def test_few_shot_exemplars_head_the_judge_template(world):
     c, j = settings(), judge_cfg(world["judge"])
     assert lab.render_exemplars(c, j) == FEW_SHOT_TEXT
     assert lab.judge_config(c, j).template == FEW_SHOT_TEXT + TEMPLATE
-    cot = settings(few_shot=(COT_EXEMPLAR,), cot=dict(lab.default_config().cot, enabled=True, answer_prompt=ANSWER_PROMPT))
-    assert lab.render_exemplars(cot, judge_cfg(world["judge"], template=COT_TEMPLATE)) == COT_FEW_SHOT_TEXT
+    cot = dict(COT, answer_prompt=ANSWER_PROMPT)
+    assert lab.render_exemplars(settings(few_shot=(COT_EXEMPLAR,)),
+                                judge_cfg(world["judge"], template=COT_TEMPLATE, cot=cot)) == COT_FEW_SHOT_TEXT
 
 
 def test_chain_of_thought_rationale_is_the_greedy_generate_and_the_answer_follows_it(world):
     import torch
     tok = tiny.make_tokenizer()
-    cot = dict(lab.default_config().cot, enabled=True, answer_prompt=ANSWER_PROMPT, max_new_tokens=4)
-    c = settings(few_shot=(COT_EXEMPLAR,), cot=cot)
-    labeller = lab.load_labeller(c, judge_cfg(world["judge"], template=COT_TEMPLATE), *_mesh())
+    cot = dict(COT, answer_prompt=ANSWER_PROMPT, max_new_tokens=4)
+    c = settings(few_shot=(COT_EXEMPLAR,))
+    labeller = lab.load_labeller(c, judge_cfg(world["judge"], template=COT_TEMPLATE, cot=cot), *_mesh())
     pairs = [json.loads(line) for line in read_lines(world["pairs"])][:BATCH]
     records = lab.label_preferences([dict(p) for p in pairs], labeller, BATCH, 0)
     answer = tok(ANSWER_PROMPT, add_special_tokens=False)["input_ids"]
@@ -195,15 +198,15 @@ def test_a_run_killed_mid_line_resumes_to_the_uninterrupted_file(world):
     (dict(template="Q : {prompt} {reference} R : {response} R : {response_b} S :"), {},
      "a labelling template fills {prompt} {response} {response_b} only"),
     ({}, dict(batch_size=0), "--labelling.batch_size=0 must be an int >= 1"),
-    ({}, dict(cot=dict(lab.default_config().cot, max_new_tokens=8)),
-     "--labelling.cot.max_new_tokens is set but --labelling.cot.enabled is False"),
-    ({}, dict(cot=dict(lab.default_config().cot, enabled=True, greedy=False, temperature=0.0)),
-     "--labelling.cot.temperature=0.0 must be finite and > 0"),
-    ({}, dict(cot=dict(lab.default_config().cot, enabled=True, top_p=0.9)),
-     "--labelling.cot.top_p is set but --labelling.cot.greedy is True"),
+    (dict(cot=dict(NO_COT, max_new_tokens=8)), {},
+     "--judge.cot.max_new_tokens is set but --judge.cot.enabled is False"),
+    (dict(cot=dict(COT, greedy=False, temperature=0.0)), dict(few_shot=()),
+     "--judge.cot.temperature=0.0 must be finite and > 0"),
+    (dict(cot=dict(COT, top_p=0.9)), dict(few_shot=()),
+     "--judge.cot.top_p is set but --judge.cot.greedy is True"),
     ({}, dict(few_shot=(dict(EXEMPLARS[0], better="c"),)), "--labelling.few_shot[0].better='c'; use 'a' or 'b'"),
-    ({}, dict(few_shot=(COT_EXEMPLAR,)), "has a rationale but --labelling.cot.enabled is False"),
-    ({}, dict(few_shot=EXEMPLARS, cot=dict(lab.default_config().cot, enabled=True)),
+    ({}, dict(few_shot=(COT_EXEMPLAR,)), "has a rationale but --judge.cot.enabled is False"),
+    (dict(cot=COT), dict(few_shot=EXEMPLARS),
      "--labelling.few_shot[0] has keys ['better', 'prompt', 'response_a', 'response_b']; an exemplar has exactly"),
     ({}, dict(few_shot=(dict(EXEMPLARS[0], prompt="b {response} c"),)),
      "--labelling.few_shot[0].prompt contains {response}"),

@@ -419,6 +419,22 @@ def test_host_judge_path_step_equals_token_space_step(world, single, batches, tm
         np.testing.assert_allclose(split[0][key], fused[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+def test_reasoning_judge_runs_inside_the_fused_step(world, single, batches):
+    """judge.cot inside the compiled step: the judge writes a rationale (our sampler, in the fused program) before
+    its score; the rationale's length is in the metrics and the score is not the plain judge's. (The reasoning
+    itself is checked against a reference on both judge paths in tests/test_judging.py.)"""
+    cot = {"judge.template": "Q : {prompt} R : {response} Q :", "judge.cot": dict(
+        judging.reasoning.default_config(), enabled=True, answer_prompt=" S :", max_new_tokens=3)}
+    fused = build(make_config(world, **cot), one_device_mesh())
+    assert fused.judge_spec.reasoning is not None and not isinstance(fused.step_fn, ts.HostJudgeStep)
+    _, got = run_steps(fused, one_device_mesh(), fused.state, 1, batches)
+    _, plain = run_steps(single, one_device_mesh(), single.state, 1, batches)
+    assert 0 < got[0]["judge/rationale_length"] <= 3
+    np.testing.assert_allclose(got[0]["response/length"], plain[0]["response/length"])  # the same rollout
+    assert abs(got[0]["judge/score"] - plain[0]["judge/score"]) > 1e-4
+    assert np.isfinite(got[0]["optim/loss"])
+
+
 # A principles judge whose principles are words of the tiny world: 8 prompts x 4 samples per step.
 PRINCIPLES_RUN = {"judge.mode": "principles", "judge.template": "Q : {principle} {prompt} R : {response} S :",
                   "judge.principles": ("b", "c c", "d d d", "e", "f f", "g"), "judge.max_len": 32,

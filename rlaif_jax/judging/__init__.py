@@ -36,6 +36,8 @@ Where each piece lives:
   scoring.py   each mode's arithmetic, `SCORERS`, the judge forward and `JudgeMetrics` (both paths)
   host.py      the host path and text judging: `encode_texts`, `encode_queries`, `score_texts`, `score_host`, `score_outside_jit`,
                reward-model rows of text responses and preference pairs (`encode_responses`, `encode_pairs`)
+  reasoning.py chain of thought (config.judge.cot): the judge's rationale, sampled with our sampler, before its
+               answer (`scoring.score_queries` runs it on both paths)
   loading.py   `Judge`, `load_judge`
   remote.py    the remote judge's client (chat completions or a JSON reward API, retries, neutral fallback)
 To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a new kind of slot would also

@@ -223,6 +223,12 @@ def assemble(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[jax.Array
     return tokens, mask, truncated
 
 
+def rationale_key(rng: jax.Array) -> jax.Array:
+    """The key of a judging call's rationales (chain of thought), from the call's key: folded in, so the
+    principles drawn with the call's key itself are those of a judge without chain of thought."""
+    return jax.random.fold_in(rng, 1)
+
+
 def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax.Array, prompt_mask_bp: jax.Array,
           responses_br: jax.Array, response_mask_br: jax.Array, rng: jax.Array, *, rows_per_prompt: int = 1,
           responses_b_br: jax.Array | None = None, response_b_mask_br: jax.Array | None = None,
@@ -232,7 +238,8 @@ def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax
 
     prompts_bp left-padded with prompt_mask_bp; responses_br with response_mask_br = 1 up to and including the
     first stop token. Pairwise: scores_b = P(responses_br better than responses_b_br). rng picks principles, one
-    per prompt: rows_per_prompt = n when rows b * n .. b * n + n - 1 are the samples of one prompt (a rollout).
+    per prompt: rows_per_prompt = n when rows b * n .. b * n + n - 1 are the samples of one prompt (a rollout);
+    with chain of thought, `rationale_key(rng)` samples the rationales.
     """
     if spec.path != "token_space":
         raise ValueError("this JudgeSpec uses the host path (the tokenizers differ); call score_host")
@@ -240,7 +247,8 @@ def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax
     sources = query_sources(spec, prompts_bp, prompt_mask_bp, responses_br, response_mask_br, principle_index_b,
                             responses_b_br, response_b_mask_br, references_bf, reference_mask_bf)
     tokens, mask, truncated = assemble(spec, sources)
-    return score_queries(judge_params, judge_cfg, spec, tokens, mask, truncated, principle_index_b)
+    return score_queries(judge_params, judge_cfg, spec, tokens, mask, truncated, principle_index_b,
+                         rationale_key(rng))
 
 
 score_jit = jax.jit(score, static_argnums=(1, 2), static_argnames="rows_per_prompt")

@@ -20,8 +20,7 @@ import numpy as np
 from rlaif_jax import data as data_lib
 from rlaif_jax import reward_model
 from rlaif_jax.judging.assembly import (SlotSource, ended_with_stop, kept_lengths, mask_span, prompt_source,
-                                        response_source, sample_principles, score_jit)
-from rlaif_jax.judging.loading import Judge
+                                        rationale_key, response_source, sample_principles, score_jit)
 from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
 from rlaif_jax.judging.spec import JudgeSpec, render, text_ids
 from rlaif_jax.models.config import ModelConfig
@@ -105,7 +104,7 @@ def score_texts(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, judge_tok
     tokens, mask, truncated = encode_queries(spec, judge_tok, prompts, responses, principle_index_b,
                                              responses_b=responses_b, references=references)
     return score_queries_jit(judge_params, judge_cfg, spec, jnp.asarray(tokens), jnp.asarray(mask),
-                             jnp.asarray(truncated), principle_index_b)
+                             jnp.asarray(truncated), principle_index_b, rationale_key(rng))
 
 
 def decode_spans(spec: JudgeSpec, policy_tok, tokens: np.ndarray, source: SlotSource,

@@ -30,7 +30,7 @@ def load_judge(config: ml_collections.ConfigDict, policy_tok=None, stop_token_id
     judge_cfg, params = hf.load_model(config.path, mesh=mesh, dtype=config.dtype, param_dtype=config.param_dtype,
                                       rules=rules)
     tok = hf.load_tokenizer(config.path)
-    spec = make_spec(config, tok, policy_tok, stop_token_ids)
+    spec = make_spec(config, tok, policy_tok, stop_token_ids, judge_cfg.eos_token_ids)
     if config.mode == "reward_model":
         params = reward_model.load_reward_model(hf.resolve_path(config.path), judge_cfg, params, spec, mesh)
     log.info("judge: mode=%s, templating path=%s, family=%s", spec.mode, spec.path, judge_cfg.family)

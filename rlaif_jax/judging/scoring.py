@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlaif_jax import reward_model
+from rlaif_jax.judging import reasoning
 from rlaif_jax.judging.spec import JudgeSpec
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -183,6 +184,11 @@ class JudgeMetrics:
     p_orders_b2: jax.Array | None = None  # pairwise: P(a better) from order (a, b) alone, from (b, a) alone
     criterion_p_yes_bc: jax.Array | None = None  # rubric: P(yes) per criterion
     principle_index_b: jax.Array | None = None  # which principle judged the example
+    # Chain of thought: each judge row's rationale tokens (N, R) (query-major rows), 1 on its tokens, and the mean
+    # rationale length over the example's queries.
+    rationale_nr: jax.Array | None = None
+    rationale_mask_nr: jax.Array | None = None
+    rationale_length_b: jax.Array | None = None
 
     def summary(self, spec: JudgeSpec) -> dict[str, jax.Array]:
         """Scalars for logging (jittable): means, counts, and each rubric criterion on its own."""
@@ -193,6 +199,8 @@ class JudgeMetrics:
         }
         if self.position_agree_b is not None:
             out["judge/position_agreement"] = jnp.mean(self.position_agree_b.astype(jnp.float32))
+        if self.rationale_length_b is not None:
+            out["judge/rationale_length"] = jnp.mean(self.rationale_length_b)
         if self.criterion_p_yes_bc is not None:
             for c, name in enumerate(spec.criterion_names):
                 out[f"judge/criterion/{name}"] = jnp.mean(self.criterion_p_yes_bc[:, c])
@@ -200,16 +208,26 @@ class JudgeMetrics:
 
 
 def score_queries(judge_params: Any, judge_cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array,
-                  mask_nt: jax.Array, truncated_n: jax.Array, principle_index_b: jax.Array | None = None
-                  ) -> tuple[jax.Array, JudgeMetrics]:
-    """One judge forward over all query rows (query-major), then the mode's scoring. Shared by both paths."""
+                  mask_nt: jax.Array, truncated_n: jax.Array, principle_index_b: jax.Array | None = None,
+                  key: jax.Array | None = None) -> tuple[jax.Array, JudgeMetrics]:
+    """One judge forward over all query rows (query-major), then the mode's scoring. Shared by both paths.
+    With chain of thought (`spec.reasoning`) the judge first writes a rationale after each row (`reasoning.reason`,
+    sampled with `key`) and the forward reads the answer after it."""
     Q = spec.queries_per_example
     B = tokens_nt.shape[0] // Q
+    rationale = {}
+    if spec.reasoning is not None:
+        if key is None:
+            raise ValueError("a judge with chain of thought samples its rationale: pass key")
+        tokens_nt, mask_nt, rationale_nr, rationale_mask_nr = reasoning.reason(
+            judge_params, judge_cfg, spec.reasoning, tokens_nt, mask_nt, key)
+        rationale = dict(rationale_nr=rationale_nr, rationale_mask_nr=rationale_mask_nr,
+                         rationale_length_b=rationale_mask_nr.sum(-1).reshape(Q, B).mean(0, dtype=jnp.float32))
     scored = SCORERS[spec.mode](judge_params, judge_cfg, spec, tokens_nt, mask_nt)
     metrics = JudgeMetrics(valid_mass_b=scored.mass_qb.mean(0),
                            neutral_count_b=scored.neutral_qb.sum(0, dtype=jnp.int32),
                            truncated_b=jnp.any(truncated_n.reshape(Q, B), axis=0),
-                           principle_index_b=principle_index_b, **scored.extra)
+                           principle_index_b=principle_index_b, **scored.extra, **rationale)
     return scored.scores_b, metrics
 
 

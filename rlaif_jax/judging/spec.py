@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import ml_collections
 
+from rlaif_jax.judging import reasoning as reasoning_lib
 from rlaif_jax.judging import remote
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class Mode:
     answer_strings: Callable[[ml_collections.ConfigDict], tuple[str, ...]] = lambda c: ()
     queries: Callable[[ml_collections.ConfigDict], tuple[Query, ...]] = lambda c: (Query(),)
     check: Callable[[ml_collections.ConfigDict], None] = lambda c: None  # its checks that need no tokenizer
+    # With chain of thought (config.judge.cot, `reasoning.py`): the default template, which asks for a rationale,
+    # and the answer prompt appended after it.
+    cot_template: str = ""
+    cot_answer_prompt: str = ""
 
 
 def _scale_strings(c) -> tuple[str, ...]:
@@ -92,12 +97,19 @@ MODES = {
         template=("Rate how helpful , correct and concise the response is , from 1 ( worst ) to {num_scores} "
                   "( best ) .\nPrompt : {prompt}\nResponse : {response}\nScore :"),
         required_slots=("response",), answer_field="score_tokens", answer_strings=_scale_strings,
-        check=_check_scale),
+        check=_check_scale,
+        cot_template=("Rate how helpful , correct and concise the response is , from 1 ( worst ) to {num_scores} "
+                      "( best ) .\nPrompt : {prompt}\nResponse : {response}\nExplain your rating .\nRationale :"),
+        cot_answer_prompt="\nScore :"),
     "principles": Mode(
         template=("Principle : {principle}\nRate how well the response follows the principle , "
                   "from 1 ( worst ) to {num_scores} ( best ) .\nPrompt : {prompt}\nResponse : {response}\nScore :"),
         required_slots=("response", "principle"), answer_field="score_tokens", answer_strings=_scale_strings,
-        check=_check_scale),
+        check=_check_scale,
+        cot_template=("Principle : {principle}\nRate how well the response follows the principle , from 1 ( worst ) "
+                      "to {num_scores} ( best ) .\nPrompt : {prompt}\nResponse : {response}\nExplain your rating .\n"
+                      "Rationale :"),
+        cot_answer_prompt="\nScore :"),
     "pairwise": Mode(
         template=("Which response answers the prompt better ?\nPrompt : {prompt}\n"
                   "Response A : {response}\nResponse B : {response_b}\nBetter response :"),
@@ -105,13 +117,19 @@ MODES = {
         answer_strings=lambda c: tuple(c.option_tokens),
         # Both presentation orders, (a, b) then (b, a), so that scoring can cancel position bias.
         queries=lambda c: (Query(), Query(inputs=(("response", "response_b"), ("response_b", "response")))),
-        check=_check_options),
+        check=_check_options,
+        cot_template=("Which response answers the prompt better ?\nPrompt : {prompt}\nResponse A : {response}\n"
+                      "Response B : {response_b}\nExplain which response is better and why .\nRationale :"),
+        cot_answer_prompt="\nBetter response :"),
     "rubric": Mode(
         template="Prompt : {prompt}\nResponse : {response}\nQuestion : {criterion}\nAnswer :",
         required_slots=("response", "criterion"), answer_field="yes_no_tokens",
         answer_strings=lambda c: tuple(c.yes_no_tokens),
         queries=lambda c: tuple(Query(criterion=i) for i in range(len(c.criteria))),  # one question per criterion
-        check=_check_rubric),
+        check=_check_rubric,
+        cot_template=("Prompt : {prompt}\nResponse : {response}\nQuestion : {criterion}\nExplain your answer .\n"
+                      "Rationale :"),
+        cot_answer_prompt="\nAnswer :"),
     "reward_model": Mode(template="Prompt : {prompt}\nResponse : {response}", required_slots=("response",)),
 }
 # A judge served elsewhere (judging/remote.py): the pointwise question, rendered as text and sent to an endpoint.
@@ -132,7 +150,7 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
     c.template = ""
     c.chat_template = False  # wrap the template as the user turn of the judge tokenizer's chat template
     c.answer_prefix = ""  # with chat_template: text appended after the assistant turn starts (e.g. "Score:")
-    c.max_len = 512  # static length of every judge row (left-padded)
+    c.max_len = 512  # static length of every judge row (left-padded); with cot, before the rationale
     c.truncation = "prompt_left"  # prompt_left: oldest prompt tokens go first, then response ends;
     #                               response_right: response ends go first, then the oldest prompt tokens
     c.include_stop_token = False  # put the response's stop token into the judge input (text rendering drops it)
@@ -156,6 +174,9 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
     # A query whose probability mass on its valid tokens is below this gets the neutral value and is counted.
     c.neutral_threshold = 0.05
     c.neutral_score = 0.0  # pointwise / principles / remote neutral score on the [-1, 1] scale (pairwise / rubric use 0.5)
+    # Chain of thought (reasoning.py): the judge writes a rationale with our sampler, then answers after it. With it
+    # and no template, the template is the mode's `cot_template`, which asks for the rationale.
+    c.cot = reasoning_lib.default_config()
     # --- mode "remote": a judge served over HTTP instead of a local model (judging/remote.py) ---
     c.remote_api = "openai"    # "openai" (chat completions; score from the logprobs of "1".."K", else the text) |
     #                            "reward_api" (POST {"prompts", "responses"} -> {"rewards"})
@@ -199,6 +220,7 @@ def _check_settings(config: ml_collections.ConfigDict) -> None:
     if "principle" in slots and not config.principles:
         raise ValueError("config.judge.template has {principle} but config.judge.principles is empty")
     MODES[mode].check(config)
+    reasoning_lib.validate_config(config.cot, mode)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -251,6 +273,7 @@ class JudgeSpec:
     principle_ids: tuple[tuple[int, ...], ...] = ()
     principle_texts: tuple[str, ...] = ()
     stop_text: str = ""  # host path with include_stop_token: the judge tokenizer's EOS text
+    reasoning: reasoning_lib.Reasoning | None = None  # chain of thought (config.judge.cot.enabled)
     boundary_exact: bool = True  # piecewise tokenisation of the template equals whole-text tokenisation
 
     @property
@@ -332,7 +355,8 @@ def fill_template(template: str, slot_texts: dict[str, str]) -> str:
 
 
 def _effective_template(config, judge_tok) -> str:
-    template = config.template or MODES[config.mode].template
+    mode = MODES[config.mode]
+    template = config.template or (mode.cot_template if config.cot.enabled else mode.template)
     template = template.replace("{num_scores}", str(config.num_scores))
     if config.chat_template:
         # Render the chat template around the template text (slots stay as {name} markers), then the
@@ -344,7 +368,7 @@ def _effective_template(config, judge_tok) -> str:
 
 
 def make_spec(config: ml_collections.ConfigDict, judge_tok, policy_tok=None,
-              stop_token_ids: Sequence[int] | None = None) -> JudgeSpec:
+              stop_token_ids: Sequence[int] | None = None, judge_stop_ids: Sequence[int] | None = None) -> JudgeSpec:
     """Validates `config.judge` and tokenises everything static once.
 
     Args:
@@ -352,6 +376,8 @@ def make_spec(config: ml_collections.ConfigDict, judge_tok, policy_tok=None,
       judge_tok: the judge's tokenizer.
       policy_tok: the policy's tokenizer (None: the same as the judge's).
       stop_token_ids: the policy's stop tokens; default: the policy tokenizer's eos_token_id.
+      judge_stop_ids: the tokens that end the judge's rationale (with config.cot); default: the judge
+        tokenizer's eos_token_id (`load_judge` passes the judge model's eos ids).
     """
     _check_settings(config)
     mode = MODES[config.mode]
@@ -370,6 +396,13 @@ def make_spec(config: ml_collections.ConfigDict, judge_tok, policy_tok=None,
 
     stop_ids = tuple(int(i) for i in (stop_token_ids if stop_token_ids is not None else
                                       ([policy_tok.eos_token_id] if policy_tok.eos_token_id is not None else [])))
+    reasoning = None
+    if config.cot.enabled:
+        judge_stop_ids = judge_stop_ids if judge_stop_ids is not None else (
+            [judge_tok.eos_token_id] if judge_tok.eos_token_id is not None else [])
+        answer_prompt = config.cot.answer_prompt or mode.cot_answer_prompt
+        reasoning = reasoning_lib.Reasoning(reasoning_lib.sampling(config.cot, judge_stop_ids),
+                                            text_ids(judge_tok, answer_prompt))
     bos = policy_tok.bos_token_id if config.strip_prompt_bos else None
     pad = judge_tok.pad_token_id if judge_tok.pad_token_id is not None else (judge_tok.eos_token_id or 0)
 
@@ -387,6 +420,7 @@ def make_spec(config: ml_collections.ConfigDict, judge_tok, policy_tok=None,
         principle_ids=tuple(text_ids(judge_tok, p) for p in principles),
         principle_texts=principles,
         stop_text=(judge_tok.eos_token or "") if config.include_stop_token else "",
+        reasoning=reasoning,
     )
     fixed = spec.literal_length + max((len(p) for p in spec.principle_ids), default=0) + max(
         (len(c) for c in spec.criterion_ids), default=0)
