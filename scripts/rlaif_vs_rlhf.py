@@ -79,7 +79,11 @@ class Settings:
     rm_batch: int = 64
     rm_learning_rate: float = 1e-3
     rl_steps: int = 100  # the testbed recipe's
-    kl_coef: float = -1.0  # every arm's KL-loss coefficient; -1 = the testbed recipe's (0.1)
+    # Every arm's KL-loss coefficient (-1: the testbed recipe's, 0.1). 0.3 was chosen on build 1 (the recipe's
+    # tuning build, not reported), RL seeds 1-2, among 0.1 / 0.3 / 1.0, by the mean ground-truth pass rate of the
+    # three arms: 0.290 / 0.664 / 0.590. At 0.1 both reward-model arms over-optimise their reward models (KL ~16,
+    # pass rate 0.48 -> 0.07 and 0.20); d-RLAIF's judge held (0.59).
+    kl_coef: float = 0.3
     rl_batch: int = 16
     rl_evaluations: bool = True  # the runs' own step-0 and final evaluations (KL, judge score, ground truth)
     samples_per_prompt: int = 8  # evaluation: samples of each policy per held-out prompt
@@ -476,7 +480,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,2", help="RL seeds, comma-separated")
     p.add_argument("--evaluator_build", type=int, default=7, help="the build whose judge is the evaluator")
     p.add_argument("--rl_steps", type=int, default=Settings.rl_steps)
-    p.add_argument("--kl", type=float, default=Settings.kl_coef, help="every arm's KL coefficient (-1: the recipe's)")
+    p.add_argument("--kl", type=float, default=Settings.kl_coef, help="every arm's KL coefficient (-1: the testbed recipe's, 0.1)")
     args = p.parse_args(argv)
     logging.getLogger("rlaif_jax").setLevel(logging.WARNING)
     run(args.out, [int(b) for b in args.builds.split(",")], [int(x) for x in args.seeds.split(",")],
