@@ -756,6 +756,55 @@ class PromptLoader(RowLoader):
         return PromptBatch(tokens, mask, valid, rows.astype(np.int32), references, reference_mask)
 
 
+class PackedBatch(NamedTuple):
+    """Packed SFT rows (`pack_examples`), numpy: several (prompt, completion) examples side by side per row."""
+
+    tokens_bl: Any  # (b, L) int32: each example's prompt ids then completion ids, right-padded with the pad id
+    segment_ids_bl: Any  # (b, L) int32: the example's number in its row (1, 2, ...), 0 on padding
+    loss_mask_bl: Any  # (b, L) float32: 1 on completion tokens (the targets), 0 on prompts and padding
+
+
+def pack_examples(prompts: PromptDataset, row_len: int, pad_id: int, seed: int) -> PackedBatch:
+    """Every example of `prompts` (prompt ids then reference ids, which end with EOS) packed into rows of
+    `row_len` tokens: the examples in a seeded random order, each appended to the current row while it fits, else
+    starting the next one (next-fit; an example is never split). Returns all rows (N, row_len)."""
+    ids = prompts.dataset.select_columns([PROMPT_IDS, REFERENCE_IDS])
+    rows: list[tuple[list[int], list[int], list[float]]] = []
+    tokens: list[int] = []
+    segments: list[int] = []
+    loss: list[float] = []
+    for i in np.random.default_rng(seed).permutation(len(prompts)).tolist():
+        prompt, completion = ids[i][PROMPT_IDS], ids[i][REFERENCE_IDS]
+        n = len(prompt) + len(completion)
+        if n > row_len:
+            raise DataError(f"an SFT example of {n} tokens does not fit a packed row of {row_len}; raise "
+                            "config.train.pack_length")
+        if len(tokens) + n > row_len:
+            rows.append((tokens, segments, loss))
+            tokens, segments, loss = [], [], []
+        segment = (segments[-1] + 1) if segments else 1
+        tokens += list(prompt) + list(completion)
+        segments += [segment] * n
+        loss += [0.0] * len(prompt) + [1.0] * len(completion)
+    rows.append((tokens, segments, loss))
+    return PackedBatch(right_pad([r[0] for r in rows], row_len, pad_id)[0], right_pad([r[1] for r in rows], row_len)[0],
+                       right_pad([r[2] for r in rows], row_len, 0.0, np.float32)[0])
+
+
+class PackedLoader(RowLoader):
+    """`RowLoader` batches of packed SFT rows (`pack_examples`): the rows are fixed once, their order shuffled per
+    epoch, and the position restorable like any loader's."""
+
+    what = "packed rows"
+
+    def __init__(self, packed: PackedBatch, global_batch_size: int, **loader_settings):
+        super().__init__(len(packed.tokens_bl), global_batch_size, **loader_settings)
+        self.packed = packed
+
+    def _batch(self, rows: np.ndarray, valid: np.ndarray) -> PackedBatch:
+        return PackedBatch(*(x[rows] for x in self.packed))
+
+
 def load_prompts(cfg: ml_collections.ConfigDict, tokenizer: Any, global_batch_size: int, *,
                  process_index: int | None = None, process_count: int | None = None
                  ) -> tuple[PromptLoader, PromptLoader | None]:

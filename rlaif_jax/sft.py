@@ -23,8 +23,12 @@ gradient accumulation (`optim.grad_accum`, `train_step.accumulate_gradients`) gi
 
 Layout: a batch is the RL learn phase's, prompts left-padded (B, P) and completions right-padded (B, C), and the
 log-probs are `train_step.response_logprobs` (one forward, only the C completion positions through the LM head).
-Packing several examples into one row (`train.packing`) is not implemented: it would need block-diagonal attention
-in models/transformer.py, and it is refused at validation.
+With `train.packing` a batch is instead train.batch_size packed rows (`data.pack_examples`: whole examples side by
+side, next-fit, in a seeded order fixed once; the rows reshuffled each epoch): tokens, segment ids and the
+completion mask, (B, L) each. The model runs them block-diagonally (`transformer.forward` with segment ids: each
+example attends only to itself, its positions from 0), so the loss (`packed_loss`) is `completion_loss`'s on the
+same examples; fewer pad tokens go through the model when examples are short. It computes the (B, L, V) logits
+whole, where the unpacked path unembeds only the completion positions.
 
 The step (`make_sft_step`) is one `jax.jit` with in/out shardings on the training mesh (`config.mesh`, the same
 logical-axis rules) and the state donated; params are read from the HF folder straight into their shards
@@ -49,6 +53,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
@@ -91,7 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.export_final = True  # write the final model as an HF folder in workdir/final_policy
     c.train.export_every = 0  # also export every N steps to workdir/policies/step_<N>; 0 = never
     c.train.max_consecutive_skipped = 64  # stop after this many non-finite updates in a row; 0 = never
-    c.train.packing = False  # several examples per row: not implemented, refused when True
+    # Several examples per row (`data.pack_examples`): rows of train.pack_length tokens (0 = data.max_prompt_len +
+    # data.max_reference_len), each example attending only to itself; train.batch_size then counts rows.
+    c.train.packing = False
+    c.train.pack_length = 0
     return c
 
 
@@ -101,9 +109,9 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     if t.export_every < 0 or t.max_consecutive_skipped < 0:
         raise ValueError(f"config.train.export_every={t.export_every} and config.train.max_consecutive_skipped="
                          f"{t.max_consecutive_skipped} must be >= 0 (0 = off)")
-    if t.packing:
-        raise ValueError("config.train.packing=True: packing several examples per row is not implemented (it needs "
-                         "block-diagonal attention in the model); set config.train.packing=False")
+    if t.pack_length < 0 or (t.pack_length and not t.packing):
+        raise ValueError(f"config.train.pack_length={t.pack_length} must be >= 0, and is read only with "
+                         "config.train.packing=True (0 = data.max_prompt_len + data.max_reference_len)")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -128,6 +136,10 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
         if c.data[name] != off:
             raise ValueError(f"config.data.{name}={c.data[name]!r} is not used by SFT (no held-out evaluation; the "
                              f"data repeats for config.train.steps steps): set it to {off!r}")
+    longest = c.data.max_prompt_len + c.data.max_reference_len
+    if c.train.packing and 0 < c.train.pack_length < longest:
+        raise ValueError(f"config.train.pack_length={c.train.pack_length} is shorter than the longest example "
+                         f"(data.max_prompt_len + data.max_reference_len = {longest}): raise it, or set 0")
     program.check_batch_on_mesh(c.mesh, c.train.batch_size, c.optim.grad_accum, "config.train.batch_size",
                                 num_devices)
 
@@ -149,6 +161,18 @@ def completion_loss(params, cfg: ModelConfig, prompts_bp, prompt_mask_bp, comple
     logp_bc, _, _ = ts.response_logprobs(params, cfg, prompts_bp, prompt_mask_bp, completions_bc,
                                          completion_mask_bc, 1.0)
     return ops.aggregate(-logp_bc, completion_mask_bc, "token_mean", norm)
+
+
+def packed_loss(params, cfg: ModelConfig, tokens_bl, segment_ids_bl, loss_mask_bl,
+                norm: ops.LossNorm | None = None) -> jax.Array:
+    """`completion_loss` on packed rows (`data.pack_examples`): the same token mean over the completion tokens, each
+    example computed as if alone (`transformer.forward` with segment ids). The logits at t - 1 predict token t, and
+    a target's previous token is always of its own example (an example starts with its prompt). The (B, L, V)
+    logits are whole here, in float32 for the log-softmax."""
+    logits_blv = tfm.forward(params, cfg, tokens_bl, segment_ids_bl > 0, segment_ids_bl).logits
+    logp_blv = jax.nn.log_softmax(logits_blv[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp_bl = jnp.take_along_axis(logp_blv, tokens_bl[:, 1:, None], axis=-1)[..., 0]
+    return ops.aggregate(-target_logp_bl, loss_mask_bl[:, 1:], "token_mean", norm)
 
 
 def make_optimizer(c: ml_collections.ConfigDict):
@@ -180,13 +204,17 @@ def make_sft_step(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh: jax.shar
     optimizer, schedule = make_optimizer(c), ts.learning_rate_schedule(c, c.train.steps)
     accum = int(c.optim.grad_accum)
 
-    def sft_step(state: SFTState, prompts_bp, prompt_mask_bp, completions_bc, completion_mask_bc):
-        norm = ops.loss_norm(completion_mask_bc)  # N of the whole batch, shared by its micro-batches
+    def sft_step(state: SFTState, *arrays):
+        if c.train.packing:  # (tokens_bl, segment_ids_bl, loss_mask_bl)
+            names, loss_of, targets = ("tokens", "segments", "loss_mask"), packed_loss, arrays[2][:, 1:]
+        else:  # (prompts_bp, prompt_mask_bp, completions_bc, completion_mask_bc)
+            names, loss_of, targets = ("prompt", "pmask", "resp", "rmask"), completion_loss, arrays[3]
+        norm = ops.loss_norm(targets)  # N of the whole batch, shared by its micro-batches
 
         def loss_fn(params, d):
-            return completion_loss(params, cfg, d["prompt"], d["pmask"], d["resp"], d["rmask"], norm), ({}, None)
+            return loss_of(params, cfg, *(d[n] for n in names), norm), ({}, None)
 
-        batch = {"prompt": prompts_bp, "pmask": prompt_mask_bp, "resp": completions_bc, "rmask": completion_mask_bc}
+        batch = dict(zip(names, arrays))
         loss, _, grads = ts.accumulate_gradients(loss_fn, state.params, batch, accum)
         params, opt_state, kept, grad_norm = ts.guarded_update(optimizer, grads, state.opt_state, state.params, loss)
         skipped = 1 - kept.astype(jnp.int32)
@@ -197,7 +225,7 @@ def make_sft_step(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh: jax.shar
         return SFTState(params, opt_state, state.step + 1, state.skipped_updates + skipped), metrics
 
     batch = shd.batch_sharding(mesh, 2)
-    return jax.jit(sft_step, in_shardings=(shardings, batch, batch, batch, batch),
+    return jax.jit(sft_step, in_shardings=(shardings,) + (batch,) * (3 if c.train.packing else 4),
                    out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
 
 
@@ -215,6 +243,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
     loader, _ = data_lib.load_prompts(c.data, tokenizer, c.train.batch_size)
     examples = loader.prompts
     log.info("SFT examples: %s", examples.summary())
+    if c.train.packing:
+        row_len = c.train.pack_length or c.data.max_prompt_len + c.data.max_reference_len
+        packed = data_lib.pack_examples(examples, row_len, examples.pad_id, c.data.seed)
+        loader = data_lib.PackedLoader(packed, c.train.batch_size, seed=c.data.seed, shuffle=c.data.shuffle,
+                                       num_epochs=c.data.num_epochs, drop_last=True)
+        log.info("packed %d examples into %d rows of %d tokens (%.0f%% of the tokens real)", len(examples),
+                 len(packed.tokens_bl), row_len, 100 * float(np.mean(packed.segment_ids_bl > 0)))
     if examples.num_reference_truncated > len(examples) / 2:
         log.warning("%d of %d completions are longer than config.data.max_reference_len=%d tokens (with EOS) and "
                     "were cut, losing their EOS; raise max_reference_len", examples.num_reference_truncated,
@@ -246,8 +281,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
         try:
             for step in range(start + 1, c.train.steps + 1):
                 local = next(loader)
-                batch = data_lib.to_global((local.tokens_bp, local.mask_bp, local.reference_bf,
-                                            local.reference_mask_bf), batch_sharding)
+                arrays = (tuple(local) if c.train.packing else
+                          (local.tokens_bp, local.mask_bp, local.reference_bf, local.reference_mask_bf))
+                batch = data_lib.to_global(arrays, batch_sharding)
                 state, metrics = step_fn(state, *batch)
                 values = writer.write(step, metrics)
                 stop = preemption.requested(step) and step < c.train.steps

@@ -561,13 +561,32 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> Output:
-    """Full-sequence forward of a left-padded batch (no cache)."""
+def packed_positions(segment_ids_bt: jax.Array) -> jax.Array:
+    """RoPE positions of packed rows: each sequence (a run of equal segment ids) starts at position 0."""
+    T = segment_ids_bt.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(T), segment_ids_bt.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_bt[:, :1], bool),
+                              segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
+            segment_ids_bt: jax.Array | None = None) -> Output:
+    """Full-sequence forward of a left-padded batch (no cache).
+
+    `segment_ids_bt`: packed rows instead (SFT's `train.packing`): several sequences side by side in a row, each a
+    run of one id > 0 (0 = padding, and `mask_bt` = ids > 0). A token attends only to earlier tokens of its own
+    sequence and its position counts from that sequence's start, so each sequence is computed as if alone."""
     mask = mask_bt.astype(bool)
     T = tokens_bt.shape[1]
     slots = jnp.arange(T)
     allowed = _allowed(cfg, jnp.broadcast_to(slots, tokens_bt.shape), slots, mask)
-    out, _ = _stack(params, cfg, tokens_bt, positions_from_mask(mask_bt), allowed, None)
+    if segment_ids_bt is None:
+        positions = positions_from_mask(mask_bt)
+    else:
+        allowed &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        positions = packed_positions(segment_ids_bt)
+    out, _ = _stack(params, cfg, tokens_bt, positions, allowed, None)
     return out
 
 
