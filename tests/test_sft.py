@@ -139,7 +139,7 @@ def test_export_loads_in_transformers_with_our_logits(world, runs):
 
 
 @pytest.mark.parametrize("section,field,value,message", [
-    ("train", "packing", True, "packing several examples per row is not implemented"),
+    ("train", "pack_length", 30, "read only with config.train.packing=True"),
     ("data", "eval_fraction", 0.1, "config.data.eval_fraction=0.1 is not used by SFT"),
     ("data", "num_epochs", 2, "config.data.num_epochs=2 is not used by SFT"),
     ("data", "reference_field", "", "config.data.reference_field is empty"),
@@ -155,10 +155,10 @@ def test_validation_refuses(world, section, field, value, message):
 
 def test_program_reports_a_config_error_as_one_line(world, tmp_path, capsys):
     c = tiny_sft_config.get_config(world)
-    c.train.packing = True
+    c.train.pack_length = 30  # without packing
     with pytest.raises(SystemExit) as exit_info:
         sft.launch(c, str(tmp_path / "run"))
     assert exit_info.value.code == errors.EXIT_CODE
     err = capsys.readouterr().err
-    assert err.startswith("FATAL config error: config.train.packing=True") and err.count("\n") == 1
+    assert err.startswith("FATAL config error: config.train.pack_length=30") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written

@@ -106,6 +106,11 @@ def test_packed_loss_equals_the_unpacked_loss_on_the_same_examples(world):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
 
 
+def test_a_pack_length_shorter_than_an_example_is_refused(world):
+    with pytest.raises(Exception, match="pack_length=5 is shorter than the longest example"):
+        sft.validate(packed_config(world, pack_length=5))
+
+
 def test_a_packed_run_learns_and_resumes_exactly(world, tmp_path, monkeypatch):
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     assert sft.launch(packed_config(world), full) == 0
@@ -127,13 +132,3 @@ def test_a_packed_run_learns_and_resumes_exactly(world, tmp_path, monkeypatch):
     monkeypatch.setattr(program.Preemption, "requested", requested)
     assert sft.launch(packed_config(world), stopped) == 0
     assert open(os.path.join(stopped, "metrics.jsonl")).read() == open(os.path.join(full, "metrics.jsonl")).read()
-
-
-def test_pack_length_is_checked():
-    c = packed_config("/nonexistent", pack_length=5)
-    with pytest.raises(Exception, match="pack_length=5 is shorter than the longest example"):
-        sft.validate(c)
-    c = ConfigDict(tiny_sft_config.get_config("/nonexistent").to_dict())
-    c.train.pack_length = 30
-    with pytest.raises(Exception, match="read only with config.train.packing=True"):
-        sft.validate(c)
