@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
