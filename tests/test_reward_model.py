@@ -108,26 +108,7 @@ def metric_records(workdir):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's stage runs (as tests/test_train.py gives its subprocesses):
-    each launch builds its step afresh, and the two launches of the resume test then load the first one's compiled
-    programs instead of compiling them again (about 4 s each). The process's settings come back afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def trained(hf_folder, world, compilation_cache, tmp_path_factory):
+def trained(hf_folder, world, tmp_path_factory):
     """The stage's run, uninterrupted: (workdir, its reward-model folder)."""
     workdir = str(tmp_path_factory.mktemp("rm_run"))
     assert reward_model_stage.launch(stage_config(hf_folder, world[0]), workdir) == 0
@@ -166,10 +147,10 @@ def test_stage_loss_falls_and_held_out_accuracy_rises(trained, world):
     assert all(r["guard/skipped_updates"] == 0 for r in train)
 
 
-def test_stage_resumes_after_an_interruption_as_if_uninterrupted(hf_folder, world, trained, compilation_cache,
-                                                                  tmp_path, monkeypatch):
+def test_stage_resumes_after_an_interruption_as_if_uninterrupted(hf_folder, world, trained, tmp_path, monkeypatch):
     """A run that dies at step 25 (checkpoints at 10 and 20) and is launched again finishes with the metrics and the
-    reward-model files of the uninterrupted run, bit for bit."""
+    reward-model files of the uninterrupted run, bit for bit. (Both launches load the compiled programs of the
+    `trained` run from the session's compilation cache, tests/conftest.py.)"""
     from rlaif_jax import metrics as metrics_lib
 
     full, _ = trained
