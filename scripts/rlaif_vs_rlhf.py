@@ -477,6 +477,21 @@ def run(out: str, builds: list[int], seeds: list[int], evaluator_build: int, s: 
     return summary
 
 
+def smoke_build_config(cache_dir: str) -> Callable[[int], Any]:
+    """--smoke's builds: the testbed's fast build cut to 8 training steps per model, cached in `cache_dir`. They
+    exercise every stage; their judges are untrained, so the numbers mean nothing."""
+    from rlaif_jax.testbed import build
+
+    def config(seed: int):
+        c = build.fast_config()
+        c.seed, c.cache_dir = seed, cache_dir
+        c.sft.steps = c.judge_train.steps = 8
+        c.sft.warmup_steps = c.judge_train.warmup_steps = 2
+        c.eval_examples = 64
+        return c
+    return config
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -484,11 +499,19 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1,2,3", help="RL seeds, comma-separated")
     p.add_argument("--evaluator_build", type=int, default=7, help="the build whose judge is the evaluator")
     p.add_argument("--rl_steps", type=int, default=Settings.rl_steps)
-    p.add_argument("--kl", type=float, default=Settings.kl_coef, help="every arm's KL coefficient (-1: the testbed recipe's, 0.1)")
+    p.add_argument("--kl", type=float, default=Settings.kl_coef,
+                   help="every arm's KL coefficient (-1: the testbed recipe's, 0.1)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every stage at a few steps on tiny builds cached in OUT/testbed (about a minute): a check "
+                        "that the pipeline runs, not a result")
     args = p.parse_args(argv)
     logging.getLogger("rlaif_jax").setLevel(logging.WARNING)
+    settings = Settings.small() if args.smoke else Settings()
+    settings = dataclasses.replace(settings, rl_steps=args.rl_steps if args.rl_steps != Settings.rl_steps else
+                                   settings.rl_steps, kl_coef=args.kl)
     run(args.out, [int(b) for b in args.builds.split(",")], [int(x) for x in args.seeds.split(",")],
-        args.evaluator_build, dataclasses.replace(Settings(), rl_steps=args.rl_steps, kl_coef=args.kl))
+        args.evaluator_build, settings,
+        build_config=smoke_build_config(os.path.join(args.out, "testbed")) if args.smoke else None)
     return 0
 
 

@@ -3,12 +3,13 @@ its library code, at a few steps), its labels and table against hand-computed va
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from rlaif_jax.testbed import build, data, world
+from rlaif_jax.testbed import data, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("rlaif_vs_rlhf", os.path.join(ROOT, "scripts", "rlaif_vs_rlhf.py"))
@@ -50,22 +51,20 @@ def test_the_evaluator_is_never_a_pipeline_build(tmp_path):
         study.run(str(tmp_path), [2], [1], 2, study.Settings.small())
 
 
-def tiny_build(cache_dir):
-    def config(seed):
-        c = build.fast_config()
-        c.seed, c.cache_dir = seed, cache_dir
-        c.sft.steps = c.judge_train.steps = 8
-        c.sft.warmup_steps = c.judge_train.warmup_steps = 2
-        c.eval_examples = 64
-        return c
-    return config
+def run_cli(out: str) -> str:
+    """The script's smoke run (tiny builds, a few steps per stage) as a user runs it, in a process of its own with
+    one CPU device (the tests' 8 simulated devices are for sharding tests; the study runs unsharded here)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "rlaif_vs_rlhf.py"), "--out", out,
+                           "--builds", "2", "--seeds", "1", "--evaluator_build", "3", "--smoke"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
-def test_the_study_runs_every_stage_and_resumes_without_rerunning(tmp_path, capsys):
+def test_the_study_runs_every_stage_and_resumes_without_rerunning(tmp_path):
     out = str(tmp_path / "study")
-    config = tiny_build(str(tmp_path / "testbed"))
-    summary = study.run(out, [2], [1], 3, study.Settings.small(), build_config=config)
-    first = capsys.readouterr().out
+    first = run_cli(out)
     for stage in ("SFT", "reward model (RLAIF)", "reward model (RLHF)", "seed 1 RLAIF", "seed 1 RLHF",
                   "seed 1 d-RLAIF", "seed 1 evaluation"):
         assert f"build 2 {stage}: done" in first
@@ -83,13 +82,16 @@ def test_the_study_runs_every_stage_and_resumes_without_rerunning(tmp_path, caps
     for a, h in zip(ai, human):
         assert (a["prompt"], a["response_a"]) == (h["prompt"], h["response_a"])
         assert a["p_a_better"] == pytest.approx((a["p_a_better_ab"] + a["p_a_better_ba"]) / 2)
-        assert h["p_a_better"] in (0.0, 0.5, 1.0)
+        assert h["p_a_better"] == study.grader_labels([h])[0]["p_a_better"] and h["p_a_better"] in (0.0, 0.5, 1.0)
+    with open(os.path.join(out, "results.json")) as f:
+        summary = json.load(f)["summary"]
     for a, b_ in study.COMPARISONS:
         for who in ("grader", "evaluator"):
             q = summary[f"{a} vs {b_}"][who]
             assert 0 <= q["interval"][0] <= q["mean"] <= q["interval"][1] <= 1
     assert os.path.exists(os.path.join(out, "table.md"))
 
-    again = study.run(out, [2], [1], 3, study.Settings.small(), build_config=config)
-    assert "done in" not in capsys.readouterr().out.replace("study done in", "")
-    assert again == summary  # read back from the same files: nothing was rerun
+    again = run_cli(out)
+    assert "done in" not in again.replace("study done in", "")  # every stage's output found: nothing reran
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["summary"] == summary
