@@ -2,6 +2,7 @@
 arXiv:2309.00267) on a laptop CPU, every stage through the library's own stage code.
 
     python scripts/rlaif_vs_rlhf.py --out runs/rlaif_vs_rlhf [--builds 2,3,4,5,6] [--seeds 1,2,3] [--evaluator_build 7]
+    python scripts/rlaif_vs_rlhf.py --out /tmp/smoke --builds 2 --seeds 1 --evaluator_build 3 --smoke   # tiny: ~1 min
 
 Per testbed build b (a build is one draw of the world's judge and demonstrations: rlaif_jax/testbed/build.py):
   1 base   the testbed has no pre-training corpus, so its "base model" is the policy architecture at a random
