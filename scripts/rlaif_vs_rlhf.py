@@ -37,7 +37,7 @@ an interrupted workdir), so a stopped run continues where it stopped. One JAX pe
 The builds used: 2-6 (pipeline) and 7 (evaluator) by default. Build 1 is the testbed recipe's tuning build
 (README): it is left out of the report, and it is where the one setting chosen here, the KL coefficient
 (`Settings.kl_coef`), was chosen. The other RL settings are the recipe's. Nothing here picks a build, seed or step
-count by its outcome. About 8 minutes on a 2-core CPU with the builds cached; each build not cached adds 1.5-4.
+count by its outcome. About 8 minutes on a 2-core CPU with the builds cached; each build not cached adds about 2 (up to 7 under load).
 """
 from __future__ import annotations
 
