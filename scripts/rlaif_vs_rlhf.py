@@ -129,6 +129,8 @@ def run_stage(what: str, launch: Callable[..., int], config, workdir: str) -> No
     """A stage's program in this process (its `launch`, as its CLI calls it); a failure stops the study."""
     t0 = time.time()
     rc = launch(config, workdir)
+    if rc >= 128:  # SIGTERM / SIGINT: the stage stopped at a step boundary with a checkpoint
+        raise SystemExit(f"{what} stopped by a signal; run the same command to continue from its checkpoint")
     if rc:
         raise SystemExit(f"{what} failed (exit code {rc}); its workdir is {workdir}")
     log(f"{what}: done in {time.time() - t0:.0f} s")
