@@ -253,6 +253,41 @@ def label_preferences(records: list[dict[str, Any]], judge: judging.Judge | Labe
     return records
 
 
+# ================================================================================================ pairs to label
+def sample_pairs(c: ml_collections.ConfigDict, num_prompts: int, seed: int, batch_size: int | None = None,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """`num_prompts` pairs {prompt, response_a, response_b} to label: two samples of RL config `c`'s policy per
+    prompt of its training split, with its sampler (c.rollout, n_samples = 2 sharing one prefill), the prompts in
+    the training loader's shuffled order, `batch_size` prompts at a time (default c.train.batch_size), batch k
+    sampled with fold_in(key(seed), k)."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from rlaif_jax import rollout as rollout_lib
+    from rlaif_jax.models import hf
+    batch_size = batch_size or c.train.batch_size
+    mesh, rules = shd.mesh_from_config(c.mesh)
+    records: list[dict[str, Any]] = []
+    with shd.use_rules(rules), jax.set_mesh(mesh), tqdm(total=num_prompts, unit="prompt", disable=not progress) as bar:
+        tok = hf.load_tokenizer(c.policy.path)
+        cfg, params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+        sampling = dataclasses.replace(rollout_lib.SamplingConfig.from_config(c.rollout, cfg), n_samples=2)
+        loader, _ = data_lib.load_prompts(c.data, tok, batch_size)
+        generate = jax.jit(rollout_lib.rollout, static_argnums=(1, 5))
+        for k in range(-(-num_prompts // batch_size)):
+            batch = data_lib.to_global(next(loader), shd.batch_sharding(mesh, 1))
+            roll = generate(params, cfg, batch.tokens_bp, batch.mask_bp, jax.random.fold_in(jax.random.key(seed), k),
+                            sampling)
+            tokens, mask = np.asarray(roll.response_tokens_br), np.asarray(roll.response_mask_br)
+            texts = [tok.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
+            prompts = tok.batch_decode(np.asarray(batch.tokens_bp), skip_special_tokens=True)
+            records += [{"prompt": p, "response_a": texts[2 * i], "response_b": texts[2 * i + 1]}
+                        for i, p in enumerate(prompts)]
+            bar.update(min(len(prompts), num_prompts - bar.n))
+    return records[:num_prompts]
+
+
 # ================================================================================================ files
 def read_pairs(path: str) -> list[dict[str, Any]]:
     """The pairs of a JSONL file: text fields PAIR_KEYS, no label field (the labeller writes those)."""

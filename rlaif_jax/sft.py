@@ -27,8 +27,8 @@ With `train.packing` a batch is instead train.batch_size packed rows (`data.pack
 side, next-fit, in a seeded order fixed once; the rows reshuffled each epoch): tokens, segment ids and the
 completion mask, (B, L) each. The model runs them block-diagonally (`transformer.forward` with segment ids: each
 example attends only to itself, its positions from 0), so the loss (`packed_loss`) is `completion_loss`'s on the
-same examples; fewer pad tokens go through the model when examples are short. It computes the (B, L, V) logits
-whole, where the unpacked path unembeds only the completion positions.
+same examples; fewer pad tokens go through the model when examples are short. Its LM head runs over every
+position of the rows, where the unpacked path unembeds only the completion positions.
 
 The step (`make_sft_step`) is one `jax.jit` with in/out shardings on the training mesh (`config.mesh`, the same
 logical-axis rules) and the state donated; params are read from the HF folder straight into their shards
@@ -166,13 +166,12 @@ def completion_loss(params, cfg: ModelConfig, prompts_bp, prompt_mask_bp, comple
 def packed_loss(params, cfg: ModelConfig, tokens_bl, segment_ids_bl, loss_mask_bl,
                 norm: ops.LossNorm | None = None) -> jax.Array:
     """`completion_loss` on packed rows (`data.pack_examples`): the same token mean over the completion tokens, each
-    example computed as if alone (`transformer.forward` with segment ids). The logits at t - 1 predict token t, and
-    a target's previous token is always of its own example (an example starts with its prompt). The (B, L, V)
-    logits are whole here, in float32 for the log-softmax."""
-    logits_blv = tfm.forward(params, cfg, tokens_bl, segment_ids_bl > 0, segment_ids_bl).logits
-    logp_blv = jax.nn.log_softmax(logits_blv[:, :-1].astype(jnp.float32), axis=-1)
-    target_logp_bl = jnp.take_along_axis(logp_blv, tokens_bl[:, 1:, None], axis=-1)[..., 0]
-    return ops.aggregate(-target_logp_bl, loss_mask_bl[:, 1:], "token_mean", norm)
+    example computed as if alone (`transformer.forward` with segment ids). The hidden state at t - 1 predicts token
+    t, and a target's previous token is always of its own example (an example starts with its prompt); the LM head
+    and log-softmax are the unpacked path's (`train_step.token_logprobs`), over all L - 1 positions."""
+    hidden_bld = tfm.forward(params, cfg, tokens_bl, segment_ids_bl > 0, segment_ids_bl).hidden
+    logp_bl, _ = ts.token_logprobs(params, cfg, hidden_bld[:, :-1], tokens_bl[:, 1:], loss_mask_bl[:, 1:], 1.0)
+    return ops.aggregate(-logp_bl, loss_mask_bl[:, 1:], "token_mean", norm)
 
 
 def make_optimizer(c: ml_collections.ConfigDict):

@@ -213,35 +213,6 @@ def testbed_rl_config(art, policy: str, seed: int, s: Settings, arm: str, reward
     return c
 
 
-def sample_pair_records(c, n: int, seed: int) -> list[dict[str, Any]]:
-    """n pairs {prompt, response_a, response_b}: two samples of c's policy per prompt of c's training split, with
-    the RL sampler (c.rollout) and the prompts in the training loader's shuffled order."""
-    import jax
-
-    from rlaif_jax import data as data_lib
-    from rlaif_jax import rollout as rollout_lib
-    from rlaif_jax import sharding as shd
-    from rlaif_jax.models import hf
-    mesh, rules = shd.mesh_from_config(c.mesh)
-    records = []
-    with shd.use_rules(rules), jax.set_mesh(mesh):
-        tok = hf.load_tokenizer(c.policy.path)
-        cfg, params = hf.load_model(c.policy.path, mesh, c.policy.dtype, c.policy.param_dtype, rules)
-        sampling = dataclasses.replace(rollout_lib.SamplingConfig.from_config(c.rollout, cfg), n_samples=2)
-        loader, _ = data_lib.load_prompts(c.data, tok, 32)
-        generate = jax.jit(rollout_lib.rollout, static_argnums=(1, 5))
-        for k in range(-(-n // 32)):
-            batch = data_lib.to_global(next(loader), shd.batch_sharding(mesh, 1))
-            roll = generate(params, cfg, batch.tokens_bp, batch.mask_bp, jax.random.fold_in(jax.random.key(seed), k),
-                            sampling)
-            tokens, mask = np.asarray(roll.response_tokens_br), np.asarray(roll.response_mask_br)
-            texts = [tok.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
-            prompts = tok.batch_decode(np.asarray(batch.tokens_bp), skip_special_tokens=True)
-            records += [{"prompt": p, "response_a": texts[2 * i], "response_b": texts[2 * i + 1]}
-                        for i, p in enumerate(prompts)]
-    return records[:n]
-
-
 def quality(prompt: str, response: str) -> int:
     """The ground truth's order of responses (testbed.data.quality). The text carries no EOS: a response is
     graded as terminated, which is exact here because an unterminated one (20 tokens, the sampler's limit) always
@@ -342,7 +313,7 @@ def evaluate(policies: dict[str, str], art, evaluator_judge: str, s: Settings, s
 # ================================================================================================ one build
 def run_build(out: str, build_cfg, evaluator_judge: str, seeds: list[int], s: Settings) -> dict[int, dict]:
     """Stages 1-7 for one build; returns {seed: evaluation}, each with the build's label and RM statistics."""
-    from rlaif_jax import reward_model_stage, sft, train
+    from rlaif_jax import labelling, reward_model_stage, sft, train
     from rlaif_jax.testbed import build
     b = int(build_cfg.seed)
     folder = os.path.join(out, f"b{b}")
@@ -361,10 +332,10 @@ def run_build(out: str, build_cfg, evaluator_judge: str, seeds: list[int], s: Se
 
     sampler = testbed_rl_config(art, sft_policy, 0, s, "d-RLAIF")
     if not os.path.exists(path("pairs.jsonl")):
-        write_jsonl(path("pairs.jsonl"), sample_pair_records(sampler, s.pairs, seed=100 + b))
+        write_jsonl(path("pairs.jsonl"), labelling.sample_pairs(sampler, s.pairs, 100 + b, 32, progress=False))
         log(f"build {b}: {s.pairs} pairs sampled from the SFT policy")
     if not os.path.exists(path("eval_pairs_grader.jsonl")):
-        fresh = grader_labels(sample_pair_records(sampler, s.eval_pairs, seed=200 + b))
+        fresh = grader_labels(labelling.sample_pairs(sampler, s.eval_pairs, 200 + b, 32, progress=False))
         # Held-out accuracy against the ground truth: pairs the ground truth orders (no ties).
         write_jsonl(path("eval_pairs_grader.jsonl"), [r for r in fresh if r["p_a_better"] != 0.5])
     if not os.path.exists(path("labels_grader.jsonl")):
