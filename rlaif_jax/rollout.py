@@ -55,6 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
     # between phases), so early tokens attend over fewer empty slots. Each phase compiles its own loop body, so
     # more phases trade compile time for rollout time (README, "Performance"); 1 = one loop, one body.
     c.cache_phases = 4
+    # The policy's weights during decoding (transformer.decoding_params), cast once to the compute dtype:
+    # "gathered": all-gathered over fsdp before the loop, a whole copy per device (tensor shards aside), no weight
+    # traffic per token | "sharded": kept fsdp-sharded, each decode step all-gathers each layer just before use
+    # (memory: 1 / fsdp of the copy; traffic: the whole model per token). "sharded" is for policies whose copy
+    # does not fit a device next to everything else (with mesh.tensor > 1, tensor parallelism is the faster cut).
+    c.decode_weights = "gathered"
     return c
 
 
@@ -77,6 +83,8 @@ def validate_config(c: ml_collections.ConfigDict | SamplingConfig) -> None:
     if not all(_is_int(i) and i >= 0 for i in c.stop_ids):
         raise ValueError(f"rollout.stop_ids={list(c.stop_ids)!r} must be token ids (ints >= 0) of the policy's "
                          "tokenizer, not strings; [] uses the policy's eos ids")
+    if c.decode_weights not in tfm.DECODE_WEIGHTS:
+        raise ValueError(f"rollout.decode_weights={c.decode_weights!r}; use one of {tfm.DECODE_WEIGHTS}")
     if (c.cache_dtype or "") not in ("",) + FLOAT_DTYPES:
         raise ValueError(f"rollout.cache_dtype={c.cache_dtype!r}; use one of {FLOAT_DTYPES} or '' (the model's dtype)")
 
@@ -97,6 +105,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str | None = None
     cache_phases: int = 4
+    decode_weights: str = "gathered"
 
     def __post_init__(self):
         validate_config(self)
@@ -107,7 +116,8 @@ class SamplingConfig:
         stop_ids = tuple(int(i) for i in c.stop_ids) or tuple(model_cfg.eos_token_ids)
         return cls(max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature), top_k=int(c.top_k),
                    top_p=float(c.top_p), greedy=bool(c.greedy), n_samples=int(c.n_samples), stop_ids=stop_ids,
-                   cache_dtype=c.cache_dtype or None, cache_phases=int(c.cache_phases))
+                   cache_dtype=c.cache_dtype or None, cache_phases=int(c.cache_phases),
+                   decode_weights=str(c.decode_weights))
 
 
 @flax.struct.dataclass
@@ -201,6 +211,8 @@ class _LoopState(NamedTuple):
 
 def _constrain_cache(cache: tfm.KVCache) -> tfm.KVCache:
     k_axes, v_axes = ("batch", "kv_heads", "head_dim", "cache_length"), ("batch", "kv_heads", "cache_length", "head_dim")
+    if cache.stacked:
+        k_axes, v_axes = ("layers",) + k_axes, ("layers",) + v_axes
     return cache.replace(k=tuple(constrain(k, k_axes) for k in cache.k),
                          v=tuple(constrain(v, v_axes) for v in cache.v),
                          key_mask=constrain(cache.key_mask, ("batch", "cache_length")),
@@ -219,8 +231,9 @@ def cache_phase_lengths(P: int, R: int, phases: int) -> list[tuple[int, int]]:
 def _grow_cache(cache: tfm.KVCache, slots: int) -> tfm.KVCache:
     """The cache with empty (masked) slots appended up to `slots`."""
     pad = slots - cache.key_mask.shape[1]
-    return cache.replace(k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad))) for k in cache.k),
-                         v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))) for v in cache.v),
+    lead = ((0, 0),) * (cache.k[0].ndim - 2)  # (layers,) batch, kv heads
+    return cache.replace(k=tuple(jnp.pad(k, lead + ((0, 0), (0, pad))) for k in cache.k),
+                         v=tuple(jnp.pad(v, lead + ((0, pad), (0, 0))) for v in cache.v),
                          key_mask=jnp.pad(cache.key_mask, ((0, 0), (0, pad))))
 
 
@@ -245,11 +258,13 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
     prompt_mask_bp = prompt_mask_bp.astype(jnp.int32)
 
     # --- prefill the B prompts once (the last real token is at P - 1: left padding) into the first phase's cache.
-    params = tfm.decoding_params(params, cfg)
+    params = tfm.decoding_params(params, cfg, sc.decode_weights)
     phases = cache_phase_lengths(P, R, sc.cache_phases)
-    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, phases[0][1], sc.cache_dtype)
+    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, phases[0][1], sc.cache_dtype,
+                             stacked_cache=sc.decode_weights == "sharded")
     # Only the last position's logits are needed: unembedding just it lets XLA drop the prefill's (B, P, V) head.
-    logits_bv = tfm.unembed(params, cfg, out.hidden[:, -1])
+    unembed = tfm.unembed_vocab_sharded if sc.decode_weights == "sharded" else tfm.unembed
+    logits_bv = unembed(params, cfg, out.hidden[:, -1])
     uniforms_rn = jax.random.uniform(key, (R, N), jnp.float32)
     # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
     cache = _constrain_cache(cache.repeat_rows(n))

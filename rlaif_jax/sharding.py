@@ -118,6 +118,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def constrain_moved(x: jax.Array, axes: Sequence[str | None], from_dim: int, to_dim: int) -> jax.Array:
+    """`constrain` by logical names, except that the mesh axes of dimension `from_dim` shard `to_dim` instead
+    (after its own): the same memory per device, cut along another dimension. A no-op when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = list(logical_to_spec(axes, x.shape, dict(mesh.shape)))
+    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
+    moved = as_tuple(spec[to_dim]) + as_tuple(spec[from_dim])
+    if x.shape[to_dim] % int(np.prod([mesh.shape[a] for a in moved])):
+        return jax.lax.with_sharding_constraint(x, P(*spec))  # does not divide: leave the layout as it was
+    spec[from_dim], spec[to_dim] = None, (moved[0] if len(moved) == 1 else moved) if moved else None
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def is_axes(x: Any) -> bool:
     """Leaf test for pytrees of logical-axis tuples."""
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)

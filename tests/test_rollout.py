@@ -241,9 +241,9 @@ def test_n_samples_share_one_prefill(models, monkeypatch):
     calls = []
     real_prefill = rl.tfm.prefill
 
-    def counting_prefill(params, cfg, tokens_bt, *args):
+    def counting_prefill(params, cfg, tokens_bt, *args, **kwargs):
         calls.append(tokens_bt.shape)
-        return real_prefill(params, cfg, tokens_bt, *args)
+        return real_prefill(params, cfg, tokens_bt, *args, **kwargs)
 
     monkeypatch.setattr(rl.tfm, "prefill", counting_prefill)
     sc = rl.SamplingConfig(max_new_tokens=R, n_samples=n)
@@ -287,12 +287,29 @@ def test_cache_phases_do_not_change_the_samples(models):
     np.testing.assert_allclose(np.asarray(outs[1].sample_logp_br), np.asarray(outs[0].sample_logp_br), atol=1e-5)
 
 
+def test_sharded_decode_weights_do_not_change_the_samples(models):
+    """rollout.decode_weights="sharded" (stacked weights and cache, the layers under lax.scan) draws the same tokens
+    with the same log-probs as the default unrolled layers, with rows stopping at different steps, n = 2 and
+    four cache phases."""
+    _, _, cfg, params = models["qwen2"]
+    tokens, mask = prompts(seed=6)
+    outs = [rollout(params, cfg, tokens, mask, jax.random.key(7),
+                    rl.SamplingConfig(max_new_tokens=9, n_samples=2, stop_ids=tuple(range(3, 12)), decode_weights=w))
+            for w in ("gathered", "sharded")]
+    lengths = np.asarray(outs[0].lengths_b)
+    assert lengths.min() < 9 and len(set(lengths.tolist())) > 1, lengths
+    np.testing.assert_array_equal(np.asarray(outs[1].response_tokens_br), np.asarray(outs[0].response_tokens_br))
+    np.testing.assert_allclose(np.asarray(outs[1].policy_logp_br), np.asarray(outs[0].policy_logp_br), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(outs[1].sample_logp_br), np.asarray(outs[0].sample_logp_br), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- sharded
-def test_sharded_greedy_equals_unsharded(models):
+@pytest.mark.parametrize("decode_weights", ["gathered", "sharded"])
+def test_sharded_greedy_equals_unsharded(models, decode_weights):
     folder, _, cfg, params = models["llama"]
     tokens, mask = prompts(seed=3)
-    sc = rl.SamplingConfig(max_new_tokens=5, greedy=True)
-    ref = rollout(params, cfg, tokens, mask, jax.random.key(0), sc)
+    ref = rollout(params, cfg, tokens, mask, jax.random.key(0), rl.SamplingConfig(max_new_tokens=5, greedy=True))
+    sc = rl.SamplingConfig(max_new_tokens=5, greedy=True, decode_weights=decode_weights)
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
     _, sharded = hf.load_model(folder, mesh=mesh)
     with jax.set_mesh(mesh):

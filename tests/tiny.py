@@ -175,3 +175,34 @@ def make_world(root: str) -> dict[str, str]:
     return {"policy": write_policy(os.path.join(root, "policy")),
             "judge": write_counting_judge(os.path.join(root, "judge")),
             "prompts": write_prompts(os.path.join(root, "prompts.jsonl"))}
+
+
+# Llama 3.1's sizes (the published config.json files), for plan mode: hidden, MLP, layers, attention heads.
+LLAMA_3_1_SIZES = {"8B": (4096, 14336, 32, 32), "70B": (8192, 28672, 80, 64)}
+
+
+def write_llama_3_1_shapes(folder: str, size: str) -> str:
+    """A shape-only Llama 3.1 checkpoint (config.json as published: vocab 128256, 8 KV heads, llama3 RoPE scaling;
+    no weights) with a word-level tokenizer that writes "1".."10" as single tokens and has a chat template: all
+    that plan mode reads, for the 8B / 70B recipe plans of issue 17."""
+    hidden, mlp, layers, heads = LLAMA_3_1_SIZES[size]
+    os.makedirs(folder, exist_ok=True)
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=hidden,
+                  intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                  head_dim=128, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=8192),
+                  max_position_embeddings=131072, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  torch_dtype="bfloat16")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    words = SPECIALS + TEMPLATE_WORDS + ["6", "7", "8", "9", "10"] + CONTENT
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                               eos_token="<eos>")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(folder)
+    return folder

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.models.config import ModelConfig
-from rlaif_jax.sharding import constrain
+from rlaif_jax.sharding import constrain, constrain_moved
 
 Params = dict[str, Any]
 
@@ -40,8 +40,8 @@ class Output(NamedTuple):
 
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # L buffers of (B, K, E, S): keys transposed, see `attention`
-    v: tuple[jax.Array, ...]  # L buffers of (B, K, S, E)
+    k: tuple[jax.Array, ...]  # L buffers of (B, K, E, S): keys transposed, see `attention`; or one (L, B, K, E, S)
+    v: tuple[jax.Array, ...]  # L buffers of (B, K, S, E); or one (L, B, K, S, E)
     key_mask: jax.Array  # (B, S) bool: slot holds a real token
     next_position: jax.Array  # (B,) int32: RoPE position of the row's next token
     index: jax.Array  # () int32: first free slot
@@ -50,9 +50,14 @@ class KVCache:
         """Each row repeated n times (row b -> rows b * n .. b * n + n - 1): n continuations of one prefix."""
         if n == 1:
             return self
-        rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+        rep = lambda x: jnp.repeat(x, n, axis=x.ndim - 4 if x.ndim >= 4 else 0)  # noqa: E731  (the batch axis)
         return self.replace(k=tuple(map(rep, self.k)), v=tuple(map(rep, self.v)), key_mask=rep(self.key_mask),
                             next_position=rep(self.next_position))
+
+    @property
+    def stacked(self) -> bool:
+        """One (L, B, ...) buffer for keys and one for values rather than one per layer (`init_cache`)."""
+        return self.k[0].ndim == 5
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -481,7 +486,8 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
     """Embed, layers, final norm and head. Without a cache the layers run under `lax.scan`. With one they run
     unrolled over per-layer params and buffers (see `decoding_params`): the tokens' keys and values are written
     at `cache.index`, and attend over the whole buffers if `attend_to_cache`, else only over themselves (a
-    prefill into an empty cache). Returns (Output, (k buffers, v buffers) or None)."""
+    prefill into an empty cache). A stacked cache (`KVCache.stacked`) runs them under `lax.scan` instead, over
+    stacked params. Returns (Output, (k buffers, v buffers) or None)."""
     x = _embed(params, cfg, tokens_bt)
     inv_freq = rope_inv_freq(cfg)
 
@@ -493,14 +499,29 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
                             unroll=cfg.scan_unroll)
         return _output(params, cfg, x), None
 
+    def layer(x, lp, ck, cv):
+        if attend_to_cache:
+            return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index)
+        x, (k, v) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache.index))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache.index, 0))
+        return x, (ck, cv)
+
+    if cache.stacked:
+        # rollout.decode_weights="sharded": one lax.scan over stacked, still sharded weights and the stacked cache,
+        # so each layer's weights are gathered inside the scan's body, one layer at a time. Unrolled layers would
+        # let XLA gather every layer's weights at once (or hoist the gathers out of the decode loop); an
+        # optimisation barrier cannot prevent it on CPU, where barriers are expanded before scheduling.
+        def body(x, xs):
+            x, kv = layer(x, *xs)
+            return x, kv
+
+        x, (k, v) = jax.lax.scan(body, x, (fuse_projections(params["layers"], cfg), cache.k[0], cache.v[0]))
+        hidden = block_norm(x, params, "final_norm", cfg)
+        return Output(unembed_vocab_sharded(params, cfg, hidden), hidden), ((k,), (v,))
     ks, vs = [], []
     for lp, ck, cv in zip(decoding_params(params, cfg)["layers"], cache.k, cache.v):
-        if attend_to_cache:
-            x, (ck, cv) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index)
-        else:
-            x, (k, v) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache.index))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache.index, 0))
+        x, (ck, cv) = layer(x, lp, ck, cv)
         ks.append(ck)
         vs.append(cv)
     return _output(params, cfg, x), (tuple(ks), tuple(vs))
@@ -532,20 +553,66 @@ def fuse_projections(layer_params: Params, cfg: ModelConfig) -> Params:
     return lp
 
 
-def decoding_params(params: Params, cfg: ModelConfig) -> Params:
+# The weights each use casts to the compute dtype (`.astype(dt)` in _layer, _mlp, _embed, unembed): decoding casts
+# them once, before its loop. Norm weights are left alone (rms_norm with plus_one and layer_norm read them in f32).
+_MATMUL_WEIGHTS = ("qkv", "qkv_bias", "o", "o_bias", "gate_up", "gate_up_bias", "up", "up_bias", "down", "down_bias")
+# Logical axes of the fused per-layer weights (fuse_projections; the others keep param_shapes' axes).
+_FUSED_AXES = {"qkv": ("embed", "kv_heads", None, "head_dim"), "qkv_bias": ("kv_heads", None, "head_dim"),
+               "gate_up": ("embed", None, "mlp"), "gate_up_bias": (None, "mlp")}
+DECODE_WEIGHTS = ("gathered", "sharded")
+
+
+def decoding_layer_axes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Logical axes of one layer's decoding params (fused as `fuse_projections` fuses them)."""
+    return {**{name: a[1:] for name, a in param_logical_axes(cfg)["layers"].items()}, **_FUSED_AXES}
+
+
+def decoding_params(params: Params, cfg: ModelConfig, weights: str = "") -> Params:
     """The params with their layers fused (`fuse_projections`) and split into a list of per-layer dicts;
     unchanged if already converted.
 
     Decoding runs the layers unrolled: each reads its own weights and KV buffers in place. Under a scan the
     layer's slice of the stacked weights and of a stacked cache would be copied out on every decode step.
-    The rollout converts once, before its loop."""
+    The rollout converts once, before its loop.
+
+    `weights` (rollout.decode_weights; "" = leave the layout to XLA): the matmul weights are also cast to the
+    compute dtype here, once, and laid out for the loop: "gathered" all-gathers their fsdp-sharded `embed` axis,
+    so each device holds one whole compute-dtype copy (tensor shards aside) and decode steps move no weights;
+    "sharded" keeps the params' own sharding (1 / fsdp of the copy per device) and the layers stacked: with a
+    stacked cache (`init_cache(..., stacked=True)`) decoding runs them under `lax.scan`, which gathers one layer's
+    weights at a time."""
     layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    # Split, then fuse each layer: XLA then writes each fused weight in one pass over the stacked ones.
-    num_layers = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": [fuse_projections(jax.tree.map(lambda w: w[i], layers), cfg)
-                                 for i in range(num_layers)]}
+    if isinstance(layers, (list, tuple)) or "qkv" in layers:
+        return params  # already converted
+    dt = jnp.dtype(cfg.dtype)
+    axes, layer_axes = param_logical_axes(cfg), decoding_layer_axes(cfg)
+
+    def lay_out(w, logical):
+        logical = tuple(None if a == "embed" and weights == "gathered" else a for a in logical)
+        return constrain(w.astype(dt), logical)
+
+    if weights == "sharded":
+        fused = fuse_projections(layers, cfg)
+        out = {**params, "layers": {name: lay_out(w, ("layers",) + layer_axes[name]) if name in _MATMUL_WEIGHTS
+                                    else w for name, w in fused.items()}}
+    else:
+        # Split, then fuse each layer: XLA then writes each fused weight in one pass over the stacked ones.
+        num_layers = jax.tree.leaves(layers)[0].shape[0]
+        out = {**params, "layers": [fuse_projections(jax.tree.map(lambda w: w[i], layers), cfg)
+                                    for i in range(num_layers)]}
+        if not weights:
+            return out
+        out["layers"] = [{name: lay_out(w, layer_axes[name]) if name in _MATMUL_WEIGHTS else w
+                          for name, w in lp.items()} for lp in out["layers"]]
+    for name in ("embed", "lm_head"):
+        if name in out:
+            out[name] = lay_out(out[name], axes[name])
+    if weights == "sharded" and "lm_head" in out:
+        # The head's embed axis sharded, its logits would need the whole head gathered (once per decode loop,
+        # hoisted): shard it over the vocabulary instead, so each device projects onto its slice of the
+        # vocabulary and only the (rows, V) logits move.
+        out["lm_head"] = constrain_moved(out["lm_head"], ("embed", "vocab"), from_dim=0, to_dim=1)
+    return out
 
 
 def unembed(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array:
@@ -553,6 +620,15 @@ def unembed(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array
     the embeddings are tied, the transposed embedding table."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("...d,dv->...v", hidden_xd, head.astype(hidden_xd.dtype), preferred_element_type=jnp.float32)
+
+
+def unembed_vocab_sharded(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array:
+    """`unembed` with the logits cut along the vocabulary by the mesh axes that shard the rows (decoding with
+    "sharded" weights, whose head is cut that way, see `decoding_params`): each device projects onto its slice
+    of the vocabulary, and only the logits are exchanged when rows are needed whole."""
+    logits = unembed(params, cfg, hidden_xd)
+    axes = ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",)
+    return constrain_moved(logits, axes, from_dim=0, to_dim=logits.ndim - 1)
 
 
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
@@ -601,13 +677,18 @@ def last_hidden(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt:
     return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
-    """An empty cache of `max_len` slots per row."""
-    B, K, S, E = batch, cfg.num_kv_heads, max_len, cfg.head_dim
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, stacked: bool = False
+               ) -> KVCache:
+    """An empty cache of `max_len` slots per row: a buffer per layer, or with `stacked` one (L, ...) buffer each
+    for keys and values (decoding then scans over the layers, see `_stack`)."""
+    B, K, S, E, L = batch, cfg.num_kv_heads, max_len, cfg.head_dim, cfg.num_layers
     dtype = jnp.dtype(dtype or cfg.dtype)
+    if stacked:
+        k, v = (jnp.zeros((L, B, K, E, S), dtype),), (jnp.zeros((L, B, K, S, E), dtype),)
+    else:
+        k, v = tuple(jnp.zeros((B, K, E, S), dtype) for _ in range(L)), tuple(jnp.zeros((B, K, S, E), dtype) for _ in range(L))
     return KVCache(
-        k=tuple(jnp.zeros((B, K, E, S), dtype) for _ in range(cfg.num_layers)),
-        v=tuple(jnp.zeros((B, K, S, E), dtype) for _ in range(cfg.num_layers)), key_mask=jnp.zeros((batch, max_len), bool),
+        k=k, v=v, key_mask=jnp.zeros((batch, max_len), bool),
         next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32),
     )
 
@@ -673,13 +754,13 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
 
 
 def prefill(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array, max_len: int,
-            cache_dtype: str | None = None) -> tuple[Output, KVCache]:
+            cache_dtype: str | None = None, stacked_cache: bool = False) -> tuple[Output, KVCache]:
     """Runs a left-padded prompt batch into a fresh cache of `max_len` slots.
 
     Equal to `decode` of the prompt into an empty cache, but the prompt attends only to its own T keys rather
-    than to all `max_len` slots of the buffers (most of them still empty)."""
+    than to all `max_len` slots of the buffers (most of them still empty). `stacked_cache`: see `init_cache`."""
     B, T = tokens_bt.shape
-    cache = init_cache(cfg, B, max_len, cache_dtype)
+    cache = init_cache(cfg, B, max_len, cache_dtype, stacked_cache)
     mask = mask_bt.astype(bool)
     slots = jnp.arange(T)
     allowed = _allowed(cfg, jnp.broadcast_to(slots, (B, T)), slots, mask)
