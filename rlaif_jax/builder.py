@@ -108,9 +108,10 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
         judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
-    # The judge only runs forwards: of the compute settings, its attention's apply.
+    # The judge only runs forwards: of the compute settings, its attention's and the micro-batches apply.
     judge = judge._replace(cfg=judge.cfg.replace(attention=c.compute.attention,
-                                                 attention_chunk=c.compute.attention_chunk))
+                                                 attention_chunk=c.compute.attention_chunk,
+                                                 forward_microbatches=c.compute.forward_microbatches))
     if judge.spec.path == "host" and judge.spec.mode != "remote" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "

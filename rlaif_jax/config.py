@@ -108,13 +108,19 @@ def compute_config() -> ml_collections.ConfigDict:
     # Response positions per block of the LM head in the learn phase's log-probs (train_step.response_logprobs):
     # the (rows, R, V) float32 logits are never whole, each block recomputed in the backward; 0 = all at once.
     c.logprob_chunk = 0
+    # The forwards that keep no activations for a backward (the judge's, the reference's and the critic's before the
+    # update, the rollout's prefill) run their rows in this many micro-batches under lax.map: their activation
+    # memory shrinks by this factor for a loop over the chunks (transformer.map_microbatches). 1 = all at once.
+    # The rows (per device) must divide into it, whole groups of n_samples where the prompt forward is shared.
+    c.forward_microbatches = 1
     return c
 
 
 def model_compute_settings(cp: ml_collections.ConfigDict) -> dict[str, Any]:
     """The `config.compute` settings that live on a trained model's ModelConfig (builder.build applies them)."""
     return {"scan_unroll": cp.scan_unroll, "remat": cp.remat, "attention": cp.attention,
-            "attention_chunk": cp.attention_chunk, "logprob_chunk": cp.logprob_chunk}
+            "attention_chunk": cp.attention_chunk, "logprob_chunk": cp.logprob_chunk,
+            "forward_microbatches": cp.forward_microbatches}
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -178,6 +184,9 @@ def _validate_compute(cp: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.compute.attention_chunk={cp.attention_chunk} must be >= 1 (keys per block)")
     if cp.logprob_chunk < 0:
         raise ValueError(f"config.compute.logprob_chunk={cp.logprob_chunk} must be >= 0 (0 = no chunking)")
+    if cp.forward_microbatches < 1:
+        raise ValueError(f"config.compute.forward_microbatches={cp.forward_microbatches} must be >= 1 (1 = all rows "
+                         "at once)")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:
@@ -313,6 +322,9 @@ def _validate(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                          f"set config.rollout.n_samples >= 2 (it is {c.rollout.n_samples})")
     if c.algo.estimator == "online_dpo":
         _check_online_dpo(c)
+    if c.train.batch_size % c.compute.forward_microbatches:
+        raise ValueError(f"config.compute.forward_microbatches={c.compute.forward_microbatches} must divide "
+                         f"config.train.batch_size={c.train.batch_size} (the step's prompts split into micro-batches)")
     _check_references(c)
     if c.eval.win_rate and c.judge.mode in ("reward_model", "remote"):
         raise ValueError(f"config.eval.win_rate=True asks the judge to compare two responses, which a "

@@ -1,7 +1,7 @@
 """Plan mode: the train step compiled ahead of time on simulated devices, from shapes alone.
 
     python -m rlaif_jax.train --config experiments/X.py --plan --plan_devices=N [--device_memory_gib=G]
-                                                                                [--plan_phases]
+                                                                                [--plan_phases] [--plan_scaling]
 
 `plan` builds the run with `builder.build(..., weights=False)`: the model configs, judge spec, shardings and
 step that training builds, from config.json and tokenizer files alone (no weights are read or allocated). It
@@ -16,7 +16,12 @@ printed; the step's peak is the largest of theirs.
 
 With --plan_phases the fused step's phases are also compiled each on its own (`compile_phases`: rollout, judge,
 reference/critic forwards, learn) and their memory printed, to show which phase sets the peak and what the
-config.compute memory settings (remat, attention, logprob_chunk) change.
+config.compute memory settings (remat, attention, logprob_chunk, forward_microbatches) change.
+
+With --plan_scaling the step is also compiled on half the devices (the fsdp axis halved, else the data axis):
+the per-device peak must fall as devices are added, and the report says whether it does. Where it does not, some
+large buffer is replicated at that mesh size (issue 17: an 8B policy and judge on 64 devices once planned larger
+than on 16).
 """
 from __future__ import annotations
 
@@ -150,11 +155,9 @@ def compile_phases(c: ml_collections.ConfigDict, parts: builder.RunParts, mesh: 
     return programs
 
 
-def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = False) -> dict[str, Any]:
-    """Compiles the train step ahead of time from shapes alone on the configured mesh, prints per-device memory,
-    FLOPs and fit, and returns them. With `phases` (one fused program), also each phase compiled alone
-    (`compile_phases`): which phase sets the peak."""
-    mesh, rules = shd.mesh_from_config(c.mesh)
+def compile_step(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, phases: bool = False) -> tuple:
+    """(parts, {name: compiled program} of the step, {name: compiled phase} with `phases`, compile seconds) on
+    `mesh`, from shapes alone."""
     with shd.use_rules(rules), jax.set_mesh(mesh):
         parts = builder.build(c, mesh, rules, weights=False)
         prompts_bp = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32,
@@ -167,6 +170,33 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = 
             programs = compile_host_path(c, parts, prompts_bp)
         compile_s = time.perf_counter() - t0
         phase_programs = compile_phases(c, parts, mesh, prompts_bp) if phases and fused else {}
+    return parts, programs, phase_programs, compile_s
+
+
+def halved_mesh(c: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh]:
+    """The config and mesh with half the devices: the fsdp axis halved (the data axis if fsdp is 1), on the first
+    half of the devices. What `scaling` compares against."""
+    half = c.copy_and_resolve_references()
+    with half.unlocked():
+        if half.mesh.fsdp % 2 == 0:
+            half.mesh.fsdp //= 2
+        elif half.mesh.data % 2 == 0:
+            half.mesh.data //= 2
+        else:
+            raise ValueError(f"--plan_scaling halves the fsdp or data axis: mesh {dict(c.mesh)} has neither even")
+    m = half.mesh
+    return half, shd.make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[:m.data * m.fsdp * m.tensor])
+
+
+def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = False, scaling: bool = False
+         ) -> dict[str, Any]:
+    """Compiles the train step ahead of time from shapes alone on the configured mesh, prints per-device memory,
+    FLOPs and fit, and returns them. With `phases` (one fused program), also each phase compiled alone
+    (`compile_phases`): which phase sets the peak. With `scaling`, also the step on half the devices
+    (`halved_mesh`): the per-device peak must fall as devices are added; where it does not, some large buffer
+    is replicated rather than sharded (report["scaling_falls"])."""
+    mesh, rules = shd.mesh_from_config(c.mesh)
+    parts, programs, phase_programs, compile_s = compile_step(c, mesh, rules, phases)
 
     memory = {name: memory_gib(compiled) for name, compiled in programs.items()}
     largest = max(memory.values(), key=lambda m: m["peak_gib"])
@@ -185,6 +215,12 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = 
         report["programs"] = memory
     if phase_programs:
         report["phases"] = {name: memory_gib(compiled) for name, compiled in phase_programs.items()}
+    if scaling:
+        half, half_mesh = halved_mesh(c)
+        _, half_programs, _, _ = compile_step(half, half_mesh, rules)
+        report["half_devices"] = half_mesh.size
+        report["half_peak_gib"] = max(memory_gib(p)["peak_gib"] for p in half_programs.values())
+        report["scaling_falls"] = report["peak_gib"] < report["half_peak_gib"]
     print_report(c, report, flops)
     return report
 
@@ -216,6 +252,11 @@ def print_report(c: ml_collections.ConfigDict, report: dict[str, Any], flops: di
         lines += ["per-device memory (GiB) of each phase compiled alone, with the step's shardings (the step above "
                   "is one program: its peak is not their sum; learn includes reference/critic):",
                   *table(report["phases"])]
+    if "half_devices" in report:
+        verdict = "falls" if report["scaling_falls"] else (
+            "DOES NOT FALL: a large buffer is replicated, not sharded (see --plan_phases)")
+        lines.append(f"scaling: per-device peak {report['half_peak_gib']:.4g} GiB on {report['half_devices']} "
+                     f"devices -> {report['peak_gib']:.4g} GiB on {report['devices']}: {verdict}")
     lines += [f"FLOPs per step: {report['tflops_per_step']:.4g} TFLOP "
               f"({report['tflops_per_step_per_device']:.4g} per device): "
               + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in flops.items()),

@@ -194,7 +194,7 @@ def set_lee2023(c: ml_collections.ConfigDict, *, train_prompts: int, steps: int,
     epochs over the `train_prompts` training prompts (unless `steps`); 1024 prompt and 128 response tokens; the 4
     policies of highest validation reward kept as candidates for the final checkpoint. This codebase's own
     choices: 2 gradient-accumulation micro-batches (memory only), evaluation on 256 prompts every 50 steps, a
-    checkpoint every 100."""
+    checkpoint every 100, and the pod memory settings of `set_pod_memory`."""
     c.rollout.temperature = 0.9
     c.reward.kl_coef = 0.05
     c.reward.judge_weight = 1.0 - c.reward.kl_coef
@@ -224,6 +224,22 @@ def set_lee2023(c: ml_collections.ConfigDict, *, train_prompts: int, steps: int,
     c.eval.max_prompts = 256
     c.checkpoint.every_steps = 100
     c.logging.wandb_project = wandb_project
+    set_pod_memory(c)
+
+
+def set_pod_memory(c: ml_collections.ConfigDict) -> None:
+    """This codebase's memory settings for 8B-class policies with judges up to 70B on a pod (how the step is
+    computed, not what: each is tested equal to the plain path). With them, the Lee et al. recipe's plans of an 8B
+    policy with a 70B judge on 16 chips of 95 GiB (v5p-16) and with an 8B judge on 64 chips of 16 GiB (v5e-64)
+    fit (tests/test_plan.py; README, "Pod-scale memory"): the training forward keeps only each layer's input
+    (remat "full", about a third more compute in the update), attention and the LM head run in blocks, the frozen
+    forwards (judge, reference, critic, prefill) in 4 micro-batches, and on an fsdp mesh the rollout keeps the
+    policy's weights sharded (each decode step gathers one layer at a time, see rollout.decode_weights)."""
+    c.compute.remat = "full"
+    c.compute.attention = "chunked"
+    c.compute.logprob_chunk = 64
+    c.compute.forward_microbatches = 4
+    c.rollout.decode_weights = "auto"
 
 
 # ---------------------------------------------------------------------------------------------- Reddit TL;DR

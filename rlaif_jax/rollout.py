@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     # traffic per token | "sharded": kept fsdp-sharded, each decode step all-gathers each layer just before use
     # (memory: 1 / fsdp of the copy; traffic: the whole model per token). "sharded" is for policies whose copy
     # does not fit a device next to everything else (with mesh.tensor > 1, tensor parallelism is the faster cut).
+    # "auto": "sharded" when the mesh has an fsdp axis (> 1), else "gathered" (resolved by the builder).
     c.decode_weights = "gathered"
     return c
 
@@ -83,8 +84,9 @@ def validate_config(c: ml_collections.ConfigDict | SamplingConfig) -> None:
     if not all(_is_int(i) and i >= 0 for i in c.stop_ids):
         raise ValueError(f"rollout.stop_ids={list(c.stop_ids)!r} must be token ids (ints >= 0) of the policy's "
                          "tokenizer, not strings; [] uses the policy's eos ids")
-    if c.decode_weights not in tfm.DECODE_WEIGHTS:
-        raise ValueError(f"rollout.decode_weights={c.decode_weights!r}; use one of {tfm.DECODE_WEIGHTS}")
+    allowed = tfm.DECODE_WEIGHTS + (() if isinstance(c, SamplingConfig) else ("auto",))  # resolved by from_config
+    if c.decode_weights not in allowed:
+        raise ValueError(f"rollout.decode_weights={c.decode_weights!r}; use one of {allowed}")
     if (c.cache_dtype or "") not in ("",) + FLOAT_DTYPES:
         raise ValueError(f"rollout.cache_dtype={c.cache_dtype!r}; use one of {FLOAT_DTYPES} or '' (the model's dtype)")
 
@@ -112,12 +114,18 @@ class SamplingConfig:
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, model_cfg: ModelConfig) -> "SamplingConfig":
-        """From the `rollout` config section; empty `stop_ids` resolve to the model's eos ids."""
+        """From the `rollout` config section; empty `stop_ids` resolve to the model's eos ids, decode_weights
+        "auto" by the fsdp axis of the mesh set by `jax.set_mesh` (the builder's)."""
         stop_ids = tuple(int(i) for i in c.stop_ids) or tuple(model_cfg.eos_token_ids)
+        decode_weights = c.decode_weights
+        if decode_weights == "auto":
+            mesh = jax.sharding.get_abstract_mesh()
+            fsdp = 1 if mesh.empty else dict(mesh.shape).get("fsdp", 1)
+            decode_weights = "sharded" if fsdp > 1 else "gathered"
         return cls(max_new_tokens=int(c.max_new_tokens), temperature=float(c.temperature), top_k=int(c.top_k),
                    top_p=float(c.top_p), greedy=bool(c.greedy), n_samples=int(c.n_samples), stop_ids=stop_ids,
                    cache_dtype=c.cache_dtype or None, cache_phases=int(c.cache_phases),
-                   decode_weights=str(c.decode_weights))
+                   decode_weights=str(decode_weights))
 
 
 @flax.struct.dataclass
@@ -260,11 +268,20 @@ def rollout(params: Params, cfg: ModelConfig, prompt_tokens_bp: jax.Array, promp
     # --- prefill the B prompts once (the last real token is at P - 1: left padding) into the first phase's cache.
     params = tfm.decoding_params(params, cfg, sc.decode_weights)
     phases = cache_phase_lengths(P, R, sc.cache_phases)
-    out, cache = tfm.prefill(params, cfg, prompt_tokens_bp, prompt_mask_bp, phases[0][1], sc.cache_dtype,
-                             stacked_cache=sc.decode_weights == "sharded")
-    # Only the last position's logits are needed: unembedding just it lets XLA drop the prefill's (B, P, V) head.
-    unembed = tfm.unembed_vocab_sharded if sc.decode_weights == "sharded" else tfm.unembed
-    logits_bv = unembed(params, cfg, out.hidden[:, -1])
+    stacked = sc.decode_weights == "sharded"
+    unembed = tfm.unembed_vocab_sharded if stacked else tfm.unembed
+    batch_first = (lambda x: jnp.moveaxis(x, 0, 1)) if stacked else (lambda x: x)  # a stacked cache is (L, B, ...)
+
+    def prefill(tokens_bp, mask_bp):  # in cfg.forward_microbatches micro-batches of prompts
+        out, cache = tfm.prefill(params, cfg, tokens_bp, mask_bp, phases[0][1], sc.cache_dtype, stacked_cache=stacked)
+        # Only the last position's logits are needed: unembedding just it lets XLA drop the (B, P, V) head.
+        return (unembed(params, cfg, out.hidden[:, -1]), tuple(map(batch_first, cache.k)),
+                tuple(map(batch_first, cache.v)), cache.key_mask, cache.next_position)
+
+    logits_bv, k, v, key_mask, next_position = tfm.map_microbatches(prefill, cfg.forward_microbatches,
+                                                                    prompt_tokens_bp, prompt_mask_bp)
+    cache = tfm.KVCache(k=tuple(map(batch_first, k)), v=tuple(map(batch_first, v)), key_mask=key_mask,
+                        next_position=next_position, index=jnp.asarray(P, jnp.int32))
     uniforms_rn = jax.random.uniform(key, (R, N), jnp.float32)
     # --- n samples: repeat cache rows (consecutive rows per prompt), not the prefill.
     cache = _constrain_cache(cache.repeat_rows(n))

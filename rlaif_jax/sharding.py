@@ -118,6 +118,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def batch_shards() -> int:
+    """How many ways the mesh set by `jax.set_mesh` splits the logical "batch" axis (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = _mesh_axes_for("batch", current_rules())
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([dict(mesh.shape)[a] for a in axes]))
+
+
 def constrain_moved(x: jax.Array, axes: Sequence[str | None], from_dim: int, to_dim: int) -> jax.Array:
     """`constrain` by logical names, except that the mesh axes of dimension `from_dim` shard `to_dim` instead
     (after its own): the same memory per device, cut along another dimension. A no-op when no mesh is set."""

@@ -4,7 +4,8 @@
     --workdir DIR          checkpoints, metrics.jsonl, samples/, plots; an existing workdir is resumed
     --allow_config_change  resume although the config changed what the run computes (workdir.py lists what)
     --coordinator_address / --num_processes / --process_id   multi-host (or the cluster's environment)
-    --plan --plan_devices=N [--device_memory_gib=G]   compile the step from shapes only (rlaif_jax/plan.py)
+    --plan --plan_devices=N [--device_memory_gib=G] [--plan_phases] [--plan_scaling]   compile the step from shapes
+                           only, memory per device and per phase, and whether it falls with devices (plan.py)
 
 This file holds the flags, `main` and the run loop; the rooms it calls:
   builder.py    the one builder of models, judge spec, train state and compiled step (plan mode uses it too)
@@ -65,6 +66,8 @@ _PLAN = flags.DEFINE_bool("plan", False, "compile the train step ahead of time f
 _PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "plan mode: number of simulated devices "
                                      "(0 = the product of config.mesh, which then must not use -1)")
 _DEVICE_MEMORY = flags.DEFINE_float("device_memory_gib", 16.0, "plan mode: memory of one target device")
+_PLAN_SCALING = flags.DEFINE_bool("plan_scaling", False, "plan mode: also compile the step on half the devices "
+                                  "(fsdp halved) and check that the per-device peak falls as devices grow")
 _PLAN_PHASES = flags.DEFINE_bool("plan_phases", False, "plan mode: also compile each phase of the fused step alone "
                                  "and print its memory (rollout, judge, reference/critic, learn)")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False, "resume although the config changed settings "
@@ -185,6 +188,7 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
 
 def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, allow_config_change: bool = False,
            plan: bool = False, plan_devices: int = 0, device_memory_gib: float = 16.0, plan_phases: bool = False,
+           plan_scaling: bool = False,
            distributed: tuple[str | None, int | None, int | None] = (None, None, None)) -> int:
     """The whole program after flag parsing (tests call it in-process); returns the exit code. A user error (an
     `errors.UserError` from any phase) ends it here, the one place that catches them: one line, exit code 2."""
@@ -201,7 +205,7 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
             jax.config.update("jax_platforms", "cpu")
             config_lib.validate(config, num_devices=n)
             testbed_build.ensure_built(config)  # plan mode reads the testbed's config.json files and tokenizers
-            plan_lib.plan(config, device_memory_gib, phases=plan_phases)
+            plan_lib.plan(config, device_memory_gib, phases=plan_phases, scaling=plan_scaling)
             return 0
         maybe_initialize_distributed(*distributed)
         if not workdir:
@@ -223,6 +227,7 @@ def main(argv):
     configure_logging()
     return launch(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value, plan=_PLAN.value,
                   plan_devices=_PLAN_DEVICES.value, device_memory_gib=_DEVICE_MEMORY.value, plan_phases=_PLAN_PHASES.value,
+                  plan_scaling=_PLAN_SCALING.value,
                   distributed=(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
 
 

@@ -78,12 +78,12 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
 
     rows_per_prompt = n > 1 says rows b * n .. b * n + n - 1 share one prompt (the n samples of a group): each
     prompt then runs once (`tfm.forward_shared_prefix`), which saves (n - 1) / n of the prompt positions'
-    forward and backward. Only the R positions that predict a response token go through the LM head (the
-    forward's own all-position logits are unused, so XLA drops them): at real vocabulary sizes the prompt
-    positions' projection is large."""
+    forward and backward, where the prompts split over the batch's devices (`prompt_sharing`). Only the R
+    positions that predict a response token go through the LM head (the forward's own all-position logits are
+    unused, so XLA drops them): at real vocabulary sizes the prompt positions' projection is large."""
     P = prompt_bp.shape[1]
     mask_dtype = prompt_mask_bp.dtype
-    if rows_per_prompt > 1:
+    if prompt_sharing(rows_per_prompt, prompt_bp.shape[0]) > 1:
         n = rows_per_prompt
         prompt_out, response_out = tfm.forward_shared_prefix(
             params, cfg, prompt_bp[::n], prompt_mask_bp[::n], response_br, response_mask_br.astype(mask_dtype))
@@ -97,6 +97,16 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
         hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
     logp_br, entropy_br = token_logprobs(params, cfg, hidden_brd, response_br, response_mask_br, temperature)
     return logp_br, entropy_br, hidden_brd
+
+
+def prompt_sharing(rows_per_prompt: int, rows: int) -> int:
+    """`rows_per_prompt` where a forward over `rows` rows (groups of that many consecutive rows per prompt) can run
+    each prompt once, else 1. It can when the rows / rows_per_prompt prompts still split evenly over the devices
+    that split the batch; otherwise the prompts' forward would be replicated on several devices, so that the
+    per-device memory grows with the mesh (issue 17: an 8B policy's learn phase planned larger on 64 devices than
+    on 16, its 32 prompts per micro-batch replicated over 64 devices)."""
+    n = rows_per_prompt
+    return n if n > 1 and (rows // n) % shd.batch_shards() == 0 else 1
 
 
 def token_logprobs(params: Params, cfg: ModelConfig, hidden_brd, response_br, response_mask_br, temperature: float):
@@ -435,16 +445,24 @@ def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: Tra
     old_logp = roll.policy_logp_br
     # The n samples of a prompt are consecutive rows: forwards over whole groups run each prompt once.
     share = c.rollout.n_samples if c.compute.share_prompt_forward else 1
-    if c.reward.kl_coef == 0 and not c.reward.adaptive_kl:
-        ref_logp = old_logp  # KL weighted by a fixed 0: no reference forward (and no KL metrics)
-    else:
-        ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask, temperature,
-                                           share)
-    old_hidden = None
-    if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
-        _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
-                                             temperature, share)
-    old_values = _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
+    reference = not (c.reward.kl_coef == 0 and not c.reward.adaptive_kl)  # KL weighted by a fixed 0: no forward
+
+    def forwards(prompt, pmask, resp, rmask):  # the rows of one micro-batch (compute.forward_microbatches)
+        ref_logp = None
+        if reference:
+            ref_logp, _, _ = response_logprobs(frozen.reference, models.policy, prompt, pmask, resp, rmask,
+                                               temperature, share)
+        old_hidden = None
+        if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
+            _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
+                                                 temperature, share)
+        return ref_logp, _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
+
+    m = c.compute.forward_microbatches
+    ref_logp, old_values = tfm.map_microbatches(forwards, m, prompt, pmask, resp, rmask,
+                                                group=prompt_sharing(share, prompt.shape[0] // m))
+    if not reference:
+        ref_logp = old_logp  # (and no KL metrics)
     return jax.lax.stop_gradient((ref_logp, old_logp, old_values))
 
 

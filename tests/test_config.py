@@ -83,6 +83,7 @@ REJECTED = {
     "max_new_tokens": ({"rollout.max_new_tokens": 0}, "rollout.max_new_tokens=0 must be an int >= 1"),
     "stop_strings": ({"rollout.stop_ids": ["</s>"]}, "rollout.stop_ids=['</s>'] must be token ids (ints >= 0)"),
     "cache_dtype": ({"rollout.cache_dtype": "int8"}, "rollout.cache_dtype='int8'; use one of"),
+    "decode_weights": ({"rollout.decode_weights": "replicated"}, "rollout.decode_weights='replicated'; use one of"),
     # data
     "data_path": ({"data.path": ""}, "config.data.path is empty"),
     "prompt_parser": ({"data.prompt_parser": "nope"}, "config.data.prompt_parser='nope'; use one of"),
@@ -116,6 +117,9 @@ REJECTED = {
     "attention": ({"compute.attention": "flash"}, "config.compute.attention='flash'; choose one of"),
     "attention_chunk": ({"compute.attention_chunk": 0}, "config.compute.attention_chunk=0 must be >= 1"),
     "logprob_chunk": ({"compute.logprob_chunk": -1}, "config.compute.logprob_chunk=-1 must be >= 0"),
+    "forward_microbatches": ({"compute.forward_microbatches": 0}, "config.compute.forward_microbatches=0 must be >= 1"),
+    "forward_microbatches_batch": ({"compute.forward_microbatches": 3, "train.batch_size": 8},
+                                   "config.compute.forward_microbatches=3 must divide config.train.batch_size=8"),
     # optim, train, mesh, seed
     "learning_rate_zero": ({"optim.learning_rate": 0.0}, "config.optim.learning_rate=0.0 must be finite and > 0"),
     "learning_rate_nan": ({"optim.learning_rate": float("nan")}, "config.optim.learning_rate=nan must be finite"),

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -394,3 +395,35 @@ def test_remat_and_chunked_attention_lower_compiled_memory():
     print(f"temporaries (MiB): remat none {none / 2**20:.1f}, full {full / 2**20:.1f}, "
           f"full + chunked attention {chunked / 2**20:.1f}")
     assert full < 0.6 * none and chunked < 0.6 * full
+
+
+def test_map_microbatches_keeps_row_order_and_groups():
+    """`map_microbatches` splits rows into strided micro-batches of whole groups, and puts the results back in
+    row order: row-wise functions give the whole-batch result, and each call sees whole groups."""
+    rows = np.arange(24, dtype=np.float32).reshape(12, 2)
+    seen = []
+
+    def fn(x):
+        seen.append(x.shape)
+        return x * 2.0, (x[::2, 0] - x[1::2, 0])  # the second output is per group of 2: pairs must stay together
+    got, pair_diff = tfm.map_microbatches(lambda x: (fn(x)[0], jnp.repeat(fn(x)[1], 2)), 3, jnp.asarray(rows),
+                                          group=2)
+    np.testing.assert_array_equal(np.asarray(got), rows * 2)
+    np.testing.assert_array_equal(np.asarray(pair_diff), np.full(12, -2.0))  # rows 2j, 2j + 1 together
+    assert seen[0] == (4, 2)
+    seen.clear()  # 6 groups do not divide into 4 micro-batches: 3 is the largest number that does
+    got, _ = tfm.map_microbatches(lambda x: (fn(x)[0], jnp.repeat(fn(x)[1], 2)), 4, jnp.asarray(rows), group=2)
+    np.testing.assert_array_equal(np.asarray(got), rows * 2)
+    assert seen[0] == (4, 2)
+    with pytest.raises(ValueError, match="13 rows are not whole groups of 2"):
+        tfm.map_microbatches(fn, 4, jnp.ones((13, 2)), group=2)
+
+
+def test_last_hidden_in_microbatches_equals_whole_batch(memory_model):
+    """compute.forward_microbatches on the forward that frozen models (judge, reward model) run: the same final
+    hidden states as all rows at once."""
+    params, model = memory_model
+    tokens, mask = batch()
+    want = tfm.last_hidden(params, model(), tokens, mask)
+    got = jax.jit(tfm.last_hidden, static_argnums=1)(params, model(forward_microbatches=3), tokens, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

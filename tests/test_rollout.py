@@ -338,3 +338,11 @@ def test_config_resolution_and_validation():
         rl.SamplingConfig(temperature=0.0)
     with pytest.raises(ValueError, match="cache_phases"):
         rl.SamplingConfig(cache_phases=0)
+    # decode_weights "auto": "sharded" on a mesh with an fsdp axis, else "gathered"; "auto" is resolved, never kept.
+    cfg.decode_weights = "auto"
+    assert rl.SamplingConfig.from_config(cfg, model_cfg).decode_weights == "gathered"
+    for fsdp, want in ((2, "sharded"), (1, "gathered")):
+        with jax.set_mesh(shd.make_mesh(data=8 // fsdp, fsdp=fsdp, tensor=1)):
+            assert rl.SamplingConfig.from_config(cfg, model_cfg).decode_weights == want
+    with pytest.raises(ValueError, match="decode_weights"):
+        rl.SamplingConfig(decode_weights="auto")

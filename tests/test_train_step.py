@@ -373,6 +373,25 @@ def test_shared_prompt_forward_step_equals_per_row_step(world, batches):
         np.testing.assert_allclose(shared[key], per_row[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
+def test_forward_microbatches_step_equals_whole_batch_step(world, batches):
+    """config.compute.forward_microbatches = 2: the judge's forward, the reference's and the separate critic's
+    forwards before the update and the rollout's prefill run their rows in two strided micro-batches under
+    lax.map (groups of the 2 samples of a prompt kept together for the shared-prompt forward). The step's samples,
+    scores, KL, values and update equal the whole-batch step's."""
+    runs = []
+    for microbatches in (1, 2):
+        c = make_config(world, **{"algo.estimator": "reinforce", "critic.kind": "separate", "rollout.n_samples": 2,
+                                  "algo.epochs": 1, "algo.minibatches": 1,
+                                  "compute.forward_microbatches": microbatches})
+        s = build(c, one_device_mesh())
+        assert s.models.judge.forward_microbatches == s.models.policy.forward_microbatches == microbatches
+        runs.append(run_steps(s, one_device_mesh(), s.state, 1, batches)[1][0])
+    whole, micro = runs
+    for key in ("response/length", "judge/score", "kl/k1", "value/explained_variance_before", "value/loss", "optim/loss",
+                "optim/grad_norm"):
+        np.testing.assert_allclose(micro[key], whole[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 def test_plan_mode_builds_what_training_builds(world, tmp_path):
     """`builder.build` from config.json and tokenizer files alone (plan mode) gives the model configs, judge spec
     and sampling settings, and the shapes, dtypes and shardings of the train state and frozen models, that the

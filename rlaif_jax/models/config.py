@@ -71,6 +71,7 @@ class ModelConfig:
     attention: str = "xla"  # "xla": (B, H, T, S) scores at once | "chunked": key blocks, online softmax
     attention_chunk: int = 512  # keys per block of "chunked" attention
     logprob_chunk: int = 0  # response positions per block of train_step.response_logprobs' LM head; 0 = all
+    forward_microbatches: int = 1  # rows of a frozen forward in this many micro-batches (transformer.map_microbatches)
 
     def __post_init__(self):
         if self.family not in SUPPORTED_FAMILIES:
@@ -82,6 +83,8 @@ class ModelConfig:
         if self.remat not in REMAT_CHOICES or self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"remat={self.remat!r}, attention={self.attention!r}; choose remat from {REMAT_CHOICES} "
                              f"and attention from {ATTENTION_CHOICES}")
+        if self.forward_microbatches < 1:
+            raise ValueError(f"forward_microbatches={self.forward_microbatches} must be >= 1 (1 = all rows at once)")
         if self.attention_chunk < 1 or self.logprob_chunk < 0:
             raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1 and logprob_chunk="
                              f"{self.logprob_chunk} >= 0 (0 = no chunking)")

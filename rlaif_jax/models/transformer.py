@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -631,6 +631,35 @@ def unembed_vocab_sharded(params: Params, cfg: ModelConfig, hidden_xd: jax.Array
     return constrain_moved(logits, axes, from_dim=0, to_dim=logits.ndim - 1)
 
 
+def map_microbatches(fn: Callable, microbatches: int, *rows: jax.Array, group: int = 1) -> Any:
+    """fn(*rows) computed `microbatches` micro-batches at a time under `lax.map`, the results reassembled in row
+    order: what a forward holds at once (activations, attention scores, MLP intermediates) shrinks by that factor,
+    for one loop over the chunks. fn must treat rows independently (a frozen forward does) and return arrays
+    whose leading axis is the rows.
+
+    Micro-batch k holds the groups of `group` consecutive rows (the n samples of a prompt, kept together for the
+    shared-prompt forward) numbered k, k + m, k + 2m, ...: a strided split, so that a batch sharded over devices
+    in contiguous blocks splits into micro-batches that each keep that layout, with no data movement, when the
+    rows per device are a multiple of m * group. Where the groups do not divide into `microbatches`, the largest
+    number below it that divides them is used (same results; config.validate checks the training batch)."""
+    N = rows[0].shape[0]
+    if N % group:
+        raise ValueError(f"{N} rows are not whole groups of {group} rows")
+    m = max(d for d in range(1, microbatches + 1) if (N // group) % d == 0)
+    if m == 1:
+        return fn(*rows)
+
+    def split(x):  # (N, ...) -> (m, N / m, ...)
+        x = x.reshape(N // (m * group), m, group, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(m, N // m, *x.shape[3:])
+
+    def merge(y):  # (m, N / m, ...) -> (N, ...)
+        y = y.reshape(m, N // (m * group), group, *y.shape[2:])
+        return jnp.swapaxes(y, 0, 1).reshape(N, *y.shape[3:])
+
+    return jax.tree.map(merge, jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows)))
+
+
 def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
     """RoPE positions for a left-padded batch: the first real token of each row is position 0."""
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
@@ -671,10 +700,14 @@ def last_hidden(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt:
     and a reward model its value).
 
     Only this position is used: the (B, T, V) logits `forward` also computes are dead code that XLA
-    removes (checked: ~25x fewer flops at V = 32k), so the vocabulary projection happens once per row."""
-    tokens_bt = constrain(tokens_bt, ("batch", "length"))
-    mask_bt = constrain(mask_bt, ("batch", "length"))
-    return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+    removes (checked: ~25x fewer flops at V = 32k), so the vocabulary projection happens once per row. The rows
+    run in cfg.forward_microbatches micro-batches (`map_microbatches`)."""
+    def rows(tokens_bt, mask_bt):
+        tokens_bt = constrain(tokens_bt, ("batch", "length"))
+        mask_bt = constrain(mask_bt, ("batch", "length"))
+        return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+
+    return map_microbatches(rows, cfg.forward_microbatches, tokens_bt, mask_bt)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, stacked: bool = False
