@@ -129,8 +129,10 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     # ---- the train state (born sharded) and the frozen models
     models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
     # The reference is a device-side copy (same shardings): the policy's buffers are donated to the step and
-    # updated in place, and the checkpoint is read only once.
-    reference = jax.tree.map(jnp.copy, policy_params) if weights else policy_params
+    # updated in place, and the checkpoint is read only once. With LoRA the policy's weights are not trained: they
+    # are the reference, one copy, and the train state holds the adapters (lora.py).
+    copy = weights and not c.policy.lora_rank
+    reference = jax.tree.map(jnp.copy, policy_params) if copy else policy_params
     frozen = ts.Frozen(reference=reference, judge=judge.params)
     init = functools.partial(ts.init_state, c, models)
     key = jax.random.key(c.seed)

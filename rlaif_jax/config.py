@@ -40,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.policy.path = ""                 # HF folder or hub id of the initial policy (also the frozen reference)
     c.policy.dtype = "float32"         # compute dtype
     c.policy.param_dtype = "float32"   # storage dtype of the trained params
+    # LoRA (rlaif_jax/lora.py): rank r > 0 trains adapters W + alpha / r * A @ B on lora_targets instead of every
+    # weight; the base stays frozen and is the reference (one copy), the optimizer state is the adapters' only.
+    c.policy.lora_rank = 0
+    c.policy.lora_alpha = 16.0
+    c.policy.lora_targets = ["q", "k", "v", "o", "gate", "up", "down"]
 
     c.critic = ml_collections.ConfigDict()
     c.critic.kind = "value_head"       # "value_head" on the policy backbone | "separate" model | "none"
@@ -162,6 +167,8 @@ def _validate_policy(p: ml_collections.ConfigDict) -> None:
         raise ValueError("config.policy.path is empty: set it to an HF checkpoint folder or hub id")
     _check_choice(p.dtype, FLOAT_DTYPES, "config.policy.dtype")
     _check_choice(p.param_dtype, FLOAT_DTYPES, "config.policy.param_dtype")
+    from rlaif_jax import lora
+    lora.validate_config(p)
 
 
 def _validate_critic(cr: ml_collections.ConfigDict) -> None:

@@ -149,7 +149,8 @@ class Evaluator:
         e, cfg = self.c.eval.evaluator, self.parts.models.policy
         baseline = {"initial_policy": independent_eval.Policy(frozen.reference, cfg),
                     "reference": "reference"}.get(e.baseline, self.independent_baseline)
-        per_prompt = self.independent.compare(independent_eval.Policy(state.params["policy"], cfg), baseline,
+        policy = ts.trained_policy(self.c, state.params, frozen)
+        per_prompt = self.independent.compare(independent_eval.Policy(policy, cfg), baseline,
                                               self.batches, jax.random.key(self.c.seed + 2), e.baseline)
         return {f"eval/evaluator_{k}": v for k, v in independent_eval.summarize(per_prompt, self.c.seed).items()}
 
@@ -157,6 +158,7 @@ class Evaluator:
         if not self.batches:
             return {}
         key = jax.random.key(self.c.seed + 1)  # the same eval key every time: curves compare like with like
+        policy = ts.trained_policy(self.c, state.params, frozen)  # with LoRA: the merged weights, once
         tokenizer, criterion_names = self.parts.policy_tokenizer, self.parts.judge_spec.criterion_names
         per_example: dict[str, list] = {}
         rows = []
@@ -167,7 +169,7 @@ class Evaluator:
                 (batch.reference_bf, batch.reference_mask_bf), shd.batch_sharding(self.mesh, 1))
             if self.initial[i] is None:
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
-            roll = self._sample(state.params["policy"], tokens, mask, k_roll)
+            roll = self._sample(policy, tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
             prompt_tokens, response_tokens, response_mask = map(shd.gather_to_host, (
                 roll.prompt_tokens_bp, roll.response_tokens_br, roll.response_mask_br))
@@ -176,7 +178,7 @@ class Evaluator:
                          for t, m in zip(response_tokens, response_mask)]
             out = jax.tree.map(shd.gather_to_host, {
                 **self._judge(frozen, roll, self.initial[i], references, (prompts, responses), k_judge),
-                **self._policy_stats(state.params["policy"], frozen.reference, roll)})
+                **self._policy_stats(policy, frozen.reference, roll)})
             valid = np.repeat(shd.gather_to_host(np.asarray(batch.valid_b)) > 0, self.c.eval.samples_per_prompt)
             stopped = shd.gather_to_host(roll.stopped_b)
             gt = self.ground_truth(prompts, responses, stopped) if self.ground_truth else {}

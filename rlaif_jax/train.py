@@ -48,6 +48,7 @@ from rlaif_jax import plan as plan_lib
 from rlaif_jax import program
 from rlaif_jax import reward_functions
 from rlaif_jax import sharding as shd
+from rlaif_jax import train_step as ts
 from rlaif_jax import workdir as workdir_lib
 from rlaif_jax.models import hf
 from rlaif_jax.program import Preemption, configure_logging, maybe_initialize_distributed, parse_flags
@@ -135,7 +136,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
         best = ckpt_lib.BestPolicies(workdir, c.checkpoint)
 
         def export_policy(folder):
-            hf.save_model(state.params["policy"], parts.models.policy, folder, tokenizer=parts.policy_tokenizer)
+            hf.save_model(ts.trained_policy(c, state.params, frozen), parts.models.policy, folder,
+                          tokenizer=parts.policy_tokenizer)
 
         # ---- 5 the loop
         preemption = Preemption()
@@ -171,7 +173,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, begin: workdir_lib.Start) ->
 
         # ---- 6 export the trained policy as an HF folder (written beside it, then renamed: atomic)
         if c.train.export_final:
-            hf.save_model(state.params["policy"], parts.models.policy, final_policy, tokenizer=parts.policy_tokenizer)
+            # With LoRA: the merged weights (lora.merge), an ordinary HF checkpoint.
+            hf.save_model(ts.trained_policy(c, state.params, frozen), parts.models.policy, final_policy,
+                          tokenizer=parts.policy_tokenizer)
             log.info("exported the policy of step %d to %s", step, final_policy)
     return 0
 

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlaif_jax import algorithms, judging, ops, reward_functions, reward_rules, rewards
+from rlaif_jax import algorithms, judging, lora, ops, reward_functions, reward_rules, rewards
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax.models import transformer as tfm
@@ -218,10 +218,23 @@ def total_updates(c: ml_collections.ConfigDict) -> int:
     return c.train.steps * c.algo.epochs * c.algo.minibatches
 
 
+def trained_policy(c: ml_collections.ConfigDict, params: Params, frozen: Frozen) -> Params:
+    """The policy's full params from the trainable ones: themselves, or with LoRA (policy.lora_rank > 0) the frozen
+    reference with the trained adapters merged in (`lora.merge`)."""
+    if not c.policy.lora_rank:
+        return params["policy"]
+    return lora.merge(frozen.reference, params["policy"], lora.scale(c.policy))
+
+
 def init_trainable(c: ml_collections.ConfigDict, models: Models, policy_params: Params, key: jax.Array,
                    critic_params: Params | None = None) -> Params:
-    """The trainable pytree for `c.critic.kind` (see the module docstring)."""
-    trainable = {"policy": policy_params}
+    """The trainable pytree for `c.critic.kind` (see the module docstring); with LoRA the policy's part is its
+    adapters (`lora.init`)."""
+    if c.policy.lora_rank:
+        key, lora_key = jax.random.split(key)
+        trainable = {"policy": lora.init(models.policy, c.policy.lora_rank, c.policy.lora_targets, lora_key)}
+    else:
+        trainable = {"policy": policy_params}
     if c.critic.kind == "value_head":
         trainable["value_head"] = tfm.init_value_head(models.policy, key)
     elif c.critic.kind == "separate":
@@ -245,7 +258,8 @@ def init_state(c: ml_collections.ConfigDict, models: Models, policy_params: Para
 
 def trainable_logical_axes(c: ml_collections.ConfigDict, models: Models) -> Params:
     """Logical axis names of every trainable param, the structure of `init_trainable`'s output."""
-    axes = {"policy": tfm.param_logical_axes(models.policy)}
+    axes = {"policy": (lora.logical_axes(models.policy, c.policy.lora_targets) if c.policy.lora_rank
+                       else tfm.param_logical_axes(models.policy))}
     if c.critic.kind == "value_head":
         axes["value_head"] = tfm.value_head_logical_axes()
     elif c.critic.kind == "separate":
@@ -290,8 +304,8 @@ def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy
     return jnp.zeros(response_br.shape, jnp.float32)
 
 
-def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Array, rows_per_prompt: int
-                 ) -> Callable:
+def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Array, rows_per_prompt: int,
+                 frozen: Frozen) -> Callable:
     """`loss_fn(params, micro, norm) -> (loss, (metrics, values))`: the update's loss on one micro-batch (a dict
     of the learn phase's per-row arrays), as its share of the minibatch's (norm: the minibatch's ops.LossNorm):
     PPO-clip policy loss, entropy bonus, value loss (with a critic) and the KL loss term (KL not in the reward),
@@ -300,8 +314,8 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
     temperature = c.rollout.temperature
 
     def loss_fn(params: Params, d: dict, norm: ops.LossNorm):
-        logp, entropy, hidden = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"],
-                                                  d["resp"], d["rmask"], temperature, rows_per_prompt)
+        logp, entropy, hidden = response_logprobs(trained_policy(c, params, frozen), models.policy, d["prompt"],
+                                                  d["pmask"], d["resp"], d["rmask"], temperature, rows_per_prompt)
         loss, metrics = algorithms.ppo_policy_loss(logp, d["old_logp"], d["advantages"], d["rmask"], c.algo, norm)
         metrics["policy/logp_mismatch"] = ops.aggregate(jnp.abs(jax.lax.stop_gradient(logp) - d["old_logp"]),
                                                         d["rmask"], "token_mean", norm)
@@ -324,7 +338,7 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
     return loss_fn
 
 
-def make_dpo_loss_fn(c: ml_collections.ConfigDict, models: Models, rows_per_prompt: int) -> Callable:
+def make_dpo_loss_fn(c: ml_collections.ConfigDict, models: Models, rows_per_prompt: int, frozen: Frozen) -> Callable:
     """`loss_fn(params, micro, pairs) -> (loss, (metrics, None))`: online DPO's loss on one micro-batch of
     (chosen, rejected) rows laid out in consecutive pairs, as its share of the minibatch's `pairs` pairs
     (`algorithms.dpo_loss`). Sequence log-probs are of the model itself, at temperature 1 whatever the sampling
@@ -332,8 +346,8 @@ def make_dpo_loss_fn(c: ml_collections.ConfigDict, models: Models, rows_per_prom
     and the samples only supply the pairs."""
 
     def loss_fn(params: Params, d: dict, pairs: int):
-        logp, _, _ = response_logprobs(params["policy"], models.policy, d["prompt"], d["pmask"], d["resp"],
-                                       d["rmask"], 1.0, rows_per_prompt)
+        logp, _, _ = response_logprobs(trained_policy(c, params, frozen), models.policy, d["prompt"], d["pmask"],
+                                       d["resp"], d["rmask"], 1.0, rows_per_prompt)
         logp_p2 = ops.masked_sum(logp, d["rmask"], axis=-1).reshape(-1, 2)
         ref_p2 = d["ref_logp_sum"].reshape(-1, 2)
         loss, metrics = algorithms.dpo_loss(logp_p2[:, 0], logp_p2[:, 1], ref_p2[:, 0], ref_p2[:, 1],
@@ -344,10 +358,10 @@ def make_dpo_loss_fn(c: ml_collections.ConfigDict, models: Models, rows_per_prom
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, params: Params, prompts_bp, prompt_mask_bp,
+def rollout_phase(c, models: Models, sampling: rollout_lib.SamplingConfig, policy: Params, prompts_bp, prompt_mask_bp,
                   key) -> rollout_lib.Rollout:
-    """Phase 1: the policy samples responses (n per prompt, one prefill)."""
-    return rollout_lib.rollout(params["policy"], models.policy, prompts_bp, prompt_mask_bp, key, sampling)
+    """Phase 1: the policy (its full params, `trained_policy`) samples responses (n per prompt, one prefill)."""
+    return rollout_lib.rollout(policy, models.policy, prompts_bp, prompt_mask_bp, key, sampling)
 
 
 def judge_inputs(c: ml_collections.ConfigDict, models: Models, sampling: rollout_lib.SamplingConfig, frozen: Frozen,
@@ -454,8 +468,8 @@ def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: Tra
                                                temperature, share)
         old_hidden = None
         if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
-            _, _, old_hidden = response_logprobs(state.params["policy"], models.policy, prompt, pmask, resp, rmask,
-                                                 temperature, share)
+            _, _, old_hidden = response_logprobs(trained_policy(c, state.params, frozen), models.policy, prompt, pmask,
+                                                 resp, rmask, temperature, share)
         return ref_logp, _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
 
     m = c.compute.forward_microbatches
@@ -504,7 +518,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     # Minibatches are drawn as whole groups (`run_updates`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
     micro_share = share if (B // (c.algo.minibatches * c.optim.grad_accum)) % n == 0 else 1
-    loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share)
+    loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share, frozen)
     params, opt_state, skipped, update_metrics = run_updates(
         c, loss_fn, lambda d: ops.loss_norm(d["rmask"]), state.params, state.opt_state, data, n, key)
     # The first update's forward runs with the params that sampled: its distance to the sampler's log-probs is
@@ -554,7 +568,7 @@ def dpo_learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainSt
     # 6 update: micro-batches hold whole pairs (config validation), so every forward shares each pair's prompt
     data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, ref_logp_sum=ref_logp_sum)
     params, opt_state, skipped, update_metrics = run_updates(
-        c, make_dpo_loss_fn(c, models, share), lambda d: d["rmask"].shape[0] // 2, state.params, state.opt_state,
+        c, make_dpo_loss_fn(c, models, share, frozen), lambda d: d["rmask"].shape[0] // 2, state.params, state.opt_state,
         data, 2, key)
     update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
 
@@ -578,7 +592,8 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
     def step(state: TrainState, frozen: Frozen, prompts_bp, prompt_mask_bp, references_bf=None,
              reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
-        roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
+        roll = rollout_phase(c, models, sampling, trained_policy(c, state.params, frozen), prompts_bp, prompt_mask_bp,
+                             k_roll)
         inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         score_fn = functools.partial(judging.score, frozen.judge, models.judge, judge_spec)
@@ -660,7 +675,8 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
     @functools.partial(jax.jit, in_shardings=(state_shardings, frozen_shardings, *batch_shardings(c, mesh)))
     def sample(state, frozen, prompts_bp, prompt_mask_bp, references_bf=None, reference_mask_bf=None):
         rng, k_roll, k_judge, k_update = jax.random.split(state.rng, 4)
-        roll = rollout_phase(c, models, sampling, state.params, prompts_bp, prompt_mask_bp, k_roll)
+        roll = rollout_phase(c, models, sampling, trained_policy(c, state.params, frozen), prompts_bp, prompt_mask_bp,
+                             k_roll)
         inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
         return roll, inputs, (rng, k_judge, k_update)

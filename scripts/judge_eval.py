@@ -19,7 +19,7 @@ Printed:
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -280,7 +280,7 @@ def test_grad_accum_gives_the_same_gradient(world, single):
     assert "value_head" in single.state.params
     c = make_config(world, **{"algo.ent_coef": 0.01, "reward.kl_in_reward": False})
     assert c.algo.loss_agg == "token_mean"
-    loss_fn = ts.make_loss_fn(c, single.models, jnp.float32(0.1), 1)
+    loss_fn = ts.make_loss_fn(c, single.models, jnp.float32(0.1), 1, single.frozen)
 
     @functools.partial(jax.jit, static_argnums=2)
     def run(params, d, accum):
@@ -390,6 +390,30 @@ def test_forward_microbatches_step_equals_whole_batch_step(world, batches):
     for key in ("response/length", "judge/score", "kl/k1", "value/explained_variance_before", "value/loss", "optim/loss",
                 "optim/grad_norm"):
         np.testing.assert_allclose(micro[key], whole[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_lora_step_trains_adapters_only(world, single, batches):
+    """policy.lora_rank = 2: the train state holds the adapters (and the optimizer state theirs) instead of the
+    policy, the frozen reference is the base, and the first step samples, scores and measures KL as the full
+    fine-tune's first step does (B = 0: the merged policy is the base). Two steps move the adapters, not the
+    base."""
+    s = build(make_config(world, **{"policy.lora_rank": 2}), one_device_mesh())
+    adapters = s.state.params["policy"]
+    assert set(adapters) == {"layers"} and all(k.endswith(("_a", "_b")) for k in adapters["layers"])
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert size(adapters) < 0.15 * size(s.frozen.reference)  # rank 2 of a hidden size of 32
+    assert size(s.state.opt_state) < size(s.frozen.reference)  # Adam's moments of the adapters (and value head)
+    for a, b in zip(jax.tree.leaves(s.frozen.reference), jax.tree.leaves(single.frozen.reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    reference = jax.tree.map(np.asarray, s.frozen.reference)
+    state, history = run_steps(s, one_device_mesh(), s.state, 2, batches)
+    _, full = run_steps(single, one_device_mesh(), single.state, 1, batches)
+    for key in ("response/length", "judge/score", "kl/k1"):
+        np.testing.assert_allclose(history[0][key], full[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert all(np.isfinite(v) for h in history for v in h.values() if np.ndim(v) == 0)
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in state.params["policy"]["layers"].items() if k.endswith("_b"))
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(s.frozen.reference)):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_plan_mode_builds_what_training_builds(world, tmp_path):

@@ -281,7 +281,7 @@ def test_pairwise_reward_against_the_dataset_reference(pairwise, world):
 
     @jax.jit
     def judged(params, frozen, tokens, mask, ref_bf, ref_mask_bf):
-        roll = ts.rollout_phase(c, s.models, s.sampling, params, tokens, mask, k_roll)
+        roll = ts.rollout_phase(c, s.models, s.sampling, params["policy"], tokens, mask, k_roll)
         inputs = ts.judge_inputs(c, s.models, s.sampling, frozen, s.judge_spec, tokens, mask, ref_bf, ref_mask_bf,
                                  jax.random.fold_in(k_roll, 1))
         score_fn = functools.partial(judging.score, frozen.judge, s.models.judge, s.judge_spec)
