@@ -157,7 +157,7 @@ def test_rule_terms_reach_the_reward_in_the_compiled_step(world):
         # The step's own rollout: same params and the same key as its phase 1.
         k_roll = jax.random.split(s.state.rng, 4)[1]
         roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(
-            s.state.params, tokens_bp, mask_bp, k_roll)
+            s.state.params["policy"], tokens_bp, mask_bp, k_roll)
         _, metrics = s.step_fn(jax.tree.map(jnp.copy, s.state), s.frozen, tokens_bp, mask_bp)
     resp, mask = np.asarray(roll.response_tokens_br), np.asarray(roll.response_mask_br)
     stopped = np.asarray(roll.stopped_b)

@@ -137,7 +137,8 @@ def test_online_dpo_step_loss_equals_numpy_and_the_policy_moves(dpo, world):
     assert int(metrics["guard/skipped_updates"]) == 0 and s.step_fn._cache_size() == 1
 
     _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
-    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask, k_roll)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params["policy"], tokens, mask,
+                                                                              k_roll)
     prompt, pmask, resp, rmask = (np.asarray(x) for x in (roll.prompt_tokens_bp, roll.prompt_mask_bp,
                                                           roll.response_tokens_br, roll.response_mask_br))
     groups = np.arange(len(tokens)) * n
@@ -181,7 +182,7 @@ def test_online_dpo_pairs_judged_on_the_host_path_equal_token_space(dpo, world, 
                                s.sampling.stop_ids or None)
     assert judge.spec.path == "host"
     tokens, mask = prompts(world, seed=3)
-    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask,
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params["policy"], tokens, mask,
                                                                                  jax.random.key(4))
     token_space, _ = jax.jit(lambda roll: ts.judge_phase(
         c, functools.partial(judging.score, frozen.judge, s.models.judge, s.judge_spec), roll, jax.random.key(5)))(roll)
@@ -243,7 +244,8 @@ def expected_pairwise_scores(c, s, frozen, batch, base_resp, base_mask):
     tokens, mask, ref_bf, ref_mask_bf = batch
     n = s.sampling.n_samples
     _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
-    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params, tokens, mask, k_roll)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params["policy"], tokens, mask,
+                                                                              k_roll)
     rows = np.arange(len(tokens) * n) // n
     p, _ = judging.score_jit(frozen.judge, s.models.judge, s.judge_spec, roll.prompt_tokens_bp, roll.prompt_mask_bp,
                              roll.response_tokens_br, roll.response_mask_br, k_judge, rows_per_prompt=n,
