@@ -482,17 +482,22 @@ def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: Tra
 
 def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState, frozen: Frozen,
                 roll: rollout_lib.Rollout, scores_b, judge_metrics: dict, key,
-                host_terms: reward_functions.HostTerms | None = None) -> tuple[TrainState, dict]:
+                host_terms: reward_functions.HostTerms | None = None, forwards: tuple | None = None
+                ) -> tuple[TrainState, dict]:
     """Phases 3-6: reference log-probs and values, reward shaping, advantages, epochs x minibatches update
     (online_dpo: `dpo_learn_phase`). `host_terms`: the Python reward functions' terms, computed on the host
-    (the host path's `HostJudgeStep.functions`), or None."""
+    (the host path's `HostJudgeStep.functions`), or None. `forwards`: phase 3's result (`pre_update_forwards` of
+    this state and rollout) when computed already, so that the step benchmark can time phases 4-6 alone; None
+    (training): computed here."""
     if c.algo.estimator == "online_dpo":
         return dpo_learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
     prompt, pmask = roll.prompt_tokens_bp, roll.prompt_mask_bp
     resp, rmask = roll.response_tokens_br, roll.response_mask_br.astype(jnp.float32)
 
     # 3 log-probs before the update, reference log-probs, critic values.
-    ref_logp, old_logp, old_values = pre_update_forwards(c, models, state, frozen, roll)
+    if forwards is None:
+        forwards = pre_update_forwards(c, models, state, frozen, roll)
+    ref_logp, old_logp, old_values = forwards
     kl_off = c.reward.kl_coef == 0 and not c.reward.adaptive_kl
     n = c.rollout.n_samples
     share = n if c.compute.share_prompt_forward else 1  # the forwards run each prompt once per group

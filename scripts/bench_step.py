@@ -56,9 +56,22 @@ Host diagnostics (bench_rollout.HostCounters), one line per side over its timed 
 context switches per second, the load average: a slow run shows whether neighbours took the cores (cores used below
 the thread count, many involuntary switches, load above the core count) or fresh temporaries were faulted in.
 
+--algo ppo: our PPO step alone (no TRL run), timed and counted phase by phase. The same models and shapes, the
+judge as a reward model (judge.mode="reward_model": the judge's backbone with a fixed value head, written to a
+reward-model folder by `write_reward_model`; its template is TEMPLATE, its rows JUDGE_LEN tokens), a frozen
+reference (reward.kl_coef 0.05, the k1 KL in the reward, so the reference forward runs), a separate critic
+initialised from that reward model (critic.kind="separate", critic.init="reward_model") and GAE (gamma 1, lambda
+0.95, whitened advantages). One epoch, one minibatch, as above: the update differs from GRPO's by the critic's
+forward and backward. Each phase is compiled alone: rollout, judge (the reward model's forward), ref_critic (the
+reference and critic forwards, `train_step.pre_update_forwards`) and update (phases 4-6: shaping, GAE and the
+update, fed ref_critic's result), and each round runs one fused step, then each phase once. FLOPs as above, per
+phase (`ppo_step_flops`); the fractions are of the larger matmul peak measured before and after the timed rounds.
+
 Usage:  python scripts/bench_step.py [--steps 5] [--warmup 1]
         python scripts/bench_step.py --judge_cot 32   # a reasoning judge's cost per step (no TRL run)
-Last line: speedup_vs_trl=<TRL seconds per step / our seconds per step>.
+        python scripts/bench_step.py --algo ppo [--steps 5]   # our PPO step, phase by phase (no TRL run)
+Last line: speedup_vs_trl=<TRL seconds per step / our seconds per step>; with --algo ppo:
+ppo_step_s=<our fused PPO step, median> ppo_fraction_of_peak=<its analytic FLOP/s over the matmul peak>.
 """
 from __future__ import annotations
 
@@ -78,10 +91,11 @@ import transformers
 from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, matmul_peak
 
 from rlaif_jax import config as config_lib
-from rlaif_jax import builder, judging
+from rlaif_jax import builder, judging, reward_model
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
+from rlaif_jax.models import hf
 
 PROMPTS, GENERATIONS, PROMPT_LEN, NEW = 32, 4, 32, 64
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -161,10 +175,35 @@ def step_flops(cfg, ours: bool) -> dict[str, float]:
     rollout = (forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 1)
                + forward_flops(cfg, N, fed, P + (fed + 1) / 2 + 0.5, 1))
     judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
-    # The training forward: prompt positions (no LM head) + response positions (LM head on all R of them).
-    forward = forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 0) + forward_flops(cfg, N, R, causal_keys(P, R), R)
-    update = 3 * forward
+    update = 3 * training_forward_flops(cfg, prompt_rows, lm_head=True)
     return {"rollout": rollout, "judge": judge, "update": update, "step": rollout + judge + update}
+
+
+def training_forward_flops(cfg, prompt_rows: int, lm_head: bool) -> float:
+    """A forward over the 128 [prompt, response] rows as the learn phase runs it: the prompt positions of
+    `prompt_rows` rows (no LM head), the response positions of all rows with the LM head on all R of them when
+    `lm_head` (log-probs). A critic's forward has none: its log-probs are unused, so XLA drops its LM head."""
+    N, P, R = PROMPTS * GENERATIONS, PROMPT_LEN, NEW
+    return (forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 0)
+            + forward_flops(cfg, N, R, causal_keys(P, R), R if lm_head else 0))
+
+
+def ppo_step_flops(c, models: ts.Models) -> dict[str, float]:
+    """Executed FLOPs per phase of the --algo ppo step. Rollout: GRPO's (ours). Judge: the reward model's forward
+    over the judge rows, with no LM head, only a value head (2 D per row). ref_critic: the reference's forward
+    (the policy's shape, log-probs) and the critic's (value head at each response position). Update: per epoch
+    a forward and backward (3 forwards) of the policy and of the critic, both trained. Reward shaping and GAE
+    are a few element-wise passes over the (128, 64) rewards: not counted."""
+    N = PROMPTS * GENERATIONS
+    critic = models.critic or models.policy
+    rollout = step_flops(models.policy, ours=True)["rollout"]
+    judge = forward_flops(models.judge, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 0) + N * 2 * models.judge.hidden_size
+    policy_forward = training_forward_flops(models.policy, PROMPTS, lm_head=True)
+    critic_forward = training_forward_flops(critic, PROMPTS, lm_head=False) + N * NEW * 2 * critic.hidden_size
+    ref_critic = policy_forward + critic_forward
+    update = c.algo.epochs * 3 * (policy_forward + critic_forward)
+    return {"rollout": rollout, "judge": judge, "ref_critic": ref_critic, "update": update,
+            "step": rollout + judge + ref_critic + update}
 
 
 def cost_flops(compiled) -> float:
@@ -220,8 +259,40 @@ def our_config(world: dict[str, str], judge_cot: int = 0):
     return c
 
 
+def ppo_config(world: dict[str, str], rm_folder: str):
+    """--algo ppo: the benchmark's run with the reward model of `rm_folder` (`write_reward_model`) as the judge and
+    as the critic's initialisation, a frozen reference in the reward's KL, and GAE. Shapes, epochs and minibatches
+    as our_config; its GRPO-only settings (grpo_*) do not apply to GAE."""
+    c = our_config(world)
+    c.judge.mode = "reward_model"
+    c.judge.path = rm_folder
+    c.critic.kind = "separate"
+    c.critic.init = "reward_model"
+    c.critic.path = rm_folder
+    c.algo.estimator = "gae"
+    c.algo.whiten_advantages = True  # as the PPO recipes do (a pass over (128, 64): free)
+    c.reward.kl_coef = 0.05  # > 0: the reference forward runs
+    c.eval.win_rate = False  # a reward model cannot compare two responses (and the benchmark never evaluates)
+    config_lib.validate(c, num_devices=1)
+    return c
+
+
+def write_reward_model(folder: str, judge_folder: str, judge_config) -> str:
+    """The judge's backbone (HF folder) with a fixed value head, saved as a reward-model folder with the read
+    settings of `judge_config` (the reward-model judge that will read it), as tests/test_train_step.py does. The
+    head is linspace(-1, 1) / sqrt(D), so that values are of order 1 on the backbone's unit-RMS hidden states."""
+    cfg, params = hf.load_model(judge_folder)
+    tokenizer = hf.load_tokenizer(judge_folder)
+    spec = judging.make_spec(judge_config, tokenizer)
+    head = {"kernel": jnp.linspace(-1.0, 1.0, cfg.hidden_size) / np.sqrt(cfg.hidden_size), "bias": jnp.zeros(())}
+    reward_model.save_reward_model(folder, cfg, params, head, tokenizer, spec)
+    return folder
+
+
 class Ours:
-    """Our fused step and each phase compiled alone, with the state threaded through calls."""
+    """Our fused step and each phase compiled alone, with the state threaded through calls. The phases: rollout,
+    judge, update (`train_step.learn_phase`: phases 3-6). With a reference forward or a critic (--algo ppo) phase 3
+    is a phase of its own, ref_critic (`train_step.pre_update_forwards`), whose result the update is fed."""
 
     def __init__(self, c, batches):
         self.mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -254,8 +325,9 @@ class Ours:
                                                   roll.response_mask_br, key)
                 return scores_b, metrics.summary(spec)
 
-            def learn(state, frozen, roll, scores_b, judge_metrics, key):
-                return ts.learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key)
+            def learn(state, frozen, roll, scores_b, judge_metrics, key, forwards):
+                return ts.learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, key,
+                                      forwards=forwards)
 
             self.state = jax.tree.map(jnp.copy, s.state)        # threaded through the fused step
             self.learn_state = jax.tree.map(jnp.copy, s.state)  # threaded through the learn phase alone
@@ -263,11 +335,20 @@ class Ours:
             assert int(self.roll.lengths_b.min()) == NEW, "every row must run the full budget"
             self.judge = self._compile("judge", jax.jit(judge), self.frozen.judge, self.roll, next(self.keys))
             self.scores, self.judge_metrics = self.judge(self.frozen.judge, self.roll, next(self.keys))
+            # Phase 3 runs a forward only for a reference (a KL weighted by more than a fixed 0) or a critic. Without
+            # either (the GRPO run) it is empty: the update alone is then the whole learn phase.
+            self.ref_critic = forwards = None
+            if c.critic.kind != "none" or c.reward.kl_coef != 0 or c.reward.adaptive_kl:
+                ref_critic = jax.jit(functools.partial(ts.pre_update_forwards, c, models))
+                self.ref_critic = self._compile("ref_critic", ref_critic, self.learn_state, self.frozen, self.roll)
+                forwards = self.ref_critic(self.learn_state, self.frozen, self.roll)
             self.learn = self._compile("update", jax.jit(learn, donate_argnums=0), self.learn_state, self.frozen,
-                                       self.roll, self.scores, self.judge_metrics, next(self.keys))
-        self.cost = {"step": cost_flops(self.step), **{k: cost_flops(getattr(self, k)) for k in
-                                                         ("rollout", "judge")}, "update": cost_flops(self.learn)}
-        self.times = {"step": [], "rollout": [], "judge": [], "update": []}
+                                       self.roll, self.scores, self.judge_metrics, next(self.keys), forwards)
+        self.phases = ("rollout", "judge") + (("ref_critic",) if self.ref_critic is not None else ()) + ("update",)
+        compiled = {"step": self.step, "rollout": self.rollout, "judge": self.judge, "ref_critic": self.ref_critic,
+                    "update": self.learn}
+        self.cost = {k: cost_flops(compiled[k]) for k in ("step",) + self.phases}
+        self.times = {k: [] for k in ("step",) + self.phases}
 
     def _ctx(self):
         class Ctx:
@@ -303,8 +384,14 @@ class Ours:
         t0 = time.perf_counter()
         scores, jm = jax.block_until_ready(self.judge(self.frozen.judge, roll, next(self.keys)))
         out["judge"] = time.perf_counter() - t0
+        forwards = None
+        if self.ref_critic is not None:
+            t0 = time.perf_counter()
+            forwards = jax.block_until_ready(self.ref_critic(self.learn_state, self.frozen, roll))
+            out["ref_critic"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.learn_state, metrics = self.learn(self.learn_state, self.frozen, roll, scores, jm, next(self.keys))
+        self.learn_state, metrics = self.learn(self.learn_state, self.frozen, roll, scores, jm, next(self.keys),
+                                               forwards)
         jax.device_get(metrics)
         out["update"] = time.perf_counter() - t0
         return out
@@ -413,6 +500,57 @@ def judge_cot_cost(world, batches, rationale_tokens: int, warmup: int, steps: in
           f"judge_cot_step_ratio={med['cot_step'] / med['plain_step']:.2f}")
 
 
+def ppo_cost(root, world, batches, warmup: int, steps: int, peak_repeats: int) -> None:
+    """--algo ppo: our PPO step (reward-model judge, reference, separate critic from the reward model, GAE), the
+    fused step and each phase alone, rounds of one fused step then each phase once; each phase's analytic FLOPs
+    and fraction of the matmul peak, measured before and after the timed rounds. No TRL run."""
+    rm_folder = os.path.join(root, "reward_model")
+    c = ppo_config(world, rm_folder)
+    write_reward_model(rm_folder, world["judge"], c.judge)
+    peaks = [matmul_peak(peak_repeats)]
+    ours = Ours(c, batches)
+    phases = ours.phases
+    print("ppo_compile_s: fused step lower={lower:.2f} compile={compile:.2f}; alone: ".format(**ours.compile_s)
+          + " ".join(f"{k}={ours.compile_s[k]:.2f}" for k in phases), flush=True)
+    for _ in range(warmup):
+        ours.record_round()
+    # The warm-up rounds are neither timed nor in the host diagnostics.
+    ours.times, ours.host = {k: [] for k in ours.times}, HostCounters("ppo_step")
+    for _ in range(steps):
+        ours.record_round()
+    peaks.append(matmul_peak(peak_repeats))
+
+    times, m, models = ours.times, ours.last_metrics, ours.s.models
+    med = {k: statistics.median(v) for k, v in times.items()}
+    phase_sum = sum(med[k] for k in phases)
+    peak_jax, peak_torch = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    peak = max(peak_jax, peak_torch)  # as the TRL comparison: the larger, the conservative fraction
+    flops = ppo_step_flops(c, models)
+    print(f"model: llama vocab={VOCAB} hidden={HIDDEN} mlp={MLP} layers={LAYERS} heads={HEADS} kv_heads={KV_HEADS} "
+          f"f32 (policy, reference, judge and critic); {PROMPTS} prompts x {GENERATIONS} generations, "
+          f"prompt={PROMPT_LEN} completion={NEW} judge_row={JUDGE_LEN} tokens; PPO: GAE gamma={c.algo.gamma} "
+          f"lambda={c.algo.lam}, KL coef={c.reward.kl_coef} ({c.reward.kl_estimator} in the reward), judge "
+          f"mode={c.judge.mode}, critic={c.critic.kind} (init {c.critic.init}), {c.algo.epochs} epoch x "
+          f"{c.algo.minibatches} minibatch")
+    print(f"ppo: response/length={m['response/length']:.1f} judge/score={m['judge/score']:.4f} "
+          f"kl/k1={m['kl/k1']:.2e} value/loss={m['value/loss']:.4g} "
+          f"value/explained_variance_before={m['value/explained_variance_before']:.3f} "
+          f"optim/loss={m['optim/loss']:.4g} logp_mismatch={m['policy/logp_mismatch']:.2e} "
+          f"skipped_updates={int(m['guard/skipped_updates'])}")
+    print(f"ppo_step_s_median={med['step']:.4f} all={fmt(times['step'])}")
+    for k in phases:
+        print(f"ppo_{k}_alone_s_median={med[k]:.4f} all={fmt(times[k])} share={med[k] / phase_sum:.3f}")
+    print(f"ppo_phases_sum_s={phase_sum:.4f} (fused step / sum of phases = {med['step'] / phase_sum:.3f})")
+    print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
+          f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
+    print(ours.host.line())
+    print("flops_gflop analytic: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in flops.items())
+          + "; xla cost_analysis: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in ours.cost.items()))
+    for k in phases:
+        print(f"ppo_{k}_gflops={flops[k] / med[k] / 1e9:.2f} fraction_of_peak={flops[k] / med[k] / peak:.3f}")
+    print(f"ppo_step_s={med['step']:.4f} ppo_fraction_of_peak={flops['step'] / med['step'] / peak:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after the warm-up)")
@@ -421,7 +559,11 @@ def main():
     parser.add_argument("--judge_cot", type=int, default=0, metavar="R",
                         help="instead of the TRL comparison: our step with a reasoning judge (a rationale of up to R "
                              "tokens, config.judge.cot) against our plain step")
+    parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo",
+                        help="grpo: against TRL's GRPOTrainer; ppo: our PPO step alone, phase by phase (no TRL run)")
     args = parser.parse_args()
+    if args.judge_cot and args.algo != "grpo":
+        parser.error("--judge_cot measures the GRPO run's judge: leave --algo at grpo")
     root, tokenizer, world = make_world("bench_step_")
     total = args.warmup + args.steps
     prompt_texts = make_prompt_texts(PROMPTS * total)
@@ -432,6 +574,8 @@ def main():
 
     if args.judge_cot:
         return judge_cot_cost(world, batches, args.judge_cot, args.warmup, args.steps)
+    if args.algo == "ppo":
+        return ppo_cost(root, world, batches, args.warmup, args.steps, args.peak_repeats)
     peaks = [matmul_peak(args.peak_repeats)]
     ours = Ours(our_config(world), batches)
     print(f"ours_compile_s: fused step lower={ours.compile_s['lower']:.2f} compile={ours.compile_s['compile']:.2f}; "
