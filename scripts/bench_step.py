@@ -317,7 +317,7 @@ class Ours:
             self.compile_s["compile"] = time.perf_counter() - t0
 
             self.rollout = self._compile("rollout", jax.jit(functools.partial(ts.rollout_phase, c, models, sampling)),
-                                         s.state.params, tokens, mask, next(self.keys))
+                                         s.state.params["policy"], tokens, mask, next(self.keys))
 
             def judge(judge_params, roll, key):
                 scores_b, metrics = judging.score(judge_params, models.judge, spec, roll.prompt_tokens_bp,
@@ -331,7 +331,7 @@ class Ours:
 
             self.state = jax.tree.map(jnp.copy, s.state)        # threaded through the fused step
             self.learn_state = jax.tree.map(jnp.copy, s.state)  # threaded through the learn phase alone
-            self.roll = self.rollout(self.state.params, tokens, mask, next(self.keys))
+            self.roll = self.rollout(self.state.params["policy"], tokens, mask, next(self.keys))
             assert int(self.roll.lengths_b.min()) == NEW, "every row must run the full budget"
             self.judge = self._compile("judge", jax.jit(judge), self.frozen.judge, self.roll, next(self.keys))
             self.scores, self.judge_metrics = self.judge(self.frozen.judge, self.roll, next(self.keys))
@@ -379,7 +379,7 @@ class Ours:
         tokens, mask = self.batches[self.i % len(self.batches)]
         out = {}
         t0 = time.perf_counter()
-        roll = jax.block_until_ready(self.rollout(self.learn_state.params, tokens, mask, next(self.keys)))
+        roll = jax.block_until_ready(self.rollout(self.learn_state.params["policy"], tokens, mask, next(self.keys)))
         out["rollout"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         scores, jm = jax.block_until_ready(self.judge(self.frozen.judge, roll, next(self.keys)))
