@@ -62,8 +62,9 @@ def hf_logits(model, tokens, mask) -> np.ndarray:
     return out.logits.double().numpy()
 
 
-def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+def make_tokenizer(words=WORDS) -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `words` (the first three: pad, bos, eos)."""
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
@@ -196,12 +197,7 @@ def write_llama_3_1_shapes(folder: str, size: str) -> str:
                   torch_dtype="bfloat16")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
-    words = SPECIALS + TEMPLATE_WORDS + ["6", "7", "8", "9", "10"] + CONTENT
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
-                                               eos_token="<eos>")
+    tok = make_tokenizer(SPECIALS + TEMPLATE_WORDS + ["6", "7", "8", "9", "10"] + CONTENT)
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     tok.save_pretrained(folder)
