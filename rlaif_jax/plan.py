@@ -140,8 +140,8 @@ def compile_phases(c: ml_collections.ConfigDict, parts: builder.RunParts, mesh: 
     roll, inputs, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
 
     def judge(frozen, roll, inputs, key):
-        score_fn = functools.partial(judging.score, frozen.judge, models.judge, spec)
-        scores_b, metrics = ts.judge_phase(c, score_fn, roll, key, inputs)
+        scores_b, metrics = ts.judge_phase(c, ts.token_space_score_fn(c, models, spec, frozen.judge), roll, key,
+                                           inputs)
         return scores_b, metrics.summary(spec)
 
     judge = jax.jit(judge).lower(parts.frozen, roll, inputs, keys[1]).compile()

@@ -50,8 +50,13 @@ class RewardModelParams(NamedTuple):
 def reward_values(rm_params: RewardModelParams, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array
                   ) -> jax.Array:
     """Reward model: r_n = value_head(final hidden state at the last position) (differentiable; training uses it)."""
-    hidden = tfm.last_hidden(rm_params.model, cfg, tokens_nt, mask_nt)
-    return tfm.apply_value_head(rm_params.value_head, hidden[:, None, :])[:, 0]
+    return head_values(rm_params, tfm.last_hidden(rm_params.model, cfg, tokens_nt, mask_nt))
+
+
+def head_values(rm_params: RewardModelParams, hidden_nd: jax.Array) -> jax.Array:
+    """r_n of the backbone's final hidden states (N, D) at the rows' last positions (the judge's forward computes
+    them in reward_model mode, `judging.scoring`)."""
+    return tfm.apply_value_head(rm_params.value_head, hidden_nd[:, None, :])[:, 0]
 
 
 # ================================================================================================ data

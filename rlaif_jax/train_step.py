@@ -78,12 +78,12 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
 
     rows_per_prompt = n > 1 says rows b * n .. b * n + n - 1 share one prompt (the n samples of a group): each
     prompt then runs once (`tfm.forward_shared_prefix`), which saves (n - 1) / n of the prompt positions'
-    forward and backward, where the prompts split over the batch's devices (`prompt_sharing`). Only the R
+    forward and backward, where the prompts split over the batch's devices (`tfm.prompt_sharing`). Only the R
     positions that predict a response token go through the LM head (the forward's own all-position logits are
     unused, so XLA drops them): at real vocabulary sizes the prompt positions' projection is large."""
     P = prompt_bp.shape[1]
     mask_dtype = prompt_mask_bp.dtype
-    if prompt_sharing(rows_per_prompt, prompt_bp.shape[0]) > 1:
+    if tfm.prompt_sharing(rows_per_prompt, prompt_bp.shape[0]) > 1:
         n = rows_per_prompt
         prompt_out, response_out = tfm.forward_shared_prefix(
             params, cfg, prompt_bp[::n], prompt_mask_bp[::n], response_br, response_mask_br.astype(mask_dtype))
@@ -97,16 +97,6 @@ def response_logprobs(params: Params, cfg: ModelConfig, prompt_bp, prompt_mask_b
         hidden_brd = tfm.forward(params, cfg, tokens, mask).hidden[:, P - 1:-1]
     logp_br, entropy_br = token_logprobs(params, cfg, hidden_brd, response_br, response_mask_br, temperature)
     return logp_br, entropy_br, hidden_brd
-
-
-def prompt_sharing(rows_per_prompt: int, rows: int) -> int:
-    """`rows_per_prompt` where a forward over `rows` rows (groups of that many consecutive rows per prompt) can run
-    each prompt once, else 1. It can when the rows / rows_per_prompt prompts still split evenly over the devices
-    that split the batch; otherwise the prompts' forward would be replicated on several devices, so that the
-    per-device memory grows with the mesh (issue 17: an 8B policy's learn phase planned larger on 64 devices than
-    on 16, its 32 prompts per micro-batch replicated over 64 devices)."""
-    n = rows_per_prompt
-    return n if n > 1 and (rows // n) % shd.batch_shards() == 0 else 1
 
 
 def token_logprobs(params: Params, cfg: ModelConfig, hidden_brd, response_br, response_mask_br, temperature: float):
@@ -391,11 +381,19 @@ def judged_examples(c: ml_collections.ConfigDict) -> int:
     return B * len(algorithms.sample_pairs(n)[0]) if c.algo.estimator == "online_dpo" else B * n
 
 
+def token_space_score_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec, judge_params,
+                         score: Callable = judging.score) -> Callable:
+    """`judging.score` (or `score_jit`) with the judge bound, as `judge_phase` calls it: the prompt part of a group's
+    judge rows runs once where config.compute.share_prompt_forward says so."""
+    return functools.partial(score, judge_params, models.judge, judge_spec,
+                             share_prompt=c.compute.share_prompt_forward)
+
+
 def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_lib.Rollout, key,
                 inputs: dict | None = None) -> tuple[jax.Array, judging.JudgeMetrics]:
     """Phase 2: the judge's score of every rollout row, (B,), and its metrics. `score_fn` is `judging.score` (or
-    `judging.score_host`) with the judge's params, config and spec bound; `inputs` its other inputs
-    (`judge_inputs`: references, a pairwise reward's baseline responses).
+    `judging.score_host`) with the judge's params, config and spec bound (`token_space_score_fn`); `inputs` its
+    other inputs (`judge_inputs`: references, a pairwise reward's baseline responses).
 
     online_dpo: the pairwise judge compares every two samples of a prompt (`algorithms.sample_pairs`), both
     orders, in one batch; a row's score is its win rate against the other samples of its prompt
@@ -474,7 +472,7 @@ def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: Tra
 
     m = c.compute.forward_microbatches
     ref_logp, old_values = tfm.map_microbatches(forwards, m, prompt, pmask, resp, rmask,
-                                                group=prompt_sharing(share, prompt.shape[0] // m))
+                                                group=tfm.prompt_sharing(share, prompt.shape[0] // m))
     if not reference:
         ref_logp = old_logp  # (and no KL metrics)
     return jax.lax.stop_gradient((ref_logp, old_logp, old_values))
@@ -601,8 +599,8 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
                              k_roll)
         inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
-        score_fn = functools.partial(judging.score, frozen.judge, models.judge, judge_spec)
-        scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
+        scores_b, judge_metrics = judge_phase(c, token_space_score_fn(c, models, judge_spec, frozen.judge), roll,
+                                              k_judge, inputs)
         judge_metrics = judge_metrics.summary(judge_spec)
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
@@ -698,7 +696,7 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
             score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec,
                                          policy_tokenizer, judge_tokenizer)
         else:  # the path exists for the reward functions: the token-space judge, jitted on its own
-            score_fn = functools.partial(judging.score_jit, frozen.judge, models.judge, judge_spec)
+            score_fn = token_space_score_fn(c, models, judge_spec, frozen.judge, judging.score_jit)
         scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         return scores_b, judge_metrics.summary(judge_spec)
 

@@ -15,9 +15,9 @@ How the sides are matched (and where they still differ):
     the learn phase then skips the reference forward; its "old" log-probs are the sampler's own. TRL: beta=0.0
     (it then never runs a reference model) and, with num_iterations=1, logp.detach() as the old log-probs. Each
     side runs one training forward and backward per update.
-  * Shared prompts. Ours runs each prompt once for its 4 samples, in the rollout's prefill and in the training
-    forward / backward (`tfm.forward_shared_prefix`); TRL runs every completion's prompt. The FLOP counts below
-    count what each side executes.
+  * Shared prompts. Ours runs each prompt once for its 4 samples, in the rollout's prefill, in the judge's forward
+    (the template's part up to the response) and in the training forward / backward (`tfm.forward_shared_prefix`);
+    TRL runs every completion's prompt. The FLOP counts below count what each side executes.
   * One optimizer step per generation: TRL per_device_train_batch_size=128 (counted in completions),
     gradient_accumulation_steps=1, so generation_batch_size = 128 = 32 prompts x 4; ours algo.epochs=1,
     algo.minibatches=1, optim.grad_accum=1.
@@ -36,10 +36,12 @@ How the sides are matched (and where they still differ):
     1 keeps compile time flat in depth for real models; unrolled, XLA:CPU's backward is ~10% faster here).
 
 Timing. Everything of ours is compiled first (the fused step, and each phase compiled alone with the same shapes:
-rollout, judge, update = learn_phase). Then TRL trains for --warmup + --steps steps; a TrainerCallback records each
-TRL step from on_step_begin to on_step_end (generation, reward, loss, backward, optimizer), and after every TRL
-step runs one fused step of ours and one call of each phase alone, so load from other processes on this shared
-machine falls on both sides alike. Reported: medians (and every raw time) of the steps after the warm-up. TRL is run
+rollout, judge, update = learn_phase; and the judge phase with compute.share_prompt_forward=False, every judge row
+running its prompt part, the reference for the judge's shared prompts). Then TRL trains for --warmup + --steps
+steps; a TrainerCallback records each TRL step from on_step_begin to on_step_end (generation, reward, loss,
+backward, optimizer), and after every TRL step runs one fused step of ours and one call of each phase alone (the
+per-row judge right after the judge), so load from other processes on this shared machine falls on both sides
+alike. Reported: medians (and every raw time) of the steps after the warm-up. TRL is run
 once per torch thread count in {os.cpu_count(), 1} (multi-threaded torch suffers badly on a loaded machine); the
 faster is the baseline, the conservative choice for our ratio. speedup_vs_trl = median TRL step of the baseline run /
 median of our fused steps interleaved with that same run (same load window); the ratio over all our rounds, the
@@ -105,7 +107,8 @@ TEMPLATE_WORDS = ["Q", "R", "S", ":"] + SCORE_WORDS
 WORDS = SPECIALS + TEMPLATE_WORDS + [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(TEMPLATE_WORDS))]
 TEMPLATE = "Q : {prompt} R : {response} S :"
 # BOS + "Q :" + prompt (31 words, its BOS stripped) + "R :" + response (64) + "S :": every judge row fits exactly.
-JUDGE_LEN = 1 + 2 + (PROMPT_LEN - 1) + 2 + NEW + 2
+JUDGE_PROMPT_PART = 1 + 2 + (PROMPT_LEN - 1) + 2  # up to the response: run once per prompt (share_prompt_forward)
+JUDGE_LEN = JUDGE_PROMPT_PART + NEW + 2
 LEARNING_RATE = 1e-6
 
 
@@ -167,14 +170,19 @@ def causal_keys(prefix: int, tokens: int) -> float:
 
 
 def step_flops(cfg, ours: bool) -> dict[str, float]:
-    """Executed FLOPs per phase. Ours runs each prompt once per group (32 rows) in the prefill and in the training
-    forward; TRL runs all 128 rows' prompts. Each side: one training forward + backward (= 3 forwards)."""
+    """Executed FLOPs per phase. Ours runs each prompt once per group (32 rows) in the prefill, the judge and the
+    training forward; TRL runs all 128 rows' prompts. Each side: one training forward + backward (= 3 forwards)."""
     N, P, R = PROMPTS * GENERATIONS, PROMPT_LEN, NEW
     prompt_rows = PROMPTS if ours else N
     fed = R - 1  # the last sampled token is never fed back
     rollout = (forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 1)
                + forward_flops(cfg, N, fed, P + (fed + 1) / 2 + 0.5, 1))
-    judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
+    if ours:  # the prompt parts (no LM head), then each row's response and suffix (the answer's LM head)
+        rest = JUDGE_LEN - JUDGE_PROMPT_PART
+        judge = (forward_flops(cfg, prompt_rows, JUDGE_PROMPT_PART, causal_keys(0, JUDGE_PROMPT_PART), 0)
+                 + forward_flops(cfg, N, rest, causal_keys(JUDGE_PROMPT_PART, rest), 1))
+    else:
+        judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
     update = 3 * training_forward_flops(cfg, prompt_rows, lm_head=True)
     return {"rollout": rollout, "judge": judge, "update": update, "step": rollout + judge + update}
 
@@ -319,10 +327,10 @@ class Ours:
             self.rollout = self._compile("rollout", jax.jit(functools.partial(ts.rollout_phase, c, models, sampling)),
                                          s.state.params["policy"], tokens, mask, next(self.keys))
 
-            def judge(judge_params, roll, key):
-                scores_b, metrics = judging.score(judge_params, models.judge, spec, roll.prompt_tokens_bp,
-                                                  roll.prompt_mask_bp, roll.response_tokens_br,
-                                                  roll.response_mask_br, key)
+            def judge(judge_params, roll, key, share_prompt):  # the step's judge phase
+                score_fn = functools.partial(judging.score, judge_params, models.judge, spec,
+                                             share_prompt=share_prompt)
+                scores_b, metrics = ts.judge_phase(c, score_fn, roll, key)
                 return scores_b, metrics.summary(spec)
 
             def learn(state, frozen, roll, scores_b, judge_metrics, key, forwards):
@@ -333,7 +341,11 @@ class Ours:
             self.learn_state = jax.tree.map(jnp.copy, s.state)  # threaded through the learn phase alone
             self.roll = self.rollout(self.state.params["policy"], tokens, mask, next(self.keys))
             assert int(self.roll.lengths_b.min()) == NEW, "every row must run the full budget"
-            self.judge = self._compile("judge", jax.jit(judge), self.frozen.judge, self.roll, next(self.keys))
+            self.judge = self._compile("judge", jax.jit(functools.partial(
+                judge, share_prompt=c.compute.share_prompt_forward)), self.frozen.judge, self.roll, next(self.keys))
+            # The reference: every judge row runs its prompt part (compute.share_prompt_forward=False).
+            self.judge_per_row = self._compile("judge_per_row", jax.jit(functools.partial(judge, share_prompt=False)),
+                                               self.frozen.judge, self.roll, next(self.keys))
             self.scores, self.judge_metrics = self.judge(self.frozen.judge, self.roll, next(self.keys))
             # Phase 3 runs a forward only for a reference (a KL weighted by more than a fixed 0) or a critic. Without
             # either (the GRPO run) it is empty: the update alone is then the whole learn phase.
@@ -348,7 +360,7 @@ class Ours:
         compiled = {"step": self.step, "rollout": self.rollout, "judge": self.judge, "ref_critic": self.ref_critic,
                     "update": self.learn}
         self.cost = {k: cost_flops(compiled[k]) for k in ("step",) + self.phases}
-        self.times = {k: [] for k in ("step",) + self.phases}
+        self.times = {k: [] for k in ("step", "judge_per_row") + self.phases}
 
     def _ctx(self):
         class Ctx:
@@ -384,6 +396,10 @@ class Ours:
         t0 = time.perf_counter()
         scores, jm = jax.block_until_ready(self.judge(self.frozen.judge, roll, next(self.keys)))
         out["judge"] = time.perf_counter() - t0
+        key = next(self.keys)
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.judge_per_row(self.frozen.judge, roll, key))
+        out["judge_per_row"] = time.perf_counter() - t0
         forwards = None
         if self.ref_critic is not None:
             t0 = time.perf_counter()
@@ -580,7 +596,7 @@ def main():
     ours = Ours(our_config(world), batches)
     print(f"ours_compile_s: fused step lower={ours.compile_s['lower']:.2f} compile={ours.compile_s['compile']:.2f}; "
           f"alone: rollout={ours.compile_s['rollout']:.2f} judge={ours.compile_s['judge']:.2f} "
-          f"update={ours.compile_s['update']:.2f}", flush=True)
+          f"(per row {ours.compile_s['judge_per_row']:.2f}) update={ours.compile_s['update']:.2f}", flush=True)
     for _ in range(args.warmup):
         ours.run_step(), ours.run_phases()
 
@@ -616,6 +632,10 @@ def main():
     print(f"ours_step_s_median={med['step']:.4f} all={fmt(ours_t['step'])}")
     for k in ("rollout", "judge", "update"):
         print(f"ours_{k}_alone_s_median={med[k]:.4f} all={fmt(ours_t[k])} share={med[k] / phase_sum:.3f}")
+    ratios = [a / b for a, b in zip(ours_t["judge"], ours_t["judge_per_row"])]  # the same round: the same load
+    print(f"ours_judge_per_row_alone_s_median={med['judge_per_row']:.4f} all={fmt(ours_t['judge_per_row'])} "
+          f"(compute.share_prompt_forward=False); judge / judge_per_row = {med['judge'] / med['judge_per_row']:.3f}, "
+          f"median of the rounds' ratios {statistics.median(ratios):.3f}")
     print(f"ours_phases_sum_s={phase_sum:.4f} (fused step / sum of phases = {med['step'] / phase_sum:.3f})")
     for t in thread_counts:
         print(f"trl_step_s_median[torch_threads={t}]={trl_med[t]:.4f} all={fmt(trl_all[t])}")

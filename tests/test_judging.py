@@ -468,6 +468,124 @@ def test_sharded_equals_unsharded(judge_model):
     assert set(f"judge/criterion/{c['name']}" for c in CRITERIA) <= set(summary)
 
 
+# ------------------------------------------------------------------------------------------ shared prompts
+def grouped_batch(rng, prompts, n):
+    """`rollout_batch` rows in groups of the n samples of one prompt (row prompt * n + sample), as a rollout's."""
+    prompt_tokens, prompt_mask, _, _ = rollout_batch(rng, prompts)
+    _, _, responses, response_mask = rollout_batch(rng, prompts * n)
+    return np.repeat(prompt_tokens, n, 0), np.repeat(prompt_mask, n, 0), responses, response_mask
+
+
+def baseline_inputs(rng, prompts, n):
+    """A pairwise reward's baseline: one response per prompt, compared with each of its n samples."""
+    _, _, responses, response_mask = rollout_batch(rng, prompts, R=5)
+    return dict(responses_b_br=jnp.asarray(np.repeat(responses, n, 0)),
+                response_b_mask_br=jnp.asarray(np.repeat(response_mask, n, 0)))
+
+
+def groups_sharing(shared, n):
+    """(groups,) bool: every row of the group holds the same prompt part (the shared forward is exact there)."""
+    parts = np.concatenate([np.asarray(shared.prefix_tokens_np), np.asarray(shared.prefix_mask_np)], axis=1)
+    parts = parts.reshape(-1, n, parts.shape[1])
+    return (parts == parts[:, :1]).all(axis=(1, 2))
+
+
+SHARE_CASES = [
+    # (mode, truncation, max_len, n, forward_microbatches, which groups share their prompt part)
+    ("pointwise", "prompt_left", 64, 4, 1, "all"),  # nothing cut
+    # Some groups' prompts cut by their own rows' responses, by different amounts: the micro-batches (one group
+    # each) of groups 0 and 3 share, those of groups 1 and 2 run whole rows; with one micro-batch, all of it does.
+    ("pointwise", "prompt_left", 38, 2, 4, "some"),
+    ("principles", "prompt_left", 44, 4, 1, "some"),
+    ("pointwise", "response_right", 36, 4, 1, "all"),  # responses cut, prompts never by a row's responses
+    ("rubric", "response_right", 22, 2, 3, "all"),
+    ("pairwise", "response_right", 34, 2, 1, "all"),
+    ("reward_model", "prompt_left", 64, 2, 2, "all"),
+    ("pointwise", "prompt_left", 64, 1, 1, "none"),  # one sample per prompt: nothing to share
+]
+
+
+@pytest.mark.parametrize("mode,rule,max_len,n,microbatches,sharing", SHARE_CASES)
+def test_shared_prompt_judge_equals_per_row(judge_model, mode, rule, max_len, n, microbatches, sharing):
+    """share_prompt=True (config.compute.share_prompt_forward) with rows_per_prompt = n: the forward that runs the
+    prompt part of each group's judge rows once (in `microbatches` micro-batches of whole groups; where a group's
+    prompt parts were cut differently, its micro-batch runs whole rows) gives the scores and metrics of the forward
+    over whole rows."""
+    from rlaif_jax import reward_model
+    cfg, params = judge_model
+    cfg = cfg.replace(forward_microbatches=microbatches)
+    if mode == "reward_model":
+        params = reward_model.RewardModelParams(params, tfm.init_value_head(cfg, jax.random.key(1)))
+    spec = judging.make_spec(judge_config(mode=mode, truncation=rule, max_len=max_len), TOK)
+    rng = np.random.RandomState(11)
+    prompts = 4
+    batch = [jnp.asarray(x) for x in grouped_batch(rng, prompts, n)]
+    kw = baseline_inputs(rng, prompts, n) if mode == "pairwise" else {}
+    (shared, m_shared), (per_row, m_per_row) = (
+        judging.score_jit(params, cfg, spec, *batch, jax.random.key(2), rows_per_prompt=n, share_prompt=share, **kw)
+        for share in (True, False))
+    assert np.ptp(np.asarray(per_row)) > 1e-3, "scores should differ between examples"
+    np.testing.assert_allclose(shared, per_row, rtol=1e-5, atol=1e-5)  # reward_model: values of ~10
+    for field in ("valid_mass_b", "neutral_count_b", "truncated_b", "position_agree_b", "p_orders_b2",
+                  "criterion_p_yes_bc", "principle_index_b"):
+        if getattr(m_per_row, field) is not None:
+            np.testing.assert_allclose(getattr(m_shared, field), getattr(m_per_row, field), rtol=0, atol=1e-5,
+                                       err_msg=field)
+    if sharing == "none":
+        return
+    sources = assembly.query_sources(spec, *batch, m_per_row.principle_index_b, kw.get("responses_b_br"),
+                                     kw.get("response_b_mask_br"))
+    exact = groups_sharing(assembly.split_rows(spec, sources, n), n)
+    assert exact.all() if sharing == "all" else exact.any() and not exact.all(), exact
+    assert np.asarray(m_per_row.truncated_b).any() == (max_len < 64)
+
+
+@pytest.mark.parametrize("mode,rule,max_len", [("pointwise", "prompt_left", 38), ("principles", "response_right", 44),
+                                               ("rubric", "prompt_left", 22), ("pairwise", "prompt_left", 32)])
+def test_split_rows_are_the_assembled_rows(mode, rule, max_len):
+    """`split_rows`: each row's prompt part (left-padded, up to the first slot a sample fills) followed by the rest
+    (right-padded) is the row `assemble` builds, truncation included."""
+    spec = judging.make_spec(judge_config(mode=mode, truncation=rule, max_len=max_len), TOK)
+    rng = np.random.RandomState(4)
+    n = 2
+    batch = [jnp.asarray(x) for x in grouped_batch(rng, 4, n)]
+    kw = baseline_inputs(rng, 4, n) if mode == "pairwise" else {}
+    principle_index = judging.sample_principles(spec, jax.random.key(0), 8, n)
+    sources = assembly.query_sources(spec, *batch, principle_index, kw.get("responses_b_br"),
+                                     kw.get("response_b_mask_br"))
+    tokens, mask, truncated = map(np.asarray, assembly.assemble(spec, sources))
+    shared = jax.tree.map(np.asarray, assembly.split_rows(spec, sources, n))
+    assert np.asarray(truncated).any()
+    assert (np.diff(shared.prefix_mask_np, axis=1) >= 0).all() and (np.diff(shared.mask_nt, axis=1) <= 0).all()
+    assert shared.prefix_tokens_np.shape[1] + shared.tokens_nt.shape[1] < 2 * max_len
+    for r in range(tokens.shape[0]):
+        parts = [shared.prefix_tokens_np[r][shared.prefix_mask_np[r] == 1], shared.tokens_nt[r][shared.mask_nt[r] == 1]]
+        np.testing.assert_array_equal(np.concatenate(parts), tokens[r][mask[r] == 1])
+        before_sample = spec.literal_ids[assembly.prompt_slots(spec)]  # "Response :", pairwise "Response A :"
+        assert parts[0][-len(before_sample):].tolist() == list(before_sample)
+
+
+def test_shared_prompt_judge_sharded(judge_model):
+    """On a (data=2, fsdp=2, tensor=2) mesh the shared-prompt judge forward gives the unsharded per-row scores;
+    it shares only where the groups split over the 4 devices that split the batch (`tfm.prompt_sharing`)."""
+    cfg, params = judge_model
+    # Responses cut first: no group's prompt part is cut by its rows' responses, so all of them share.
+    spec = judging.make_spec(judge_config(mode="rubric", max_len=24, truncation="response_right"), TOK)
+    n = 2
+    batch = grouped_batch(np.random.RandomState(13), 8, n)
+    key = jax.random.key(5)
+    want, want_m = judging.score_jit(params, cfg, spec, *map(jnp.asarray, batch), key, rows_per_prompt=n)
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded_params = jax.device_put(params, shd.tree_shardings(mesh, tfm.param_logical_axes(cfg), params))
+    sharded_batch = [jax.device_put(x, shd.batch_sharding(mesh, 2)) for x in batch]
+    with jax.set_mesh(mesh):
+        assert tfm.prompt_sharing(n, 48) == n and tfm.prompt_sharing(n, 12) == 1  # 24 and 6 groups over 4
+        got, got_m = jax.jit(judging.score, static_argnums=(1, 2), static_argnames=("rows_per_prompt", "share_prompt"))(
+            sharded_params, cfg, spec, *sharded_batch, key, rows_per_prompt=n, share_prompt=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_m.criterion_p_yes_bc, want_m.criterion_p_yes_bc, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ chain of thought
 COT_CONFIG = judge_config(mode="pointwise", max_len=40, cot=dict(judging.reasoning.default_config(), enabled=True,
                                                                   max_new_tokens=5))

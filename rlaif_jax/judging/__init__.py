@@ -32,7 +32,8 @@ remote (an HTTP endpoint instead of a local model, `remote.py`; the step's host 
 Where each piece lives:
   spec.py      config defaults, the per-mode table `MODES` (template, slots, answer tokens, checks, queries),
                validation, `JudgeSpec` / `make_spec`, the token_space-or-host decision
-  assembly.py  token space: slot sources, truncation (`kept_lengths`), row assembly, `score`
+  assembly.py  token space: slot sources, truncation (`kept_lengths`), row assembly, the rows split for the
+               shared-prompt forward (`split_rows`), `score`
   scoring.py   each mode's arithmetic, `SCORERS`, the judge forward and `JudgeMetrics` (both paths)
   host.py      the host path and text judging: `encode_texts`, `encode_queries`, `score_texts`, `score_host`, `score_outside_jit`,
                reward-model rows of text responses and preference pairs (`encode_responses`, `encode_pairs`)

@@ -8,17 +8,22 @@ truncation rule (`kept_lengths`), which the host path applies too.
 
 Rows are query-major (row n = q * B + b): the slots of query q are filled as `JudgeSpec.queries[q]` says.
 Shapes: B examples, N = Q * B rows, P prompt, R response, F reference length.
+
+The n samples of a prompt (rows b = prompt * n + sample, `rows_per_prompt`) have the same row up to the first slot a
+sample fills. With `share_prompt` the rows are also laid out split there (`split_rows`), so the judge forward runs
+that part once per group (`scoring.judge_last_hidden`), as the policy's forwards run each prompt once.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlaif_jax.judging.scoring import JudgeMetrics, score_queries
+from rlaif_jax.judging.scoring import JudgeMetrics, SharedPromptRows, score_queries
 from rlaif_jax.judging.spec import RESPONSE_SLOTS, TABLE_SLOTS, JudgeSpec
+from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
 
 
@@ -187,17 +192,15 @@ def kept_lengths(spec: JudgeSpec, lengths: dict[str, jax.Array]) -> tuple[dict[s
 
 
 # ================================================================================================ assembly
-def assemble(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Judge rows [lit0, slot0, lit1, ..., litN], LEFT-padded to max_len, by index arithmetic.
+Piece = tuple[jax.Array, jax.Array, jax.Array]  # source tokens (N, L) or (L,), start (N,), kept length (N,)
 
-    Each piece k of row n has a length len_nk and lands at dest_nk = (max_len - sum_k len_nk) + sum_{k'<k} len_nk';
-    output position t takes piece k's source token src_start_nk + (t - dest_nk) when dest_nk <= t < dest_nk +
-    len_nk. One gather per piece (a handful), vectorised over rows: no Python loop over rows, static shapes.
-    Returns tokens (N, max_len) int32, mask (N, max_len) int32, truncated (N,) bool.
-    """
+
+def row_pieces(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[list[Piece], jax.Array]:
+    """Each row's pieces in template order [lit0, slot0, lit1, ..., litN] (empty literals left out), slots cut to
+    their kept lengths (`kept_lengths`), and (N,) bool: the row was truncated."""
     n_rows = next(iter(sources.values())).tokens.shape[0]
     kept, truncated = kept_lengths(spec, {s: src.length for s, src in sources.items()})
-    pieces: list[tuple[Any, jax.Array, jax.Array]] = []  # (source tokens (N, L) or (L,), start (N,), length (N,))
+    pieces: list[Piece] = []
     zero = jnp.zeros((n_rows,), jnp.int32)
     for k, lit in enumerate(spec.literal_ids):
         if k > 0:
@@ -208,19 +211,61 @@ def assemble(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[jax.Array
             pieces.append((src.tokens, start, length))
         if lit:
             pieces.append((jnp.asarray(lit, jnp.int32), zero, zero + len(lit)))
+    return pieces, truncated
+
+
+def lay_out(pieces: Sequence[Piece], width: int, pad_id: int, left_padded: bool) -> tuple[jax.Array, jax.Array]:
+    """The pieces of each row one after another in `width` slots, LEFT-padded (the row ends at the last slot) or
+    right-padded, by index arithmetic: piece k of row n has a length len_nk and lands at dest_nk = offset_n +
+    sum_{k'<k} len_nk' (offset_n = width - sum_k len_nk left-padded, else 0); position t takes piece k's source
+    token src_start_nk + (t - dest_nk) when dest_nk <= t < dest_nk + len_nk. One gather per piece (a handful),
+    vectorised over rows: no Python loop over rows, static shapes. Returns tokens (N, width), mask (N, width)."""
     lengths_nk = jnp.stack([p[2] for p in pieces], axis=-1)
-    offset_n = spec.max_len - lengths_nk.sum(-1)
+    total_n = lengths_nk.sum(-1)
+    offset_n = width - total_n if left_padded else jnp.zeros_like(total_n)
     dest_nk = offset_n[:, None] + jnp.cumsum(lengths_nk, axis=-1) - lengths_nk
-    t = jnp.arange(spec.max_len)[None, :]
-    tokens = jnp.full((n_rows, spec.max_len), spec.pad_id, jnp.int32)
+    t = jnp.arange(width)[None, :]
+    tokens = jnp.full((lengths_nk.shape[0], width), pad_id, jnp.int32)
     for k, (src, start, length) in enumerate(pieces):
         rel = t - dest_nk[:, k:k + 1]
         inside = (rel >= 0) & (rel < length[:, None])
         idx = jnp.clip(start[:, None] + rel, 0, src.shape[-1] - 1)
         vals = src[idx] if src.ndim == 1 else jnp.take_along_axis(src, idx, axis=1)
         tokens = jnp.where(inside, vals, tokens)
-    mask = (t >= offset_n[:, None]).astype(jnp.int32)
+    mask = ((t >= offset_n[:, None]) & (t < (offset_n + total_n)[:, None])).astype(jnp.int32)
+    return tokens, mask
+
+
+def assemble(spec: JudgeSpec, sources: dict[str, SlotSource]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Judge rows [lit0, slot0, lit1, ..., litN], LEFT-padded to max_len (`row_pieces`, `lay_out`).
+    Returns tokens (N, max_len) int32, mask (N, max_len) int32, truncated (N,) bool."""
+    pieces, truncated = row_pieces(spec, sources)
+    tokens, mask = lay_out(pieces, spec.max_len, spec.pad_id, left_padded=True)
     return tokens, mask, truncated
+
+
+# ================================================================================================ shared prompts
+def prompt_slots(spec: JudgeSpec) -> int:
+    """How many of the template's slots come before the first one a sample fills ({response}, {response_b}): the
+    row up to there is the prompt's part (literals, prompt, principle, reference, the query's criterion), the
+    same in the rows of one prompt's samples unless truncation cuts them differently."""
+    return next(i for i, slot in enumerate(spec.slots)
+                if {"response", "response_b"} & set(spec.slot_inputs(slot)))
+
+
+def split_rows(spec: JudgeSpec, sources: dict[str, SlotSource], group: int) -> SharedPromptRows:
+    """The rows of `assemble` split where the first slot a sample fills starts (`prompt_slots`): the prompt's part
+    LEFT-padded (as the policy's prompts), the rest (response, template suffix) right-padded, each as wide as its
+    pieces can be (at most max_len), for the forward that runs the prompt's part once per group of `group`
+    rows (`scoring.judge_last_hidden`). Truncation and the tokens are `assemble`'s: each row's pieces, cut
+    alike, placed side by side."""
+    pieces, _ = row_pieces(spec, sources)
+    # The index of the first piece after the prompt's part: lit0 (unless empty), then slot i and lit i + 1 each.
+    first = bool(spec.literal_ids[0]) + sum(1 + bool(lit) for lit in spec.literal_ids[1:prompt_slots(spec) + 1])
+    width = lambda ps: min(spec.max_len, sum(p[0].shape[-1] for p in ps))  # noqa: E731  static bound of a row
+    prefix_tokens, prefix_mask = lay_out(pieces[:first], width(pieces[:first]), spec.pad_id, left_padded=True)
+    tokens, mask = lay_out(pieces[first:], width(pieces[first:]), spec.pad_id, left_padded=False)
+    return SharedPromptRows(prefix_tokens, prefix_mask, tokens, mask, group)
 
 
 def rationale_key(rng: jax.Array) -> jax.Array:
@@ -231,15 +276,21 @@ def rationale_key(rng: jax.Array) -> jax.Array:
 
 def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax.Array, prompt_mask_bp: jax.Array,
           responses_br: jax.Array, response_mask_br: jax.Array, rng: jax.Array, *, rows_per_prompt: int = 1,
-          responses_b_br: jax.Array | None = None, response_b_mask_br: jax.Array | None = None,
-          references_bf: jax.Array | None = None, reference_mask_bf: jax.Array | None = None
-          ) -> tuple[jax.Array, JudgeMetrics]:
-    """Token-space judging, jittable (`judge_cfg`, `spec`, `rows_per_prompt` static): scores_b and metrics.
+          share_prompt: bool = False, responses_b_br: jax.Array | None = None,
+          response_b_mask_br: jax.Array | None = None, references_bf: jax.Array | None = None,
+          reference_mask_bf: jax.Array | None = None) -> tuple[jax.Array, JudgeMetrics]:
+    """Token-space judging, jittable (`judge_cfg`, `spec`, `rows_per_prompt`, `share_prompt` static): scores_b
+    and metrics.
 
     prompts_bp left-padded with prompt_mask_bp; responses_br with response_mask_br = 1 up to and including the
     first stop token. Pairwise: scores_b = P(responses_br better than responses_b_br). rng picks principles, one
     per prompt: rows_per_prompt = n when rows b * n .. b * n + n - 1 are the samples of one prompt (a rollout);
     with chain of thought, `rationale_key(rng)` samples the rationales.
+
+    share_prompt (config.compute.share_prompt_forward): the judge forward runs the prompt's part of each group's
+    rows once (`split_rows`), where the groups split over the batch's devices (`tfm.prompt_sharing`), the template
+    has a slot before the samples' (`prompt_slots`), and without chain of thought (its rationale is sampled after
+    the whole rows). Same scores as the whole rows' forward, up to float rounding.
     """
     if spec.path != "token_space":
         raise ValueError("this JudgeSpec uses the host path (the tokenizers differ); call score_host")
@@ -247,8 +298,13 @@ def score(judge_params, judge_cfg: ModelConfig, spec: JudgeSpec, prompts_bp: jax
     sources = query_sources(spec, prompts_bp, prompt_mask_bp, responses_br, response_mask_br, principle_index_b,
                             responses_b_br, response_b_mask_br, references_bf, reference_mask_bf)
     tokens, mask, truncated = assemble(spec, sources)
+    shared = None
+    if share_prompt and spec.reasoning is None and prompt_slots(spec) > 0:
+        # Query-major rows (q * B + b) with b = prompt * n + sample: groups of n consecutive rows share a prompt.
+        group = tfm.prompt_sharing(rows_per_prompt, tokens.shape[0] // judge_cfg.forward_microbatches)
+        shared = split_rows(spec, sources, group) if group > 1 else None
     return score_queries(judge_params, judge_cfg, spec, tokens, mask, truncated, principle_index_b,
-                         rationale_key(rng))
+                         rationale_key(rng), shared)
 
 
-score_jit = jax.jit(score, static_argnums=(1, 2), static_argnames="rows_per_prompt")
+score_jit = jax.jit(score, static_argnums=(1, 2), static_argnames=("rows_per_prompt", "share_prompt"))

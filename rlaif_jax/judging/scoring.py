@@ -9,8 +9,10 @@ The arithmetic of each mode is a pure function of the judge's last-position logi
 When the judge's probability mass on the valid tokens of a query falls below `neutral_threshold`, that query
 gets the neutral value (the mode's midpoint) and is counted.
 
-`SCORERS` maps each mode of `spec.MODES` to its scorer: query rows (N = Q * B, query-major, laid out as the
-mode's `spec.Query`s say) -> `ModeScores`. Shapes: N rows, B examples, Q queries per example, V vocab, D hidden.
+`SCORERS` maps each mode of `spec.MODES` to its scorer: the judge's final hidden states at the last token of the
+query rows (N = Q * B, query-major, laid out as the mode's `spec.Query`s say; `judge_last_hidden`, which runs the
+prompt's part of a group's rows once where `assembly.split_rows` split them) -> `ModeScores`. Shapes: N rows,
+B examples, Q queries per example, V vocab, D hidden.
 """
 from __future__ import annotations
 
@@ -107,14 +109,44 @@ def lm_head_logits(params, cfg: ModelConfig, hidden_nd: jax.Array) -> jax.Array:
     return constrain(tfm.unembed(params, cfg, hidden_nd), ("batch", "vocab"))
 
 
-def judge_last_hidden(params, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array) -> jax.Array:
-    """`tfm.last_hidden` of the frozen judge (no gradient flows into its params)."""
-    return tfm.last_hidden(jax.lax.stop_gradient(params), cfg, tokens_nt, mask_nt)
+@flax.struct.dataclass
+class SharedPromptRows:
+    """The judge rows split where the samples' part starts (`assembly.split_rows`), for a forward that runs the
+    prompt's part once per `group` consecutive rows (the samples of one prompt, in one query)."""
+    prefix_tokens_np: jax.Array  # (N, P) each row's prompt part, LEFT-padded
+    prefix_mask_np: jax.Array
+    tokens_nt: jax.Array  # (N, T) the rest of the row (response, template suffix), right-padded
+    mask_nt: jax.Array
+    group: int = flax.struct.field(pytree_node=False)
 
 
-def _answer_logits(params, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array) -> jax.Array:
-    """The LLM judge's logits (N, V) at the last position, where its answer token is read."""
-    return lm_head_logits(params, cfg, judge_last_hidden(params, cfg, tokens_nt, mask_nt))
+def judge_last_hidden(params, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array,
+                      shared: SharedPromptRows | None = None) -> jax.Array:
+    """`tfm.last_hidden` of the frozen judge (no gradient flows into its params): its final hidden state (N, D) at
+    the last token of each row (LEFT-padded, the answer read at position -1).
+
+    With `shared` (the same rows split), each micro-batch whose groups hold one prompt part in all their rows runs
+    it once per group (`tfm.last_hidden_shared_prefix`). A micro-batch where a group's prompt parts differ runs its
+    whole rows: under truncation="prompt_left" a row's prompt is cut by its own responses' lengths, and a prompt
+    cut otherwise has other states, so sharing it would not be exact."""
+    params = jax.lax.stop_gradient(params)
+    if shared is None:
+        return tfm.last_hidden(params, cfg, tokens_nt, mask_nt)
+    n = shared.group
+
+    def rows(tokens, mask, prefix_tokens, prefix_mask, cont_tokens, cont_mask):  # one micro-batch, whole groups
+        def one_per_group(x):
+            x = x.reshape(-1, n, x.shape[-1])
+            return jnp.all(x == x[:, :1])
+
+        return jax.lax.cond(
+            one_per_group(prefix_tokens) & one_per_group(prefix_mask),
+            lambda: tfm.last_hidden_shared_prefix(params, cfg, prefix_tokens[::n], prefix_mask[::n], cont_tokens,
+                                                  cont_mask),
+            lambda: tfm.last_hidden_rows(params, cfg, tokens, mask))
+
+    return tfm.map_microbatches(rows, cfg.forward_microbatches, tokens_nt, mask_nt, shared.prefix_tokens_np,
+                                shared.prefix_mask_np, shared.tokens_nt, shared.mask_nt, group=n)
 
 
 # ================================================================================================ modes
@@ -126,30 +158,27 @@ class ModeScores(NamedTuple):
     extra: dict[str, jax.Array]  # the mode's own fields of JudgeMetrics
 
 
-def score_pointwise(params, cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array, mask_nt: jax.Array
-                    ) -> ModeScores:
+def score_pointwise(params, cfg: ModelConfig, spec: JudgeSpec, hidden_nd: jax.Array) -> ModeScores:
     """pointwise / principles: one query per example, the rescaled expected score."""
-    scores, mass_b, neutral_b = pointwise_scores(_answer_logits(params, cfg, tokens_nt, mask_nt), spec.score_ids,
+    scores, mass_b, neutral_b = pointwise_scores(lm_head_logits(params, cfg, hidden_nd), spec.score_ids,
                                                  spec.neutral_threshold, spec.neutral_score)
     return ModeScores(scores, mass_b[None], neutral_b[None], {})
 
 
-def score_pairwise(params, cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array, mask_nt: jax.Array
-                   ) -> ModeScores:
+def score_pairwise(params, cfg: ModelConfig, spec: JudgeSpec, hidden_nd: jax.Array) -> ModeScores:
     """pairwise: rows [0, B) ask order (a, b), rows [B, 2B) order (b, a) (the mode's two queries)."""
-    logits_nv = _answer_logits(params, cfg, tokens_nt, mask_nt)
+    logits_nv = lm_head_logits(params, cfg, hidden_nd)
     B = logits_nv.shape[0] // 2
     scores, mass_b2, neutral_b2, agree, p_orders = pairwise_preference(
         logits_nv[:B], logits_nv[B:], spec.score_ids, spec.neutral_threshold)
     return ModeScores(scores, mass_b2.T, neutral_b2.T, dict(position_agree_b=agree, p_orders_b2=p_orders))
 
 
-def score_rubric(params, cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array, mask_nt: jax.Array
-                 ) -> ModeScores:
+def score_rubric(params, cfg: ModelConfig, spec: JudgeSpec, hidden_nd: jax.Array) -> ModeScores:
     """rubric: query c asks criterion c; the weighted sum of the P(yes)."""
     Q = spec.queries_per_example
-    B = tokens_nt.shape[0] // Q
-    p_yes, mass, neutral = yes_probability(_answer_logits(params, cfg, tokens_nt, mask_nt), spec.score_ids,
+    B = hidden_nd.shape[0] // Q
+    p_yes, mass, neutral = yes_probability(lm_head_logits(params, cfg, hidden_nd), spec.score_ids,
                                            spec.neutral_threshold)
     p_yes_bc = p_yes.reshape(Q, B).T
     return ModeScores(rubric_score(p_yes_bc, spec.criterion_weights), mass.reshape(Q, B), neutral.reshape(Q, B),
@@ -157,9 +186,9 @@ def score_rubric(params, cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array
 
 
 def score_reward_model(params: reward_model.RewardModelParams, cfg: ModelConfig, spec: JudgeSpec,
-                       tokens_nt: jax.Array, mask_nt: jax.Array) -> ModeScores:
+                       hidden_nd: jax.Array) -> ModeScores:
     """reward_model: the frozen reward model's value of each row (no answer tokens, never neutral)."""
-    scores = reward_model.reward_values(jax.lax.stop_gradient(params), cfg, tokens_nt, mask_nt)
+    scores = reward_model.head_values(params, hidden_nd)
     B = scores.shape[0]
     return ModeScores(scores, jnp.ones((1, B), jnp.float32), jnp.zeros((1, B), bool), {})
 
@@ -209,21 +238,28 @@ class JudgeMetrics:
 
 def score_queries(judge_params: Any, judge_cfg: ModelConfig, spec: JudgeSpec, tokens_nt: jax.Array,
                   mask_nt: jax.Array, truncated_n: jax.Array, principle_index_b: jax.Array | None = None,
-                  key: jax.Array | None = None) -> tuple[jax.Array, JudgeMetrics]:
+                  key: jax.Array | None = None, shared: SharedPromptRows | None = None
+                  ) -> tuple[jax.Array, JudgeMetrics]:
     """One judge forward over all query rows (query-major), then the mode's scoring. Shared by both paths.
     With chain of thought (`spec.reasoning`) the judge first writes a rationale after each row (`reasoning.reason`,
-    sampled with `key`) and the forward reads the answer after it."""
+    sampled with `key`) and the forward reads the answer after it. `shared`: the same rows split for the forward
+    that runs each group's prompt part once (`judge_last_hidden`; token space, not with chain of thought)."""
     Q = spec.queries_per_example
     B = tokens_nt.shape[0] // Q
     rationale = {}
     if spec.reasoning is not None:
         if key is None:
             raise ValueError("a judge with chain of thought samples its rationale: pass key")
+        if shared is not None:
+            raise ValueError("a judge with chain of thought answers after its rationale: its rows cannot be shared")
         tokens_nt, mask_nt, rationale_nr, rationale_mask_nr = reasoning.reason(
             judge_params, judge_cfg, spec.reasoning, tokens_nt, mask_nt, key)
         rationale = dict(rationale_nr=rationale_nr, rationale_mask_nr=rationale_mask_nr,
                          rationale_length_b=rationale_mask_nr.sum(-1).reshape(Q, B).mean(0, dtype=jnp.float32))
-    scored = SCORERS[spec.mode](judge_params, judge_cfg, spec, tokens_nt, mask_nt)
+    judge_params = jax.lax.stop_gradient(judge_params)  # frozen
+    backbone = judge_params.model if spec.mode == "reward_model" else judge_params
+    hidden_nd = judge_last_hidden(backbone, judge_cfg, tokens_nt, mask_nt, shared)
+    scored = SCORERS[spec.mode](judge_params, judge_cfg, spec, hidden_nd)
     metrics = JudgeMetrics(valid_mass_b=scored.mass_qb.mean(0),
                            neutral_count_b=scored.neutral_qb.sum(0, dtype=jnp.int32),
                            truncated_b=jnp.any(truncated_n.reshape(Q, B), axis=0),

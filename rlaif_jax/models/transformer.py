@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlaif_jax.models.config import ModelConfig
-from rlaif_jax.sharding import constrain, constrain_moved
+from rlaif_jax.sharding import batch_shards, constrain, constrain_moved
 
 Params = dict[str, Any]
 
@@ -701,13 +701,42 @@ def last_hidden(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt:
 
     Only this position is used: the (B, T, V) logits `forward` also computes are dead code that XLA
     removes (checked: ~25x fewer flops at V = 32k), so the vocabulary projection happens once per row. The rows
-    run in cfg.forward_microbatches micro-batches (`map_microbatches`)."""
-    def rows(tokens_bt, mask_bt):
-        tokens_bt = constrain(tokens_bt, ("batch", "length"))
-        mask_bt = constrain(mask_bt, ("batch", "length"))
-        return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+    run in cfg.forward_microbatches micro-batches (`map_microbatches`) of `last_hidden_rows`."""
+    return map_microbatches(functools.partial(last_hidden_rows, params, cfg), cfg.forward_microbatches, tokens_bt,
+                            mask_bt)
 
-    return map_microbatches(rows, cfg.forward_microbatches, tokens_bt, mask_bt)
+
+def last_hidden_rows(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """`last_hidden` of all the rows at once (one micro-batch)."""
+    tokens_bt = constrain(tokens_bt, ("batch", "length"))
+    mask_bt = constrain(mask_bt, ("batch", "length"))
+    return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+
+
+def last_hidden_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array,
+                              prefix_mask_bp: jax.Array, tokens_nt: jax.Array, mask_nt: jax.Array) -> jax.Array:
+    """`last_hidden_rows` of the N = B * n rows [prefix b, continuation i] (row i = b * n + j continues prefix b)
+    with each prefix run once (`forward_shared_prefix`): prefixes left-padded, continuations RIGHT-padded, so a
+    row's real tokens are contiguous slots as in its left-padded whole row (sliding windows count slots). Returns
+    the final hidden state (N, D) at each row's last real token: its continuation's last, or its prefix's last
+    where the continuation is empty."""
+    n = tokens_nt.shape[0] // prefix_tokens_bp.shape[0]
+    prefix_out, out = forward_shared_prefix(
+        params, cfg, constrain(prefix_tokens_bp, ("batch", "length")), constrain(prefix_mask_bp, ("batch", "length")),
+        constrain(tokens_nt, ("batch", "length")), constrain(mask_nt, ("batch", "length")))
+    length = mask_nt.astype(jnp.int32).sum(-1)
+    last = jnp.take_along_axis(out.hidden, jnp.maximum(length - 1, 0)[:, None, None], axis=1)[:, 0]
+    return jnp.where((length > 0)[:, None], last, jnp.repeat(prefix_out.hidden[:, -1], n, axis=0))
+
+
+def prompt_sharing(rows_per_prompt: int, rows: int) -> int:
+    """`rows_per_prompt` where a forward over `rows` rows (groups of that many consecutive rows per prompt) can run
+    each prompt once (`forward_shared_prefix`), else 1. It can when the rows / rows_per_prompt prompts still split
+    evenly over the devices that split the batch; otherwise the prompts' forward would be replicated on several
+    devices, so that the per-device memory grows with the mesh (issue 17: an 8B policy's learn phase planned larger
+    on 64 devices than on 16, its 32 prompts per micro-batch replicated over 64 devices)."""
+    n = rows_per_prompt
+    return n if n > 1 and (rows // n) % batch_shards() == 0 else 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None, stacked: bool = False
