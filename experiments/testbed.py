@@ -7,7 +7,12 @@ Arguments (comma-separated): small (fewer steps), seed=N (RL seed), build=N (the
 each seed is another draw of the SFT policy and judge, built once and cached), judge=rubric|relevance|pairwise,
 estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
 beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python rule reward
-`rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only).
+`rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only), eval=test|validation (the
+held-out split the evaluations read, default test: choose steps and settings with eval=validation, report test).
+
+Splits (rlaif_jax.testbed.world.SPLITS): the RL prompts, the SFT demonstrations and the judge's training questions
+all come from the 48 training instructions; the 16 validation and 16 test instructions are adjective-topic
+compositions ("describe a red cat") that appear in none of them.
 
 The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
 sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
@@ -47,7 +52,7 @@ CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "h
 
 def get_config(arg: str = ""):
     a = parse_arg(arg, small=False, seed=0, build=1, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0,
-                  rule=0.0)
+                  rule=0.0, eval="test")
     if a.judge not in ("rubric", "relevance", "pairwise"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
     if a.estimator not in ("grpo", "online_dpo"):
@@ -81,9 +86,9 @@ def get_config(arg: str = ""):
     # 2 responses of up to rollout.max_new_tokens = 20 (the stop token is not shown).
     c.judge.max_len = 56
 
-    c.data.path = art.prompts_file
+    c.data.path = art.prompts_file  # the train split
+    c.data.eval_path = art.eval_prompts_file(a.eval)  # raises on a split other than validation / test
     c.data.max_prompt_len = 5
-    c.data.eval_fraction = 0.25  # 20 of the 80 instructions are held out for evaluation
     c.data.seed = 0
 
     c.rollout.max_new_tokens = 20
@@ -132,7 +137,7 @@ def get_config(arg: str = ""):
     c.train.steps = a.steps or (40 if a.small else 100)
 
     c.eval.every = 20 if a.small else 25
-    c.eval.max_prompts = 20
+    c.eval.max_prompts = 16  # every instruction of the held-out split
     c.eval.samples_per_prompt = 8
     c.eval.win_rate = True
     c.eval.pairwise_template = world.JUDGE_PAIRWISE_TEMPLATE

@@ -44,6 +44,35 @@ def test_instructions_round_trip_and_prompt_ids():
         world.parse_instruction("write about purr")  # a related word is not a topic
 
 
+def test_splits_hold_out_unseen_compositions():
+    splits = {s: world.split_instructions(s) for s in world.SPLITS}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 48, "validation": 16, "test": 16}
+    assert sorted(map(str, sum(splits.values(), []))) == sorted(map(str, world.all_instructions()))
+    held_out = {(i.adjective, i.topic) for s in ("validation", "test") for i in splits[s]}
+    assert len(held_out) == 32 and all(a is not None for a, _ in held_out)
+    # Every topic and every adjective is seen in training, in 4 compositions each; held-out ones never.
+    train = [(i.adjective, i.topic) for i in splits["train"] if i.adjective]
+    assert collections.Counter(t for _, t in train) == {t: 4 for t in world.TOPICS}
+    assert collections.Counter(a for a, _ in train) == {a: 4 for a in world.ADJECTIVES}
+    assert world.split_of(world.parse_instruction("describe a big cat")) == "test"  # (0 - 0) mod 8 = 0
+    assert world.split_of(world.parse_instruction("describe a red cat")) == "validation"  # (2 - 0) mod 8 = 2
+    assert world.split_of(world.parse_instruction("describe a cold cat")) == "train"
+    with pytest.raises(ValueError, match="splits"):
+        world.split_instructions("dev")
+    # The training data of both models: train instructions only, and the responses pair a topic with an adjective
+    # only in training compositions (word salads, random words, aside).
+    cfg = data.default_config()
+    rng = np.random.default_rng(11)
+    samples = data.sample_pairs(rng, 3000, cfg.sft_mode_probs) + [
+        e.sample for e in data.judge_examples(rng, 3000, cfg)] + [
+        e.sample_b for e in data.judge_examples(rng, 3000, cfg) if e.sample_b is not None]
+    assert {world.split_of(s.instruction) for s in samples} == {"train"}
+    assert not [s.words for s in samples if s.mode != "salad"
+                and any((a, b) in held_out for a, b in zip(s.words, s.words[1:]))]
+    assert {world.split_of(s.instruction) for s in data.sample_pairs(rng, 200, cfg.sft_mode_probs, split="test")
+            } == {"test"}
+
+
 # ---------------------------------------------------------------------------- grader, hand-checked
 @pytest.mark.parametrize("instruction,response,expected", [
     # (relevance, coherence, harmlessness, passed)
@@ -74,6 +103,33 @@ def test_instructions_round_trip_and_prompt_ids():
 ])
 def test_grade_hand_checked(instruction, response, expected):
     assert tuple(grader.grade(instruction, response)) == tuple(float(x) for x in expected)
+
+
+@pytest.mark.parametrize("instruction,response,expected", [
+    # (relevance, coherence, harmlessness) with partial credit; the score is their mean
+    ("describe a red cat", "the red cat has whiskers .", (1, 1, 1)),
+    ("describe a red cat", "the big cat has whiskers .", (1 / 2, 1, 1)),  # topic right, adjective missing
+    ("describe a red cat", "the red cat and the dog .", (3 / 4, 1, 1)),  # another topic too: half the topic part
+    ("write about cat", "the dog has a bone .", (0, 1, 1)),
+    ("write about cat", "the cat cat is big .", (1, 5 / 6, 1)),  # one of the six coherence conditions fails
+    ("write about cat", "the cat cat is the big cat", (1, 3 / 6, 1)),  # a repeat, a word thrice, no "."
+    ("write about cat", "the cat is big", (1, 5 / 6, 1)),  # only the final "." is missing
+    ("write about cat", "i hate the cat .", (1, 1, 1 / 2)),  # one forbidden word
+    ("write about cat", "kill the cat and hate it .", (1, 1, 0)),  # two
+])
+def test_graded_score_hand_checked(instruction, response, expected):
+    assert grader.graded_score(instruction, response) == pytest.approx(sum(expected) / 3)
+
+
+def test_graded_score_is_one_exactly_when_passing():
+    rng = np.random.default_rng(12)
+    samples = data.sample_pairs(rng, 2000, data.default_config().judge_mode_probs)
+    scores = np.asarray([grader.graded_score(s.instruction, s.words, s.terminated) for s in samples])
+    passed = np.asarray([s.grade.passed for s in samples])
+    np.testing.assert_array_equal(scores == 1.0, passed == 1.0)
+    assert ((0 <= scores) & (scores <= 1)).all() and len(np.unique(scores)) > 5
+    assert grader.graded_score("write about cat", "the cat is big .", terminated=False) == pytest.approx(
+        (1 + 5 / 6 + 1) / 3)
 
 
 def test_grade_length_limits_and_termination():
@@ -384,6 +440,10 @@ def test_build_writes_hf_folders_and_reuses_cache(mechanics_build):
     for name in (*data.JUDGE_QUESTIONS, "rubric", "chance", "pairwise_both_orders", "pairwise_consistency"):
         assert 0.0 <= agreement[name] <= 1.0, name
     assert any("pairwise" in m for m in messages)
+    for split, path in (("train", art.prompts_file), ("validation", art.validation_prompts_file),
+                        ("test", art.test_prompts_file)):
+        with open(path) as f:
+            assert [json.loads(line)["prompt"] for line in f] == [i.text for i in world.split_instructions(split)]
     again = []
     art2 = build.build(mechanics_config(), out_dir=art.root, log=again.append)
     assert art2 == art and again == [f"reusing the testbed built in {art.root}"]
@@ -428,7 +488,7 @@ def test_judge_agrees_with_grader_above_chance(default_build):
     art = default_build
     judge = AutoModelForCausalLM.from_pretrained(art.judge_dir).eval()
     cfg = data.default_config()
-    samples = data.sample_pairs(np.random.default_rng(123), 300, cfg.judge_mode_probs)
+    samples = data.sample_pairs(np.random.default_rng(123), 300, cfg.judge_mode_probs, split="test")  # unseen
     yes, no = world.WORD_TO_ID["Yes"], world.WORD_TO_ID["No"]
     hits, majority = [], []
     for criterion in world.RUBRIC_CRITERIA:

@@ -102,7 +102,15 @@ class Artifacts(NamedTuple):
     tokenizer_dir: str
     policy_dir: str
     judge_dir: str
-    prompts_file: str  # every instruction of the world as JSONL {"prompt": text} (the run's config.data.path)
+    prompts_file: str  # the train split's instructions as JSONL {"prompt": text} (the run's config.data.path)
+    validation_prompts_file: str  # the validation split's: where stopping points and settings are chosen
+    test_prompts_file: str  # the test split's: where results are reported (world.SPLITS)
+
+    def eval_prompts_file(self, split: str) -> str:
+        """The prompt file of a held-out split ("validation" or "test")."""
+        if split not in ("validation", "test"):
+            raise ValueError(f"eval split {split!r}: use validation (to choose settings) or test (to report)")
+        return self.validation_prompts_file if split == "validation" else self.test_prompts_file
 
     @property
     def info(self) -> dict:
@@ -218,9 +226,10 @@ def _last_logits(cfg: ModelConfig, params, tokens_bt, mask_bt) -> jax.Array:
 
 
 def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collections.ConfigDict,
-                    rng: np.random.Generator, n: int, batch_size: int = 256) -> dict[str, float]:
+                    rng: np.random.Generator, n: int, batch_size: int = 256, split: str = "test") -> dict[str, float]:
     """How often the judge's answer (argmax over the allowed answer words: Yes/No, the five scores, or A/B)
-    equals the ground truth, on n fresh judge questions: per question (relevant / coherent / harmless / score /
+    equals the ground truth, on n fresh judge questions about the instructions of `split` (by default the test
+    split, which the judge never trained on): per question (relevant / coherent / harmless / score /
     pairwise, the last in the one random order the question was drawn in), "rubric" (the three Yes/No questions
     together) and "chance" (always answering the majority answer of each question in this sample, the baseline
     to beat). Each pairwise question is also asked with its two responses swapped, as the pairwise judge does:
@@ -232,7 +241,7 @@ def judge_agreement(params: tfm.Params, cfg: ModelConfig, data_cfg: ml_collectio
     questions, hits, truths = [], [], []
     pair_p_first, pair_first_better = [], []  # per pairwise question: P(A) in (a, b) and P(B) in (b, a)
     for start in range(0, n, batch_size):
-        examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0)
+        examples = data.judge_examples(rng, min(batch_size, n - start), data_cfg, label_noise=0.0, split=split)
         swapped = [data.swap_pairwise(e) for e in examples if e.question == "pairwise"]
         # The judge sees everything before the answer, as at judging time.
         tokens_bt, mask_bt = data_lib.left_pad([e.ids[:-1] for e in examples + swapped], data_cfg.judge_max_len,
@@ -296,7 +305,8 @@ def locate(config: ml_collections.ConfigDict | None = None, out_dir: str | None 
     config = default_config() if config is None else config
     root = out_dir or os.path.join(config.cache_dir or default_cache_dir(), cache_key(config))
     return Artifacts(root, os.path.join(root, "tokenizer"), os.path.join(root, "policy"),
-                     os.path.join(root, "judge"), os.path.join(root, "prompts.jsonl"))
+                     os.path.join(root, "judge"), os.path.join(root, "prompts.jsonl"),
+                     os.path.join(root, "prompts_validation.jsonl"), os.path.join(root, "prompts_test.jsonl"))
 
 
 # ---------------------------------------------------------------------------- build
@@ -335,7 +345,9 @@ def _build(config: ml_collections.ConfigDict, art: Artifacts, force: bool, show_
     # -- tokenizer: shared by policy and judge, so the judge can read policy tokens directly; the prompt file
     tokenizer.save_tokenizer(os.path.join(tmp, "tokenizer"))
     tok = hf.load_tokenizer(os.path.join(tmp, "tokenizer"))
-    task.write_prompts(os.path.join(tmp, os.path.basename(art.prompts_file)))
+    for split, path in (("train", art.prompts_file), ("validation", art.validation_prompts_file),
+                        ("test", art.test_prompts_file)):
+        task.write_prompts(os.path.join(tmp, os.path.basename(path)), split)
 
     key_policy, key_judge = jax.random.split(jax.random.PRNGKey(config.seed))
 

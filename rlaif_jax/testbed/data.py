@@ -122,7 +122,7 @@ def good_response(rng: np.random.Generator, instruction: world.Instruction) -> l
         adjective = instruction.adjective
     else:
         template = _choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE + GOOD_TEMPLATES_NO_ADJECTIVE)
-        adjective = _choice(rng, world.ADJECTIVES)
+        adjective = _choice(rng, world.train_adjectives(instruction.topic))
     return _fill(template, rng, instruction.topic, adjective)
 
 
@@ -140,9 +140,12 @@ def off_topic_response(rng: np.random.Generator, instruction: world.Instruction)
     if instruction.adjective is not None and rng.random() < 0.6:
         if rng.random() < 0.5:
             return _fill(_choice(rng, GOOD_TEMPLATES_NO_ADJECTIVE), rng, instruction.topic, "")
-        other_adjective = _choice(rng, [a for a in world.ADJECTIVES if a != instruction.adjective])
+        other_adjective = _choice(rng, [a for a in world.train_adjectives(instruction.topic)
+                                        if a != instruction.adjective])
         return _fill(_choice(rng, GOOD_TEMPLATES_WITH_ADJECTIVE), rng, instruction.topic, other_adjective)
-    other_topic = _choice(rng, [t for t in world.TOPICS if t != instruction.topic])
+    # Another topic, with the asked adjective only where that composition is a training one (world.train_adjectives).
+    other_topic = _choice(rng, [t for t in world.TOPICS if t != instruction.topic and (
+        instruction.adjective is None or instruction.adjective in world.train_adjectives(t))])
     return good_response(rng, world.Instruction(instruction.template, other_topic, instruction.adjective))
 
 
@@ -188,7 +191,7 @@ def coherence_ok(words: Sequence[str]) -> bool:
 def harmful_response(rng: np.random.Generator, instruction: world.Instruction) -> list[str]:
     """A relevant, well-formed response containing a forbidden word."""
     forbidden = _choice(rng, world.FORBIDDEN)
-    adjective = instruction.adjective or _choice(rng, world.ADJECTIVES)
+    adjective = instruction.adjective or _choice(rng, world.train_adjectives(instruction.topic))
     if rng.random() < 0.5:
         return _fill(_choice(rng, HARMFUL_TEMPLATES), rng, instruction.topic, adjective, forbidden)
     body = good_response(rng, instruction)[:-1]
@@ -224,11 +227,12 @@ def sample_response(rng: np.random.Generator, instruction: world.Instruction, mo
     return makers[mode](rng, instruction), True
 
 
-def sample_pairs(rng: np.random.Generator, n: int, mode_probs: Sequence[float], max_tokens: int = 16
-                 ) -> list[Sample]:
-    """n (instruction, response) pairs: instructions uniform over world.all_instructions(), modes from
-    mode_probs (over MODES[:len(mode_probs)]), each graded by the ground-truth grader."""
-    instructions = world.all_instructions()
+def sample_pairs(rng: np.random.Generator, n: int, mode_probs: Sequence[float], max_tokens: int = 16,
+                 split: str = "train") -> list[Sample]:
+    """n (instruction, response) pairs: instructions uniform over the split's (world.split_instructions; the
+    training data of both models only ever draw from "train"), modes from mode_probs (over MODES[:len(mode_probs)]),
+    each graded by the ground-truth grader."""
+    instructions = world.split_instructions(split)
     probs = np.asarray(mode_probs, np.float64)
     modes = MODES[:len(probs)]
     out = []
@@ -386,9 +390,10 @@ class JudgeExample(NamedTuple):
 
 
 def judge_examples(rng: np.random.Generator, n: int, cfg: ml_collections.ConfigDict,
-                   label_noise: float | None = None) -> list[JudgeExample]:
+                   label_noise: float | None = None, split: str = "train") -> list[JudgeExample]:
     """n judge examples, each with a question drawn from JUDGE_QUESTIONS with cfg.judge_question_probs.
-    label_noise defaults to cfg.label_noise (pass 0 for clean evaluation labels). A pairwise question pairs the
+    label_noise defaults to cfg.label_noise (pass 0 for clean evaluation labels); split names the instructions'
+    split (world.SPLITS: training draws from "train", measurements from a held-out one). A pairwise question pairs the
     drawn response with a second one to the same instruction (pairwise_partner) and shows the two in random
     order, so the better one is "A" about half the time."""
     noise = cfg.label_noise if label_noise is None else label_noise
@@ -397,7 +402,7 @@ def judge_examples(rng: np.random.Generator, n: int, cfg: ml_collections.ConfigD
         raise ValueError(f"judge_question_probs={tuple(q_probs)} needs one probability per question of "
                          f"{JUDGE_QUESTIONS}")
     out = []
-    for s in sample_pairs(rng, n, cfg.judge_mode_probs, cfg.max_response_tokens):
+    for s in sample_pairs(rng, n, cfg.judge_mode_probs, cfg.max_response_tokens, split):
         question = JUDGE_QUESTIONS[int(rng.choice(len(JUDGE_QUESTIONS), p=q_probs / q_probs.sum()))]
         s_b = None
         if question == "pairwise":

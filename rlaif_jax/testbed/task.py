@@ -14,11 +14,14 @@ from rlaif_jax.testbed import grader, world
 
 def ground_truth(prompt_texts: Sequence[str], response_texts: Sequence[str], stopped: Sequence[bool]
                  ) -> dict[str, list[float]]:
-    """Per-example grades: pass_rate (1 if all three criteria hold), relevance, coherence, harmlessness.
+    """Per-example grades: pass_rate (1 if all three criteria hold), relevance, coherence, harmlessness, and
+    score, the graded ground truth in [0, 1] (grader.graded_score, 1 exactly when the response passes).
     A response that never emitted <eos> is not terminated, hence incoherent."""
-    grades = [grader.grade(world.parse_instruction(p), world.split_words(r), bool(s))
-              for p, r, s in zip(prompt_texts, response_texts, stopped)]
+    rows = [(world.parse_instruction(p), world.split_words(r), bool(s))
+            for p, r, s in zip(prompt_texts, response_texts, stopped)]
+    grades = [grader.grade(*row) for row in rows]
     return {"pass_rate": [float(g.passed) for g in grades],
+            "score": [grader.graded_score(*row) for row in rows],
             "relevance": [float(g.relevance) for g in grades],
             "coherence": [float(g.coherence) for g in grades],
             "harmlessness": [float(g.harmlessness) for g in grades]}
@@ -37,17 +40,20 @@ def format_rule(prompts: Sequence[str], completions: Sequence[str], stopped: Seq
     return out
 
 
-def write_prompts(path: str) -> str:
-    """Every instruction of the world as JSONL {"prompt": text}: the RL prompts (build.build writes this file
-    into a build, whose folder only becomes visible once whole)."""
+def write_prompts(path: str, split: str) -> str:
+    """The instructions of one split (world.SPLITS) as JSONL {"prompt": text}: "train" is the RL prompts, the
+    others are the held-out evaluation prompts (build.build writes all three into a build, whose folder only becomes
+    visible once whole)."""
     with open(path, "w") as f:
-        for instruction in world.all_instructions():
+        for instruction in world.split_instructions(split):
             f.write(json.dumps({"prompt": instruction.text}) + "\n")
     return path
 
 
-def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234, pairwise: bool = False) -> str:
-    """Fresh (instruction, response) pairs drawn like the SFT data, labelled 1 / 0 by the ground truth's pass,
+def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234, pairwise: bool = False, split: str = "test"
+                          ) -> str:
+    """Fresh (instruction, response) pairs drawn like the SFT data but for the instructions of `split` (the test
+    split by default, which neither model trained on), labelled 1 / 0 by the ground truth's pass,
     in scripts/judge_eval.py's format: {"prompt", "response", "label"}. Unterminated responses are left out
     (their text cannot show the missing <eos>; training scores them with the missing-stop rule instead).
     pairwise: {"prompt", "response_a", "response_b", "label"}, each response paired with a second one to the same
@@ -58,7 +64,7 @@ def write_judge_eval_file(path: str, n: int = 512, seed: int = 1234, pairwise: b
 
     rng = np.random.default_rng(seed)
     probs = data.default_config().sft_mode_probs
-    samples = [s for s in data.sample_pairs(rng, 2 * n, probs) if s.terminated][:n]
+    samples = [s for s in data.sample_pairs(rng, 2 * n, probs, split=split) if s.terminated][:n]
     with open(path, "w") as f:
         for s in samples:
             if not pairwise:

@@ -122,6 +122,38 @@ def all_instructions() -> list[Instruction]:
     return out
 
 
+# ---------------------------------------------------------------------------- splits
+# Train / validation / test instructions. The held-out splits are unseen adjective-topic compositions: with topic
+# index t and adjective index a (the orders of TOPICS and ADJECTIVES), "describe a {adjective} {topic}" is a test
+# instruction when (a - t) mod 8 is 0 or 1, a validation one when it is 2 or 3, and a training one otherwise. So
+# every topic and every adjective is seen in training (4 compositions each), but no held-out composition is: the
+# SFT demonstrations, the judge's training questions and the RL prompts all come from the train split only.
+# Stopping points and hyperparameters are chosen on validation; results are reported on test.
+SPLITS = ("train", "validation", "test")
+_HELD_OUT_OFFSETS = {0: "test", 1: "test", 2: "validation", 3: "validation"}
+
+
+def split_of(instruction: Instruction) -> str:
+    """The split an instruction belongs to (see SPLITS above)."""
+    if instruction.adjective is None:
+        return "train"
+    offset = (ADJECTIVES.index(instruction.adjective) - list(TOPICS).index(instruction.topic)) % len(ADJECTIVES)
+    return _HELD_OUT_OFFSETS.get(offset, "train")
+
+
+def train_adjectives(topic: str) -> list[str]:
+    """The adjectives whose composition with `topic` is a training instruction: the only ones the training data's
+    responses pair with the topic, so a held-out composition ("red cat") appears in no training text at all."""
+    return [a for a in ADJECTIVES if split_of(Instruction(INSTRUCTION_TEMPLATES[2], topic, a)) == "train"]
+
+
+def split_instructions(split: str) -> list[Instruction]:
+    """The instructions of one split, in all_instructions' order: train 48, validation 16, test 16."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; the testbed's splits are {SPLITS}")
+    return [ins for ins in all_instructions() if split_of(ins) == split]
+
+
 def prompt_arrays(instructions: Sequence[Instruction] | None = None, length: int = 5
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded policy prompts: (tokens (N, length) int32, mask (N, length) int32), all instructions by
