@@ -5,8 +5,10 @@
 1 builds (or reuses) the testbed's SFT policy and judge
 2 measures the judge against the ground truth it never sees (scripts/judge_eval.py on fresh labelled examples)
 3 runs RLAIF with the training program (experiments/testbed.py); a rerun resumes or reuses a finished run
-4 prints SFT vs RLAIF (ground-truth pass rate, judge score, KL to the reference) from the held-out evaluations,
-  writes WORKDIR/summary.json and the plots (rlaif_jax.report) in WORKDIR/report
+4 prints SFT vs RLAIF (ground-truth pass rate, judge score, KL to the reference) from the held-out evaluations
+  (the test split's instructions, unseen in training, unless --config_arg eval=validation), writes
+  WORKDIR/summary.json and the plots (rlaif_jax.report) in WORKDIR/report, and says where the run's gain falls
+  within the reference study's runs of the same setting (experiments/testbed_study.json, scripts/study.py's output)
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTBED_CONFIG = os.path.join(ROOT, "experiments", "testbed.py")
+# The headline study's output (scripts/study.py's study.json): the distribution one demo run is a draw from.
+REFERENCE_STUDY = os.path.join(ROOT, "experiments", "testbed_study.json")
+# Arguments that pick a draw or the evaluation split, not a setting: left out when matching a study's setting.
+DRAW_ARGS = ("build", "seed", "eval")
 
 
 def summarize(workdir: str) -> dict:
@@ -36,7 +42,31 @@ def summarize(workdir: str) -> dict:
         out["win_rate"] = final["eval/win_rate"]
     for name in ("relevance", "coherence", "harmlessness"):
         out[f"sft_{name}"], out[f"rlaif_{name}"] = sft[f"eval/gt/{name}"], final[f"eval/gt/{name}"]
+    if "eval/gt/score" in final:  # the graded ground truth in [0, 1] (grader.graded_score)
+        out["sft_gt_score"], out["rlaif_gt_score"] = sft["eval/gt/score"], final["eval/gt/score"]
     return out
+
+
+def place_in_study(summary: dict, config_arg: str, split: str, path: str = REFERENCE_STUDY) -> str:
+    """Where this run's pass-rate gain falls among the reference study's runs of the same setting (the same
+    experiments/testbed.py arguments, apart from DRAW_ARGS, and the same evaluation split)."""
+    if not os.path.exists(path):
+        return f"no reference study ({path} is missing)"
+    with open(path) as f:
+        study = json.load(f)
+    setting = sorted(a for a in config_arg.split(",") if a and a.split("=")[0] not in DRAW_ARGS)
+    names = [n for n, args in study["settings"].items() if sorted(a for a in args.split(",") if a) == setting]
+    if not names or names[0] not in study["results"]:
+        return f"the reference study has no runs of these settings ({','.join(setting) or 'defaults'})"
+    if study.get("split", "test") != split:
+        return f"the reference study evaluates on the {study.get('split', 'test')} split, this run on {split}"
+    r = study["results"][names[0]]["pass_rate_gain"]
+    gain = summary["rlaif_pass_rate"] - summary["sft_pass_rate"]
+    below = sum(v < gain for v in r["values"])
+    return (f"this run's pass-rate gain, {gain:+.3f}, is above {below} of the {len(r['values'])} runs of the "
+            f"reference study (setting {names[0]!r}: builds {study['builds']} x RL seeds {study['seeds']}, "
+            f"{study.get('split', 'test')} split; their mean gain {r['mean']:+.3f}, 95% interval "
+            f"[{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}])")
 
 
 def main():
@@ -62,8 +92,10 @@ def main():
     from rlaif_jax import judging
     from rlaif_jax.testbed import task
     pairwise = config.judge.mode == "pairwise"
+    # Fresh responses to the test split's instructions, which the judge never trained on.
     labelled = task.write_judge_eval_file(os.path.join(
-        os.path.dirname(config.data.path), f"judge_eval{'_pairwise' if pairwise else ''}.jsonl"), pairwise=pairwise)
+        os.path.dirname(config.data.path), f"judge_eval{'_pairwise' if pairwise else ''}_test.jsonl"),
+        pairwise=pairwise, split="test")
     judge = judging.load_judge(config.judge)
     agreement = judge_eval.evaluate(judge, judge_eval.read_labelled(labelled, pairwise=pairwise), batch_size=64)
     if pairwise:
@@ -89,6 +121,9 @@ def main():
         summary["judge_accuracy_vs_ground_truth"] = agreement["agreement_accuracy"]
     else:
         summary["judge_auc_vs_ground_truth"] = agreement["agreement_auc"]
+    art = build.locate(build.seeded_config(config.testbed.seed))
+    split = "validation" if config.data.eval_path == art.validation_prompts_file else "test"
+    summary["eval_split"] = split
     summary["minutes"] = round((time.time() - t0) / 60, 2)
     with open(os.path.join(args.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -96,17 +131,21 @@ def main():
     s = summary
     judge_row = f"judge score ({config.judge.mode})"
     print(f"""
-RLAIF on the testbed ({s['steps']} steps, seed {args.seed}; held-out prompts, 8 samples each at temperature 1)
+RLAIF on the testbed ({s['steps']} steps, build {config.testbed.seed}, RL seed {args.seed}; the {split} split's
+{config.eval.max_prompts} unseen instructions, {config.eval.samples_per_prompt} samples each at temperature 1)
 
 |                          | SFT policy | RLAIF policy |
 |--------------------------|-----------:|-------------:|
 | ground-truth pass rate   | {s['sft_pass_rate']:10.3f} | {s['rlaif_pass_rate']:12.3f} |
+| graded ground truth      | {s.get('sft_gt_score', float('nan')):10.3f} | {s.get('rlaif_gt_score', float('nan')):12.3f} |
 |   relevance              | {s['sft_relevance']:10.3f} | {s['rlaif_relevance']:12.3f} |
 |   coherence              | {s['sft_coherence']:10.3f} | {s['rlaif_coherence']:12.3f} |
 |   harmlessness           | {s['sft_harmlessness']:10.3f} | {s['rlaif_harmlessness']:12.3f} |
 | {judge_row:<24s} | {s['sft_judge_score']:10.3f} | {s['rlaif_judge_score']:12.3f} |
 | win rate vs SFT (judge)  | {0.5:10.3f} | {s.get('win_rate', float('nan')):12.3f} |
 | KL to the reference      | {0.0:10.3f} | {s['kl']:12.3f} |
+
+Within the study: {place_in_study(s, ",".join(a for a in (args.config_arg,) if a), split)}
 
 summary:  {os.path.join(args.workdir, 'summary.json')}
 plots:    {os.path.join(args.workdir, 'report')} ({len(pngs)} PNGs)

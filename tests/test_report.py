@@ -149,3 +149,30 @@ def test_study_summary_and_table():
     assert out["per_build"][3] == {"judge_auc": 0.8, "pass_rate_gains": [-0.1]}
     text = study.table({"rubric": out})
     assert "| rubric | 3 (2) | +0.100 [" in text and "| rubric | 2 | 0.900 | +0.400, +0.200 |" in text
+    assert "gt_score_gain" not in out and out["pass_rate_gain"]["values"] == [0.4, 0.2, -0.1]
+    graded = study.summarise({2: [dict(run(0.4, 0.8), sft_gt_score=0.7, rlaif_gt_score=0.9)]})
+    assert abs(graded["gt_score_gain"]["mean"] - 0.2) < 1e-12
+
+
+def test_demo_places_a_run_within_the_reference_study(tmp_path):
+    """scripts/demo.py's line on where a run's gain falls among the study's runs of its setting and split."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    reference = tmp_path / "study.json"
+    reference.write_text(json.dumps({
+        "builds": [3, 4], "seeds": [1, 2], "split": "test", "settings": {"rubric": "", "kl0": "kl=0"},
+        "results": {"rubric": {"pass_rate_gain": {"mean": 0.05, "interval": [-0.2, 0.3],
+                                                  "values": [-0.2, 0.0, 0.1, 0.3]}}}}))
+    run = {"sft_pass_rate": 0.5, "rlaif_pass_rate": 0.6}
+    line = demo.place_in_study(run, "build=1,seed=2", "test", str(reference))  # draws, not settings
+    assert line.startswith("this run's pass-rate gain, +0.100, is above 2 of the 4 runs") and "'rubric'" in line
+    assert "no runs of these settings (small)" in demo.place_in_study(run, "small", "test", str(reference))
+    assert "no runs of these settings (kl=0)" in demo.place_in_study(run, "kl=0", "test", str(reference))
+    assert "this run on validation" in demo.place_in_study(run, "", "validation", str(reference))
+    assert "missing" in demo.place_in_study(run, "", "test", str(tmp_path / "none.json"))
