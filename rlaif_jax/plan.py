@@ -62,9 +62,15 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
     flops = {
         "rollout": 2 * Np * (B * P + rows * R),          # one prefill of the B prompts, then n x R decode steps
         "judge": 0 if spec.mode == "remote" else 2 * Nj * ts.judged_examples(c) * spec.queries_per_example * spec.max_len,
-        "reference+old logprobs": (1 if dpo else 2) * 2 * Np * seq,
         "update": c.algo.epochs * 3 * 2 * Np * seq,
     }
+    # Before the update (train_step.pre_update_forwards): the reference's forward, skipped when the KL is weighted by
+    # a fixed 0 (online_dpo always runs it, for the chosen and rejected rows); the "old" log-probs are the sampler's,
+    # with no forward of their own; a value-head critic reads the policy's hidden states, a forward of the policy.
+    if dpo or c.reward.kl_coef != 0 or c.reward.adaptive_kl:
+        flops["reference"] = 2 * Np * seq
+    if c.critic.kind == "value_head":
+        flops["value-head forward"] = 2 * Np * seq
     if c.reward.pairwise_baseline == "reference_sample":  # the reference policy's one sample per prompt
         flops["baseline rollout"] = 2 * Np * B * (P + R)
     if c.critic.kind == "separate":

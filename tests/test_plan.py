@@ -86,3 +86,29 @@ def test_plan_host_judge_path_compiles_its_three_programs(world, cache_dir, tmp_
     for arguments, outputs, donated, temporaries, peak in rows.values():  # printed to 4 digits
         assert peak == pytest.approx(arguments + outputs - donated + temporaries, rel=3e-3, abs=1e-9)
     assert f"peak (the largest program's) {max(r[4] for r in rows.values()):.4g}" in out and "fits" in out
+
+
+def test_step_flops_count_the_forwards_the_step_runs():
+    """plan.step_flops, by hand: the reference's forward only where a KL is weighted, no forward for the "old"
+    log-probs (the sampler's), a value-head critic's forward of the policy."""
+    import types
+
+    from rlaif_jax import config as config_lib
+    from rlaif_jax import plan as plan_lib
+    from rlaif_jax import train_step as ts
+    from rlaif_jax.models.config import ModelConfig
+
+    m = ModelConfig(family="llama", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=4)
+    Np = 2 * (2 * 8 * 2 * 4 + 2 * 8 * 1 * 4 + 3 * 8 * 16) + 8 * 100  # q, o; k, v; gate, up, down; LM head
+    assert plan_lib.matmul_params(m) == Np
+    c = config_lib.base_config()
+    c.train.batch_size, c.rollout.n_samples, c.data.max_prompt_len, c.rollout.max_new_tokens = 4, 2, 5, 3
+    c.algo.epochs, c.critic.kind, c.reward.kl_coef = 2, "none", 0.0
+    spec = types.SimpleNamespace(mode="rubric", queries_per_example=3, max_len=20)
+    seq = 4 * 2 * (5 + 3)
+    flops = plan_lib.step_flops(c, ts.Models(policy=m, judge=m), spec)
+    assert flops == {"rollout": 2 * Np * (4 * 5 + 8 * 3), "judge": 2 * Np * 8 * 3 * 20, "update": 2 * 3 * 2 * Np * seq}
+    c.reward.kl_coef, c.critic.kind = 0.05, "value_head"
+    flops = plan_lib.step_flops(c, ts.Models(policy=m, judge=m), spec)
+    assert flops["reference"] == flops["value-head forward"] == 2 * Np * seq
