@@ -11,8 +11,8 @@ beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add th
 held-out split the evaluations read, default test: choose steps and settings with eval=validation, report test).
 
 Splits (rlaif_jax.testbed.world.SPLITS): the RL prompts, the SFT demonstrations and the judge's training questions
-all come from the 48 training instructions; the 16 validation and 16 test instructions are adjective-topic
-compositions ("describe a red cat") that appear in none of them.
+all come from the 64 training instructions; the 8 validation and 8 test instructions are adjective-topic
+compositions ("describe a big cat") that appear in none of them.
 
 The world (rlaif_jax/testbed): instructions like "describe a red cat"; a noisy SFT policy (about 40% of its
 sampled responses pass the ground truth); a judge trained with deliberate label noise to answer rubric questions
@@ -137,8 +137,8 @@ def get_config(arg: str = ""):
     c.train.steps = a.steps or (40 if a.small else 100)
 
     c.eval.every = 20 if a.small else 25
-    c.eval.max_prompts = 16  # every instruction of the held-out split
-    c.eval.samples_per_prompt = 8
+    c.eval.max_prompts = 8  # every instruction of the held-out split
+    c.eval.samples_per_prompt = 16  # 8 instructions x 16 = 128 samples per evaluation
     c.eval.win_rate = True
     c.eval.pairwise_template = world.JUDGE_PAIRWISE_TEMPLATE
     c.eval.ground_truth = "rlaif_jax.testbed.task:ground_truth"

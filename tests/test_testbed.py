@@ -46,17 +46,17 @@ def test_instructions_round_trip_and_prompt_ids():
 
 def test_splits_hold_out_unseen_compositions():
     splits = {s: world.split_instructions(s) for s in world.SPLITS}
-    assert {s: len(v) for s, v in splits.items()} == {"train": 48, "validation": 16, "test": 16}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 64, "validation": 8, "test": 8}
     assert sorted(map(str, sum(splits.values(), []))) == sorted(map(str, world.all_instructions()))
     held_out = {(i.adjective, i.topic) for s in ("validation", "test") for i in splits[s]}
-    assert len(held_out) == 32 and all(a is not None for a, _ in held_out)
-    # Every topic and every adjective is seen in training, in 4 compositions each; held-out ones never.
+    assert len(held_out) == 16 and all(a is not None for a, _ in held_out)
+    # Every topic and every adjective is seen in training, in 6 compositions each; held-out ones never.
     train = [(i.adjective, i.topic) for i in splits["train"] if i.adjective]
-    assert collections.Counter(t for _, t in train) == {t: 4 for t in world.TOPICS}
-    assert collections.Counter(a for a, _ in train) == {a: 4 for a in world.ADJECTIVES}
+    assert collections.Counter(t for _, t in train) == {t: 6 for t in world.TOPICS}
+    assert collections.Counter(a for a, _ in train) == {a: 6 for a in world.ADJECTIVES}
     assert world.split_of(world.parse_instruction("describe a big cat")) == "test"  # (0 - 0) mod 8 = 0
-    assert world.split_of(world.parse_instruction("describe a red cat")) == "validation"  # (2 - 0) mod 8 = 2
-    assert world.split_of(world.parse_instruction("describe a cold cat")) == "train"
+    assert world.split_of(world.parse_instruction("describe a small cat")) == "validation"  # (1 - 0) mod 8 = 1
+    assert world.split_of(world.parse_instruction("describe a red cat")) == "train"
     with pytest.raises(ValueError, match="splits"):
         world.split_instructions("dev")
     # The training data of both models: train instructions only, and the responses pair a topic with an adjective

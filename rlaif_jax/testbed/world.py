@@ -125,12 +125,15 @@ def all_instructions() -> list[Instruction]:
 # ---------------------------------------------------------------------------- splits
 # Train / validation / test instructions. The held-out splits are unseen adjective-topic compositions: with topic
 # index t and adjective index a (the orders of TOPICS and ADJECTIVES), "describe a {adjective} {topic}" is a test
-# instruction when (a - t) mod 8 is 0 or 1, a validation one when it is 2 or 3, and a training one otherwise. So
-# every topic and every adjective is seen in training (4 compositions each), but no held-out composition is: the
-# SFT demonstrations, the judge's training questions and the RL prompts all come from the train split only.
+# instruction when (a - t) mod 8 is 0, a validation one when it is 1, and a training one otherwise. So every topic
+# and every adjective is seen in training (6 compositions each), but no held-out composition is: the SFT
+# demonstrations, the judge's training questions and the RL prompts all come from the train split only.
 # Stopping points and hyperparameters are chosen on validation; results are reported on test.
+# (Holding out two compositions per topic for each split instead, 4 seen per topic, left the SFT policy relevant on
+# 0.18-0.24 of held-out samples against 0.65 on training ones: it tied adjectives to their seen topics. With 6 seen
+# per topic it reached 0.31-0.41, measured on build seeds 1 and 2 on 2026-12-05.)
 SPLITS = ("train", "validation", "test")
-_HELD_OUT_OFFSETS = {0: "test", 1: "test", 2: "validation", 3: "validation"}
+_HELD_OUT_OFFSETS = {0: "test", 1: "validation"}
 
 
 def split_of(instruction: Instruction) -> str:
@@ -148,7 +151,7 @@ def train_adjectives(topic: str) -> list[str]:
 
 
 def split_instructions(split: str) -> list[Instruction]:
-    """The instructions of one split, in all_instructions' order: train 48, validation 16, test 16."""
+    """The instructions of one split, in all_instructions' order: train 64, validation 8, test 8."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; the testbed's splits are {SPLITS}")
     return [ins for ins in all_instructions() if split_of(ins) == split]
