@@ -17,7 +17,9 @@ compare like with like) it measures, per example, then averages into `eval/...` 
                       falling AUC says the policy has drifted to where the judge no longer tells pass from fail
   evaluator_...       with config.eval.evaluator: win rate (interval, length-controlled), position agreement and
                       harmless rate by an evaluator model that is not the reward (`independent_eval`)
-and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples.
+and writes the first `eval.num_samples_logged` (prompt, response, scores) rows to the run's samples. The per-example
+pass is `Evaluator.score_samples` (`Scored`); the over-optimisation measurement (`overoptimisation.sample_policy`)
+ranks its samples for best-of-n.
 Rows are prompt-major (prompt * n + sample), like the rollout's. Both judges (the reward judge and the pairwise
 one of the win rate) score on their spec's path, token space or host (`judging.score_outside_jit`), as
 `judging.make_spec` decided for the run; the policy's KL and lengths are one jitted program.
@@ -25,6 +27,7 @@ one of the win rate) score on their spec's path, token space or host (`judging.s
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +62,27 @@ def judge_agreement(scores: np.ndarray, ground_truth: dict[str, np.ndarray], mod
         if mode in ACCURACY_THRESHOLDS:
             out[f"judge_gt_accuracy/{name}"] = float(np.mean((scores > ACCURACY_THRESHOLDS[mode]) == (values == 1.0)))
     return out
+
+
+class Scored(NamedTuple):
+    """What `Evaluator.score_samples` returns: per example, valid rows only, prompt-major (row = prompt * n + sample
+    with n = eval.samples_per_prompt)."""
+    values: dict[str, np.ndarray]  # "score" (the reward judge's), "kl", "length", "win", "position_agree",
+    #                                "criterion/<name>" (rubric P(yes)), "gt/<name>" (the ground truth's)
+    prompts: list[str]
+    responses: list[str]
+
+    def rows(self, limit: int, criterion_names) -> list[dict]:
+        """The first `limit` examples as the run's samples rows: prompt, response, judge score, criteria, gt/*."""
+        out = []
+        for b in range(min(limit, len(self.prompts))):
+            row = {"prompt": self.prompts[b], "response": self.responses[b],
+                   "judge_score": float(self.values["score"][b])}
+            if criterion_names and f"criterion/{criterion_names[0]}" in self.values:
+                row["criteria"] = {n: float(self.values[f"criterion/{n}"][b]) for n in criterion_names}
+            row.update({k: float(v[b]) for k, v in self.values.items() if k.startswith("gt/")})
+            out.append(row)
+        return out
 
 
 class Evaluator:
@@ -111,12 +135,13 @@ class Evaluator:
                 self.independent_baseline = independent_eval.load_policy(
                     e.baseline, "config.eval.evaluator.baseline", mesh, None, c.policy.dtype, parts.policy_tokenizer)[0]
 
-    def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout,
+    def _judge(self, frozen: ts.Frozen, roll: rollout_lib.Rollout, initial: rollout_lib.Rollout | None,
                references: tuple, texts: tuple[list[str], list[str]], key: jax.Array) -> dict:
         """The reward judge's scores (and criteria) and the win rate against the initial policy's responses,
         each on its spec's path (token space or host, as `judging.make_spec` decided). `references`: the batch's
         (reference_bf, reference_mask_bf), or () without config.data.reference_field; `texts`: the whole batch's
-        (prompts, responses) as text, which a remote judge scores at its endpoint."""
+        (prompts, responses) as text, which a remote judge scores at its endpoint; `initial`: None when neither the
+        win rate nor a pairwise reward judge compares with the initial policy."""
         k_score, k_pair = jax.random.split(key)
         parts, n = self.parts, self.c.eval.samples_per_prompt
         if self.remote is not None:
@@ -131,7 +156,8 @@ class Evaluator:
                 roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, rng,
                 rows_per_prompt=n, **kwargs)
 
-        against_initial = dict(responses_b_br=initial.response_tokens_br, response_b_mask_br=initial.response_mask_br)
+        against_initial = ({} if initial is None else
+                           dict(responses_b_br=initial.response_tokens_br, response_b_mask_br=initial.response_mask_br))
         # A pairwise reward judge scores the current policy's response against its baseline (see the docstring).
         baseline = {}
         if parts.judge_spec.mode == "pairwise":
@@ -154,20 +180,21 @@ class Evaluator:
                                               self.batches, jax.random.key(self.c.seed + 2), e.baseline)
         return {f"eval/evaluator_{k}": v for k, v in independent_eval.summarize(per_prompt, self.c.seed).items()}
 
-    def evaluate(self, state: ts.TrainState, frozen: ts.Frozen, step: int, writer) -> dict[str, float]:
-        if not self.batches:
-            return {}
-        key = jax.random.key(self.c.seed + 1)  # the same eval key every time: curves compare like with like
-        policy = ts.trained_policy(self.c, state.params, frozen)  # with LoRA: the merged weights, once
+    def score_samples(self, policy, frozen: ts.Frozen, key: jax.Array) -> Scored:
+        """Samples `eval.samples_per_prompt` responses to every held-out prompt from `policy` (params), judges them
+        with the reward judge (and the win rate's pairwise judge), takes their KL to the reference and grades them
+        with the ground truth: per example, valid rows only, prompt-major. The sampler, the judge's path and the
+        grader are the training run's; `evaluate` averages this, scripts/overoptimisation.py ranks it."""
         tokenizer, criterion_names = self.parts.policy_tokenizer, self.parts.judge_spec.criterion_names
         per_example: dict[str, list] = {}
-        rows = []
+        all_prompts, all_responses = [], []
         for i, batch in enumerate(self.batches):
             k_init, k_roll, k_judge = jax.random.split(jax.random.fold_in(key, i), 3)
             tokens, mask = data_lib.to_global((batch.tokens_bp, batch.mask_bp), shd.batch_sharding(self.mesh, 1))
             references = () if batch.reference_bf is None else data_lib.to_global(
                 (batch.reference_bf, batch.reference_mask_bf), shd.batch_sharding(self.mesh, 1))
-            if self.initial[i] is None:
+            # The initial policy's responses: the win rate's and a pairwise reward judge's baseline (else not drawn).
+            if self.initial[i] is None and (self.pair_spec is not None or self.parts.judge_spec.mode == "pairwise"):
                 self.initial[i] = self._sample(frozen.reference, tokens, mask, k_init)
             roll = self._sample(policy, tokens, mask, k_roll)
             # Every process sees the whole evaluation batch on the host (the arrays span all processes).
@@ -188,16 +215,20 @@ class Evaluator:
             if out.get("criteria") is not None:
                 for j, name in enumerate(criterion_names):
                     per_example.setdefault(f"criterion/{name}", []).extend(out["criteria"][valid, j].tolist())
-            for b in np.nonzero(valid)[0]:
-                if len(rows) < self.c.eval.num_samples_logged:
-                    row = {"prompt": prompts[b], "response": responses[b], "judge_score": float(out["score"][b])}
-                    if out.get("criteria") is not None:
-                        row["criteria"] = {n: float(out["criteria"][b, j]) for j, n in enumerate(criterion_names)}
-                    row.update({f"gt/{k}": float(np.asarray(v)[b]) for k, v in gt.items()})
-                    rows.append(row)
-        writer.write_samples(step, rows)
-        agreement = judge_agreement(np.asarray(per_example["score"]), {
-            k[len("gt/"):]: np.asarray(v) for k, v in per_example.items() if k.startswith("gt/")},
+            all_prompts += [p for p, v in zip(prompts, valid) if v]
+            all_responses += [r for r, v in zip(responses, valid) if v]
+        return Scored({k: np.asarray(v) for k, v in per_example.items()}, all_prompts, all_responses)
+
+    def evaluate(self, state: ts.TrainState, frozen: ts.Frozen, step: int, writer) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        key = jax.random.key(self.c.seed + 1)  # the same eval key every time: curves compare like with like
+        policy = ts.trained_policy(self.c, state.params, frozen)  # with LoRA: the merged weights, once
+        scored = self.score_samples(policy, frozen, key)
+        writer.write_samples(step, scored.rows(self.c.eval.num_samples_logged, self.parts.judge_spec.criterion_names))
+        per_example = scored.values
+        agreement = judge_agreement(per_example["score"], {
+            k[len("gt/"):]: v for k, v in per_example.items() if k.startswith("gt/")},
             self.parts.judge_spec.mode)
         independent = self.independent_metrics(state, frozen) if self.independent is not None else {}
         return {**{f"eval/{METRIC_NAMES.get(k, k)}": float(np.mean(v)) for k, v in per_example.items()},
