@@ -8,7 +8,10 @@ each seed is another draw of the SFT policy and judge, built once and cached), j
 estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
 beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python rule reward
 `rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only), eval=test|validation (the
-held-out split the evaluations read, default test: choose steps and settings with eval=validation, report test).
+held-out split the evaluations read, default test: choose steps and settings with eval=validation, report test),
+ensemble=N1+N2 (the judges of builds N1, N2, ... join build's judge in a judge ensemble; '+' separates them),
+agg=mean|min|lcb (how the ensemble's scores become the reward: their mean, minimum, or lower confidence bound
+mean - k std; default mean), k=K (lcb's k, default 1).
 
 Splits (rlaif_jax.testbed.world.SPLITS): the RL prompts, the SFT demonstrations and the judge's training questions
 all come from the 64 training instructions; the 8 validation and 8 test instructions are adjective-topic
@@ -37,6 +40,12 @@ prompt's samples, with no reward shaping: its pull to the reference is algo.dpo_
 The judge is trained on the pairwise question too, so the evaluation reports the win rate against the initial
 policy (`eval.win_rate`, the same judge asked the pairwise question) for every judge setting.
 
+`ensemble=2+3` scores every response with the judges of builds 2 and 3 as well as build's (each build's judge is
+another draw of the same recipe, so the members disagree where their training left them unsure) and aggregates
+their scores (`config.judge.ensemble_*`, rlaif_jax/judging/ensemble.py; Coste et al. 2023, Eisenstein et al.
+2023): `agg=min` and `agg=lcb` penalise responses the judges disagree on. The program builds the extra builds too
+(`testbed.ensemble_seeds`).
+
 The models and the prompt file are those of the testbed's default build (rlaif_jax/testbed/build.py). This
 config only names their cache folders; `testbed.build` asks the training program to build them (deterministic,
 about 2-3 minutes on a laptop CPU) or reuse the cached build before it loads anything.
@@ -50,9 +59,30 @@ from rlaif_jax.testbed import build, world
 CRITERIA = {"relevance": "relevant", "coherence": "coherent", "harmlessness": "harmless"}
 
 
+# agg= -> config.judge.ensemble_aggregate (lcb: the lower confidence bound mean - k std).
+AGGREGATES = {"mean": "mean", "min": "min", "lcb": "mean_minus_std"}
+
+
+def _ensemble_seeds(a) -> tuple[int, ...]:
+    """The builds of ensemble=N1+N2 (none without it), checked with agg= and k=."""
+    try:
+        seeds = tuple(int(n) for n in a.ensemble.split("+")) if a.ensemble else ()
+    except ValueError:
+        raise ValueError(f"testbed ensemble={a.ensemble!r}; use build seeds joined by '+', e.g. ensemble=2+3") from None
+    if a.build in seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"testbed ensemble={a.ensemble!r} repeats a build (build={a.build}): each judge once")
+    if a.agg not in AGGREGATES:
+        raise ValueError(f"testbed agg={a.agg!r}; use one of {tuple(AGGREGATES)}")
+    if a.agg != "mean" and not seeds:
+        raise ValueError(f"testbed agg={a.agg} aggregates a judge ensemble: name its builds with ensemble=N1+N2")
+    if a.k != -1.0 and a.agg != "lcb":
+        raise ValueError(f"testbed k={a.k} is agg=lcb's (mean - k std), not agg={a.agg}'s")
+    return seeds
+
+
 def get_config(arg: str = ""):
     a = parse_arg(arg, small=False, seed=0, build=1, judge="rubric", estimator="grpo", kl=-1.0, beta=0.3, steps=0,
-                  rule=0.0, eval="test")
+                  rule=0.0, eval="test", ensemble="", agg="mean", k=-1.0)
     if a.judge not in ("rubric", "relevance", "pairwise"):
         raise ValueError(f"testbed judge={a.judge!r}; use rubric, relevance or pairwise")
     if a.estimator not in ("grpo", "online_dpo"):
@@ -62,13 +92,14 @@ def get_config(arg: str = ""):
     if a.estimator == "online_dpo" and a.judge != "pairwise":
         raise ValueError(f"testbed estimator=online_dpo learns from preferences: it needs judge=pairwise, not "
                          f"judge={a.judge}")
+    ensemble_seeds = _ensemble_seeds(a)
     # The small variant uses the same models (a faster-built judge does not learn relevance well enough to train
     # against).
     art = build.locate(build.seeded_config(a.build))
 
     c = config_lib.base_config()
     # The program builds or reuses `art` (build.ensure_built).
-    c.testbed = ml_collections.ConfigDict({"build": True, "seed": a.build})
+    c.testbed = ml_collections.ConfigDict({"build": True, "seed": a.build, "ensemble_seeds": ensemble_seeds})
     c.seed = a.seed
     c.policy.path = art.policy_dir
     c.judge.path = art.judge_dir
@@ -85,6 +116,11 @@ def get_config(arg: str = ""):
     # Every judge row, the win rate's pairwise ones included: <bos> + 11 template words + 4 instruction words +
     # 2 responses of up to rollout.max_new_tokens = 20 (the stop token is not shown).
     c.judge.max_len = 56
+    c.judge.ensemble_paths = tuple(build.locate(build.seeded_config(n)).judge_dir for n in ensemble_seeds)
+    if ensemble_seeds:
+        c.judge.ensemble_aggregate = AGGREGATES[a.agg]
+        if a.agg == "lcb":
+            c.judge.ensemble_std_coef = a.k if a.k != -1.0 else 1.0
 
     c.data.path = art.prompts_file  # the train split
     c.data.eval_path = art.eval_prompts_file(a.eval)  # raises on a split other than validation / test

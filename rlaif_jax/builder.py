@@ -7,14 +7,15 @@
 
 What plan mode compiles is by construction what training compiles: every decision is taken here, once, for both:
   - the model configs, with `config.compute`'s model settings (`config.model_compute_settings`) on the trained
-    models (policy, reference, critic) and its attention settings on the judge
+    models (policy, reference, critic) and its attention settings on the judge (and a judge ensemble's other
+    members, config.judge.ensemble_paths: `Models.extra_judges`, `Frozen.extra_judges`)
   - the sampler's settings (`rollout.SamplingConfig`): its stop ids are the ones the judge cuts responses at
   - the judge path (`JudgeSpec.path`, from `judging.make_spec`): "token_space" or "host" (re-tokenisation, only
     with `config.train.allow_tokenizer_mismatch`); `judging.load_judge` logs it, plan mode prints it
   - the step's path (`train_step.host_path_reasons`): one fused program (`train_step.make_train_step`), or, when
     a reward leaves the graph (a host judge path, Python reward functions), two programs with the host work
     between them (`train_step.make_host_judge_step`); logged once here
-  - the shardings of the params, the train state and the frozen models
+  - the shardings of the params, the train state and the frozen models (every judge's as `hf.load_model` gives them)
 
 Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
 """
@@ -67,12 +68,12 @@ def _abstract_value_head(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str,
             "bias": jax.ShapeDtypeStruct((), dtype, sharding=shd.replicated(mesh))}
 
 
-def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token_ids, mesh: jax.sharding.Mesh,
-                      rules) -> judging.Judge:
-    """`judging.load_judge`'s result from config.json and tokenizer files alone (params as ShapeDtypeStructs):
-    the same spec, built by the same `judging.make_spec` from the same arguments, and the same check of a reward
-    model's settings."""
-    folder = hf.resolve_path(config.path, weights=False)
+def _judge_from_shapes(config: ml_collections.ConfigDict, path: str, policy_tok, stop_token_ids,
+                       mesh: jax.sharding.Mesh, rules) -> judging.Judge:
+    """`judging.load_judge`'s result for the judge folder `path` from config.json and tokenizer files alone (params
+    as ShapeDtypeStructs): the same spec, built by the same `judging.make_spec` from the same arguments, and the
+    same check of a reward model's settings."""
+    folder = hf.resolve_path(path, weights=False)
     cfg = hf.load_config(folder, config.dtype, config.param_dtype)
     tok = hf.load_tokenizer(folder)
     spec = judging.make_spec(config, tok, policy_tok, stop_token_ids, cfg.eos_token_ids)
@@ -81,6 +82,16 @@ def _judge_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token
         reward_model.check_read_settings(folder, spec)
         params = reward_model.RewardModelParams(params, _abstract_value_head(cfg, mesh))
     return judging.Judge(cfg, params, spec, tok)
+
+
+def _ensemble_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_token_ids, mesh: jax.sharding.Mesh,
+                          rules) -> tuple[judging.Judge, ...]:
+    """`judging.load_ensemble`'s result from shapes (`_judge_from_shapes` of each member, checked alike)."""
+    judging.validate_config(config)
+    first = _judge_from_shapes(config, config.path, policy_tok, stop_token_ids, mesh, rules)
+    return (first,) + tuple(
+        judging.loading.check_member(first, _judge_from_shapes(config, path, policy_tok, stop_token_ids, mesh, rules),
+                                     i, path) for i, path in enumerate(config.ensemble_paths))
 
 
 def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights: bool = True) -> RunParts:
@@ -102,16 +113,20 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     reward_rules.check_token_ids(c.reward, policy_cfg.vocab_size)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
     if c.judge.mode == "remote":  # no local model: the host path calls the endpoint
-        judge = judging.Judge(policy_cfg, {}, judging.remote_spec(c.judge, sampling.stop_ids or None), policy_tok)
+        judges = (judging.Judge(policy_cfg, {}, judging.remote_spec(c.judge, sampling.stop_ids or None), policy_tok),)
         log.info("judge: mode=remote, api=%s (an HTTP endpoint instead of a local model)", c.judge.remote_api)
-    elif weights:  # load_judge logs the judge's path
-        judge = judging.load_judge(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
+    elif weights:  # load_ensemble logs each judge's path
+        judges = judging.load_ensemble(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
     else:
-        judge = _judge_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
-    # The judge only runs forwards: of the compute settings, its attention's and the micro-batches apply.
-    judge = judge._replace(cfg=judge.cfg.replace(attention=c.compute.attention,
-                                                 attention_chunk=c.compute.attention_chunk,
-                                                 forward_microbatches=c.compute.forward_microbatches))
+        judges = _ensemble_from_shapes(c.judge, policy_tok, sampling.stop_ids or None, mesh, rules)
+    if len(judges) > 1:
+        log.info("judge ensemble: %d judges, reward = %s of their scores%s", len(judges), c.judge.ensemble_aggregate,
+                 f" (std coef {c.judge.ensemble_std_coef})" if c.judge.ensemble_aggregate == "mean_minus_std" else "")
+    # The judges only run forwards: of the compute settings, their attention's and the micro-batches apply.
+    judges = tuple(j._replace(cfg=j.cfg.replace(attention=c.compute.attention, attention_chunk=c.compute.attention_chunk,
+                                                forward_microbatches=c.compute.forward_microbatches))
+                   for j in judges)
+    judge = judges[0]  # judge.path's: its spec and tokenizer are every member's
     if judge.spec.path == "host" and judge.spec.mode != "remote" and not c.train.allow_tokenizer_mismatch:
         raise ValueError(
             f"the judge's tokenizer ({c.judge.path}) differs from the policy's ({c.policy.path}), so judge prompts "
@@ -127,13 +142,14 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         critic_params = {"backbone": backbone, "head": head}
 
     # ---- the train state (born sharded) and the frozen models
-    models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg)
+    models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg,
+                       extra_judges=tuple(j.cfg for j in judges[1:]))
     # The reference is a device-side copy (same shardings): the policy's buffers are donated to the step and
     # updated in place, and the checkpoint is read only once. With LoRA the policy's weights are not trained: they
     # are the reference, one copy, and the train state holds the adapters (lora.py).
     copy = weights and not c.policy.lora_rank
     reference = jax.tree.map(jnp.copy, policy_params) if copy else policy_params
-    frozen = ts.Frozen(reference=reference, judge=judge.params)
+    frozen = ts.Frozen(reference=reference, judge=judge.params, extra_judges=tuple(j.params for j in judges[1:]))
     init = functools.partial(ts.init_state, c, models)
     key = jax.random.key(c.seed)
     state_shapes = jax.eval_shape(init, policy_params, key, critic_params)

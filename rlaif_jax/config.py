@@ -270,10 +270,13 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
 def _validate_testbed(t: ml_collections.ConfigDict) -> None:
     # experiments/testbed.py's request that the program build (or reuse) the testbed: testbed.build.ensure_built
     # reads it. Checked here, not in testbed/build.py, whose source is part of the testbed's cache key.
-    if (set(t.keys()) != {"build", "seed"} or not isinstance(t.build, bool) or isinstance(t.seed, bool)
-            or not isinstance(t.seed, int)):
+    seeds = t.get("ensemble_seeds", ())
+    if (not {"build", "seed"} <= set(t.keys()) <= {"build", "seed", "ensemble_seeds"} or not isinstance(t.build, bool)
+            or isinstance(t.seed, bool) or not isinstance(t.seed, int) or isinstance(seeds, str)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ValueError(f"config.testbed={t.to_dict()!r}; it holds build, a bool (True: build or reuse the "
-                         "testbed's models before anything loads), and seed, the build seed (an int)")
+                         "testbed's models before anything loads), seed, the build seed (an int), and optionally "
+                         "ensemble_seeds, the builds (ints) whose judges join a judge ensemble")
 
 
 def section_validators() -> dict[str, Callable[[Any], None]]:
@@ -396,10 +399,16 @@ def _check_references(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_online_dpo(c: ml_collections.ConfigDict) -> None:
-    """What online_dpo needs of the other sections: a pairwise judge, no critic, no reward shaping."""
+    """What online_dpo needs of the other sections: a pairwise judge (a judge ensemble's mean), no critic, no reward
+    shaping."""
     if c.judge.mode != "pairwise":
         raise ValueError(f"algo.estimator='online_dpo' learns from a pairwise judge's preferences: set "
                          f"config.judge.mode='pairwise' (it is {c.judge.mode!r}) with a {{response_b}} template")
+    if c.judge.ensemble_aggregate != "mean":
+        # min_k P_k(a > b) = 1 - max_k P_k(b > a): a pessimistic aggregate lowers both orders of a pair.
+        raise ValueError(f"config.judge.ensemble_aggregate={c.judge.ensemble_aggregate!r} with algo.estimator="
+                         "'online_dpo': its win rates need P(b better) = 1 - P(a better), which only the members' "
+                         "'mean' keeps; set config.judge.ensemble_aggregate='mean'")
     if c.critic.kind != "none":
         raise ValueError(f"algo.estimator='online_dpo' trains no critic: set config.critic.kind='none' "
                          f"(it is {c.critic.kind!r})")

@@ -5,7 +5,10 @@ compare like with like) it measures, per example, then averages into `eval/...` 
   judge_score         the reward judge's score (and each rubric criterion's P(yes)); a pairwise reward judge
                       scores P(current policy beats its baseline), both presentation orders: the data's reference
                       response with reward.pairwise_baseline="dataset_reference", else the initial policy's
-                      response (the reference_sample baseline, and online_dpo's judge)
+                      response (the reference_sample baseline, and online_dpo's judge). A judge ensemble
+                      (config.judge.ensemble_paths): the aggregate the reward uses, and judge_member_{k}_score,
+                      judge_ensemble_std (the members' population std); criteria and position agreement are
+                      member 0's (judge.path's), the win rate the members' mean
   win_rate            a pairwise judge's P(current policy beats the initial policy), both presentation orders
   position_agreement  how often both orders agree
   kl                  sum over the response of the k1 estimate log pi - log pi_ref (sampled from pi: unbiased)
@@ -27,6 +30,7 @@ one of the win rate) score on their spec's path, token space or host (`judging.s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -148,13 +152,16 @@ class Evaluator:
             return {"score": self.remote.score(*texts)[0], "criteria": None}
         repeated = [jnp.repeat(x, n, axis=0) for x in references]  # prompt-major rows, as the rollout's
 
-        def judge(spec, rng, **kwargs):
+        members = ts.judge_members(parts.models, frozen.judge, frozen.extra_judges)
+
+        def judge(spec, rng, how, **kwargs):  # every judge of an ensemble, their scores aggregated `how`
             if "reference" in spec.slots:
                 kwargs.update(references_bf=repeated[0], reference_mask_bf=repeated[1])
-            return judging.score_outside_jit(
-                frozen.judge, parts.models.judge, spec, parts.policy_tokenizer, parts.judge_tokenizer,
-                roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br, rng,
-                rows_per_prompt=n, **kwargs)
+            score_fn = judging.ensemble.combine([functools.partial(
+                judging.score_outside_jit, params, cfg, spec, parts.policy_tokenizer, parts.judge_tokenizer)
+                for params, cfg in members], how, self.c.judge.ensemble_std_coef)
+            return score_fn(roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br, roll.response_mask_br,
+                            rng, rows_per_prompt=n, **kwargs)
 
         against_initial = ({} if initial is None else
                            dict(responses_b_br=initial.response_tokens_br, response_b_mask_br=initial.response_mask_br))
@@ -163,10 +170,13 @@ class Evaluator:
         if parts.judge_spec.mode == "pairwise":
             baseline = (dict(responses_b_br=repeated[0], response_b_mask_br=repeated[1])
                         if self.c.reward.pairwise_baseline == "dataset_reference" else against_initial)
-        scores, jm = judge(parts.judge_spec, k_score, **baseline)
+        scores, jm = judge(parts.judge_spec, k_score, self.c.judge.ensemble_aggregate, **baseline)
         out = {"score": scores, "criteria": jm.criterion_p_yes_bc}
-        if self.pair_spec is not None:
-            out["win"], pm = judge(self.pair_spec, k_pair, **against_initial)
+        if jm.member_scores_kb is not None:  # an ensemble: each judge's score and their disagreement
+            out.update({f"judge_member_{k}_score": s for k, s in enumerate(jm.member_scores_kb)})
+            out["judge_ensemble_std"] = jnp.std(jm.member_scores_kb, axis=0)
+        if self.pair_spec is not None:  # an ensemble's win rate: its judges' mean P(win)
+            out["win"], pm = judge(self.pair_spec, k_pair, "mean", **against_initial)
             out["position_agree"] = pm.position_agree_b
         return out
 

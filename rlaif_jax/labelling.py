@@ -448,6 +448,7 @@ def run_cli(judge_cfg: ml_collections.ConfigDict, c: ml_collections.ConfigDict, 
             c.few_shot = read_exemplars(few_shot_path)
         validate_config(c, judge_cfg)
         judging.validate_config(judge_cfg)
+        judging.ensemble.check_one_judge(judge_cfg)
         config_lib.section_validators()["mesh"](mesh_cfg)
         mesh, rules = shd.mesh_from_config(mesh_cfg)
     except errors.UserError:

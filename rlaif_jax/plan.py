@@ -55,7 +55,8 @@ def step_flops(c: ml_collections.ConfigDict, models: ts.Models, spec: judging.Ju
     attention scores omitted). XLA's own count is not used because it counts a while-loop body once."""
     B, n = c.train.batch_size, c.rollout.n_samples
     P, R = c.data.max_prompt_len, c.rollout.max_new_tokens
-    Np, Nj = matmul_params(models.policy), matmul_params(models.judge)
+    # A judge ensemble's members each run the judge forward over the same rows.
+    Np, Nj = matmul_params(models.policy), sum(matmul_params(m) for m in (models.judge, *models.extra_judges))
     rows = B * n
     dpo = c.algo.estimator == "online_dpo"
     seq = (2 * B if dpo else rows) * (P + R)  # online_dpo learns from one (chosen, rejected) pair per prompt
@@ -121,14 +122,21 @@ def compile_host_path(c: ml_collections.ConfigDict, parts: builder.RunParts, pro
     truncated_n = jax.ShapeDtypeStruct((queries,), jnp.bool_)
     principle_index_b = jax.eval_shape(functools.partial(
         judging.sample_principles, spec, batch=examples, rows_per_prompt=examples // c.train.batch_size), keys[1])
-    judge = judging.score_queries_jit.lower(parts.frozen.judge, models.judge, spec, tokens_nt, tokens_nt,
-                                            truncated_n, principle_index_b, keys[1]).compile()
+    # One judge forward per judge of an ensemble, each its own program (the host path calls them one by one).
+    members = ts.judge_members(models, parts.frozen.judge, parts.frozen.extra_judges)
+    judges = {f"judge forward{f' {k}' if k else ''}": judging.score_queries_jit.lower(
+        params, cfg, spec, tokens_nt, tokens_nt, truncated_n, principle_index_b, keys[1]).compile()
+        for k, (params, cfg) in enumerate(members)}
+    judge = judges["judge forward"]
     scores_b, judge_metrics = ckpt_lib.with_shardings(judge.out_info, judge.output_shardings)
+    if len(members) > 1:  # the ensemble's aggregate and its members' scores (`judging.ensemble.combine`)
+        judge_metrics = judge_metrics.replace(
+            member_scores_kb=jax.ShapeDtypeStruct((len(members), examples), jnp.float32))
     if c.algo.estimator == "online_dpo":  # the host judge hands on each response's win rate, not the pairs'
         scores_b = jax.eval_shape(functools.partial(algorithms.win_rates, n_samples=c.rollout.n_samples), scores_b)
     summary = jax.eval_shape(lambda m: m.summary(spec), judge_metrics)
     learn = step.learn.lower(parts.state, parts.frozen, roll, scores_b, summary, _host_terms(c, roll), keys).compile()
-    return {"rollout": rollout, "judge forward": judge, "learn": learn}
+    return {"rollout": rollout, **judges, "learn": learn}
 
 
 def compile_phases(c: ml_collections.ConfigDict, parts: builder.RunParts, mesh: jax.sharding.Mesh, prompts_bp
@@ -146,7 +154,8 @@ def compile_phases(c: ml_collections.ConfigDict, parts: builder.RunParts, mesh: 
     roll, inputs, keys = ckpt_lib.with_shardings(rollout.out_info, rollout.output_shardings)
 
     def judge(frozen, roll, inputs, key):
-        scores_b, metrics = ts.judge_phase(c, ts.token_space_score_fn(c, models, spec, frozen.judge), roll, key,
+        scores_b, metrics = ts.judge_phase(c, ts.token_space_score_fn(c, models, spec, frozen.judge,
+                                                                      extra_judges=frozen.extra_judges), roll, key,
                                            inputs)
         return scores_b, metrics.summary(spec)
 
@@ -210,7 +219,10 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = 
     report = {
         "devices": mesh.size, "mesh": dict(mesh.shape), "judge_mode": spec.mode, "judge_path": spec.path,
         "policy_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.frozen.reference)) / 1e9,
-        "judge_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(parts.frozen.judge)) / 1e9,
+        # Every judge of an ensemble (config.judge.ensemble_paths) counted.
+        "judge_params_b": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+            (parts.frozen.judge, parts.frozen.extra_judges))) / 1e9,
+        "judges": 1 + len(parts.frozen.extra_judges),
         **largest, "device_memory_gib": device_memory_gib, "fits": largest["peak_gib"] <= device_memory_gib,
         "tflops_per_step": sum(flops.values()) / 1e12,
         "tflops_per_step_per_device": sum(flops.values()) / 1e12 / mesh.size,
@@ -233,7 +245,8 @@ def plan(c: ml_collections.ConfigDict, device_memory_gib: float, phases: bool = 
 
 def print_report(c: ml_collections.ConfigDict, report: dict[str, Any], flops: dict[str, float]) -> None:
     fit = f"of {report['device_memory_gib']:g}: " + ("fits" if report["fits"] else "DOES NOT FIT")
-    lines = [f"plan: {report['policy_params_b']:.2f}B policy, {report['judge_params_b']:.2f}B judge "
+    judges = f" ({report['judges']} judges, an ensemble)" if report["judges"] > 1 else ""
+    lines = [f"plan: {report['policy_params_b']:.2f}B policy, {report['judge_params_b']:.2f}B judge{judges} "
              f"({report['judge_mode']}, {report['judge_path']} path), {report['devices']} devices {report['mesh']}, "
              f"batch {c.train.batch_size} x {c.rollout.n_samples} samples, "
              f"prompt {c.data.max_prompt_len} + {c.rollout.max_new_tokens} tokens"]

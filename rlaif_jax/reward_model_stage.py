@@ -66,7 +66,8 @@ from rlaif_jax.models.config import ModelConfig
 log = logging.getLogger("rlaif_jax")
 
 # The judge settings that only a judge that loads a model reads; here the model is config.policy's.
-UNREAD_JUDGE_SETTINGS = ("path", "dtype", "param_dtype")
+UNREAD_JUDGE_SETTINGS = ("path", "dtype", "param_dtype", "ensemble_paths", "ensemble_aggregate",
+                         "ensemble_std_coef")
 # The judge settings that decide the rows a reward model reads (what an RM experiment copies from its RL
 # experiment's judge section; reward_model.read_settings records their effect in the exported folder).
 ROW_SETTINGS = ("template", "chat_template", "answer_prefix", "max_len", "truncation", "include_stop_token",
@@ -120,6 +121,7 @@ def _validate_judge(j: ml_collections.ConfigDict, policy_path: str) -> None:
 
 
 def _validate_label_judge(j: ml_collections.ConfigDict) -> None:
+    judging.ensemble.check_one_judge(j, "config.label_judge")
     if not j.path:
         return
     if j.mode != "pairwise":

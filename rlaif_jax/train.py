@@ -185,6 +185,8 @@ def check_inputs(c: ml_collections.ConfigDict) -> None:
     safetensors headers parse and fit their files, tokenizer files are there (hub ids are checked when fetched)."""
     hf.check_folder(c.policy.path, "config.policy.path")
     hf.check_folder(c.judge.path, "config.judge.path")
+    for i, path in enumerate(c.judge.ensemble_paths):
+        hf.check_folder(path, f"config.judge.ensemble_paths[{i}]")
     if c.critic.path:
         hf.check_folder(c.critic.path, "config.critic.path")
     program.check_data_paths(c.data)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -59,6 +59,8 @@ class TrainState:
 class Frozen:
     reference: Params         # the initial policy, frozen
     judge: Params             # judge params (and value head in reward-model mode)
+    # A judge ensemble's other members (config.judge.ensemble_paths, in order; `judge` is member 0): () = one judge.
+    extra_judges: tuple[Params, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Models:
     policy: ModelConfig
     judge: ModelConfig
     critic: ModelConfig | None = None  # separate critic's backbone config
+    extra_judges: tuple[ModelConfig, ...] = ()  # the configs of Frozen.extra_judges (a judge ensemble's other members)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -381,12 +384,31 @@ def judged_examples(c: ml_collections.ConfigDict) -> int:
     return B * len(algorithms.sample_pairs(n)[0]) if c.algo.estimator == "online_dpo" else B * n
 
 
+def judge_members(models: Models, judge_params: Params, extra_judges: Sequence[Params] = ()
+                  ) -> tuple[tuple[Params, ModelConfig], ...]:
+    """(params, config) of every judge the reward reads: the judge (`Frozen.judge`), then a judge ensemble's other
+    members (`Frozen.extra_judges`, configs `models.extra_judges`)."""
+    if len(extra_judges) != len(models.extra_judges):
+        raise ValueError(f"{len(extra_judges)} extra judges' params for {len(models.extra_judges)} extra judge configs")
+    return ((judge_params, models.judge),) + tuple(zip(extra_judges, models.extra_judges))
+
+
+def ensemble_score_fn(c: ml_collections.ConfigDict, members: Sequence[tuple[Params, ModelConfig]],
+                      bind: Callable) -> Callable:
+    """The judge's score function as `judge_phase` calls it: `bind(params, cfg)` of each member (`judge_members`),
+    aggregated by `judging.ensemble.combine` as config.judge.ensemble_aggregate says (one member: its own)."""
+    return judging.ensemble.combine([bind(params, cfg) for params, cfg in members], c.judge.ensemble_aggregate,
+                                    c.judge.ensemble_std_coef)
+
+
 def token_space_score_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec, judge_params,
-                         score: Callable = judging.score) -> Callable:
+                         score: Callable = judging.score, extra_judges: tuple = ()) -> Callable:
     """`judging.score` (or `score_jit`) with the judge bound, as `judge_phase` calls it: the prompt part of a group's
-    judge rows runs once where config.compute.share_prompt_forward says so."""
-    return functools.partial(score, judge_params, models.judge, judge_spec,
-                             share_prompt=c.compute.share_prompt_forward)
+    judge rows runs once where config.compute.share_prompt_forward says so. With a judge ensemble, `extra_judges`
+    are the other members' params (`Frozen.extra_judges`): each member scores the rows and the scores are
+    aggregated (`ensemble_score_fn`)."""
+    return ensemble_score_fn(c, judge_members(models, judge_params, extra_judges), lambda params, cfg: functools.partial(
+        score, params, cfg, judge_spec, share_prompt=c.compute.share_prompt_forward))
 
 
 def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_lib.Rollout, key,
@@ -599,8 +621,9 @@ def make_step_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judgi
                              k_roll)
         inputs = judge_inputs(c, models, sampling, frozen, judge_spec, prompts_bp, prompt_mask_bp, references_bf,
                               reference_mask_bf, jax.random.fold_in(k_roll, 1))
-        scores_b, judge_metrics = judge_phase(c, token_space_score_fn(c, models, judge_spec, frozen.judge), roll,
-                                              k_judge, inputs)
+        scores_b, judge_metrics = judge_phase(c, token_space_score_fn(c, models, judge_spec, frozen.judge,
+                                                                      extra_judges=frozen.extra_judges),
+                                              roll, k_judge, inputs)
         judge_metrics = judge_metrics.summary(judge_spec)
         new_state, metrics = learn_phase(c, models, state, frozen, roll, scores_b, judge_metrics, k_update)
         return new_state.replace(rng=rng), metrics
@@ -693,10 +716,11 @@ def make_host_judge_step(c: ml_collections.ConfigDict, models: Models, judge_spe
             scores, _, stats = client.score(prompts, completions)
             return reward_functions.to_global_rows(scores, roll.stopped_b), stats.metrics()
         if judge_spec.path == "host":
-            score_fn = functools.partial(judging.score_host, frozen.judge, models.judge, judge_spec,
-                                         policy_tokenizer, judge_tokenizer)
+            score_fn = ensemble_score_fn(c, judge_members(models, frozen.judge, frozen.extra_judges), lambda params, cfg: functools.partial(
+                judging.score_host, params, cfg, judge_spec, policy_tokenizer, judge_tokenizer))
         else:  # the path exists for the reward functions: the token-space judge, jitted on its own
-            score_fn = token_space_score_fn(c, models, judge_spec, frozen.judge, judging.score_jit)
+            score_fn = token_space_score_fn(c, models, judge_spec, frozen.judge, judging.score_jit,
+                                            frozen.extra_judges)
         scores_b, judge_metrics = judge_phase(c, score_fn, roll, k_judge, inputs)
         return scores_b, judge_metrics.summary(judge_spec)
 

@@ -96,16 +96,20 @@ def main():
     labelled = task.write_judge_eval_file(os.path.join(
         os.path.dirname(config.data.path), f"judge_eval{'_pairwise' if pairwise else ''}_test.jsonl"),
         pairwise=pairwise, split="test")
-    judge = judging.load_judge(config.judge)
-    agreement = judge_eval.evaluate(judge, judge_eval.read_labelled(labelled, pairwise=pairwise), batch_size=64)
-    if pairwise:
-        print(f"\njudge vs ground truth on {int(agreement['examples'])} fresh response pairs: accuracy "
-              f"{agreement['agreement_accuracy']:.3f}, position consistency {agreement['position_consistency']:.3f}",
-              flush=True)
-    else:
-        print(f"\njudge vs ground truth on {int(agreement['examples'])} fresh responses: ROC AUC "
-              f"{agreement['agreement_auc']:.3f}, Spearman {agreement['agreement_spearman']:.3f}, length bias "
-              f"{agreement['length_bias_corr']:+.3f}", flush=True)
+    judges = judging.load_ensemble(config.judge)  # one judge, or each judge of an ensemble (ensemble=)
+    agreements = [judge_eval.evaluate(judge, judge_eval.read_labelled(labelled, pairwise=pairwise), batch_size=64)
+                  for judge in judges]
+    for k, agreement in enumerate(agreements):
+        name = "judge" if len(judges) == 1 else f"ensemble judge {k}"
+        if pairwise:
+            print(f"\n{name} vs ground truth on {int(agreement['examples'])} fresh response pairs: accuracy "
+                  f"{agreement['agreement_accuracy']:.3f}, position consistency "
+                  f"{agreement['position_consistency']:.3f}", flush=True)
+        else:
+            print(f"\n{name} vs ground truth on {int(agreement['examples'])} fresh responses: ROC AUC "
+                  f"{agreement['agreement_auc']:.3f}, Spearman {agreement['agreement_spearman']:.3f}, length bias "
+                  f"{agreement['length_bias_corr']:+.3f}", flush=True)
+    agreement = agreements[0]  # the summary's: the run's own build's judge
 
     # ---- 3 RLAIF
     from rlaif_jax import train

@@ -108,6 +108,29 @@ REJECTED = {
                               "two responses, which a reward model (judge.mode='reward_model') cannot"),
     "pairwise_template_unused": ({"eval.win_rate": False}, "config.eval.pairwise_template is only used for the "
                                  "win rate"),
+    # judge ensembles
+    "ensemble_aggregate": ({"judge.ensemble_paths": ("/j2",), "judge.ensemble_aggregate": "median"},
+                           "config.judge.ensemble_aggregate='median'; use one of ('mean', 'min', 'mean_minus_std')"),
+    "ensemble_aggregate_without_judges": ({"judge.ensemble_aggregate": "min"}, "config.judge.ensemble_aggregate='min' "
+                                          "aggregates an ensemble, but config.judge.ensemble_paths is empty"),
+    "ensemble_empty_path": ({"judge.ensemble_paths": ("/j2", "")}, "config.judge.ensemble_paths=('/j2', '') must be "
+                            "a tuple of judge folders"),
+    "ensemble_std_coef_unread": ({"judge.ensemble_paths": ("/j2",), "judge.ensemble_aggregate": "min",
+                                  "judge.ensemble_std_coef": 2.0},
+                                 "config.judge.ensemble_std_coef=2.0 is read by ensemble_aggregate='mean_minus_std' "
+                                 "only, not 'min'"),
+    "ensemble_std_coef_negative": ({"judge.ensemble_paths": ("/j2",), "judge.ensemble_aggregate": "mean_minus_std",
+                                    "judge.ensemble_std_coef": -1.0},
+                                   "config.judge.ensemble_std_coef=-1.0 must be > 0"),
+    "ensemble_remote": ({"judge.mode": "remote", "judge.path": "", "judge.remote_url": "http://judge",
+                         "judge.remote_model": "m", "judge.ensemble_paths": ("/j2",)},
+                        "config.judge.ensemble_paths: a remote judge (mode 'remote') cannot be ensembled"),
+    "ensemble_min_online_dpo": ({"judge.ensemble_paths": ("/j2",), "judge.ensemble_aggregate": "min",
+                                 "algo.estimator": "online_dpo", "critic.kind": "none", "rollout.n_samples": 2,
+                                 "judge.mode": "pairwise", "reward.kl_coef": 0.0,
+                                 "judge.template": "Q : {prompt} R : {response} R : {response_b} S :"},
+                                "config.judge.ensemble_aggregate='min' with algo.estimator='online_dpo': its win "
+                                "rates need P(b better) = 1 - P(a better)"),
     # policy, critic, compute
     "policy_path": ({"policy.path": ""}, "config.policy.path is empty"),
     "policy_dtype": ({"policy.dtype": "fp8"}, "config.policy.dtype='fp8'; choose one of"),
@@ -164,6 +187,15 @@ def test_the_testbed_section_holds_build_and_its_seed():
         c.testbed = ml_collections.ConfigDict({"build": True, "seed": 3})
     config_lib.validate(c, num_devices=1)
     with c.unlocked():
+        c.testbed.ensemble_seeds = (2, 3)  # builds whose judges join a judge ensemble (experiments/testbed.py)
+    config_lib.validate(c, num_devices=1)
+    with c.unlocked():
+        c.testbed.ensemble_seeds = ("2",)
+    with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'ensemble_seeds': ('2',), 'seed': 3}; "
+                                                   "it holds build")):
+        config_lib.validate(c, num_devices=1)
+    with c.unlocked():
+        del c.testbed["ensemble_seeds"]
         c.testbed.folder = "/tmp/tb"
     with pytest.raises(ValueError, match=re.escape("config.testbed={'build': True, 'folder': '/tmp/tb', 'seed': 3}; "
                                                    "it holds build, a bool")):

@@ -32,7 +32,8 @@ ARGS = {
     "sft_tldr": ["", "runlocal", "fsdp=8,steps=5"],
     "rm_stage": ["", "runlocal", "rl=rlaif_tldr,label_judge=/judge,eval=held_out.jsonl",
                  "rl=rlaif_harmless,fsdp=8,steps=5", "rl=ppo_tldr_details,runlocal,references=refs.jsonl"],
-    "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5"],
+    "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5",
+                "ensemble=2+3,agg=lcb,k=0.5", "ensemble=2,agg=min"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
                      for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")) if not p.endswith("__init__.py"))

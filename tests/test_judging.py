@@ -316,6 +316,22 @@ def test_rubric_arithmetic():
     np.testing.assert_allclose(score, [.5 * .75 + .3 * .2 + .2 * .8, .5 * .5 + .3 * .9 + .2 * .5], atol=1e-6)
 
 
+def test_ensemble_aggregates_against_numpy():
+    """mean, min and mean - k std (population std) over the members (axis 0) against NumPy, and by hand on one
+    column: members (-1, 1, 0) -> mean 0, min -1, std sqrt(2/3)."""
+    scores_kb = np.array([[0.2, -1.0, 0.5, 0.9], [0.6, 1.0, 0.5, -0.3], [0.1, 0.0, 0.5, 0.4]], np.float32)
+    want = {"mean": scores_kb.mean(0), "min": scores_kb.min(0),
+            "mean_minus_std": scores_kb.mean(0) - 2.0 * scores_kb.std(0, ddof=0)}
+    for how, expected in want.items():
+        got = np.asarray(judging.ensemble.aggregate(jnp.asarray(scores_kb), how, 2.0))
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=how)
+    lcb = judging.ensemble.aggregate(jnp.asarray(scores_kb), "mean_minus_std", 2.0)
+    assert float(lcb[1]) == pytest.approx(-2.0 * np.sqrt(2.0 / 3.0), rel=1e-6)
+    assert float(lcb[2]) == pytest.approx(0.5)  # agreeing members: no penalty
+    with pytest.raises(ValueError, match="ensemble aggregate 'median'"):
+        judging.ensemble.aggregate(jnp.asarray(scores_kb), "median")
+
+
 # ------------------------------------------------------------------------------------------ with a judge model
 @pytest.fixture(scope="module")
 def judge_model():

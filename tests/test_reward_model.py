@@ -342,6 +342,8 @@ def test_scalar_model_folder_of_the_ppo_reproduction_loads_as_a_reward_model(tmp
     ("judge", "dtype", "bfloat16", "config.judge.dtype='bfloat16' is not read .* set it to 'float32'"),
     ("judge", "template", "{prompt} only", r"config.judge.template has no \{response\} slot"),
     ("label_judge", "path", "/judge", None),  # a pairwise label judge is accepted ...
+    ("label_judge", "ensemble_paths", ("/j2",), r"config.label_judge.ensemble_paths=\('/j2',\): this program asks "
+                                                 "one judge"),
     ("data", "path", "", "config.data.path is empty"),
     ("train", "batch_size", 12, "config.train.batch_size=12 cannot be split into optim.grad_accum=2 .* use a "
                                 "multiple of 16"),  # 8 devices

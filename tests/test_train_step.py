@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlaif_jax import builder, evaluate, judging, ops, reward_model
+from rlaif_jax import builder, evaluate, judging, ops, plan, reward_model
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
@@ -436,7 +436,8 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     assert (real.models.policy.scan_unroll, real.models.critic.scan_unroll, real.models.judge.scan_unroll) == (2, 2, 1)
     assert (real.models.policy.remat, real.models.critic.remat, real.models.judge.remat) == ("full", "full", "none")
     assert (real.models.policy.logprob_chunk, real.models.critic.logprob_chunk) == (3, 3)
-    assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in real.models.__dict__.values())
+    models = (real.models.policy, real.models.critic, real.models.judge)
+    assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in models)
     assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
     assert isinstance(shapes.frozen.judge, reward_model.RewardModelParams)
     for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):
@@ -504,3 +505,82 @@ def test_evaluation_adds_the_independent_evaluators_numbers(single, world):
         assert metrics["eval/evaluator_harmless_p"] == metrics["eval/evaluator_baseline_harmless_p"]
         assert metrics["eval/evaluator_prompts"] == len(tokens)
     assert out["eval/evaluator_length_a"] > 0 and "eval/evaluator_harmless_rate_ci_high" in out
+
+
+# ------------------------------------------------------------------------------------------------- judge ensembles
+@pytest.fixture(scope="module")
+def ensemble(world, tmp_path_factory):
+    """The counting judge and a second one that counts the other way (strength -3: the more TARGET words, the lower
+    its score), the reward their mean - 0.5 std: one compiled step on one device."""
+    other = tiny.write_counting_judge(str(tmp_path_factory.mktemp("ensemble") / "judge"), strength=-3.0)
+    c = make_config(world, **{"judge.ensemble_paths": (other,), "judge.ensemble_aggregate": "mean_minus_std",
+                              "judge.ensemble_std_coef": 0.5})
+    return c, build(c, one_device_mesh())
+
+
+def test_ensemble_reward_is_the_aggregate_of_each_judge_scored_alone(ensemble, world):
+    """One ensemble step: each judge scores the step's rollout on its own (`judging.score_jit`), and NumPy's mean
+    - 0.5 std over the two, per response, averages to the step's judge/score (the score that shaping turns into
+    the reward); each judge's mean score and their mean disagreement are logged."""
+    c, s = ensemble
+    tokens, mask = prompts(world, seed=1)
+    _, (metrics,) = run_steps(s, one_device_mesh(), s.state, 1, [(tokens, mask)])
+    _, k_roll, k_judge, _ = jax.random.split(s.state.rng, 4)
+    roll = jax.jit(functools.partial(ts.rollout_phase, c, s.models, s.sampling))(s.state.params["policy"], tokens, mask,
+                                                                              k_roll)
+    members = ((s.frozen.judge, s.models.judge), (s.frozen.extra_judges[0], s.models.extra_judges[0]))
+    scores_kb = np.stack([np.asarray(judging.score_jit(
+        params, cfg, s.judge_spec, roll.prompt_tokens_bp, roll.prompt_mask_bp, roll.response_tokens_br,
+        roll.response_mask_br, k_judge, rows_per_prompt=c.rollout.n_samples)[0], np.float64) for params, cfg in members])
+    reward = scores_kb.mean(0) - 0.5 * scores_kb.std(0)
+    assert reward.mean() < scores_kb.mean() - 0.01  # the judges disagree: the penalty is felt
+    np.testing.assert_allclose(metrics["judge/score"], reward.mean(), rtol=1e-5, atol=1e-6)
+    for k in range(2):
+        np.testing.assert_allclose(metrics[f"judge/member_{k}_score"], scores_kb[k].mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["judge/ensemble_std"], scores_kb.std(0).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_of_one_judge_twice_is_that_judge(ensemble, single, batches):
+    """The same compiled ensemble step with its second judge's params replaced by the first's: the members agree
+    (std 0), so mean - 0.5 std is the judge's own score and the step is the single judge's, metric by metric."""
+    _, s = ensemble
+    _, (got,) = run_steps(s, one_device_mesh(), s.state, 1, batches, frozen=s.frozen.replace(
+        extra_judges=(s.frozen.judge,)))
+    _, (want,) = run_steps(single, one_device_mesh(), single.state, 1, batches)
+    assert got["judge/ensemble_std"] == 0 and got["judge/member_0_score"] == got["judge/member_1_score"]
+    assert set(got) - set(want) == {"judge/member_0_score", "judge/member_1_score", "judge/ensemble_std"}
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_an_ensemble_of_two_sizes_builds_and_plans(world, tmp_path):
+    """A 2-layer judge joins the 1-layer counting judge: plan mode's build from config.json and tokenizer files gives
+    training's models and frozen shapes, plan mode counts both judges' forwards in its FLOPs, and the judge phase
+    compiles from those shapes alone with both judges' params among its arguments (as `--plan_phases` compiles it;
+    the whole ensemble step compiles in the tests above)."""
+    other = tiny.write_opinionated_judge(str(tmp_path / "judge2"))
+    c = make_config(world, **{"judge.ensemble_paths": (other,), "judge.ensemble_aggregate": "min"})
+    mesh, rules = one_device_mesh(), [tuple(r) for r in c.mesh.rules]
+    with shd.use_rules(rules), jax.set_mesh(mesh):
+        real = builder.build(c, mesh, rules)
+        shapes = builder.build(c, mesh, rules, weights=False)
+        models, spec = shapes.models, shapes.judge_spec
+        assert models == real.models and (models.judge.num_layers, models.extra_judges[0].num_layers) == (1, 2)
+        assert jax.tree.structure(shapes.frozen) == jax.tree.structure(real.frozen)
+        for a, b in zip(jax.tree.leaves(real.frozen), jax.tree.leaves(shapes.frozen)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype) and a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        examples, rows = ts.judged_examples(c), spec.max_len
+        judges = plan.matmul_params(models.judge) + plan.matmul_params(models.extra_judges[0])
+        assert plan.step_flops(c, models, spec)["judge"] == 2 * judges * examples * rows
+
+        tokens = jax.ShapeDtypeStruct((c.train.batch_size, c.data.max_prompt_len), jnp.int32)
+        roll = jax.eval_shape(functools.partial(ts.rollout_phase, c, models, shapes.sampling),
+                              shapes.frozen.reference, tokens, tokens, jax.random.key(0))
+        judge = jax.jit(lambda frozen, roll, key: ts.judge_phase(c, ts.token_space_score_fn(
+            c, models, spec, frozen.judge, extra_judges=frozen.extra_judges), roll, key)[0])
+        compiled = judge.lower(shapes.frozen, roll, jax.random.key(0)).compile()
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    assert nbytes(shapes.frozen.extra_judges) > nbytes(shapes.frozen.judge) > 0
+    assert compiled.out_info.shape == (examples,)
+    assert plan.memory_gib(compiled)["arguments_gib"] * plan.GIB >= nbytes((shapes.frozen.judge,
+                                                                            shapes.frozen.extra_judges))

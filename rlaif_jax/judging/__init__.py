@@ -28,6 +28,8 @@ query-major (row n = q * B + b): pairwise asks both orders (a, b) and (b, a), ru
 criterion. Modes: pointwise (rescaled expected score), principles (pointwise under a principle sampled per
 prompt), pairwise (debiased P(first better)), rubric (weighted P(yes)), reward_model (a value head, `reward_model`),
 remote (an HTTP endpoint instead of a local model, `remote.py`; the step's host path calls it).
+An ensemble (config.judge.ensemble_paths) asks several judges the same question and aggregates their scores
+(`ensemble.py`: mean, min, mean minus k std).
 
 Where each piece lives:
   spec.py      config defaults, the per-mode table `MODES` (template, slots, answer tokens, checks, queries),
@@ -39,22 +41,24 @@ Where each piece lives:
                reward-model rows of text responses and preference pairs (`encode_responses`, `encode_pairs`)
   reasoning.py chain of thought (config.judge.cot): the judge's rationale, sampled with our sampler, before its
                answer (`scoring.score_queries` runs it on both paths)
-  loading.py   `Judge`, `load_judge`
+  loading.py   `Judge`, `load_judge`, `load_ensemble`
+  ensemble.py  the ensemble's aggregation of its members' scores (`aggregate`, `combine`) and its settings' checks
   remote.py    the remote judge's client (chat completions or a JSON reward API, retries, neutral fallback)
 To add a mode: an entry in spec.MODES and its scorer in scoring.SCORERS (only a new kind of slot would also
 need assembly.py and host.py to fill it).
 """
+from rlaif_jax.judging import ensemble
 from rlaif_jax.judging.assembly import sample_principles, score, score_jit
 from rlaif_jax.judging.host import (encode_pairs, encode_queries, encode_responses, encode_texts,
                                    score_host, score_outside_jit, score_texts)
-from rlaif_jax.judging.loading import Judge, load_judge
+from rlaif_jax.judging.loading import Judge, load_ensemble, load_judge
 from rlaif_jax.judging.scoring import JudgeMetrics, score_queries_jit
 from rlaif_jax.judging.spec import (MODES, JudgeSpec, choose_path, default_config, make_spec, remote_spec,
                                     tokenizers_match, validate_config)
 
 __all__ = [
     "MODES", "Judge", "JudgeMetrics", "JudgeSpec", "choose_path", "default_config", "encode_pairs", "encode_queries",
-    "encode_responses", "encode_texts", "load_judge", "make_spec", "remote_spec",
+    "encode_responses", "encode_texts", "ensemble", "load_ensemble", "load_judge", "make_spec", "remote_spec",
     "sample_principles", "score", "score_host", "score_jit", "score_outside_jit", "score_queries_jit", "score_texts",
     "tokenizers_match", "validate_config",
 ]

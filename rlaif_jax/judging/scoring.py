@@ -218,6 +218,9 @@ class JudgeMetrics:
     rationale_nr: jax.Array | None = None
     rationale_mask_nr: jax.Array | None = None
     rationale_length_b: jax.Array | None = None
+    # An ensemble (`ensemble.combine`): every member's score (K, B), member 0 = judge.path's, whose diagnostics the
+    # fields above are.
+    member_scores_kb: jax.Array | None = None
 
     def summary(self, spec: JudgeSpec) -> dict[str, jax.Array]:
         """Scalars for logging (jittable): means, counts, and each rubric criterion on its own."""
@@ -233,6 +236,11 @@ class JudgeMetrics:
         if self.criterion_p_yes_bc is not None:
             for c, name in enumerate(spec.criterion_names):
                 out[f"judge/criterion/{name}"] = jnp.mean(self.criterion_p_yes_bc[:, c])
+        if self.member_scores_kb is not None:
+            for k in range(self.member_scores_kb.shape[0]):
+                out[f"judge/member_{k}_score"] = jnp.mean(self.member_scores_kb[k])
+            # The members' disagreement: their population std per example, averaged over the examples.
+            out["judge/ensemble_std"] = jnp.mean(jnp.std(self.member_scores_kb, axis=0))
         return out
 
 

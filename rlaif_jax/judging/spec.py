@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import ml_collections
 
+from rlaif_jax.judging import ensemble as ensemble_lib
 from rlaif_jax.judging import reasoning as reasoning_lib
 from rlaif_jax.judging import remote
 
@@ -177,6 +178,12 @@ def default_config(mode: str = "pointwise") -> ml_collections.ConfigDict:
     # Chain of thought (reasoning.py): the judge writes a rationale with our sampler, then answers after it. With it
     # and no template, the template is the mode's `cot_template`, which asks for the rationale.
     c.cot = reasoning_lib.default_config()
+    # An ensemble (ensemble.py): more judges (HF folders, sharing judge.path's tokenizer; sizes may differ), each asked
+    # the same question with this section's settings; the reward is ensemble_aggregate of their scores: "mean" |
+    # "min" | "mean_minus_std" (mean - ensemble_std_coef * the members' population std). () = judge.path alone.
+    c.ensemble_paths = ()
+    c.ensemble_aggregate = ensemble_lib.DEFAULT_AGGREGATE
+    c.ensemble_std_coef = ensemble_lib.DEFAULT_STD_COEF
     # --- mode "remote": a judge served over HTTP instead of a local model (judging/remote.py) ---
     c.remote_api = "openai"    # "openai" (chat completions; score from the logprobs of "1".."K", else the text) |
     #                            "reward_api" (POST {"prompts", "responses"} -> {"rewards"})
@@ -227,6 +234,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks `config.judge` before anything is loaded or compiled (the tokenizer-dependent checks, e.g. that
     every score string is one token, run in `make_spec`)."""
     _check_settings(config)
+    ensemble_lib.validate_config(config)
     if config.mode == "remote":
         _, slots = _split_template(config.template or MODES["remote"].template)
         if set(slots) - {"prompt", "response"}:

@@ -418,7 +418,9 @@ def seeded_config(seed: int) -> ml_collections.ConfigDict:
 def ensure_built(run_config: ml_collections.ConfigDict) -> None:
     """The training program's (and the demo's) hook, called before any model or prompt file is read: when a
     run's config asks for the testbed (`config.testbed.build`, as experiments/testbed.py does), builds the default
-    build of seed `config.testbed.seed`, or reuses the cached one; its config already names the folders `locate`
-    gives. Other configs have no `testbed` section and are left alone."""
+    build of seed `config.testbed.seed` (and of each of `config.testbed.ensemble_seeds`, whose judges join a judge
+    ensemble), or reuses the cached one; its config already names the folders `locate` gives. Other configs have no
+    `testbed` section and are left alone."""
     if "testbed" in run_config and run_config.testbed.build:
-        build(seeded_config(run_config.testbed.seed))
+        for seed in (run_config.testbed.seed, *run_config.testbed.get("ensemble_seeds", ())):
+            build(seeded_config(seed))
