@@ -33,7 +33,7 @@ ARGS = {
     "rm_stage": ["", "runlocal", "rl=rlaif_tldr,label_judge=/judge,eval=held_out.jsonl",
                  "rl=rlaif_harmless,fsdp=8,steps=5", "rl=ppo_tldr_details,runlocal,references=refs.jsonl"],
     "testbed": ["", "small", "judge=relevance", "judge=pairwise", "judge=pairwise,estimator=online_dpo", "rule=0.5",
-                "ensemble=2+3,agg=lcb,k=0.5", "ensemble=2,agg=min"],
+                "ensemble=2+3,agg=lcb,k=0.5", "ensemble=2,agg=min", "eval=validation"],
 }
 EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0]
                      for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")) if not p.endswith("__init__.py"))
@@ -191,6 +191,19 @@ def test_testbed_pairwise_judge_and_online_dpo():
         get("testbed", "estimator=online_dpo")
     with pytest.raises(ValueError, match="estimator"):
         get("testbed", "estimator=ppo")
+
+
+def test_testbed_trains_on_the_train_split_and_evaluates_on_a_held_out_one():
+    """RL prompts are the train split's file, evaluations read every instruction of the test (default) or the
+    validation split; no other split name is accepted."""
+    from rlaif_jax.testbed import build
+    art = build.locate(build.seeded_config(1))
+    c = get("testbed", "")
+    assert (c.data.path, c.data.eval_path, c.data.eval_fraction) == (art.prompts_file, art.test_prompts_file, 0.0)
+    assert c.eval.max_prompts == 8
+    assert get("testbed", "eval=validation").data.eval_path == art.validation_prompts_file
+    with pytest.raises(ValueError, match="eval split 'train'"):
+        get("testbed", "eval=train")
 
 
 @pytest.mark.parametrize("name", ["rlaif_tldr", "rlaif_harmless", "ppo_tldr_details"])
