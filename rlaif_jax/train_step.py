@@ -402,11 +402,12 @@ def ensemble_score_fn(c: ml_collections.ConfigDict, members: Sequence[tuple[Para
 
 
 def token_space_score_fn(c: ml_collections.ConfigDict, models: Models, judge_spec: judging.JudgeSpec, judge_params,
-                         score: Callable = judging.score, extra_judges: tuple = ()) -> Callable:
+                         score: Callable | None = None, extra_judges: tuple = ()) -> Callable:
     """`judging.score` (or `score_jit`) with the judge bound, as `judge_phase` calls it: the prompt part of a group's
     judge rows runs once where config.compute.share_prompt_forward says so. With a judge ensemble, `extra_judges`
     are the other members' params (`Frozen.extra_judges`): each member scores the rows and the scores are
     aggregated (`ensemble_score_fn`)."""
+    score = judging.score if score is None else score  # looked up at call time (tests wrap judging.score)
     return ensemble_score_fn(c, judge_members(models, judge_params, extra_judges), lambda params, cfg: functools.partial(
         score, params, cfg, judge_spec, share_prompt=c.compute.share_prompt_forward))
 
