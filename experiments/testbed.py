@@ -5,9 +5,9 @@
 
 Arguments (comma-separated): small (fewer steps), seed=N (RL seed), build=N (the testbed's build seed, default 1:
 each seed is another draw of the SFT policy and judge, built once and cached), judge=rubric|relevance|pairwise,
-estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.1, 0.3 with judge=pairwise),
-beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python rule reward
-`rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only), eval=test|validation (the
+estimator=grpo|online_dpo, kl=COEF (grpo's KL-loss coefficient; default 0.3, chosen on tuning builds 1-2 on
+the validation split), beta=B (online_dpo's algo.dpo_beta, default 0.3), steps=N, rule=W (W > 0: add the Python
+rule reward `rlaif_jax.testbed.task:format_rule`, weight W, to the judge's score; grpo only), eval=test|validation (the
 held-out split the evaluations read, default test: choose steps and settings with eval=validation, report test),
 ensemble=N1+N2 (the judges of builds N1, N2, ... join build's judge in a judge ensemble; '+' separates them),
 agg=mean|min|lcb (how the ensemble's scores become the reward: their mean, minimum, or lower confidence bound
@@ -151,10 +151,12 @@ def get_config(arg: str = ""):
         if a.beta != 0.3:
             raise ValueError("testbed beta= is online_dpo's; grpo's pull to the reference is kl=")
         learning_rate = 1e-3
-        # KL coefficient: 0.1 for the rubric and relevance judges (set before this build); 0.3 for the pairwise
-        # reward, chosen on RL seed 0 of this build (README): at 0.1 seed 0 found the pairwise judge's blind spot for
-        # wrong adjectives (ground truth 0.487 -> 0.394), where 0.3 gave 0.669 and 1.0 gave 0.637.
-        c.reward.kl_coef = a.kl if a.kl != -1.0 else (0.3 if a.judge == "pairwise" else 0.1)
+        # KL coefficient 0.3 for every judge. Rubric: chosen by `scripts/study.py --builds 1,2 --seeds 1,2,3
+        # --split validation` over 0.1 / 0.3 / 1.0 (tuning builds 1-2, validation split; README): mean pass-rate
+        # gain -0.051 [-0.129, +0.026] at 0.1 (the judge's blind spots found), +0.301 [+0.214, +0.380] at 0.3,
+        # +0.163 [+0.117, +0.228] at 1.0. Pairwise: chosen earlier on RL seed 0 of build 1 (at 0.1 the policy found
+        # the pairwise judge's blind spot for wrong adjectives). Reported on builds 3-7, test split.
+        c.reward.kl_coef = a.kl if a.kl != -1.0 else 0.3
         # A response that never emits <eos> gets the lowest score: the judge reads text, not termination.
         c.reward.missing_stop_mode = "replace"
         c.reward.missing_stop_penalty = 0.0
