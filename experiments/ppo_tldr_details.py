@@ -56,7 +56,7 @@ size; the 2.8B and 6.9B PPO models outperform OpenAI's released 1.3B PPO checkpo
 the per-size values from that figure).
 """
 from rlaif_jax import config as config_lib
-from rlaif_jax.recipes import (NOT_GIVEN, TLDR_PAIRWISE_TEMPLATE, PaperValue, apply_runlocal, paper_table,
+from rlaif_jax.recipes import (TLDR_PAIRWISE_TEMPLATE, PaperValue, apply_runlocal, paper_table,
                                parse_arg, set_tldr_data)
 
 

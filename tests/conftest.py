@@ -48,11 +48,11 @@ def compilation_cache(tmp_path_factory):
 # workers in collection order (--dist loadfile --no-loadscope-reorder): starting with the longest files and ending
 # with the short ones keeps both workers busy to the end; a long file dealt last would run alone. Files not listed
 # come after these, in their usual order: add a new slow file here.
-SLOWEST_FIRST = ("test_plan_pod.py", "test_train_step.py", "test_train.py", "test_train_step_pairwise.py", "test_plan.py",
-                 "test_models.py", "test_rlaif_vs_rlhf.py", "test_reward_model.py", "test_judging.py",
-                 "test_sft_packing.py", "test_rollout.py",
-                 "test_remote_judge.py", "test_sweep.py", "test_independent_eval.py", "test_reward_rules.py",
-                 "test_testbed.py", "test_reward_functions.py", "test_sft.py", "test_demo.py", "test_labelling.py")
+SLOWEST_FIRST = ("test_train_step.py", "test_train.py", "test_plan_pod.py", "test_rlaif_vs_rlhf.py",
+                 "test_train_step_pairwise.py", "test_judging.py", "test_plan.py", "test_models.py", "test_sweep.py",
+                 "test_demo.py", "test_reward_model.py", "test_remote_judge.py", "test_rollout.py", "test_testbed.py",
+                 "test_sft.py", "test_sft_packing.py", "test_conformance.py", "test_reward_functions.py",
+                 "test_reward_rules.py", "test_independent_eval.py", "test_checkpoint.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,8 +1,6 @@
 """Plan mode of the training program (`--plan`): ahead-of-time compiles on simulated devices, memory per program,
 fit. Split from tests/test_train.py (same tiny world and command line) so that the two run on two test workers at
 once."""
-import json
-import os
 import subprocess
 
 import pytest
@@ -23,18 +21,6 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def write_shape_only_checkpoint(folder, **sizes):
-    """config.json and tokenizer files, no weights: all plan mode may read."""
-    os.makedirs(folder, exist_ok=True)
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, rms_norm_eps=1e-5,
-                  max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  tie_word_embeddings=False, **sizes)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    tiny.make_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def plan(world, cache_dir, *overrides, devices):
     out = subprocess.run(command(world, "/nonexistent", "--plan", f"--plan_devices={devices}", *overrides),
                          env=env(cache_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -48,27 +34,7 @@ def test_plan_small_mesh(world, cache_dir):
     print(out)
     peak = float(out.split("peak")[1].split()[0])
     assert "8 devices {'data': 2, 'fsdp': 2, 'tensor': 2}" in out
-    assert peak > 1e-6 and "of 1e-06: DOES NOT FIT" in out  # (the 1B / 7B plan below checks "fits")
-
-
-def test_plan_1b_policy_7b_judge_on_16_devices(world, cache_dir, tmp_path):
-    policy = write_shape_only_checkpoint(str(tmp_path / "policy_1b"), hidden_size=2048, num_hidden_layers=22,
-                                         num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632)
-    judge = write_shape_only_checkpoint(str(tmp_path / "judge_7b"), hidden_size=4096, num_hidden_layers=32,
-                                        num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008)
-    common = [f"--config.policy.path={policy}", f"--config.judge.path={judge}", "--config.mesh.data=2",
-              "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.train.batch_size=16",
-              "--config.data.max_prompt_len=256", "--config.rollout.max_new_tokens=128", "--config.judge.max_len=512",
-              "--config.policy.dtype=bfloat16", "--config.judge.dtype=bfloat16", "--config.judge.param_dtype=bfloat16",
-              "--config.rollout.cache_phases=1"]  # one decode loop body to compile (memory: the last phase's cache)
-    out = plan(world, cache_dir, *common, "--device_memory_gib=32", devices=16)
-    print(out)
-    assert "1.10B policy, 6.74B judge" in out
-    peak = float(out.split("peak")[1].split()[0])
-    args = float(out.split("arguments")[1].split()[0])
-    # f32 policy + Adam moments + f32 reference (4 x 4.4 GB) and the bf16 judge (13.5 GB), over fsdp x tensor = 8.
-    assert 3.3 < args < 4.5
-    assert "of 32: fits" in out and peak < 32
+    assert peak > 1e-6 and "of 1e-06: DOES NOT FIT" in out  # (tests/test_plan_pod.py checks "fits" at pod scale)
 
 
 def test_plan_host_judge_path_compiles_its_three_programs(world, cache_dir, tmp_path):
