@@ -129,3 +129,40 @@ def test_sample_policy_draws_judges_and_grades_n_samples_per_prompt(tmp_path):
     table = oo.best_of_n_table(samples, [1, 2, n])
     assert [r.n for r in table] == [1, 2, n] and table[0].kl == 0.0
     assert table[0].gold == pytest.approx(samples.gold_pn.mean()) and table[-1].judge == samples.judge_pn.max(1).mean()
+
+
+def test_summary_pools_builds_by_setting_and_prefers_the_measured_best_of_n(tmp_path):
+    """scripts/overoptimisation_summary.py: a run's setting is its workdir's parent folder, best-of-n's gain at
+    its KL the measured (interpolated) one where there is one, else the fitted one; means are over builds of the
+    means over seeds."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location(
+        "overoptimisation_summary", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
+                                                 "overoptimisation_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def run(setting, build, seed, gold, bon_measured, bon_fitted=0.5):
+        return {"workdir": f"runs/study/{setting}/b{build}_s{seed}", "kl": 1.0 + seed, "gold_gain": gold,
+                "judge_gain": 0.1, "bon_gold_gain_measured": bon_measured, "bon_gold_gain_fitted": bon_fitted,
+                "bon_judge_gain_measured": 0.2, "bon_judge_gain_fitted": 0.2, "extrapolated": bon_measured is None}
+
+    fit = {"alpha": 0.1, "beta": 0.05, "r2": 0.9, "d_star": 1.0}
+    files = []
+    for build, runs in ((3, [run("a", 3, 1, 0.3, 0.1), run("a", 3, 2, 0.5, 0.1)]),
+                        (4, [run("a", 4, 1, 0.1, None), run("b", 4, 1, 0.0, 0.2)])):
+        path = str(tmp_path / f"b{build}.json")
+        with open(path, "w") as f:
+            json.dump({"build": build, "split": "test", "judge": "rubric", "rl_runs": runs, "fits": {"bon_gold": fit}},
+                      f)
+        files.append(path)
+    summary.main(files + ["--out", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "overoptimisation_summary.json") as f:
+        s = json.load(f)["settings"]
+    assert s["a"]["runs"] == 3 and s["a"]["builds"] == [3, 4] and s["b"]["builds"] == [4]
+    # a: build 3 mean 0.4, build 4 0.1 -> 0.25; best-of-n: build 3 measured 0.1, build 4 fitted 0.5 -> 0.3
+    assert s["a"]["rl_gold_gain"].startswith("+0.250 [") and s["a"]["bon_gold_gain"].startswith("+0.300 [")
+    assert s["a"]["rl_minus_bon_gold"].startswith("-0.050 [") and s["a"]["extrapolated"] == 1
+    assert s["a"]["rl_ahead"] == pytest.approx(2 / 3) and s["a"]["kl"] == pytest.approx((2.5 + 2.0) / 2)
+    assert s["b"]["rl_minus_bon_gold"].startswith("-0.200 [") and s["b"]["rl_ahead"] == 0.0
