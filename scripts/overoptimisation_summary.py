@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     for path in args.files:
         with open(path) as f:
             results.append(json.load(f))
-    if len({(r["split"], r["judge"]) for r in results}) != 1:
-        raise SystemExit("the files mix splits or judges: " + ", ".join(f"{r['split']}/{r['judge']}" for r in results))
+    if len({(r["split"], r["judge"], r.get("config_arg", "")) for r in results}) != 1:
+        raise SystemExit("the files mix splits or judges: " + ", ".join(
+            f"{r['split']}/{r['judge']}/{r.get('config_arg', '')}" for r in results))
 
     # setting -> build -> the runs' finals
     runs: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
 
     lines = [f"RL against best-of-n at the run's own KL: {len(results)} builds "
              f"({', '.join(str(r['build']) for r in results)}), {results[0]['split']} split, "
-             f"{results[0]['judge']} judge; means over builds of the means over seeds, 95% hierarchical intervals", "",
+             f"{results[0]['judge']} judge{' (' + results[0]['config_arg'] + ')' if results[0].get('config_arg') else ''}; means over builds of the means over seeds, 95% hierarchical intervals", "",
              "| setting | runs | KL | RL gold gain | best-of-n gold gain | RL - best-of-n | RL ahead | "
              "RL judge gain | best-of-n judge gain | extrapolated |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
