@@ -29,12 +29,18 @@ def plan(world, cache_dir, *overrides, devices):
 
 
 def test_plan_small_mesh(world, cache_dir):
+    """Also plan mode's scaling check (--plan_scaling: the step compiled again with the fsdp axis halved), which
+    tests/test_plan_pod.py relies on at pod scale only through the fit."""
     out = plan(world, cache_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-               "--device_memory_gib=1e-6", devices=8)
+               "--device_memory_gib=1e-6", "--plan_scaling", devices=8)
     print(out)
     peak = float(out.split("peak")[1].split()[0])
     assert "8 devices {'data': 2, 'fsdp': 2, 'tensor': 2}" in out
     assert peak > 1e-6 and "of 1e-06: DOES NOT FIT" in out  # (tests/test_plan_pod.py checks "fits" at pod scale)
+    line = next(line for line in out.splitlines() if line.startswith("scaling:"))
+    half, full = float(line.split("peak ")[1].split()[0]), float(line.split("-> ")[1].split()[0])
+    assert "on 4 devices" in line and full == pytest.approx(peak, rel=1e-3) and full < half
+    assert line.endswith("falls")
 
 
 def test_plan_host_judge_path_compiles_its_three_programs(world, cache_dir, tmp_path):

@@ -154,24 +154,18 @@ def write_reward_model(world, folder):
     return folder
 
 
-@pytest.mark.parametrize("variant", ["reinforce_separate_critic", "gae_critic_from_reward_model"])
-def test_other_estimators_and_critics_run(world, batches, tmp_path, variant):
-    """The step's other configurations compile and take finite steps with the metrics they promise."""
-    overrides = {
-        "reinforce_separate_critic": {"algo.estimator": "reinforce", "critic.kind": "separate"},
-        "gae_critic_from_reward_model": {"critic.kind": "separate", "critic.init": "reward_model",
-                                         "critic.path": str(tmp_path / "rm")},
-    }[variant]
-    if variant == "gae_critic_from_reward_model":
-        write_reward_model(world, str(tmp_path / "rm"))
-    s = build(make_config(world, **overrides), one_device_mesh())
+def test_gae_with_a_critic_from_the_reward_model_runs(world, batches, tmp_path):
+    """GAE with a separate critic initialised from a reward model compiles and takes finite steps with the metrics
+    it promises (REINFORCE with a separate critic: test_forward_microbatches_step_equals_whole_batch_step)."""
+    write_reward_model(world, str(tmp_path / "rm"))
+    s = build(make_config(world, **{"critic.kind": "separate", "critic.init": "reward_model",
+                                    "critic.path": str(tmp_path / "rm")}), one_device_mesh())
     state, history = run_steps(s, one_device_mesh(), s.state, 2, batches)
     assert int(state.skipped_updates) == 0
     last = history[-1]
     assert np.isfinite(last["optim/loss"]) and np.isfinite(last["kl/k3"]) and np.isfinite(last["value/loss"])
-    if variant == "gae_critic_from_reward_model":
-        np.testing.assert_allclose(np.asarray(s.state.params["critic"]["head"]["kernel"]),
-                                   np.linspace(-1.0, 1.0, s.models.critic.hidden_size), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s.state.params["critic"]["head"]["kernel"]),
+                               np.linspace(-1.0, 1.0, s.models.critic.hidden_size), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +371,8 @@ def test_forward_microbatches_step_equals_whole_batch_step(world, batches):
     """config.compute.forward_microbatches = 2: the judge's forward, the reference's and the separate critic's
     forwards before the update and the rollout's prefill run their rows in two strided micro-batches under
     lax.map (groups of the 2 samples of a prompt kept together for the shared-prompt forward). The step's samples,
-    scores, KL, values and update equal the whole-batch step's."""
+    scores, KL, values and update equal the whole-batch step's. (Also the REINFORCE estimator with a separate
+    critic taking finite steps.)"""
     runs = []
     for microbatches in (1, 2):
         c = make_config(world, **{"algo.estimator": "reinforce", "critic.kind": "separate", "rollout.n_samples": 2,
@@ -385,7 +380,10 @@ def test_forward_microbatches_step_equals_whole_batch_step(world, batches):
                                   "compute.forward_microbatches": microbatches})
         s = build(c, one_device_mesh())
         assert s.models.judge.forward_microbatches == s.models.policy.forward_microbatches == microbatches
-        runs.append(run_steps(s, one_device_mesh(), s.state, 1, batches)[1][0])
+        state, history = run_steps(s, one_device_mesh(), s.state, 1, batches)
+        assert int(state.skipped_updates) == 0
+        assert all(np.isfinite(history[0][k]) for k in ("optim/loss", "kl/k3", "value/loss"))
+        runs.append(history[0])
     whole, micro = runs
     for key in ("response/length", "judge/score", "kl/k1", "value/explained_variance_before", "value/loss", "optim/loss",
                 "optim/grad_norm"):
