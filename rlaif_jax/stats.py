@@ -53,6 +53,12 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, resamples: 
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
+def grand_mean(groups: Sequence[Sequence[float]]) -> float:
+    """The mean over the groups of each group's mean (e.g. of the RL seeds within each testbed build): each build
+    weighs the same whatever its number of seeds. The statistic `hierarchical_bootstrap` resamples."""
+    return float(np.mean([np.mean(np.asarray(g, np.float64)) for g in groups]))
+
+
 def hierarchical_bootstrap(groups: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 10000,
                            seed: int = 0) -> tuple[float, float]:
     """The percentile bootstrap interval of the grand mean of two-level data (e.g. RL seeds within testbed builds):

@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from rlaif_jax.stats import hierarchical_bootstrap
+from rlaif_jax.stats import grand_mean, hierarchical_bootstrap
 
 
 def bon_gain(run: dict, field: str) -> float:
@@ -33,7 +33,7 @@ def bon_gain(run: dict, field: str) -> float:
 
 def cell(groups: list[list[float]]) -> str:
     lo, hi = hierarchical_bootstrap(groups)
-    return f"{np.mean([np.mean(g) for g in groups]):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"{grand_mean(groups):+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def main(argv=None) -> int:
@@ -57,9 +57,10 @@ def main(argv=None) -> int:
     if not runs:
         raise SystemExit("no RL runs in these files: run scripts/overoptimisation.py with --rl_runs")
 
+    judge = results[0]["judge"] + (f" ({results[0]['config_arg']})" if results[0].get("config_arg") else "")
     lines = [f"RL against best-of-n at the run's own KL: {len(results)} builds "
-             f"({', '.join(str(r['build']) for r in results)}), {results[0]['split']} split, "
-             f"{results[0]['judge']} judge{' (' + results[0]['config_arg'] + ')' if results[0].get('config_arg') else ''}; means over builds of the means over seeds, 95% hierarchical intervals", "",
+             f"({', '.join(str(r['build']) for r in results)}), {results[0]['split']} split, {judge} judge; "
+             "means over builds of the means over seeds, 95% hierarchical intervals", "",
              "| setting | runs | KL | RL gold gain | best-of-n gold gain | RL - best-of-n | RL ahead | "
              "RL judge gain | best-of-n judge gain | extrapolated |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         diff = groups(lambda x: x["gold_gain"] - bon_gain(x, "gold"))
         summary[setting] = {
             "runs": len(flat), "builds": sorted(by_build),
-            "kl": float(np.mean([np.mean(g) for g in groups(lambda x: x["kl"])])),
+            "kl": grand_mean(groups(lambda x: x["kl"])),
             "rl_gold_gain": cell(groups(lambda x: x["gold_gain"])),
             "bon_gold_gain": cell(groups(lambda x: bon_gain(x, "gold"))),
             "rl_minus_bon_gold": cell(diff),

@@ -386,7 +386,7 @@ def summarise(per_build: dict[int, dict[int, dict]]) -> dict[str, Any]:
     def stat(value: Callable[[dict], float]) -> dict[str, Any]:
         groups = [[value(r) for r in runs.values()] for runs in per_build.values()]
         lo, hi = stats.hierarchical_bootstrap(groups)
-        return {"mean": float(np.mean([np.mean(g) for g in groups])), "interval": [lo, hi], "runs": groups}
+        return {"mean": stats.grand_mean(groups), "interval": [lo, hi], "runs": groups}
 
     out: dict[str, Any] = {}
     for a, b in COMPARISONS:

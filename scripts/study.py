@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from rlaif_jax.stats import hierarchical_bootstrap
+from rlaif_jax.stats import grand_mean, hierarchical_bootstrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def summarise(runs: dict[int, list[dict]]) -> dict:
         groups = [[value(r) for r in rs] for rs in runs.values() if rs]
         flat = [v for g in groups for v in g]
         lo, hi = hierarchical_bootstrap(groups)
-        out[key] = {"mean": float(np.mean([np.mean(g) for g in groups])), "interval": [lo, hi],
+        out[key] = {"mean": grand_mean(groups), "interval": [lo, hi],
                     "improved": float(np.mean([v > 0 for v in flat])), "values": [round(v, 4) for v in flat]}
     out["per_build"] = {b: {"judge_auc": rs[0].get("judge_auc_vs_ground_truth"),
                             "pass_rate_gains": [round(r["rlaif_pass_rate"] - r["sft_pass_rate"], 3) for r in rs]}

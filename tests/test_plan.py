@@ -29,8 +29,8 @@ def plan(world, cache_dir, *overrides, devices):
 
 
 def test_plan_small_mesh(world, cache_dir):
-    """Also plan mode's scaling check (--plan_scaling: the step compiled again with the fsdp axis halved), which
-    tests/test_plan_pod.py relies on at pod scale only through the fit."""
+    """Also plan mode's scaling check (--plan_scaling: the step compiled again with the fsdp axis halved), tested
+    here on the tiny world rather than at pod scale, where it would compile the 8B plan a second time."""
     out = plan(world, cache_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                "--device_memory_gib=1e-6", "--plan_scaling", devices=8)
     print(out)

@@ -48,9 +48,9 @@ def test_8b_policy_70b_judge_fits_16_devices_of_95_gib(llama, tmp_path):
 
 def test_8b_policy_8b_judge_fits_64_devices_of_16_gib(llama, tmp_path):
     """With 64 devices the per-device peak was 780 GiB before issue 17 (larger than on 16: the learn phase's 32
-    shared prompts per micro-batch replicated over 64 devices), so the fit itself guards that regression; plan
-    mode's --plan_scaling check is tested on the tiny world (tests/test_plan.py), which costs a second compile
-    of this plan here."""
+    shared prompts per micro-batch replicated over 64 devices), so the fit itself guards that regression. Plan
+    mode's --plan_scaling check is tested on the tiny world (tests/test_plan.py): here it would compile this plan
+    a second time."""
     out = pod_plan(llama, str(tmp_path), "8B", 64, 16)
     assert "8.03B policy, 8.03B judge (pointwise, token_space path), 64 devices" in out
     assert "of 16: fits" in out and 2 < peak(out) < 16  # 12.9 GiB when written (780 GiB before issue 17)

@@ -128,6 +128,11 @@ def test_hierarchical_bootstrap():
     assert 0.0 <= lo < 0.5 < hi <= 1.0
 
 
+def test_grand_mean_weighs_each_group_once():
+    from rlaif_jax.stats import grand_mean
+    assert grand_mean([[0.1, 0.3], [0.5, 0.4, 0.9], [0.2]]) == pytest.approx((0.2 + 0.6 + 0.2) / 3)
+
+
 def test_study_summary_and_table():
     """scripts/study.py's statistics from fake run summaries grouped by build."""
     import importlib.util
