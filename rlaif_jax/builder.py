@@ -35,7 +35,7 @@ from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
 from rlaif_jax.config import model_compute_settings
-from rlaif_jax.models import hf
+from rlaif_jax.models import fused_attention, hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
 
@@ -94,8 +94,29 @@ def _ensemble_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_to
                                      i, path) for i, path in enumerate(config.ensemble_paths))
 
 
+def _attention(c: ml_collections.ConfigDict, weights: bool) -> str:
+    """config.compute.attention as this build runs it. Training refuses, in one line, a kernel its backend
+    cannot run (`fused_attention.check_backend`). Plan mode compiles on this host for another machine, so it plans
+    a kernel ("cudnn", "splash", "fused") with "chunked", whose memory is linear in T as the kernels' is (and says
+    so)."""
+    attention = c.compute.attention
+    if weights:
+        for dtype in (c.policy.dtype, c.judge.dtype):
+            fused_attention.check_backend(attention, jax.default_backend(), dtype)
+        return attention
+    if attention in fused_attention.KERNELS + ("fused",):
+        if attention == "cudnn":  # the dtype check does not depend on the host
+            for dtype in (c.policy.dtype, c.judge.dtype):
+                fused_attention.check_backend(attention, "gpu", dtype)
+        log.info("plan: attention=%r is planned with 'chunked' (the kernel runs on its accelerator only; both keep "
+                 "memory linear in T)", attention)
+        return "chunked"
+    return attention
+
+
 def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights: bool = True) -> RunParts:
     """Models, train state and compiled step of the run of config `c` on `mesh` (see the module docstring)."""
+    attention = _attention(c, weights)
 
     def trained_model(folder: str) -> tuple[ModelConfig, Any]:
         """Config and params of a model the step trains (policy, separate critic): the compute settings apply."""
@@ -104,7 +125,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         else:
             cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
             params = _abstract_params(cfg, mesh, rules)
-        return cfg.replace(**model_compute_settings(c.compute)), params
+        return cfg.replace(**{**model_compute_settings(c.compute), "attention": attention}), params
 
     # ---- policy, the sampler's settings, the judge and its path
     policy_folder = hf.resolve_path(c.policy.path, weights)
@@ -123,7 +144,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         log.info("judge ensemble: %d judges, reward = %s of their scores%s", len(judges), c.judge.ensemble_aggregate,
                  f" (std coef {c.judge.ensemble_std_coef})" if c.judge.ensemble_aggregate == "mean_minus_std" else "")
     # The judges only run forwards: of the compute settings, their attention's and the micro-batches apply.
-    judges = tuple(j._replace(cfg=j.cfg.replace(attention=c.compute.attention, attention_chunk=c.compute.attention_chunk,
+    judges = tuple(j._replace(cfg=j.cfg.replace(attention=attention, attention_chunk=c.compute.attention_chunk,
                                                 forward_microbatches=c.compute.forward_microbatches))
                    for j in judges)
     judge = judges[0]  # judge.path's: its spec and tokenizer are every member's

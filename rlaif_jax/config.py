@@ -108,7 +108,10 @@ def compute_config() -> ml_collections.ConfigDict:
     # "everything" (MaxText's remat_policy names; transformer.REMAT_POLICIES).
     c.remat = "none"
     # Attention of the forwards without a KV cache: "xla" materialises (B, H, T, T) scores | "chunked" reads
-    # attention_chunk keys at a time with an online softmax, memory linear in T (transformer.chunked_attention).
+    # attention_chunk keys at a time with an online softmax, memory linear in T (transformer.chunked_attention) |
+    # "fused" the backend's kernel: cuDNN flash attention on GPU (bf16 / fp16), Pallas splash attention on TPU,
+    # "chunked" on CPU | "cudnn" / "splash" that kernel, refused on another backend (models/fused_attention.py).
+    # Plan mode (on CPU) plans a kernel with "chunked", whose memory is linear in T as the kernels' is.
     c.attention = "xla"
     c.attention_chunk = 512
     # Response positions per block of the LM head in the learn phase's log-probs (train_step.response_logprobs):

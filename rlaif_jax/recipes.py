@@ -232,11 +232,13 @@ def set_pod_memory(c: ml_collections.ConfigDict) -> None:
     computed, not what: each is tested equal to the plain path). With them, the Lee et al. recipe's plans of an 8B
     policy with a 70B judge on 16 chips of 95 GiB (v5p-16) and with an 8B judge on 64 chips of 16 GiB (v5e-64)
     fit (tests/test_plan.py; README, "Pod-scale memory"): the training forward keeps only each layer's input
-    (remat "full", about a third more compute in the update), attention and the LM head run in blocks, the frozen
-    forwards (judge, reference, critic, prefill) in 4 micro-batches, and on an fsdp mesh the rollout keeps the
-    policy's weights sharded (each decode step gathers one layer at a time, see rollout.decode_weights)."""
+    (remat "full", about a third more compute in the update), attention runs in the backend's fused kernel
+    (cuDNN on GPU, splash on TPU; blocks of keys with an online softmax on CPU and in plan mode), the LM head in
+    blocks, the frozen forwards (judge, reference, critic, prefill) in 4 micro-batches, and on an fsdp mesh the
+    rollout keeps the policy's weights sharded (each decode step gathers one layer at a time, see
+    rollout.decode_weights)."""
     c.compute.remat = "full"
-    c.compute.attention = "chunked"
+    c.compute.attention = "fused"
     c.compute.logprob_chunk = 64
     c.compute.forward_microbatches = 4
     c.rollout.decode_weights = "auto"

@@ -325,19 +325,23 @@ def memory_model(checkpoints):
     return params, lambda **settings: cfg.replace(sliding_window=5, **settings)
 
 
-def logits_and_grads(cfg, params, shared_prefix: bool):
+def logits_and_grads(cfg, params, shared_prefix: bool, real_only: bool = False):
     """Logits of the left-padded batch (all positions, padding included) and the gradient of a random weighting
     of them, by `forward` or, with shared_prefix, by `forward_shared_prefix` (the batch as prefixes of 2
-    continuations each)."""
+    continuations each). `real_only`: the logits and weights at real tokens only (zero at padding), what the
+    fused kernels are equal on (models/fused_attention.py: a padding query attends differently)."""
     tokens, mask = batch()
     cont = np.random.default_rng(1).integers(3, 97, size=(2 * len(LENGTHS), 4)).astype(np.int32)
     cont_mask = (np.arange(4)[None] < np.array([4, 2, 4, 1, 3, 4])[:, None]).astype(np.int32)
+    real = mask if not shared_prefix else np.concatenate([np.repeat(mask, 2, axis=0), cont_mask], axis=1)
 
     def logits(p):
         if not shared_prefix:
-            return tfm.forward(p, cfg, tokens, mask).logits
-        prefix_out, cont_out = tfm.forward_shared_prefix(p, cfg, tokens, mask, cont, cont_mask)
-        return jax.numpy.concatenate([jax.numpy.repeat(prefix_out.logits, 2, axis=0), cont_out.logits], axis=1)
+            out = tfm.forward(p, cfg, tokens, mask).logits
+        else:
+            prefix_out, cont_out = tfm.forward_shared_prefix(p, cfg, tokens, mask, cont, cont_mask)
+            out = jax.numpy.concatenate([jax.numpy.repeat(prefix_out.logits, 2, axis=0), cont_out.logits], axis=1)
+        return out * real[..., None] if real_only else out
 
     weights = np.random.default_rng(2).normal(size=jax.eval_shape(logits, params).shape).astype(np.float32)
     loss = lambda p: (logits(p) * weights).sum()  # noqa: E731
@@ -346,14 +350,21 @@ def logits_and_grads(cfg, params, shared_prefix: bool):
 
 @pytest.fixture(scope="module")
 def plain_run(memory_model):
-    """The plain path's params, config maker and {shared_prefix: (logits, gradients)}."""
+    """The plain path's params, config maker and {(shared_prefix, real_only): (logits, gradients)} (computed
+    when first asked for)."""
     params, model = memory_model
-    return params, model, {shared: logits_and_grads(model(), params, shared) for shared in (False, True)}
+    runs = {}
+
+    def plain(shared_prefix, real_only):
+        if (shared_prefix, real_only) not in runs:
+            runs[shared_prefix, real_only] = logits_and_grads(model(), params, shared_prefix, real_only)
+        return runs[shared_prefix, real_only]
+    return params, model, plain
 
 
-def assert_same_as_plain(plain_run, shared_prefix: bool, **settings):
+def assert_same_as_plain(plain_run, shared_prefix: bool, real_only: bool = False, **settings):
     params, model, plain = plain_run
-    got, want = logits_and_grads(model(**settings), params, shared_prefix), plain[shared_prefix]
+    got, want = logits_and_grads(model(**settings), params, shared_prefix, real_only), plain(shared_prefix, real_only)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1])):
         a, b = np.asarray(a), np.asarray(b)
@@ -374,6 +385,64 @@ def test_chunked_attention_equals_xla_attention(plain_run, shared_prefix, remat)
     in the shared-prefix forward, whose continuations attend over their prefix's keys too; under a remat policy
     that saves the weight matmuls' outputs (minimal) or all matmuls' (dots) around the custom-VJP attention."""
     assert_same_as_plain(plain_run, shared_prefix, attention="chunked", attention_chunk=5, remat=remat)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_splash_attention_equals_xla_attention(plain_run, shared_prefix):
+    """The Pallas splash-attention kernel (TPU; here in Pallas' interpret mode, the same kernel code) with GQA
+    (one multi-query kernel per kv head), the sliding window as a local mask, left padding and the shared
+    prefix's right-padded continuations as segment ids, 8 or 12 slots padded to one 128-slot block: logits at
+    every real position and the gradients of a loss on them equal the (B, H, T, S) softmax's."""
+    assert_same_as_plain(plain_run, shared_prefix, real_only=True, attention="splash", attention_chunk=128)
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_cudnn_attention_path_equals_xla_attention(plain_run, shared_prefix, monkeypatch):
+    """attention="cudnn" as the model runs it (layouts, GQA head order, the segment mask) with the one thing
+    that needs a GPU, jax.nn.dot_product_attention's cuDNN kernel, swapped for its XLA implementation: equal at
+    real positions, forward and backward."""
+    from rlaif_jax.models import fused_attention
+    kernel = fused_attention.dot_product_attention
+    calls = []
+
+    def on_xla(*args):
+        calls.append(args[-1])
+        return kernel(*args[:-1], "xla")
+    monkeypatch.setattr(fused_attention, "dot_product_attention", on_xla)
+    assert_same_as_plain(plain_run, shared_prefix, real_only=True, attention="cudnn")
+    assert calls and set(calls) == {"cudnn"}
+
+
+def test_splash_attention_sharded_and_packed(memory_model):
+    """Under a (data=2, fsdp=2, tensor=2) mesh the splash kernel runs per device in a shard_map (rows over data
+    and fsdp, kv heads over tensor), and packed rows (SFT's train.packing: segment ids) attend within their own
+    sequence: the forward's logits at real tokens equal the plain path's, which has no mesh."""
+    params, model = memory_model
+    ids = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1],
+                    [1, 1, 2, 2, 3, 3, 3, 0]], np.int32)
+    tokens = np.random.default_rng(3).integers(3, 97, size=ids.shape).astype(np.int32)
+    want = np.asarray(tfm.forward(params, model(), tokens, ids > 0, ids).logits)
+    mesh = shd.make_mesh(2, 2, 2)
+    with shd.use_rules(shd.DEFAULT_RULES), jax.set_mesh(mesh):
+        sharded = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+                               params)
+        got = jax.jit(lambda p, t, i: tfm.forward(p, model(attention="splash", attention_chunk=128), t, i > 0, i).logits
+                      )(sharded, tokens, ids)
+    real = (ids > 0)[..., None]
+    np.testing.assert_allclose(np.asarray(got) * real, want * real, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_choice_per_backend():
+    """"fused" is cuDNN on GPU (half precision; float32 falls back to chunked), splash on TPU, chunked on CPU; an
+    explicit kernel on another backend, or cuDNN in float32, is refused in one line."""
+    from rlaif_jax.models import fused_attention as fa
+    assert [fa.resolve("fused", b, "bfloat16") for b in ("gpu", "tpu", "cpu")] == ["cudnn", "splash", "chunked"]
+    assert fa.resolve("fused", "gpu", "float32") == "chunked" and fa.resolve("xla", "tpu", "bfloat16") == "xla"
+    fa.check_backend("fused", "cpu", "float32")
+    with pytest.raises(ValueError, match="attention='splash' is the TPU kernel; this backend is cpu"):
+        fa.check_backend("splash", "cpu", "bfloat16")
+    with pytest.raises(ValueError, match="bfloat16 and float16 kernels only; the model computes in float32"):
+        fa.check_backend("cudnn", "gpu", "float32")
 
 
 def test_remat_and_chunked_attention_lower_compiled_memory():

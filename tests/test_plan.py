@@ -84,3 +84,20 @@ def test_step_flops_count_the_forwards_the_step_runs():
     c.reward.kl_coef, c.critic.kind = 0.05, "value_head"
     flops = plan_lib.step_flops(c, ts.Models(policy=m, judge=m), spec)
     assert flops["reference"] == flops["value-head forward"] == 2 * Np * seq
+
+
+def test_attention_kernels_refused_off_their_backend_and_planned_chunked():
+    """compute.attention names a kernel: training on this CPU refuses it before building anything, in one line;
+    plan mode (which compiles here for an accelerator) plans it with "chunked" (memory linear in T, as the
+    kernel's); "fused" trains here as "chunked"."""
+    from rlaif_jax import builder
+    from rlaif_jax.config import base_config
+    c = base_config()
+    c.policy.dtype = c.judge.dtype = "bfloat16"  # cuDNN's kernels' (float32 is refused, tests/test_models.py)
+    for kernel in ("splash", "cudnn"):
+        c.compute.attention = kernel
+        with pytest.raises(ValueError, match=f"attention='{kernel}' is the (TPU|GPU) kernel; this backend is cpu"):
+            builder._attention(c, weights=True)
+        assert builder._attention(c, weights=False) == "chunked"
+    c.compute.attention = "fused"
+    assert builder._attention(c, weights=True) == "fused" and builder._attention(c, weights=False) == "chunked"

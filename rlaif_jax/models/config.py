@@ -23,7 +23,7 @@ ACTIVATION_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_t
 # Compute settings (config.compute): remat policies as MaxText names them (transformer.REMAT_POLICIES) and the
 # attention implementations of the no-cache forward (transformer.attention).
 REMAT_CHOICES = ("none", "full", "dots", "minimal", "everything")
-ATTENTION_CHOICES = ("xla", "chunked")
+ATTENTION_CHOICES = ("xla", "chunked", "cudnn", "splash", "fused")  # models/fused_attention.py
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the compute / storage dtypes a config may name
 
 
@@ -68,8 +68,8 @@ class ModelConfig:
     # How the no-cache forward is computed (config.compute; none is an HF field, each changes memory and speed,
     # the results only by float rounding): see transformer.REMAT_POLICIES and transformer.attention.
     remat: str = "none"  # rematerialisation of each layer of the forward's lax.scan in the backward pass
-    attention: str = "xla"  # "xla": (B, H, T, S) scores at once | "chunked": key blocks, online softmax
-    attention_chunk: int = 512  # keys per block of "chunked" attention
+    attention: str = "xla"  # "xla": (B, H, T, S) scores at once | "chunked": key blocks, online softmax | kernels
+    attention_chunk: int = 512  # keys per block of "chunked" attention (and queries and keys of "splash"'s)
     logprob_chunk: int = 0  # response positions per block of train_step.response_logprobs' LM head; 0 = all
     forward_microbatches: int = 1  # rows of a frozen forward in this many micro-batches (transformer.map_microbatches)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlaif_jax.models import fused_attention
 from rlaif_jax.models.config import ModelConfig
 from rlaif_jax.sharding import batch_shards, constrain, constrain_moved
 
@@ -237,24 +238,46 @@ def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
     return (x32 * cos + rotated * sin).astype(x_bthe.dtype)
 
 
-def attention(q_bthe, k_bkes, v_bkse, allowed_bts, cfg: ModelConfig, chunked: bool = False):
-    """Grouped-query softmax attention -> (B, K, G, T, E); `allowed_bts` says which key slot each query may see.
+class AttentionMask(NamedTuple):
+    """Which key slots each query may see, in the two forms the attention implementations read.
+
+    `allowed` (B, T, S) bool is the exact mask (causal, sliding window, real keys, same packed sequence): the
+    "xla" and "chunked" paths and decoding read it. The fused kernels (models/fused_attention.py) read the
+    structured form instead: query t sits at key slot `query_offset` + t (a static int), causal and window come
+    from the shapes, and a query sees keys of its own segment, `q_segment` (B, T) / `kv_segment` (B, S) int32:
+    a sequence's id (>= 1) at real tokens, 0 at padding. None where no kernel can run (decoding)."""
+    allowed: jax.Array
+    q_segment: jax.Array | None = None
+    kv_segment: jax.Array | None = None
+    query_offset: int = 0
+
+
+def attention(q_bthe, k_bkes, v_bkse, mask: AttentionMask, cfg: ModelConfig, no_cache: bool = False):
+    """Grouped-query softmax attention -> (B, K, G, T, E); `mask` says which key slot each query may see.
 
     Keys are (B, K, E, S) and values (B, K, S, E), the cache's layouts: both einsums are then batched
     (G*T, E) x (E, S) and (G*T, S) x (S, E) matmuls over (B, K) with each right operand in the [contract, out]
     layout that XLA:CPU's matmul reads fastest and in place (keys stored as (B, K, S, E) make the scores
     slower per decode step; README, "Performance"), with no per-step transpose of the cache.
 
-    With `chunked` and cfg.attention == "chunked" the keys are read in blocks of cfg.attention_chunk with a running
-    max and sum (`chunked_attention`): memory linear in S instead of the (B, H, T, S) scores. The forwards without
-    a cache ask for it; decoding (a few queries over the cache) does not need it."""
+    The forwards without a cache (`no_cache`) compute it as cfg.attention says (config.compute.attention):
+    "xla" the (B, H, T, S) scores at once, as below; "chunked" blocks of cfg.attention_chunk keys with a running
+    max and sum (`chunked_attention`), memory linear in S; "cudnn" / "splash" / "fused" a fused kernel
+    (models/fused_attention.py). Decoding (a few queries over the cache) uses the plain path."""
     B, T, H, E = q_bthe.shape
     K = k_bkes.shape[1]
     q = q_bthe.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4).reshape(B, K, (H // K) * T, E)
-    if chunked and cfg.attention == "chunked":
-        out = chunked_attention(q, k_bkes, v_bkse, allowed_bts, cfg.attention_chunk)
+    implementation = fused_attention.resolve(cfg.attention, jax.default_backend(), cfg.dtype) if no_cache else "xla"
+    if implementation == "chunked":
+        out = chunked_attention(q, k_bkes, v_bkse, mask.allowed, cfg.attention_chunk)
         return out.reshape(B, K, H // K, T, E)
-    probs = jax.nn.softmax(_masked_scores(q, k_bkes, allowed_bts), axis=-1).astype(v_bkse.dtype)
+    if implementation in fused_attention.KERNELS:
+        q_bkgte, k_bkse = q.reshape(B, K, H // K, T, E), k_bkes.transpose(0, 1, 3, 2)
+        structure = (mask.q_segment, mask.kv_segment, mask.query_offset, cfg.sliding_window)
+        if implementation == "splash":
+            return fused_attention.splash_attention(q_bkgte, k_bkse, v_bkse, *structure, cfg.attention_chunk)
+        return fused_attention.dot_product_attention(q_bkgte, k_bkse, v_bkse, *structure, implementation)
+    probs = jax.nn.softmax(_masked_scores(q, k_bkes, mask.allowed), axis=-1).astype(v_bkse.dtype)
     out = jnp.einsum("bkqs,bkse->bkqe", probs, v_bkse)
     return out.reshape(B, K, H // K, T, E)
 
@@ -365,7 +388,7 @@ def _chunked_attention_vjp_bwd(chunk, residuals, dout_bkqe):
 chunked_attention.defvjp(_chunked_attention_vjp_fwd, _chunked_attention_vjp_bwd)
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cache_kv=None, index=None,
+def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionMask, cache_kv=None, index=None,
            context_kv=None):
     """One pre-norm block -> (x_btd, kv): x + attn(norm(x)), then + mlp(norm(that)); or, with a parallel residual
     (gpt_neox), x + attn(norm1(x)) + mlp(norm2(x)). Keys are laid out (B, K, E, S), values (B, K, S, E) (see
@@ -405,7 +428,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, allowed_bts, cac
         new_kv = (k, v)
     else:
         keys, values, new_kv = k, v, (k, v)
-    attn = attention(q, keys.astype(dt), values.astype(dt), allowed_bts, cfg, chunked=cache_kv is None)
+    attn = attention(q, keys.astype(dt), values.astype(dt), mask, cfg, no_cache=cache_kv is None)
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, cfg.num_heads * cfg.head_dim)
@@ -481,7 +504,7 @@ def _output(params: Params, cfg: ModelConfig, x_btd) -> Output:
     return Output(constrain(unembed(params, cfg, hidden), ("batch", "length", "vocab")), hidden)
 
 
-def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bts, cache: KVCache | None,
+def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, mask: AttentionMask, cache: KVCache | None,
            attend_to_cache: bool = True):
     """Embed, layers, final norm and head. Without a cache the layers run under `lax.scan`. With one they run
     unrolled over per-layer params and buffers (see `decoding_params`): the tokens' keys and values are written
@@ -493,7 +516,7 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
 
     if cache is None:
         def body(x, lp):
-            return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)[0], None
+            return _layer(cfg, inv_freq, x, lp, positions_bt, mask)[0], None
 
         x, _ = jax.lax.scan(remat_layer(body, cfg), x, fuse_projections(params["layers"], cfg),
                             unroll=cfg.scan_unroll)
@@ -501,8 +524,8 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, allowed_bt
 
     def layer(x, lp, ck, cv):
         if attend_to_cache:
-            return _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts, (ck, cv), cache.index)
-        x, (k, v) = _layer(cfg, inv_freq, x, lp, positions_bt, allowed_bts)
+            return _layer(cfg, inv_freq, x, lp, positions_bt, mask, (ck, cv), cache.index)
+        x, (k, v) = _layer(cfg, inv_freq, x, lp, positions_bt, mask)
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, cache.index))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache.index, 0))
         return x, (ck, cv)
@@ -687,11 +710,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax
     slots = jnp.arange(T)
     allowed = _allowed(cfg, jnp.broadcast_to(slots, tokens_bt.shape), slots, mask)
     if segment_ids_bt is None:
-        positions = positions_from_mask(mask_bt)
+        positions, segments = positions_from_mask(mask_bt), mask.astype(jnp.int32)
     else:
         allowed &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-        positions = packed_positions(segment_ids_bt)
-    out, _ = _stack(params, cfg, tokens_bt, positions, allowed, None)
+        positions, segments = packed_positions(segment_ids_bt), segment_ids_bt.astype(jnp.int32)
+    out, _ = _stack(params, cfg, tokens_bt, positions, AttentionMask(allowed, segments, segments), None)
     return out
 
 
@@ -769,7 +792,7 @@ def decode(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, cache: KVCach
     S = cache.key_mask.shape[1]
     query_slots = jnp.broadcast_to(cache.index + jnp.arange(T), (B, T))
     allowed = _allowed(cfg, query_slots, jnp.arange(S), key_mask)
-    out, (k, v) = _stack(params, cfg, tokens_bt, positions, allowed, cache)
+    out, (k, v) = _stack(params, cfg, tokens_bt, positions, AttentionMask(allowed), cache)
     new_cache = KVCache(k=k, v=v, key_mask=key_mask,
                         next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32),
                         index=cache.index + T)
@@ -793,10 +816,13 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
     n = N // B
     prefix_mask, mask = prefix_mask_bp.astype(bool), mask_nt.astype(bool)
     prefix_slots, slots = jnp.arange(P), jnp.arange(P + T)
-    prefix_allowed = _allowed(cfg, jnp.broadcast_to(prefix_slots, (B, P)), prefix_slots, prefix_mask)
-    # Continuation row i: key slots [0, P) hold its prefix, [P, P + T) itself.
-    allowed = _allowed(cfg, jnp.broadcast_to(P + jnp.arange(T), (N, T)), slots,
-                       jnp.concatenate([jnp.repeat(prefix_mask, n, axis=0), mask], axis=1))
+    prefix_segments = prefix_mask.astype(jnp.int32)
+    prefix_allowed = AttentionMask(_allowed(cfg, jnp.broadcast_to(prefix_slots, (B, P)), prefix_slots, prefix_mask),
+                                   prefix_segments, prefix_segments)
+    # Continuation row i: key slots [0, P) hold its prefix, [P, P + T) itself (queries at slots P + t).
+    key_mask = jnp.concatenate([jnp.repeat(prefix_mask, n, axis=0), mask], axis=1)
+    allowed = AttentionMask(_allowed(cfg, jnp.broadcast_to(P + jnp.arange(T), (N, T)), slots, key_mask),
+                            mask.astype(jnp.int32), key_mask.astype(jnp.int32), query_offset=P)
     prefix_positions = positions_from_mask(prefix_mask_bp)
     positions = (jnp.repeat(prefix_mask.sum(axis=1, dtype=jnp.int32), n)[:, None]
                  + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0))
@@ -825,7 +851,8 @@ def prefill(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax
     cache = init_cache(cfg, B, max_len, cache_dtype, stacked_cache)
     mask = mask_bt.astype(bool)
     slots = jnp.arange(T)
-    allowed = _allowed(cfg, jnp.broadcast_to(slots, (B, T)), slots, mask)
+    segments = mask.astype(jnp.int32)
+    allowed = AttentionMask(_allowed(cfg, jnp.broadcast_to(slots, (B, T)), slots, mask), segments, segments)
     out, (k, v) = _stack(params, cfg, tokens_bt, positions_from_mask(mask_bt), allowed, cache, attend_to_cache=False)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, 0))
     return out, KVCache(k=k, v=v, key_mask=key_mask, next_position=mask.sum(axis=1, dtype=jnp.int32),
