@@ -15,7 +15,8 @@ What plan mode compiles is by construction what training compiles: every decisio
   - the step's path (`train_step.host_path_reasons`): one fused program (`train_step.make_train_step`), or, when
     a reward leaves the graph (a host judge path, Python reward functions), two programs with the host work
     between them (`train_step.make_host_judge_step`); logged once here
-  - the shardings of the params, the train state and the frozen models (every judge's as `hf.load_model` gives them)
+  - the shardings of the params, the train state and the frozen models (every judge's as `hf.load_model` gives them;
+    a LoRA critic's reward-model base, `Frozen.critic_base`, like a trained model's)
 
 Call inside `jax.set_mesh(mesh)` and `sharding.use_rules(rules)`.
 """
@@ -154,13 +155,17 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
             "cannot be assembled in token space; set --config.train.allow_tokenizer_mismatch=True to use the "
             "host re-tokenisation path (two compiled programs per step), or use a judge with the policy's tokenizer")
 
-    # ---- a separate critic initialised from a reward model
-    critic_cfg = critic_params = None
+    # ---- a separate critic initialised from a reward model. With critic LoRA its backbone is frozen
+    # (`Frozen.critic_base`, read once, not copied) and the train state holds its adapters and the head.
+    critic_cfg = critic_params = critic_base = None
     if c.critic.kind == "separate" and c.critic.init == "reward_model":
         critic_folder = hf.resolve_path(c.critic.path, weights)
         critic_cfg, backbone = trained_model(critic_folder)
         head = reward_model.load_value_head(critic_folder, critic_cfg) if weights else _abstract_value_head(critic_cfg, mesh)
-        critic_params = {"backbone": backbone, "head": head}
+        if c.critic.lora_rank:
+            critic_params, critic_base = {"head": head}, backbone
+        else:
+            critic_params = {"backbone": backbone, "head": head}
 
     # ---- the train state (born sharded) and the frozen models
     models = ts.Models(policy=policy_cfg, judge=judge.cfg, critic=critic_cfg,
@@ -170,7 +175,8 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     # are the reference, one copy, and the train state holds the adapters (lora.py).
     copy = weights and not c.policy.lora_rank
     reference = jax.tree.map(jnp.copy, policy_params) if copy else policy_params
-    frozen = ts.Frozen(reference=reference, judge=judge.params, extra_judges=tuple(j.params for j in judges[1:]))
+    frozen = ts.Frozen(reference=reference, judge=judge.params, extra_judges=tuple(j.params for j in judges[1:]),
+                       critic_base=critic_base)
     init = functools.partial(ts.init_state, c, models)
     key = jax.random.key(c.seed)
     state_shapes = jax.eval_shape(init, policy_params, key, critic_params)

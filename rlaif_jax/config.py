@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.critic.kind = "value_head"       # "value_head" on the policy backbone | "separate" model | "none"
     c.critic.init = "policy"           # separate critic initialised from the "policy" or a "reward_model"
     c.critic.path = ""                 # reward model folder when init == "reward_model"
+    # LoRA of a separate critic's backbone (as the policy's above): the train state holds its adapters and value
+    # head; the frozen base is the reference (init "policy", no second copy) or the reward model's backbone.
+    c.critic.lora_rank = 0
+    c.critic.lora_alpha = 16.0
+    c.critic.lora_targets = list(c.policy.lora_targets)
 
     c.judge = judging.default_config()
     c.rollout = rollout.default_config()
@@ -178,6 +183,12 @@ def _validate_policy(p: ml_collections.ConfigDict) -> None:
 def _validate_critic(cr: ml_collections.ConfigDict) -> None:
     _check_choice(cr.kind, CRITICS, "config.critic.kind")
     _check_choice(cr.init, ("policy", "reward_model"), "config.critic.init")
+    from rlaif_jax import lora
+    lora.validate_config(cr, "config.critic")
+    if cr.lora_rank and cr.kind != "separate":
+        raise ValueError(f"config.critic.lora_rank={cr.lora_rank} adapts a separate critic's backbone, and "
+                         f"config.critic.kind={cr.kind!r}: set kind='separate' or lora_rank=0 (a value head reads "
+                         "the policy's backbone, whose LoRA is config.policy.lora_rank)")
     from_reward_model = cr.kind == "separate" and cr.init == "reward_model"
     if from_reward_model and not cr.path:
         raise ValueError("config.critic.init='reward_model' needs config.critic.path (the reward model folder)")

@@ -1,5 +1,5 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) for the trained policy: low-rank adapters on chosen projections of
-every layer, the base weights frozen.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) for the trained models (policy, separate critic): low-rank adapters on
+chosen projections of every layer, the base weights frozen.
 
     W' = W + (alpha / r) * A @ B      A: (in, r), B: (r, out); B starts at zero, so W' = W at the start
 
@@ -8,6 +8,11 @@ the base policy is the frozen reference (`Frozen.reference`), one copy serving b
 full params from the two wherever the policy runs (rollout, learn forwards, evaluation, export), so the rest of
 the code sees an ordinary param tree; the gradient reaches A and B through the merge. The export writes the merged
 weights, an ordinary HF checkpoint.
+
+A separate critic (`critic.kind = "separate"`) with `critic.lora_rank = r > 0` is the same on its own backbone:
+the train state holds its adapters and value head; its frozen base is the reference too when it starts from the
+policy (`critic.init = "policy"`), or the reward model's backbone (`Frozen.critic_base`) when it starts from one
+(`train_step.critic_backbone` merges them).
 
 A weight's "in" axes are the ones a token's activations contract with, its "out" axes the rest:
 q / k / v (D | heads, head_dim), o (heads, head_dim | D), gate / up (D | F), down (F | D).
@@ -30,18 +35,19 @@ IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def validate_config(p: ml_collections.ConfigDict) -> None:
-    """The LoRA fields of the `policy` section."""
+def validate_config(p: ml_collections.ConfigDict, section: str = "config.policy") -> None:
+    """The LoRA fields of a trained model's section (`section`: its name in messages, config.policy or
+    config.critic)."""
     if not (isinstance(p.lora_rank, int) and p.lora_rank >= 0):
-        raise ValueError(f"config.policy.lora_rank={p.lora_rank!r} must be an int >= 0 (0 = train every weight)")
+        raise ValueError(f"{section}.lora_rank={p.lora_rank!r} must be an int >= 0 (0 = train every weight)")
     if p.lora_rank and not p.lora_targets:
-        raise ValueError("config.policy.lora_targets is empty: name the projections to adapt, e.g. "
+        raise ValueError(f"{section}.lora_targets is empty: name the projections to adapt, e.g. "
                          f"{list(DEFAULT_TARGETS)}")
     unknown = sorted(set(p.lora_targets) - set(IN_AXES))
     if unknown:
-        raise ValueError(f"config.policy.lora_targets has {unknown}; choose from {list(IN_AXES)}")
+        raise ValueError(f"{section}.lora_targets has {unknown}; choose from {list(IN_AXES)}")
     if not p.lora_alpha > 0:
-        raise ValueError(f"config.policy.lora_alpha={p.lora_alpha} must be > 0")
+        raise ValueError(f"{section}.lora_alpha={p.lora_alpha} must be > 0")
 
 
 def _targets(cfg: ModelConfig, targets) -> list[str]:
@@ -98,5 +104,6 @@ def merge(base: Params, adapters: Params, scale: float) -> Params:
 
 
 def scale(p: ml_collections.ConfigDict) -> float:
-    """alpha / r, the reference implementation's scaling."""
+    """alpha / r of a trained model's section (config.policy or config.critic), the reference implementation's
+    scaling."""
     return float(p.lora_alpha) / p.lora_rank

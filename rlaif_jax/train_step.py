@@ -12,7 +12,10 @@ Trainable params are one pytree, `state.params`:
   {"policy": ...}                                        critic.kind == "none"   (GRPO, RLOO)
   {"policy": ..., "value_head": {kernel, bias}}          critic.kind == "value_head" (shares the backbone)
   {"policy": ..., "critic": {"backbone": ..., "head": ...}}   critic.kind == "separate"
-One optax optimiser updates all of it; the frozen reference and judge live in `frozen`.
+  {"policy": ..., "critic": {"lora": ..., "head": ...}}       ... with critic.lora_rank > 0 (`critic_backbone`)
+With policy.lora_rank > 0 "policy" holds the policy's LoRA adapters (`trained_policy`, rlaif_jax/lora.py).
+One optax optimiser updates all of it; the frozen reference and judge (and a LoRA critic's reward-model base) live
+in `frozen`.
 
 A pairwise judge as the reward of the PPO family scores each sample against a baseline response of its prompt
 (`judge_inputs`): a sample of the frozen reference policy drawn in the same step, or the data's reference response
@@ -61,6 +64,10 @@ class Frozen:
     judge: Params             # judge params (and value head in reward-model mode)
     # A judge ensemble's other members (config.judge.ensemble_paths, in order; `judge` is member 0): () = one judge.
     extra_judges: tuple[Params, ...] = ()
+    # The frozen backbone under a LoRA critic initialised from a reward model (critic.lora_rank > 0 and
+    # critic.init == "reward_model"), else None. A LoRA critic initialised from the policy has `reference` as its
+    # base: no second copy.
+    critic_base: Params | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,10 +226,22 @@ def trained_policy(c: ml_collections.ConfigDict, params: Params, frozen: Frozen)
     return lora.merge(frozen.reference, params["policy"], lora.scale(c.policy))
 
 
+def critic_backbone(c: ml_collections.ConfigDict, params: Params, frozen: Frozen) -> Params:
+    """A separate critic's full backbone params from the trainable ones: themselves, or with LoRA
+    (critic.lora_rank > 0) its frozen base (the reference, or `Frozen.critic_base` for a critic initialised from
+    a reward model) with the trained adapters merged in (`lora.merge`)."""
+    if not c.critic.lora_rank:
+        return params["critic"]["backbone"]
+    base = frozen.reference if c.critic.init == "policy" else frozen.critic_base
+    return lora.merge(base, params["critic"]["lora"], lora.scale(c.critic))
+
+
 def init_trainable(c: ml_collections.ConfigDict, models: Models, policy_params: Params, key: jax.Array,
                    critic_params: Params | None = None) -> Params:
     """The trainable pytree for `c.critic.kind` (see the module docstring); with LoRA the policy's part is its
-    adapters (`lora.init`)."""
+    adapters (`lora.init`), and so is a separate critic's backbone. `critic_params`: a separate critic initialised
+    from a reward model, {"backbone", "head"}, or {"head"} with critic LoRA (its backbone is `Frozen.critic_base`);
+    None: initialised from the policy."""
     if c.policy.lora_rank:
         key, lora_key = jax.random.split(key)
         trainable = {"policy": lora.init(models.policy, c.policy.lora_rank, c.policy.lora_targets, lora_key)}
@@ -231,9 +250,15 @@ def init_trainable(c: ml_collections.ConfigDict, models: Models, policy_params: 
     if c.critic.kind == "value_head":
         trainable["value_head"] = tfm.init_value_head(models.policy, key)
     elif c.critic.kind == "separate":
-        if critic_params is None:  # initialised from the policy: a copy that trains on its own
-            critic_params = {"backbone": jax.tree.map(jnp.copy, policy_params),
-                             "head": tfm.init_value_head(models.policy, key)}
+        if critic_params is None:  # initialised from the policy: a copy that trains on its own (or, with LoRA,
+            # adapters on the reference)
+            critic_params = {"head": tfm.init_value_head(models.policy, key)}
+            if not c.critic.lora_rank:
+                critic_params["backbone"] = jax.tree.map(jnp.copy, policy_params)
+        if c.critic.lora_rank:
+            # A key folded from `key`, not split off it: the value head starts as it would without LoRA.
+            critic_params = {**critic_params, "lora": lora.init(models.critic or models.policy, c.critic.lora_rank,
+                                                                c.critic.lora_targets, jax.random.fold_in(key, 1))}
         trainable["critic"] = critic_params
     return trainable
 
@@ -256,8 +281,12 @@ def trainable_logical_axes(c: ml_collections.ConfigDict, models: Models) -> Para
     if c.critic.kind == "value_head":
         axes["value_head"] = tfm.value_head_logical_axes()
     elif c.critic.kind == "separate":
-        axes["critic"] = {"backbone": tfm.param_logical_axes(models.critic or models.policy),
-                          "head": tfm.value_head_logical_axes()}
+        ccfg = models.critic or models.policy
+        axes["critic"] = {"head": tfm.value_head_logical_axes()}
+        if c.critic.lora_rank:
+            axes["critic"]["lora"] = lora.logical_axes(ccfg, c.critic.lora_targets)
+        else:
+            axes["critic"]["backbone"] = tfm.param_logical_axes(ccfg)
     return axes
 
 
@@ -284,14 +313,14 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_
         abstract_opt_state, param_shardings, abstract_params, transform_non_params=lambda _: replicated)
 
 
-def _values(params: Params, c: ml_collections.ConfigDict, models: Models, policy_hidden_brd, prompt_bp,
-            prompt_mask_bp, response_br, response_mask_br, rows_per_prompt: int):
+def _values(params: Params, c: ml_collections.ConfigDict, models: Models, frozen: Frozen, policy_hidden_brd,
+            prompt_bp, prompt_mask_bp, response_br, response_mask_br, rows_per_prompt: int):
     """Critic values V(s_t) at the state before each response token, (B, R) float32 (zeros without a critic)."""
     if c.critic.kind == "value_head":
         return tfm.apply_value_head(params["value_head"], policy_hidden_brd)
     if c.critic.kind == "separate":
         ccfg = models.critic or models.policy
-        _, _, hidden = response_logprobs(params["critic"]["backbone"], ccfg, prompt_bp, prompt_mask_bp,
+        _, _, hidden = response_logprobs(critic_backbone(c, params, frozen), ccfg, prompt_bp, prompt_mask_bp,
                                          response_br, response_mask_br, 1.0, rows_per_prompt)
         return tfm.apply_value_head(params["critic"]["head"], hidden)
     return jnp.zeros(response_br.shape, jnp.float32)
@@ -316,7 +345,7 @@ def make_loss_fn(c: ml_collections.ConfigDict, models: Models, kl_coef: jax.Arra
         loss, metrics = loss + ent_loss, {**metrics, **ent_metrics}
         values = None
         if c.critic.kind != "none":
-            values = _values(params, c, models, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"],
+            values = _values(params, c, models, frozen, hidden, d["prompt"], d["pmask"], d["resp"], d["rmask"],
                              rows_per_prompt)
             v_loss, v_metrics = algorithms.value_loss(values, d["old_values"], d["returns"], d["rmask"], c.algo,
                                                       norm)
@@ -491,7 +520,7 @@ def pre_update_forwards(c: ml_collections.ConfigDict, models: Models, state: Tra
         if c.critic.kind == "value_head":  # the value head reads the policy's hidden states
             _, _, old_hidden = response_logprobs(trained_policy(c, state.params, frozen), models.policy, prompt, pmask,
                                                  resp, rmask, temperature, share)
-        return ref_logp, _values(state.params, c, models, old_hidden, prompt, pmask, resp, rmask, share)
+        return ref_logp, _values(state.params, c, models, frozen, old_hidden, prompt, pmask, resp, rmask, share)
 
     m = c.compute.forward_microbatches
     ref_logp, old_values = tfm.map_microbatches(forwards, m, prompt, pmask, resp, rmask,

@@ -1,5 +1,6 @@
 """LoRA (rlaif_jax/lora.py): adapters with B = 0 leave the model unchanged, the merge is W + alpha / r * A @ B,
-and the merged export loads in HF transformers (PyTorch) with the merged model's logits."""
+and the merged export loads in HF transformers (PyTorch) with the merged model's logits; the config's LoRA fields.
+The LoRA steps (policy, critic) are in tests/test_train_step.py."""
 import jax
 import numpy as np
 import pytest
@@ -79,3 +80,20 @@ def test_config_validation():
     p.lora_targets, p.lora_rank = ["q"], -1
     with pytest.raises(ValueError, match="lora_rank=-1 must be an int >= 0"):
         lora.validate_config(p)
+
+
+def test_critic_lora_needs_a_separate_critic():
+    """critic.lora_rank adapts a separate critic's backbone: refused with a value head (or no critic), not ignored;
+    the critic's LoRA fields are checked under their own section's name."""
+    from rlaif_jax import config as config_lib
+    validate_critic = config_lib.section_validators()["critic"]
+    cr = config_lib.base_config().critic
+    cr.lora_rank = 2
+    with pytest.raises(ValueError, match=r"config.critic.lora_rank=2 adapts a separate critic's backbone, and "
+                                         r"config.critic.kind='value_head'"):
+        validate_critic(cr)
+    cr.kind = "separate"
+    validate_critic(cr)
+    cr.lora_targets = ["q", "wq"]
+    with pytest.raises(ValueError, match=r"config.critic.lora_targets has \['wq'\]"):
+        validate_critic(cr)

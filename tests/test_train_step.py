@@ -414,17 +414,66 @@ def test_lora_step_trains_adapters_only(world, single, batches):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_lora_critic_trains_adapters_and_head_only(world, single, batches):
+    """critic.kind = "separate" with critic.lora_rank = 2: the train state's critic is its adapters and value head
+    (and the optimizer state theirs), its frozen base is the reference (no copy of the policy), and its values
+    at the start are the full separate critic's: the initial policy's backbone under the same head (B = 0). The
+    policy's side is untouched: the first step samples, scores and measures KL as `single`'s does. Two steps move
+    the critic's B adapters, not the reference."""
+    c = make_config(world, **{"critic.kind": "separate", "critic.lora_rank": 2})
+    s = build(c, one_device_mesh())
+    critic = s.state.params["critic"]
+    assert set(critic) == {"lora", "head"} and all(k.endswith(("_a", "_b")) for k in critic["lora"]["layers"])
+    assert s.frozen.critic_base is None  # the base is s.frozen.reference
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert size(critic) < 0.15 * size(s.frozen.reference)  # rank 2 of a hidden size of 32
+    # Adam's moments of the policy, the adapters and the head: less than a full critic's would add on their own.
+    assert size(s.state.opt_state) - 2 * size(s.state.params["policy"]) < 0.3 * size(s.frozen.reference)
+
+    # The full separate critic of the same seed (its head's key does not depend on the LoRA), from `single`'s
+    # initial policy; values of the same rows under both.
+    c_full = make_config(world, **{"critic.kind": "separate"})
+    full = ts.init_trainable(c_full, s.models, single.frozen.reference, jax.random.split(jax.random.key(c.seed))[0])
+    for a, b in zip(jax.tree.leaves(full["critic"]["head"]), jax.tree.leaves(critic["head"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # jitted init vs eager: ~1 ulp
+    tokens, mask = batches[0]
+    resp = np.random.default_rng(0).integers(3, s.models.policy.vocab_size, (tokens.shape[0], 4)).astype(np.int32)
+    rmask = np.ones(resp.shape, np.float32)
+
+    def values(cfg, params):
+        return np.asarray(jax.jit(lambda p, f: ts._values(p, cfg, s.models, f, None, tokens, mask, resp, rmask, 1))(
+            params, s.frozen))
+
+    lora_values = values(c, s.state.params)
+    assert np.abs(lora_values).max() > 1e-3
+    # Not bitwise: the heads differ by the ulp above, and XLA may fuse the merged forward differently.
+    np.testing.assert_allclose(lora_values, values(c_full, full), rtol=1e-5, atol=1e-7)
+
+    reference = jax.tree.map(np.asarray, s.frozen.reference)
+    state, history = run_steps(s, one_device_mesh(), s.state, 2, batches)
+    _, first = run_steps(single, one_device_mesh(), single.state, 1, batches)
+    for key in ("response/length", "judge/score", "kl/k1"):
+        np.testing.assert_allclose(history[0][key], first[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert all(np.isfinite(v) for h in history for v in h.values() if np.ndim(v) == 0)
+    assert "value/loss" in history[-1]
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in state.params["critic"]["lora"]["layers"].items()
+               if k.endswith("_b"))
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(s.frozen.reference)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_plan_mode_builds_what_training_builds(world, tmp_path):
     """`builder.build` from config.json and tokenizer files alone (plan mode) gives the model configs, judge spec
     and sampling settings, and the shapes, dtypes and shardings of the train state and frozen models, that the
     build with real weights gives, on a (data=2, fsdp=2, tensor=2) mesh. A reward-model judge and a separate critic
-    initialised from it cover the value heads; compute.scan_unroll and remat reach the trained models only, the
+    initialised from it cover the value heads, the critic with LoRA its frozen base (`Frozen.critic_base`, the
+    reward model's backbone) and adapters; compute.scan_unroll and remat reach the trained models only, the
     attention settings the judge too."""
     rm = write_reward_model(world, str(tmp_path / "rm"))
     c = make_config(world, **{"judge.mode": "reward_model", "judge.path": rm, "critic.kind": "separate",
-                              "critic.init": "reward_model", "critic.path": rm, "compute.scan_unroll": 2,
-                              "compute.remat": "full", "compute.attention": "chunked", "compute.attention_chunk": 4,
-                              "compute.logprob_chunk": 3})
+                              "critic.init": "reward_model", "critic.path": rm, "critic.lora_rank": 2,
+                              "compute.scan_unroll": 2, "compute.remat": "full", "compute.attention": "chunked",
+                              "compute.attention_chunk": 4, "compute.logprob_chunk": 3})
     mesh = shd.make_mesh(2, 2, 2)
     rules = [tuple(r) for r in c.mesh.rules]
     with shd.use_rules(rules), jax.set_mesh(mesh):
@@ -438,6 +487,11 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in models)
     assert shapes.judge_spec == real.judge_spec and shapes.sampling == real.sampling
     assert isinstance(shapes.frozen.judge, reward_model.RewardModelParams)
+    assert set(real.state.params["critic"]) == {"lora", "head"}
+    # B = 0: the critic's backbone is the reward model's (read as the judge's too), not the policy's.
+    backbone = jax.jit(functools.partial(ts.critic_backbone, c))(real.state.params, real.frozen)
+    for a, b in zip(jax.tree.leaves(backbone), jax.tree.leaves(real.frozen.judge.model)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for want, got in ((real.state, shapes.state), (real.frozen, shapes.frozen)):
         assert jax.tree.structure(want) == jax.tree.structure(got)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
