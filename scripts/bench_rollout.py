@@ -87,6 +87,58 @@ class HostCounters:
                 f"load1={min(self.loads, default=0):.2f}-{max(self.loads, default=0):.2f}")
 
 
+# Programs a benchmark can start beside itself (--neighbours N --neighbour_kind K), to reproduce a busy host of this
+# kind on a quiet one and see which side suffers: "spin" takes a core (a Python busy loop), "stream" takes memory
+# bandwidth and the shared cache (copies of a 256 MiB array, as a neighbour's large tensors would).
+NEIGHBOUR_PROGRAMS = {
+    "spin": "while True: pass",
+    "stream": "import numpy as np\na = np.ones(2**25); b = np.empty_like(a)\nwhile True: np.copyto(b, a)",
+}
+
+
+class Neighbours:
+    """`with Neighbours(n, kind):` runs n neighbour processes (NEIGHBOUR_PROGRAMS[kind]) for the block's duration;
+    they are killed on exit, however the block ends."""
+
+    def __init__(self, n: int, kind: str):
+        self.n, self.kind, self.procs = n, kind, []
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        self.procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOUR_PROGRAMS[self.kind]])
+                      for _ in range(self.n)]
+        if self.n:
+            print(f"neighbours: {self.n} x {self.kind} started", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def add_neighbour_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--neighbours", type=int, default=0,
+                        help="start this many neighbour processes for the whole benchmark (a busy host on purpose)")
+    parser.add_argument("--neighbour_kind", choices=sorted(NEIGHBOUR_PROGRAMS), default="spin")
+
+
+def python_loop_speed(repeats: int = 3) -> float:
+    """Million iterations per second of a plain Python loop: the host's scalar speed. Printed beside the matmul
+    peak: a low peak with a normal loop speed says the vector (FMA) units are slow or shared on this host (a busy
+    sibling hyperthread, throttling), which hurts FLOP-bound code (ours: about half of the peak) far more than
+    dispatch-bound code (torch eager at these sizes), so the ratios fall (README, "Performance")."""
+    def loop():
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        return total
+    best, _ = median_time(loop, repeats)
+    return 2.0 / best
+
+
 def matmul_peak(repeats: int) -> tuple[float, float]:
     """f32 FLOP/s of a 2048^3 matmul in JAX and in torch (median of `repeats`)."""
     n = 2048
@@ -119,7 +171,13 @@ def rollout_flops(cfg) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    add_neighbour_args(parser)
     args = parser.parse_args()
+    with Neighbours(args.neighbours, args.neighbour_kind):
+        run(args)
+
+
+def run(args):
     torch.set_num_threads(os.cpu_count())
     print(f"devices: jax={jax.devices()} cpu_count={os.cpu_count()} load_avg={os.getloadavg()}")
 
@@ -206,7 +264,8 @@ def main():
     print(f"hf_baseline=torch_threads={best_threads}")
     print(f"ours_tokens_per_s={ours_tps:.1f}")
     print(f"transformers_tokens_per_s={hf_tps:.1f}")
-    print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f}")
+    print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
+          f"python_loop_mops={python_loop_speed():.1f}")
     for counters in (ours_host, *hf_host.values()):
         print(counters.line())
     print(f"rollout_gflop={flops / 1e9:.3f} ours_gflops={flops / ours_s / 1e9:.2f} "

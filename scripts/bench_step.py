@@ -90,7 +90,8 @@ import numpy as np
 import torch
 import transformers
 
-from bench_rollout import HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, matmul_peak
+from bench_rollout import (HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, Neighbours, add_neighbour_args,
+                           matmul_peak, python_loop_speed)
 
 from rlaif_jax import config as config_lib
 from rlaif_jax import builder, judging, reward_model
@@ -577,9 +578,15 @@ def main():
                              "tokens, config.judge.cot) against our plain step")
     parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo",
                         help="grpo: against TRL's GRPOTrainer; ppo: our PPO step alone, phase by phase (no TRL run)")
+    add_neighbour_args(parser)
     args = parser.parse_args()
     if args.judge_cot and args.algo != "grpo":
         parser.error("--judge_cot measures the GRPO run's judge: leave --algo at grpo")
+    with Neighbours(args.neighbours, args.neighbour_kind):
+        run(args)
+
+
+def run(args):
     root, tokenizer, world = make_world("bench_step_")
     total = args.warmup + args.steps
     prompt_texts = make_prompt_texts(PROMPTS * total)
@@ -643,6 +650,11 @@ def main():
     print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
           f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
     print(ours.host.line())
+    # XLA:CPU allocates a program's temporaries as one buffer per call; above glibc's mmap threshold it is mapped
+    # fresh each call and every page faulted in (measured on 2026-12-06: about 2% of our step on a quiet host).
+    temp = ours.learn.memory_analysis().temp_size_in_bytes
+    print(f"ours_update_temp_mib={temp / 2**20:.0f} (4 KiB pages faulted per call if fresh: {temp // 4096}) "
+          f"python_loop_mops={python_loop_speed():.1f}")
     print("flops_gflop analytic ours: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_ours.items())
           + "; xla cost_analysis: " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in ours.cost.items()))
     print("flops_gflop analytic trl:  " + " ".join(f"{k}={v / 1e9:.3f}" for k, v in f_trl.items()))
