@@ -188,7 +188,9 @@ def testbed_rl_config(art, policy: str, seed: int, s: Settings, arm: str, reward
     c.unlock()
     c.testbed.build = False  # this study builds its own (and may use other build settings)
     c.policy.path = policy
-    c.data.path = art.prompts_file
+    # This build's own files: the recipe's eval_path names the default build's test prompts, a build this study
+    # never builds (the same file's content, as the split comes from the world, but it may not exist yet).
+    c.data.path, c.data.eval_path = art.prompts_file, art.eval_prompts_file("test")
     c.train.steps = s.rl_steps
     c.train.batch_size = s.rl_batch
     c.eval.every = s.rl_steps if s.rl_evaluations else 0  # step 0 and the end; the study's own evaluation is step 7
