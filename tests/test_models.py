@@ -387,17 +387,17 @@ def test_chunked_attention_equals_xla_attention(plain_run, shared_prefix, remat)
     assert_same_as_plain(plain_run, shared_prefix, attention="chunked", attention_chunk=5, remat=remat)
 
 
-@pytest.mark.parametrize("shared_prefix", [False, True])
-def test_splash_attention_equals_xla_attention(plain_run, shared_prefix):
+# The kernels run through the shared-prefix forward, whose prefixes are `forward`'s case (queries at key slot t)
+# and whose continuations attend at an offset over their prefix's keys: both offsets in one test.
+def test_splash_attention_equals_xla_attention(plain_run):
     """The Pallas splash-attention kernel (TPU; here in Pallas' interpret mode, the same kernel code) with GQA
     (one multi-query kernel per kv head), the sliding window as a local mask, left padding and the shared
     prefix's right-padded continuations as segment ids, 8 or 12 slots padded to one 128-slot block: logits at
     every real position and the gradients of a loss on them equal the (B, H, T, S) softmax's."""
-    assert_same_as_plain(plain_run, shared_prefix, real_only=True, attention="splash", attention_chunk=128)
+    assert_same_as_plain(plain_run, True, real_only=True, attention="splash", attention_chunk=128)
 
 
-@pytest.mark.parametrize("shared_prefix", [False, True])
-def test_cudnn_attention_path_equals_xla_attention(plain_run, shared_prefix, monkeypatch):
+def test_cudnn_attention_path_equals_xla_attention(plain_run, monkeypatch):
     """attention="cudnn" as the model runs it (layouts, GQA head order, the segment mask) with the one thing
     that needs a GPU, jax.nn.dot_product_attention's cuDNN kernel, swapped for its XLA implementation: equal at
     real positions, forward and backward."""
@@ -409,7 +409,7 @@ def test_cudnn_attention_path_equals_xla_attention(plain_run, shared_prefix, mon
         calls.append(args[-1])
         return kernel(*args[:-1], "xla")
     monkeypatch.setattr(fused_attention, "dot_product_attention", on_xla)
-    assert_same_as_plain(plain_run, shared_prefix, real_only=True, attention="cudnn")
+    assert_same_as_plain(plain_run, True, real_only=True, attention="cudnn")
     assert calls and set(calls) == {"cudnn"}
 
 

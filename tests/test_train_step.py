@@ -390,49 +390,28 @@ def test_forward_microbatches_step_equals_whole_batch_step(world, batches):
         np.testing.assert_allclose(micro[key], whole[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
-def test_lora_step_trains_adapters_only(world, single, batches):
-    """policy.lora_rank = 2: the train state holds the adapters (and the optimizer state theirs) instead of the
-    policy, the frozen reference is the base, and the first step samples, scores and measures KL as the full
-    fine-tune's first step does (B = 0: the merged policy is the base). Two steps move the adapters, not the
-    base."""
-    s = build(make_config(world, **{"policy.lora_rank": 2}), one_device_mesh())
-    adapters = s.state.params["policy"]
+def test_lora_policy_and_critic_train_adapters_only(world, single, batches):
+    """policy.lora_rank = 2 and a separate critic with critic.lora_rank = 2 (one build for both): the train state
+    holds the policy's adapters and the critic's adapters and value head (and the optimizer state theirs), the
+    frozen reference is the base of both (no copy of the policy: Frozen.critic_base stays None), the critic's
+    values at the start are the full separate critic's (the initial policy's backbone under the same head: B = 0),
+    and the first step samples, scores and measures KL as the full fine-tune's first step does. Two steps move
+    both sets of B adapters, not the reference."""
+    c = make_config(world, **{"policy.lora_rank": 2, "critic.kind": "separate", "critic.lora_rank": 2})
+    s = build(c, one_device_mesh())
+    adapters, critic = s.state.params["policy"], s.state.params["critic"]
     assert set(adapters) == {"layers"} and all(k.endswith(("_a", "_b")) for k in adapters["layers"])
+    assert set(critic) == {"lora", "head"} and all(k.endswith(("_a", "_b")) for k in critic["lora"]["layers"])
+    assert s.frozen.critic_base is None  # the critic's base is s.frozen.reference
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    assert size(adapters) < 0.15 * size(s.frozen.reference)  # rank 2 of a hidden size of 32
-    assert size(s.state.opt_state) < size(s.frozen.reference)  # Adam's moments of the adapters (and value head)
+    assert size(adapters) < 0.15 * size(s.frozen.reference) and size(critic) < 0.15 * size(s.frozen.reference)
+    assert size(s.state.opt_state) < size(s.frozen.reference)  # Adam's moments of the adapters and the head
     for a, b in zip(jax.tree.leaves(s.frozen.reference), jax.tree.leaves(single.frozen.reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    reference = jax.tree.map(np.asarray, s.frozen.reference)
-    state, history = run_steps(s, one_device_mesh(), s.state, 2, batches)
-    _, full = run_steps(single, one_device_mesh(), single.state, 1, batches)
-    for key in ("response/length", "judge/score", "kl/k1"):
-        np.testing.assert_allclose(history[0][key], full[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
-    assert all(np.isfinite(v) for h in history for v in h.values() if np.ndim(v) == 0)
-    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in state.params["policy"]["layers"].items() if k.endswith("_b"))
-    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(s.frozen.reference)):
-        np.testing.assert_array_equal(a, np.asarray(b))
 
-
-def test_lora_critic_trains_adapters_and_head_only(world, single, batches):
-    """critic.kind = "separate" with critic.lora_rank = 2: the train state's critic is its adapters and value head
-    (and the optimizer state theirs), its frozen base is the reference (no copy of the policy), and its values
-    at the start are the full separate critic's: the initial policy's backbone under the same head (B = 0). The
-    policy's side is untouched: the first step samples, scores and measures KL as `single`'s does. Two steps move
-    the critic's B adapters, not the reference."""
-    c = make_config(world, **{"critic.kind": "separate", "critic.lora_rank": 2})
-    s = build(c, one_device_mesh())
-    critic = s.state.params["critic"]
-    assert set(critic) == {"lora", "head"} and all(k.endswith(("_a", "_b")) for k in critic["lora"]["layers"])
-    assert s.frozen.critic_base is None  # the base is s.frozen.reference
-    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    assert size(critic) < 0.15 * size(s.frozen.reference)  # rank 2 of a hidden size of 32
-    # Adam's moments of the policy, the adapters and the head: less than a full critic's would add on their own.
-    assert size(s.state.opt_state) - 2 * size(s.state.params["policy"]) < 0.3 * size(s.frozen.reference)
-
-    # The full separate critic of the same seed (its head's key does not depend on the LoRA), from `single`'s
+    # The full separate critic of the same seed (its head's key does not depend on the critic's LoRA), from the
     # initial policy; values of the same rows under both.
-    c_full = make_config(world, **{"critic.kind": "separate"})
+    c_full = make_config(world, **{"policy.lora_rank": 2, "critic.kind": "separate"})
     full = ts.init_trainable(c_full, s.models, single.frozen.reference, jax.random.split(jax.random.key(c.seed))[0])
     for a, b in zip(jax.tree.leaves(full["critic"]["head"]), jax.tree.leaves(critic["head"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # jitted init vs eager: ~1 ulp
@@ -456,8 +435,8 @@ def test_lora_critic_trains_adapters_and_head_only(world, single, batches):
         np.testing.assert_allclose(history[0][key], first[0][key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert all(np.isfinite(v) for h in history for v in h.values() if np.ndim(v) == 0)
     assert "value/loss" in history[-1]
-    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in state.params["critic"]["lora"]["layers"].items()
-               if k.endswith("_b"))
+    for moved in (state.params["policy"]["layers"], state.params["critic"]["lora"]["layers"]):
+        assert any(np.abs(np.asarray(v)).max() > 0 for k, v in moved.items() if k.endswith("_b"))
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(s.frozen.reference)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
