@@ -508,7 +508,7 @@ def groups_sharing(shared, n):
 
 SHARE_CASES = [
     # (mode, truncation, max_len, n, forward_microbatches, which groups share their prompt part)
-    ("pointwise", "prompt_left", 64, 4, 1, "all"),  # nothing cut
+    # (Nothing cut is the "all" cases' situation too: their rows cut only responses, never the shared part.)
     # Some groups' prompts cut by their own rows' responses, by different amounts: the micro-batches (one group
     # each) of groups 0 and 3 share, those of groups 1 and 2 run whole rows; with one micro-batch, all of it does.
     ("pointwise", "prompt_left", 38, 2, 4, "some"),
