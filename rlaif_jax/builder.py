@@ -95,24 +95,29 @@ def _ensemble_from_shapes(config: ml_collections.ConfigDict, policy_tok, stop_to
                                      i, path) for i, path in enumerate(config.ensemble_paths))
 
 
-def _attention(c: ml_collections.ConfigDict, weights: bool) -> str:
-    """config.compute.attention as this build runs it. Training refuses, in one line, a kernel its backend
-    cannot run (`fused_attention.check_backend`). Plan mode compiles on this host for another machine, so it plans
-    a kernel ("cudnn", "splash", "fused") with "chunked", whose memory is linear in T as the kernels' is (and says
-    so)."""
+def check_attention(c: ml_collections.ConfigDict, plan: bool = False) -> None:
+    """Raises ValueError, one line, when config.compute.attention names a kernel that this machine cannot run
+    (`fused_attention.check_backend`, for the policy's and the judge's dtypes). Plan mode compiles here for
+    another machine, so it checks a kernel against its own backend: only cuDNN's dtypes can fail. The program
+    calls it with the config's validation, before anything loads (train.launch)."""
     attention = c.compute.attention
-    if weights:
-        for dtype in (c.policy.dtype, c.judge.dtype):
-            fused_attention.check_backend(attention, jax.default_backend(), dtype)
+    backend = jax.default_backend()
+    if plan:
+        backend = fused_attention.KERNEL_BACKEND.get(attention, backend)
+    for dtype in (c.policy.dtype, c.judge.dtype):
+        fused_attention.check_backend(attention, backend, dtype)
+
+
+def _attention(c: ml_collections.ConfigDict, weights: bool) -> str:
+    """config.compute.attention as this build runs it (`check_attention` has refused what cannot run): plan mode
+    plans a kernel ("cudnn", "splash", "fused") with "chunked", whose memory is linear in T as the kernels' is,
+    and says so."""
+    attention = c.compute.attention
+    if weights or attention not in fused_attention.KERNELS + ("fused",):
         return attention
-    if attention in fused_attention.KERNELS + ("fused",):
-        if attention == "cudnn":  # the dtype check does not depend on the host
-            for dtype in (c.policy.dtype, c.judge.dtype):
-                fused_attention.check_backend(attention, "gpu", dtype)
-        log.info("plan: attention=%r is planned with 'chunked' (the kernel runs on its accelerator only; both keep "
-                 "memory linear in T)", attention)
-        return "chunked"
-    return attention
+    log.info("plan: attention=%r is planned with 'chunked' (the kernel runs on its accelerator only; both keep "
+             "memory linear in T)", attention)
+    return "chunked"
 
 
 def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights: bool = True) -> RunParts:

@@ -210,6 +210,7 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
                                        + f" --xla_force_host_platform_device_count={n}")
             jax.config.update("jax_platforms", "cpu")
             config_lib.validate(config, num_devices=n)
+            config_lib.as_config_error(builder.check_attention, config, True)
             testbed_build.ensure_built(config)  # plan mode reads the testbed's config.json files and tokenizers
             plan_lib.plan(config, device_memory_gib, phases=plan_phases, scaling=plan_scaling)
             return 0
@@ -217,6 +218,7 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
         if not workdir:
             raise errors.WorkdirError("--workdir is required (the run's folder: checkpoints, metrics.jsonl)")
         config_lib.validate(config)
+        config_lib.as_config_error(builder.check_attention, config)
         workdir_lib.check(workdir)
         # The built-in testbed (config.testbed.build) is built, or reused from its cache, here in the program, not
         # in its config: after the device setup above, before anything reads its models or prompt file.

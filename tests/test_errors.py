@@ -84,6 +84,9 @@ CASES = [
     ({"eval.every": -1}, "config", "config.eval.every=-1 must be >= 0"),
     ({"train.max_consecutive_skipped": -1}, "config", "config.train.max_consecutive_skipped=-1 must be >= 0"),
     ({"policy.path": ""}, "config", "config.policy.path is empty"),
+    # settings added for pod-scale runs: a kernel this machine cannot run, critic LoRA without a separate critic
+    ({"compute.attention": "splash"}, "config", "config.compute.attention='splash' is the TPU kernel; this backend"),
+    ({"critic.lora_rank": 2}, "config", "config.critic.lora_rank=2 adapts a separate critic's backbone"),
     # model folders: missing, truncated or corrupt weights, corrupt config.json, no tokenizer
     ({"policy.path": "{world}/nowhere"}, "model", "config.policy.path='"),
     ({"judge.path": "{world}/truncated"}, "model", "truncated/model.safetensors is truncated"),

@@ -87,17 +87,23 @@ def test_step_flops_count_the_forwards_the_step_runs():
 
 
 def test_attention_kernels_refused_off_their_backend_and_planned_chunked():
-    """compute.attention names a kernel: training on this CPU refuses it before building anything, in one line;
-    plan mode (which compiles here for an accelerator) plans it with "chunked" (memory linear in T, as the
-    kernel's); "fused" trains here as "chunked"."""
+    """compute.attention names a kernel: training on this CPU refuses it in one line (train.launch calls the check
+    with the config's validation: tests/test_errors.py); plan mode (which compiles here for an accelerator)
+    accepts it and plans it with "chunked" (memory linear in T, as the kernel's), refusing only cuDNN in float32;
+    "fused" trains here as "chunked"."""
     from rlaif_jax import builder
     from rlaif_jax.config import base_config
     c = base_config()
-    c.policy.dtype = c.judge.dtype = "bfloat16"  # cuDNN's kernels' (float32 is refused, tests/test_models.py)
+    c.policy.dtype = c.judge.dtype = "bfloat16"  # cuDNN's kernels'
     for kernel in ("splash", "cudnn"):
         c.compute.attention = kernel
         with pytest.raises(ValueError, match=f"attention='{kernel}' is the (TPU|GPU) kernel; this backend is cpu"):
-            builder._attention(c, weights=True)
+            builder.check_attention(c)
+        builder.check_attention(c, plan=True)
         assert builder._attention(c, weights=False) == "chunked"
+    c.judge.dtype = "float32"
+    with pytest.raises(ValueError, match="bfloat16 and float16 kernels only; the model computes in float32"):
+        builder.check_attention(c, plan=True)
     c.compute.attention = "fused"
+    builder.check_attention(c)
     assert builder._attention(c, weights=True) == "fused" and builder._attention(c, weights=False) == "chunked"
