@@ -14,9 +14,10 @@ here with a 2048^3 matmul in JAX (and in torch; the larger of the two is the pea
 analytically (useful work only): 2 * (matmul params) per token, plus attention 4 * H * E per (query, real key)
 pair, plus the LM head on the last prompt position and on each generated position.
 
-Host diagnostics (`HostCounters`, one line per side): cores used, page faults and context switches per second, and
-the load average, over the timed runs, so a slow run shows whether neighbours took the cores or temporaries were
-faulted in.
+Host diagnostics (`HostCounters`, one line per side): cores used, the system-time share of the CPU time, page
+faults and context switches per second, the load average, over the timed runs, and whether malloc keeps freed memory
+(rlaif_jax/host_memory.py; both sides run in this process, so both get the same setting): a slow run shows whether
+neighbours took the cores or temporaries were faulted in. RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults.
 
 Usage:  python scripts/bench_rollout.py [--repeats 5]
 Last line: speedup_vs_transformers=<our tokens/s / HF tokens/s>.
@@ -56,10 +57,12 @@ class HostCounters:
     `with counters:` block, wall time, this process's CPU time (all threads), minor / major page faults and
     voluntary / involuntary context switches (getrusage), and the 1-minute load average seen at each entry.
     CPU time well under wall x threads, many involuntary switches and a load above the core count say that
-    other processes took the cores; many page faults per second say fresh temporaries are being faulted in."""
+    other processes took the cores; many page faults per second, with system time a large share of the CPU time,
+    say fresh temporaries are being faulted in (the kernel zeroes each page: see rlaif_jax/host_memory.py, whose
+    state the line prints)."""
 
     def __init__(self, name: str):
-        self.name, self.wall, self.cpu = name, 0.0, 0.0
+        self.name, self.wall, self.cpu, self.system = name, 0.0, 0.0, 0.0
         self.minflt = self.majflt = self.nvcsw = self.nivcsw = 0
         self.loads: list[float] = []
 
@@ -74,15 +77,19 @@ class HostCounters:
         r, r0 = resource.getrusage(resource.RUSAGE_SELF), self._r
         self.wall += time.perf_counter() - self._t
         self.cpu += (r.ru_utime - r0.ru_utime) + (r.ru_stime - r0.ru_stime)
+        self.system += r.ru_stime - r0.ru_stime
         self.minflt += r.ru_minflt - r0.ru_minflt
         self.majflt += r.ru_majflt - r0.ru_majflt
         self.nvcsw += r.ru_nvcsw - r0.ru_nvcsw
         self.nivcsw += r.ru_nivcsw - r0.ru_nivcsw
 
     def line(self) -> str:
+        from rlaif_jax import host_memory
         wall = max(self.wall, 1e-9)
         return (f"host[{self.name}] wall_s={self.wall:.2f} cores_used={self.cpu / wall:.2f}/{os.cpu_count()} "
+                f"system_share_of_cpu={self.system / max(self.cpu, 1e-9):.3f} "
                 f"minor_faults_per_s={self.minflt / wall:.0f} major_faults={self.majflt} "
+                f"malloc_keeps_freed_memory={host_memory.state} "
                 f"involuntary_switches_per_s={self.nivcsw / wall:.0f} voluntary_switches_per_s={self.nvcsw / wall:.0f} "
                 f"load1={min(self.loads, default=0):.2f}-{max(self.loads, default=0):.2f}")
 

@@ -54,9 +54,12 @@ measurements spread over the run). XLA's own cost_analysis of each compiled phas
 counts a while_loop / scan body once, and the layers run as a lax.scan, so it shows about 1 / num_layers of the
 work (and the rollout's decode loop once).
 
-Host diagnostics (bench_rollout.HostCounters), one line per side over its timed steps: cores used, page faults and
-context switches per second, the load average: a slow run shows whether neighbours took the cores (cores used below
-the thread count, many involuntary switches, load above the core count) or fresh temporaries were faulted in.
+Host diagnostics (bench_rollout.HostCounters), one line per side over its timed steps: cores used, the system-time
+share of the CPU time, page faults and context switches per second, the load average, and whether malloc keeps freed
+memory (rlaif_jax/host_memory.py, set on `import rlaif_jax`; TRL runs in this process, so it gets the same setting):
+a slow run shows whether neighbours took the cores (cores used below the thread count, many involuntary switches,
+load above the core count) or fresh temporaries were faulted in (many faults, a large system share).
+RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults, to see what the setting is worth on a host.
 
 --algo ppo: our PPO step alone (no TRL run), timed and counted phase by phase. The same models and shapes, the
 judge as a reward model (judge.mode="reward_model": the judge's backbone with a fixed value head, written to a
@@ -650,8 +653,8 @@ def run(args):
     print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
           f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
     print(ours.host.line())
-    # XLA:CPU allocates a program's temporaries as one buffer per call; above glibc's mmap threshold it is mapped
-    # fresh each call and every page faulted in (measured on 2026-12-06: about 2% of our step on a quiet host).
+    # XLA:CPU allocates a program's temporaries as one buffer per call; with glibc's defaults it is mapped fresh each
+    # call and every page faulted in (rlaif_jax/host_memory.py keeps it mapped: then the faults above are near 0).
     temp = ours.learn.memory_analysis().temp_size_in_bytes
     print(f"ours_update_temp_mib={temp / 2**20:.0f} (4 KiB pages faulted per call if fresh: {temp // 4096}) "
           f"python_loop_mops={python_loop_speed():.1f}")
