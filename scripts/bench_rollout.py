@@ -19,6 +19,9 @@ faults and context switches per second, the load average, over the timed runs, a
 (rlaif_jax/host_memory.py; both sides run in this process, so both get the same setting): a slow run shows whether
 neighbours took the cores or temporaries were faulted in. RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults.
 
+Ours samples data parallel over --cpu_devices XLA:CPU devices (default one per core: `use_cpu_devices` says why),
+transformers on torch threads (the faster of os.cpu_count() and 1).
+
 Usage:  python scripts/bench_rollout.py [--repeats 5]
 Last line: speedup_vs_transformers=<our tokens/s / HF tokens/s>.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -37,6 +41,7 @@ import torch
 import transformers
 
 from rlaif_jax import rollout as rl
+from rlaif_jax import sharding as shd
 from rlaif_jax.models import hf
 
 VOCAB, HIDDEN, MLP, LAYERS, HEADS, KV_HEADS = 512, 256, 688, 4, 4, 2
@@ -132,6 +137,25 @@ def add_neighbour_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neighbour_kind", choices=sorted(NEIGHBOUR_PROGRAMS), default="spin")
 
 
+def add_cpu_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
+                        help="XLA:CPU devices our side runs data parallel over (default: one per core; README, "
+                             "\"Performance\")")
+
+
+def use_cpu_devices(n: int) -> None:
+    """Split this host into n XLA:CPU devices; call before jax's first computation (the backend reads XLA_FLAGS
+    when it starts). Our side then runs data parallel, each device on its own share of the rows: measured on a
+    2-core host, one device per core made the GRPO step 16% faster (2.32 -> 1.95 s) than one device whose every
+    op is split over both cores by the intra-op pool, whose per-op wake-ups and waits the small ops of decoding
+    and of a 256-wide model cannot amortise; 4 devices gave 2.38 s and 8 gave 3.07 s."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if len(jax.devices()) != n:
+        raise RuntimeError(f"asked for {n} XLA:CPU devices, jax has {len(jax.devices())}: its backend started "
+                           "before use_cpu_devices")
+
+
 def python_loop_speed(repeats: int = 3) -> float:
     """Million iterations per second of a plain Python loop: the host's scalar speed. Printed beside the matmul
     peak: a low peak with a normal loop speed says the vector (FMA) units are slow or shared on this host (a busy
@@ -179,7 +203,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     add_neighbour_args(parser)
+    add_cpu_device_args(parser)
     args = parser.parse_args()
+    use_cpu_devices(args.cpu_devices)
     with Neighbours(args.neighbours, args.neighbour_kind):
         run(args)
 
@@ -204,12 +230,19 @@ def run(args):
     mask = np.ones((BATCH, PROMPT), np.int32)
     tokens_per_run = BATCH * NEW
 
-    # --- ours
+    # --- ours: data parallel over the XLA:CPU devices (`use_cpu_devices`), the weights replicated
+    devices = len(jax.devices())
+    if BATCH % devices:
+        raise SystemExit(f"--cpu_devices {devices} does not divide the batch of {BATCH} rows")
+    mesh = shd.make_mesh(devices, 1, 1)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     sc = rl.SamplingConfig(max_new_tokens=NEW, temperature=1.0, stop_ids=())
     fn = jax.jit(rl.rollout, static_argnums=(1, 5))
-    p_dev, m_dev = jnp.asarray(prompts), jnp.asarray(mask)
+    p_dev, m_dev = jax.device_put(prompts, rows), jax.device_put(mask, rows)
     t0 = time.perf_counter()
-    compiled = fn.lower(params, cfg, p_dev, m_dev, jax.random.key(0), sc).compile()
+    with shd.use_rules(shd.DEFAULT_RULES), jax.set_mesh(mesh):
+        compiled = fn.lower(params, cfg, p_dev, m_dev, jax.random.key(0), sc).compile()
     compile_s = time.perf_counter() - t0
     out = compiled(params, p_dev, m_dev, jax.random.key(0))
     jax.block_until_ready(out)
@@ -263,7 +296,8 @@ def run(args):
 
     ours_tps, hf_tps = tokens_per_run / ours_s, tokens_per_run / hf_s
     print(f"model: llama vocab={VOCAB} hidden={HIDDEN} mlp={MLP} layers={LAYERS} heads={HEADS} kv_heads={KV_HEADS} "
-          f"f32; batch={BATCH} prompt={PROMPT} new_tokens={NEW}")
+          f"f32; batch={BATCH} prompt={PROMPT} new_tokens={NEW}; ours on {devices} XLA:CPU devices (data parallel), "
+          f"transformers on torch threads as below")
     print(f"ours_compile_s={compile_s:.2f}")
     print(f"ours_run_s_median={ours_s:.4f} all={[round(t, 4) for t in ours_all]}")
     for t in thread_counts:

@@ -61,6 +61,9 @@ a slow run shows whether neighbours took the cores (cores used below the thread 
 load above the core count) or fresh temporaries were faulted in (many faults, a large system share).
 RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults, to see what the setting is worth on a host.
 
+Our side runs data parallel over --cpu_devices XLA:CPU devices (default one per core: bench_rollout.use_cpu_devices
+says why); TRL over torch threads, the faster of os.cpu_count() and 1 thread.
+
 --algo ppo: our PPO step alone (no TRL run), timed and counted phase by phase. The same models and shapes, the
 judge as a reward model (judge.mode="reward_model": the judge's backbone with a fixed value head, written to a
 reward-model folder by `write_reward_model`; its template is TEMPLATE, its rows JUDGE_LEN tokens), a frozen
@@ -93,8 +96,8 @@ import numpy as np
 import torch
 import transformers
 
-from bench_rollout import (HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, Neighbours, add_neighbour_args,
-                           matmul_peak, python_loop_speed)
+from bench_rollout import (HEADS, HIDDEN, KV_HEADS, LAYERS, MLP, VOCAB, HostCounters, Neighbours, add_cpu_device_args,
+                           add_neighbour_args, matmul_peak, python_loop_speed, use_cpu_devices)
 
 from rlaif_jax import config as config_lib
 from rlaif_jax import builder, judging, reward_model
@@ -259,7 +262,7 @@ def our_config(world: dict[str, str], judge_cot: int = 0):
     c.optim.grad_accum = 1
     c.train.batch_size = PROMPTS
     c.train.steps = 1000
-    c.mesh.data = 1
+    c.mesh.data = len(jax.devices())  # data parallel over the XLA:CPU devices (bench_rollout.use_cpu_devices)
     c.data.path = "(unread: the benchmark feeds its own prompt batches)"
     c.data.max_prompt_len = PROMPT_LEN
     if judge_cot:
@@ -267,7 +270,7 @@ def our_config(world: dict[str, str], judge_cot: int = 0):
         c.judge.cot.enabled = True
         c.judge.cot.max_new_tokens = judge_cot
         c.judge.cot.answer_prompt = " S :"
-    config_lib.validate(c, num_devices=1)
+    config_lib.validate(c, num_devices=len(jax.devices()))
     return c
 
 
@@ -285,7 +288,7 @@ def ppo_config(world: dict[str, str], rm_folder: str):
     c.algo.whiten_advantages = True  # as the PPO recipes do (a pass over (128, 64): free)
     c.reward.kl_coef = 0.05  # > 0: the reference forward runs
     c.eval.win_rate = False  # a reward model cannot compare two responses (and the benchmark never evaluates)
-    config_lib.validate(c, num_devices=1)
+    config_lib.validate(c, num_devices=len(jax.devices()))
     return c
 
 
@@ -307,7 +310,7 @@ class Ours:
     is a phase of its own, ref_critic (`train_step.pre_update_forwards`), whose result the update is fed."""
 
     def __init__(self, c, batches):
-        self.mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        self.mesh = shd.make_mesh(c.mesh.data, 1, 1)
         self.rules = [tuple(r) for r in c.mesh.rules]
         self.c, self.batches, self.i = c, batches, 0
         self.host = HostCounters("ours_step")  # the fused steps' host diagnostics
@@ -582,7 +585,9 @@ def main():
     parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo",
                         help="grpo: against TRL's GRPOTrainer; ppo: our PPO step alone, phase by phase (no TRL run)")
     add_neighbour_args(parser)
+    add_cpu_device_args(parser)
     args = parser.parse_args()
+    use_cpu_devices(args.cpu_devices)
     if args.judge_cot and args.algo != "grpo":
         parser.error("--judge_cot measures the GRPO run's judge: leave --algo at grpo")
     with Neighbours(args.neighbours, args.neighbour_kind):
