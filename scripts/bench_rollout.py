@@ -16,8 +16,8 @@ pair, plus the LM head on the last prompt position and on each generated positio
 
 Host diagnostics (`HostCounters`, one line per side): cores used, the system-time share of the CPU time, page
 faults and context switches per second, the load average, over the timed runs, and whether malloc keeps freed memory
-(rlaif_jax/host_memory.py; both sides run in this process, so both get the same setting): a slow run shows whether
-neighbours took the cores or temporaries were faulted in. RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults.
+(rlaif_jax/host_memory.py: off unless RLAIF_JAX_KEEP_FREED_MEMORY=1; both sides run in this process, so both get
+the same setting): a slow run shows whether neighbours took the cores or temporaries were faulted in.
 
 Ours samples data parallel over --cpu_devices XLA:CPU devices (default one per core: `use_cpu_devices` says why),
 transformers on torch threads (the faster of os.cpu_count() and 1).

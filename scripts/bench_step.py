@@ -56,10 +56,10 @@ work (and the rollout's decode loop once).
 
 Host diagnostics (bench_rollout.HostCounters), one line per side over its timed steps: cores used, the system-time
 share of the CPU time, page faults and context switches per second, the load average, and whether malloc keeps freed
-memory (rlaif_jax/host_memory.py, set on `import rlaif_jax`; TRL runs in this process, so it gets the same setting):
-a slow run shows whether neighbours took the cores (cores used below the thread count, many involuntary switches,
-load above the core count) or fresh temporaries were faulted in (many faults, a large system share).
-RLAIF_JAX_SYSTEM_MALLOC=1 runs with glibc's defaults, to see what the setting is worth on a host.
+memory (rlaif_jax/host_memory.py: off unless RLAIF_JAX_KEEP_FREED_MEMORY=1; TRL runs in this process, so it gets
+the same setting): a slow run shows whether neighbours took the cores (cores used below the thread count, many
+involuntary switches, load above the core count) or fresh temporaries were faulted in (many faults, a large system
+share).
 
 Our side runs data parallel over --cpu_devices XLA:CPU devices (default one per core: bench_rollout.use_cpu_devices
 says why); TRL over torch threads, the faster of os.cpu_count() and 1 thread.
@@ -659,7 +659,7 @@ def run(args):
           f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
     print(ours.host.line())
     # XLA:CPU allocates a program's temporaries as one buffer per call; with glibc's defaults it is mapped fresh each
-    # call and every page faulted in (rlaif_jax/host_memory.py keeps it mapped: then the faults above are near 0).
+    # call and every page faulted in (RLAIF_JAX_KEEP_FREED_MEMORY=1 keeps it mapped: rlaif_jax/host_memory.py).
     temp = ours.learn.memory_analysis().temp_size_in_bytes
     print(f"ours_update_temp_mib={temp / 2**20:.0f} (4 KiB pages faulted per call if fresh: {temp // 4096}) "
           f"python_loop_mops={python_loop_speed():.1f}")

@@ -1,6 +1,6 @@
-"""host_memory.keep_freed_memory: after `import rlaif_jax`, a large block freed by one call is reused by the next
-without page faults (XLA:CPU's per-call temporaries), and RLAIF_JAX_SYSTEM_MALLOC=1 leaves glibc's defaults (the
-same probe then faults every page again, which shows the probe can fail)."""
+"""host_memory.keep_freed_memory: with RLAIF_JAX_KEEP_FREED_MEMORY=1, after `import rlaif_jax` a large block freed by
+one call is reused by the next without page faults (XLA:CPU's per-call temporaries); by default glibc's settings
+stay (the same probe then faults every page again, which shows the probe can fail)."""
 import json
 import os
 import subprocess
@@ -46,12 +46,12 @@ def probe(**env):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (Linux only)")
 def test_freed_memory_is_reused_without_page_faults():
-    kept = probe(RLAIF_JAX_SYSTEM_MALLOC="0")
+    kept = probe(RLAIF_JAX_KEEP_FREED_MEMORY="1")
     assert kept["state"] == "glibc"
     first, *later = kept["faults"]
     assert first >= PAGES * 0.9  # the first call faults its pages in
     assert max(later) < PAGES * 0.02, kept  # later calls reuse them
 
-    system = probe(RLAIF_JAX_SYSTEM_MALLOC="1")
-    assert system["state"] == "RLAIF_JAX_SYSTEM_MALLOC is set"
+    system = probe(RLAIF_JAX_KEEP_FREED_MEMORY="")
+    assert system["state"] == "off (RLAIF_JAX_KEEP_FREED_MEMORY unset)"
     assert min(system["faults"]) >= PAGES * 0.9, system  # glibc's default: mmap, unmap, fault in afresh
