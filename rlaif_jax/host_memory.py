@@ -29,8 +29,19 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
 TRIM_NEVER = -1  # glibc: "setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
+SETTING = "RLAIF_JAX_KEEP_FREED_MEMORY"
 # What keep_freed_memory() did: None before the first call, else "glibc" (applied) or why it did nothing.
 state: str | None = None
+
+
+def setting_error() -> str | None:
+    """Why the environment's RLAIF_JAX_KEEP_FREED_MEMORY is not a value this module reads (1, 0 or unset), else
+    None. Import cannot refuse it (a library import does not exit); the training program does, before anything
+    loads (train.launch)."""
+    value = os.environ.get(SETTING, "")
+    if value in ("", "0", "1"):
+        return None
+    return f"{SETTING}={value!r} must be 1 (keep freed memory) or 0 / unset (glibc's defaults)"
 
 
 def keep_freed_memory() -> str:
@@ -39,8 +50,11 @@ def keep_freed_memory() -> str:
     global state
     if state is not None:
         return state
-    if os.environ.get("RLAIF_JAX_KEEP_FREED_MEMORY", "") in ("", "0"):
-        state = "off (RLAIF_JAX_KEEP_FREED_MEMORY unset)"
+    error = setting_error()
+    if error is not None:
+        state = f"off ({error})"
+    elif os.environ.get(SETTING, "") in ("", "0"):
+        state = f"off ({SETTING} unset)"
     elif not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None:
         state = f"not glibc ({sys.platform})"
     else:

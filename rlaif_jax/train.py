@@ -42,7 +42,7 @@ from rlaif_jax import builder
 from rlaif_jax import checkpoint as ckpt_lib
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
-from rlaif_jax import errors, evaluate, judging
+from rlaif_jax import errors, evaluate, host_memory, judging
 from rlaif_jax import metrics as metrics_lib
 from rlaif_jax import plan as plan_lib
 from rlaif_jax import program
@@ -201,6 +201,8 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
     try:
         if config is None:
             raise errors.ConfigError("--config is required, e.g. --config experiments/testbed.py:small")
+        if host_memory.setting_error():  # read on `import rlaif_jax`, refused here before anything loads
+            raise errors.ConfigError(host_memory.setting_error())
         if plan:
             # Simulated devices: set before the first jax call creates the backend.
             n = plan_devices or config.mesh.data * config.mesh.fsdp * config.mesh.tensor

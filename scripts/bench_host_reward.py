@@ -41,12 +41,12 @@ def main():
     batches = [(jnp.asarray(ids[i:i + PROMPTS]), jnp.ones((PROMPTS, PROMPT_LEN), jnp.int32))
                for i in range(0, len(ids), PROMPTS)]
 
-    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     fused_c = our_config(world)
     host_c = our_config(world)
     host_c.reward.functions = {"trivial": "bench_host_reward:trivial"}
     host_c.reward.function_weights = {"trivial": 1.0}
-    config_lib.validate(host_c, num_devices=1)
+    config_lib.validate(host_c, num_devices=host_c.mesh.data)
+    mesh = shd.make_mesh(fused_c.mesh.data, 1, 1)  # our_config's mesh: every device jax has (1 unless XLA_FLAGS)
     rules = [tuple(r) for r in fused_c.mesh.rules]
     times, compile_s, host_s = {"fused": [], "host": []}, {}, []
     with shd.use_rules(rules), jax.set_mesh(mesh):

@@ -110,6 +110,15 @@ def test_bad_input_is_one_line_before_loading(world, tmp_path, capsys, no_loadin
     assert message.format(world=world) in line
 
 
+def test_bad_keep_freed_memory_value_is_one_line_before_loading(world, tmp_path, capsys, no_loading, monkeypatch):
+    """RLAIF_JAX_KEEP_FREED_MEMORY (host_memory.py, read on import) takes 1, 0 or nothing; "off" would otherwise
+    have read as "on"."""
+    monkeypatch.setenv("RLAIF_JAX_KEEP_FREED_MEMORY", "off")
+    line = launch_expecting_error(capsys, config(world), tmp_path / "run")
+    assert line == ("FATAL config error: RLAIF_JAX_KEEP_FREED_MEMORY='off' must be 1 (keep freed memory) or 0 / "
+                    "unset (glibc's defaults)")
+
+
 def test_workdir_holding_a_model_is_refused(world, tmp_path, capsys, no_loading):
     model = shutil.copytree(os.path.join(world, "policy"), str(tmp_path / "model"))
     before = {n: open(os.path.join(model, n), "rb").read() for n in os.listdir(model)}
