@@ -146,9 +146,10 @@ def add_cpu_device_args(parser: argparse.ArgumentParser) -> None:
 def use_cpu_devices(n: int) -> None:
     """Split this host into n XLA:CPU devices; call before jax's first computation (the backend reads XLA_FLAGS
     when it starts). Our side then runs data parallel, each device on its own share of the rows: measured on a
-    2-core host, one device per core made the GRPO step 16% faster (2.32 -> 1.95 s) than one device whose every
-    op is split over both cores by the intra-op pool, whose per-op wake-ups and waits the small ops of decoding
-    and of a 256-wide model cannot amortise; 4 devices gave 2.38 s and 8 gave 3.07 s."""
+    2-core host (with RLAIF_JAX_KEEP_FREED_MEMORY's settings), one device per core made the GRPO step 16% faster
+    (2.32 -> 1.95 s) than one device whose every op is split over both cores by the intra-op pool, whose per-op
+    wake-ups and waits the small ops of decoding and of a 256-wide model cannot amortise; 4 devices gave 2.38 s
+    and 8 gave 3.07 s (README, "Performance")."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     got = len(jax.devices())
