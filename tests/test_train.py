@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -230,8 +231,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_complete_a_run_each_loading_its_shard(world, cache_dir, tmp_path):
-    workdir = str(tmp_path / "two")
+def run_two_processes(world, cache_dir, workdir):
     address = f"localhost:{free_port()}"
     procs = [subprocess.Popen(command(world, workdir, f"--coordinator_address={address}", "--num_processes=2",
                                       f"--process_id={i}", "--config.train.steps=2", "--config.eval.every=2"),
@@ -239,9 +239,23 @@ def test_two_processes_complete_a_run_each_loading_its_shard(world, cache_dir, t
                               text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    for i, (_, err) in enumerate(outputs):
+    return [p.returncode for p in procs], [err for _, err in outputs]
+
+
+def test_two_processes_complete_a_run_each_loading_its_shard(world, cache_dir, tmp_path):
+    workdir = str(tmp_path / "two")
+    codes, errs = run_two_processes(world, cache_dir, workdir)
+    if codes != [0, 0] and any("Gloo context initialization failed" in e for e in errs):
+        # jax's CPU collectives (gloo) give a process 30 s to publish its address once both have reached the first
+        # collective; CI once saw one miss it (a stalled host, the other process's log unseen). That is the
+        # transport, not our program: run once more in a new folder, and say so.
+        warnings.warn("two-process run: gloo's 30 s connection set-up timed out; retrying once:\n" + errs[0][-800:])
+        workdir = str(tmp_path / "two-again")
+        codes, errs = run_two_processes(world, cache_dir, workdir)
+    # Either process's failure can show up as the other's (a collective waiting for a dead peer): show both.
+    assert codes == [0, 0], "\n".join(f"--- process {i} (exit {c}):\n{e[-2500:]}"
+                                      for i, (c, e) in enumerate(zip(codes, errs)))
+    for i, err in enumerate(errs):
         assert f"process {i}/2 loads 4 of 8 rows per batch" in err
     metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics] == [0, 1, 2]
