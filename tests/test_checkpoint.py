@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlaif_jax import checkpoint, errors, sharding
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ TOY_RUN = textwrap.dedent('''
 
 def _launch(script, workdir, steps):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     return subprocess.Popen([sys.executable, str(script), str(workdir), str(steps)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -10,12 +10,14 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_small_testbed_run_raises_judge_score(tmp_path):
     workdir = str(tmp_path / "demo")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--config_arg", "small",
                           "--workdir", workdir], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rlaif_jax.testbed import data, world
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("rlaif_vs_rlhf", os.path.join(ROOT, "scripts", "rlaif_vs_rlhf.py"))
@@ -54,7 +55,7 @@ def test_the_evaluator_is_never_a_pipeline_build(tmp_path):
 def run_cli(out: str) -> str:
     """The script's smoke run (tiny builds, a few steps per stage) as a user runs it, in a process of its own with
     one CPU device (the tests' 8 simulated devices are for sharding tests; the study runs unsharded here)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "rlaif_vs_rlhf.py"), "--out", out,
                            "--builds", "2", "--seeds", "1", "--evaluator_build", "3", "--smoke"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests import tiny
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTBED = os.path.join(ROOT, "experiments", "testbed.py")
@@ -105,7 +106,7 @@ def sweep_config(tmp_path_factory):
 def test_local_sweep_runs_each_point_and_writes_one_table(sweep_config, tmp_path):
     out = str(tmp_path / "sweep")
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_flags(1)
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla_cache")  # the second run reuses the first's program
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     command = [sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "--config", sweep_config, "--out", out,

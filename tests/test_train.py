@@ -13,6 +13,7 @@ import pytest
 
 from rlaif_jax import config as config_lib
 from tests import tiny, tiny_config
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -33,7 +34,7 @@ def cache_dir(tmp_path_factory):
 
 def env(cache_dir, devices=1):
     e = dict(os.environ)
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(devices)
     e["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     e["PYTHONPATH"] = ROOT
