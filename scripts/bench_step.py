@@ -331,8 +331,11 @@ class Ours:
             self.step = lowered.compile()
             self.compile_s["compile"] = time.perf_counter() - t0
 
-            self.rollout = self._compile("rollout", jax.jit(functools.partial(ts.rollout_phase, c, models, sampling)),
-                                         s.state.params["policy"], tokens, mask, next(self.keys))
+            def rollout(params, frozen, tokens, mask, key):  # the step's rollout phase (a LoRA merged in it, as there)
+                return ts.rollout_phase(c, models, sampling, ts.trained_policy(c, params, frozen), tokens, mask, key)
+
+            self.rollout = self._compile("rollout", jax.jit(rollout), s.state.params, s.frozen, tokens, mask,
+                                         next(self.keys))
 
             def judge(judge_params, roll, key, share_prompt):  # the step's judge phase
                 score_fn = functools.partial(judging.score, judge_params, models.judge, spec,
@@ -346,7 +349,7 @@ class Ours:
 
             self.state = jax.tree.map(jnp.copy, s.state)        # threaded through the fused step
             self.learn_state = jax.tree.map(jnp.copy, s.state)  # threaded through the learn phase alone
-            self.roll = self.rollout(self.state.params["policy"], tokens, mask, next(self.keys))
+            self.roll = self.rollout(self.state.params, self.frozen, tokens, mask, next(self.keys))
             assert int(self.roll.lengths_b.min()) == NEW, "every row must run the full budget"
             self.judge = self._compile("judge", jax.jit(functools.partial(
                 judge, share_prompt=c.compute.share_prompt_forward)), self.frozen.judge, self.roll, next(self.keys))
@@ -398,7 +401,8 @@ class Ours:
         tokens, mask = self.batches[self.i % len(self.batches)]
         out = {}
         t0 = time.perf_counter()
-        roll = jax.block_until_ready(self.rollout(self.learn_state.params["policy"], tokens, mask, next(self.keys)))
+        roll = jax.block_until_ready(self.rollout(self.learn_state.params, self.frozen, tokens, mask,
+                                                  next(self.keys)))
         out["rollout"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         scores, jm = jax.block_until_ready(self.judge(self.frozen.judge, roll, next(self.keys)))
