@@ -55,10 +55,10 @@ def keep_freed_memory() -> str:
         state = f"off ({error})"
     elif os.environ.get(SETTING, "") in ("", "0"):
         state = f"off ({SETTING} unset)"
-    elif not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None:
+    elif not sys.platform.startswith("linux") or (libc_name := ctypes.util.find_library("c")) is None:
         state = f"not glibc ({sys.platform})"
     else:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc = ctypes.CDLL(libc_name)
         if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
             state = "not glibc (no mallopt)"
         else:

@@ -201,8 +201,8 @@ def launch(config: ml_collections.ConfigDict | None, workdir: str | None, *, all
     try:
         if config is None:
             raise errors.ConfigError("--config is required, e.g. --config experiments/testbed.py:small")
-        if host_memory.setting_error():  # read on `import rlaif_jax`, refused here before anything loads
-            raise errors.ConfigError(host_memory.setting_error())
+        if memory_error := host_memory.setting_error():  # read on `import rlaif_jax`, refused here before loading
+            raise errors.ConfigError(memory_error)
         if plan:
             # Simulated devices: set before the first jax call creates the backend.
             n = plan_devices or config.mesh.data * config.mesh.fsdp * config.mesh.tensor
