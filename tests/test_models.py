@@ -371,6 +371,46 @@ def assert_same_as_plain(plain_run, shared_prefix: bool, real_only: bool = False
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("btd,dkce->btkce", (2, 5, 8), (8, 2, 3, 4)),  # q/k/v: x narrower than the output (dense's own gradient)
+    ("btd,dcf->btcf", (2, 5, 8), (8, 2, 12)),      # gate/up: likewise
+    ("btf,fd->btd", (2, 5, 12), (12, 8)),          # down: x wider (JAX's own rule)
+    ("nk,kd->nd", (10, 8), (8, 8)),                # o: equal widths (JAX's own rule)
+])
+def test_dense_equals_einsum_values_and_gradients(spec, x_shape, w_shape):
+    """`tfm.dense` (the weight matmuls, with their weight gradient written activation-first where that is
+    cheaper) gives einsum's values, and the gradients of a random weighting of its output equal NumPy's
+    dx = g w^T and dw = x^T g, summed over the token axes."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
+    out = np.einsum(spec, x, w)
+    g = rng.normal(size=out.shape).astype(np.float32)
+    got = jax.jit(lambda x, w: tfm.dense(spec, x, w))(x, w)
+    np.testing.assert_allclose(np.asarray(got), out, rtol=1e-5, atol=1e-5)
+    dx, dw = jax.jit(jax.grad(lambda x, w: (tfm.dense(spec, x, w) * g).sum(), argnums=(0, 1)))(x, w)
+    (x_axes, w_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
+    np.testing.assert_allclose(np.asarray(dx), np.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policies_recompute_only_what_they_do_not_save(memory_model):
+    """Matmuls in the gradient's program (the scan body counts once): "dots" saves every matmul's output, so it
+    has exactly the plain path's; "minimal" recomputes attention's two (scores, and probabilities times values);
+    "full" five of a layer's six (q/k/v, attention's two, o and gate/up; down's output is not needed by the
+    backward). The weight matmuls are `tfm.dense`, a custom VJP whose dot dots_saveable cannot see: the policies
+    keep them by name (tfm.DENSE_OUTPUT)."""
+    params, model = memory_model
+    tokens, mask = batch()
+
+    def dots(**settings):
+        cfg = model(**settings)
+        loss = lambda p: tfm.forward(p, cfg, tokens, mask).logits.sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(params)).count("dot_general")
+
+    plain = dots()
+    assert [dots(remat=r) - plain for r in ("dots", "minimal", "full")] == [0, 2, 5]
+
+
 def test_remat_gradients_equal_no_remat(plain_run):
     """Remat "full" recomputes each layer of the scan in the backward pass: logits and gradients equal the run
     without remat. (The policies that save matmul outputs are checked with chunked attention below.)"""

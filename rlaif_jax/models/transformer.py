@@ -26,6 +26,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from rlaif_jax.models import fused_attention
 from rlaif_jax.models.config import ModelConfig
@@ -166,6 +167,46 @@ def apply_value_head(head: Params, hidden_btd: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+# The checkpoint name of every weight matmul's output (`dense`): the remat policies that keep matmul outputs
+# ("dots", "minimal") keep these by name, since a custom_vjp hides its dot_general from dots_saveable.
+DENSE_OUTPUT = "dense_output"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, w)
+
+
+def _dense_fwd(spec, x, w):
+    return _dense(spec, x, w), (x, w)
+
+
+def _dense_bwd(spec, residuals, g):
+    x, w = residuals
+    (x_axes, w_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
+    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w).astype(x.dtype)
+    dw = jnp.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g).astype(w.dtype)
+    return dx, dw
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, x, w) of activations x and a weight w (every axis of w named in x or in the output), its
+    output named DENSE_OUTPUT for the remat policies.
+
+    The weight gradient contracts the token axes of x and of the output's gradient g. JAX's transpose rule writes
+    it as dot(g, x), which XLA:CPU runs by first copying g transposed: when g is the wider of the two (q/k/v and
+    gate/up: (tokens, 2F) against (tokens, D)) that copy is the largest array of the layer's backward, so there
+    the gradient is written as dot(x, g) (`_dense_bwd`), which copies x instead. Where x is as wide or wider
+    (o, down) JAX's own rule is the cheaper one and is kept (measured on the benchmark's update; README)."""
+    x_axes, w_axes = spec.split("->")[0].split(",")
+    x_width = math.prod(n for a, n in zip(w_axes, w.shape) if a in x_axes)
+    out = _dense(spec, x, w) if x_width < w.size // x_width else jnp.einsum(spec, x, w)
+    return checkpoint_name(out, DENSE_OUTPUT)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
     """x / rms(x) * w  (Gemma: * (1 + w)), normalised in float32 as HF does."""
     x32 = x.astype(jnp.float32)
@@ -402,7 +443,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionM
     B, T = x_btd.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
     h = block_norm(x_btd, lp, "attn_norm", cfg)
-    qkv = jnp.einsum("btd,dkce->btkce", h, lp["qkv"].astype(dt))  # (B, T, K, G + 2, E), see fuse_projections
+    qkv = dense("btd,dkce->btkce", h, lp["qkv"].astype(dt))  # (B, T, K, G + 2, E), see fuse_projections
     if cfg.qkv_bias:
         qkv = qkv + lp["qkv_bias"].astype(dt)
     # One split (not three slices): its gradient is one concatenate, where slices' would be pads and adds.
@@ -432,7 +473,7 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionM
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, cfg.num_heads * cfg.head_dim)
-    out = (attn @ lp["o"].astype(dt).reshape(cfg.num_heads * cfg.head_dim, -1)).reshape(B, T, -1)
+    out = dense("nk,kd->nd", attn, lp["o"].astype(dt).reshape(cfg.num_heads * cfg.head_dim, -1)).reshape(B, T, -1)
     if cfg.o_bias:
         out = out + lp["o_bias"].astype(dt)
     if cfg.parallel_residual:
@@ -447,18 +488,18 @@ def _mlp(cfg: ModelConfig, lp, h_btd):
     """down(act(gate(h)) * up(h)), or down(act(up(h))) without a gate (gpt_neox); biases where the config has them."""
     dt = jnp.dtype(cfg.dtype)
     if cfg.gated_mlp:
-        gate_up = jnp.einsum("btd,dcf->btcf", h_btd, lp["gate_up"].astype(dt))  # (B, T, 2, F)
+        gate_up = dense("btd,dcf->btcf", h_btd, lp["gate_up"].astype(dt))  # (B, T, 2, F)
         if cfg.mlp_bias:
             gate_up = gate_up + lp["gate_up_bias"].astype(dt)
         gate, up = (x[:, :, 0] for x in jnp.split(gate_up, 2, axis=2))
         hidden = activation(gate, cfg.activation) * up
     else:
-        up = jnp.einsum("btd,df->btf", h_btd, lp["up"].astype(dt))
+        up = dense("btd,df->btf", h_btd, lp["up"].astype(dt))
         if cfg.mlp_bias:
             up = up + lp["up_bias"].astype(dt)
         hidden = activation(up, cfg.activation)
     hidden = constrain(hidden, ("batch", "length", "mlp"))
-    out = jnp.einsum("btf,fd->btd", hidden, lp["down"].astype(dt))
+    out = dense("btf,fd->btd", hidden, lp["down"].astype(dt))
     if cfg.mlp_bias:
         out = out + lp["down_bias"].astype(dt)
     return out
@@ -468,8 +509,13 @@ def _mlp(cfg: ModelConfig, lp, h_btd):
 # the rest it recomputes from the layer's input, which the scan keeps anyway.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # nothing: least memory, one more forward per backward
-    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul's output, attention's (B, H, T, S) scores too
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the weight matmuls', not attention's
+    # every matmul's output, attention's (B, H, T, S) scores too
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)),
+    # the weight matmuls', not attention's
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)),
     "everything": jax.checkpoint_policies.everything_saveable,  # all of it (no memory saved; a reference point)
 }
 
