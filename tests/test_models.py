@@ -1,4 +1,5 @@
 """Model code against HF transformers in PyTorch: parity per family, KV cache, import/export, sharding, errors."""
+import dataclasses
 import json
 import os
 import shutil
@@ -504,6 +505,21 @@ def test_remat_and_chunked_attention_lower_compiled_memory():
     print(f"temporaries (MiB): remat none {none / 2**20:.1f}, full {full / 2**20:.1f}, "
           f"full + chunked attention {chunked / 2**20:.1f}")
     assert full < 0.6 * none and chunked < 0.6 * full
+    # The scan unrolled into one iteration: XLA inlines the loop and merges the recomputation with the forward, so
+    # remat saves nothing (ModelConfig refuses the combination: the config below is built around that check).
+    unrolled = ModelConfig(**base, scan_unroll=4)
+    unrolled_remat = dataclasses.replace(unrolled)
+    object.__setattr__(unrolled_remat, "remat", "full")
+
+    def unrolled_temp_bytes(cfg):
+        loss = lambda p, t: tfm.forward(p, cfg, t, t > 0).logits.mean()  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(tfm.abstract_params(cfg), tokens).compile().memory_analysis(
+        ).temp_size_in_bytes
+
+    assert unrolled_temp_bytes(unrolled_remat) > 0.9 * unrolled_temp_bytes(unrolled)
+    with pytest.raises(ValueError, match=r"remat='full' needs the layer scan to loop at least twice: num_layers=4 "
+                                         r"with scan_unroll=4 loops once.*use scan_unroll <= 2 or remat='none'"):
+        ModelConfig(**base, scan_unroll=4, remat="full")
 
 
 def test_map_microbatches_keeps_row_order_and_groups():
