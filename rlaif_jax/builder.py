@@ -35,7 +35,7 @@ from rlaif_jax import judging, reward_model, reward_rules
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
-from rlaif_jax.config import model_compute_settings
+from rlaif_jax.config import as_config_error, model_compute_settings
 from rlaif_jax.models import fused_attention, hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -125,13 +125,16 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     attention = _attention(c, weights)
 
     def trained_model(folder: str) -> tuple[ModelConfig, Any]:
-        """Config and params of a model the step trains (policy, separate critic): the compute settings apply."""
+        """Config and params of a model the step trains (policy, separate critic): the compute settings apply,
+        checked against the model (ModelConfig's one-line refusals) before any weight loads."""
+        settings = {**model_compute_settings(c.compute), "attention": attention}
+        as_config_error(lambda: hf.load_config(folder, c.policy.dtype, c.policy.param_dtype).replace(**settings))
         if weights:
             cfg, params = hf.load_model(folder, mesh, c.policy.dtype, c.policy.param_dtype, rules)
         else:
             cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
             params = _abstract_params(cfg, mesh, rules)
-        return cfg.replace(**{**model_compute_settings(c.compute), "attention": attention}), params
+        return cfg.replace(**settings), params
 
     # ---- policy, the sampler's settings, the judge and its path
     policy_folder = hf.resolve_path(c.policy.path, weights)

@@ -119,6 +119,20 @@ def test_bad_keep_freed_memory_value_is_one_line_before_loading(world, tmp_path,
                     "unset (glibc's defaults)")
 
 
+def test_remat_on_a_scan_that_loops_once_is_one_line_before_weights_load(world, tmp_path, capsys, monkeypatch):
+    """compute.remat with compute.scan_unroll = the tiny policy's 2 layers: the scan would loop once, and XLA would
+    merge the recomputation with the forward (tests/test_models.py measures it). The build refuses it from the
+    model's config.json, before any weights load."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the error was found")
+    monkeypatch.setattr(hf, "load_model", refuse)
+    line = launch_expecting_error(capsys, config(world, **{"compute.remat": "full", "compute.scan_unroll": 2}),
+                                  tmp_path / "run")
+    assert line == ("FATAL config error: remat='full' needs the layer scan to loop at least twice: num_layers=2 with "
+                    "scan_unroll=2 loops once, and XLA then merges the recomputation with the forward (no memory "
+                    "saved); use scan_unroll <= 1 or remat='none'")
+
+
 def test_workdir_holding_a_model_is_refused(world, tmp_path, capsys, no_loading):
     model = shutil.copytree(os.path.join(world, "policy"), str(tmp_path / "model"))
     before = {n: open(os.path.join(model, n), "rb").read() for n in os.listdir(model)}
