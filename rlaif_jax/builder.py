@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlaif_jax import checkpoint as ckpt_lib
+from rlaif_jax import errors
 from rlaif_jax import judging, reward_model, reward_rules
 from rlaif_jax import rollout as rollout_lib
 from rlaif_jax import sharding as shd
 from rlaif_jax import train_step as ts
-from rlaif_jax.config import as_config_error, model_compute_settings
+from rlaif_jax.config import model_compute_settings
 from rlaif_jax.models import fused_attention, hf
 from rlaif_jax.models import transformer as tfm
 from rlaif_jax.models.config import ModelConfig
@@ -124,11 +125,15 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     """Models, train state and compiled step of the run of config `c` on `mesh` (see the module docstring)."""
     attention = _attention(c, weights)
 
-    def trained_model(folder: str) -> tuple[ModelConfig, Any]:
-        """Config and params of a model the step trains (policy, separate critic): the compute settings apply,
-        checked against the model (ModelConfig's one-line refusals) before any weight loads."""
+    def trained_model(folder: str, setting: str) -> tuple[ModelConfig, Any]:
+        """Config and params of a model the step trains (policy, separate critic; `setting` names its folder's
+        config field): the compute settings apply, checked against the model (ModelConfig's one-line refusals)
+        before any weight loads."""
         settings = {**model_compute_settings(c.compute), "attention": attention}
-        as_config_error(lambda: hf.load_config(folder, c.policy.dtype, c.policy.param_dtype).replace(**settings))
+        try:
+            hf.load_config(folder, c.policy.dtype, c.policy.param_dtype).replace(**settings)
+        except ValueError as e:
+            raise errors.ConfigError(f"config.compute on the model of {setting}: {e}") from None
         if weights:
             cfg, params = hf.load_model(folder, mesh, c.policy.dtype, c.policy.param_dtype, rules)
         else:
@@ -139,7 +144,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     # ---- policy, the sampler's settings, the judge and its path
     policy_folder = hf.resolve_path(c.policy.path, weights)
     policy_tok = hf.load_tokenizer(policy_folder)
-    policy_cfg, policy_params = trained_model(policy_folder)
+    policy_cfg, policy_params = trained_model(policy_folder, "config.policy.path")
     reward_rules.check_token_ids(c.reward, policy_cfg.vocab_size)
     sampling = rollout_lib.SamplingConfig.from_config(c.rollout, policy_cfg)
     if c.judge.mode == "remote":  # no local model: the host path calls the endpoint
@@ -168,7 +173,7 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
     critic_cfg = critic_params = critic_base = None
     if c.critic.kind == "separate" and c.critic.init == "reward_model":
         critic_folder = hf.resolve_path(c.critic.path, weights)
-        critic_cfg, backbone = trained_model(critic_folder)
+        critic_cfg, backbone = trained_model(critic_folder, "config.critic.path")
         head = reward_model.load_value_head(critic_folder, critic_cfg) if weights else _abstract_value_head(critic_cfg, mesh)
         if c.critic.lora_rank:
             critic_params, critic_base = {"head": head}, backbone

@@ -1,5 +1,6 @@
 """The compiled RLAIF step on tiny models: one compilation, 1 vs 8 devices, learning, KL, the NaN guard. The judges that
 compare or choose (principles, online DPO, a pairwise reward) are in tests/test_train_step_pairwise.py."""
+import copy
 import functools
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlaif_jax import builder, evaluate, judging, ops, plan, reward_model
+from rlaif_jax import builder, errors, evaluate, judging, ops, plan, reward_model
 from rlaif_jax import config as config_lib
 from rlaif_jax import data as data_lib
 from rlaif_jax import rollout as rollout_lib
@@ -451,7 +452,7 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
     rm = write_reward_model(world, str(tmp_path / "rm"))
     c = make_config(world, **{"judge.mode": "reward_model", "judge.path": rm, "critic.kind": "separate",
                               "critic.init": "reward_model", "critic.path": rm, "critic.lora_rank": 2,
-                              "compute.remat": "full", "compute.attention": "chunked",
+                              "compute.attention": "chunked",
                               "compute.attention_chunk": 4, "compute.logprob_chunk": 3})
     mesh = shd.make_mesh(2, 2, 2)
     rules = [tuple(r) for r in c.mesh.rules]
@@ -459,13 +460,20 @@ def test_plan_mode_builds_what_training_builds(world, tmp_path):
         real = builder.build(c, mesh, rules)
         shapes = builder.build(c, mesh, rules, weights=False)
     assert shapes.models == real.models
-    # The tiny models have 2 layers: remat needs a scan that loops twice (ModelConfig), so scan_unroll is checked
-    # without it, in plan mode's shapes-only build.
-    c.compute.scan_unroll, c.compute.remat = 2, "none"
+    # scan_unroll and remat, in plan mode's shapes-only build: the critic (the 1-layer reward model) refuses remat,
+    # whose recomputation XLA would merge into the forward of a scan that loops once (ModelConfig).
+    other = copy.deepcopy(c)
+    other.compute.scan_unroll = 2
     with shd.use_rules(rules), jax.set_mesh(mesh):
-        unrolled = builder.build(c, mesh, rules, weights=False).models
+        unrolled = builder.build(other, mesh, rules, weights=False).models
+        other.compute.scan_unroll, other.compute.remat = 1, "full"
+        with pytest.raises(errors.ConfigError, match=r"config.compute on the model of config.critic.path: "
+                                                     r"remat='full' needs .* num_layers=1 .* use remat='none'"):
+            builder.build(other, mesh, rules, weights=False)
+        other.critic.kind, other.critic.init, other.critic.path, other.critic.lora_rank = "value_head", "policy", "", 0
+        rematted = builder.build(other, mesh, rules, weights=False).models
     assert (unrolled.policy.scan_unroll, unrolled.critic.scan_unroll, unrolled.judge.scan_unroll) == (2, 2, 1)
-    assert (real.models.policy.remat, real.models.critic.remat, real.models.judge.remat) == ("full", "full", "none")
+    assert (rematted.policy.remat, rematted.judge.remat) == ("full", "none")
     assert (real.models.policy.logprob_chunk, real.models.critic.logprob_chunk) == (3, 3)
     models = (real.models.policy, real.models.critic, real.models.judge)
     assert all((m.attention, m.attention_chunk) == ("chunked", 4) for m in models)

@@ -86,10 +86,11 @@ class ModelConfig:
         if self.remat != "none" and self.num_layers // max(self.scan_unroll, 1) < 2:
             # Measured (tests/test_models.py): XLA inlines a loop that runs once and then merges the recomputed
             # layers with the forward's, so the backward keeps everything (or more) and remat saves nothing.
+            fix = (f"use scan_unroll <= {self.num_layers // 2} or remat='none'" if self.num_layers >= 2 else
+                   "use remat='none' for a 1-layer model")
             raise ValueError(f"remat={self.remat!r} needs the layer scan to loop at least twice: num_layers="
                              f"{self.num_layers} with scan_unroll={self.scan_unroll} loops once, and XLA then merges "
-                             f"the recomputation with the forward (no memory saved); use scan_unroll <= "
-                             f"{self.num_layers // 2} or remat='none'")
+                             f"the recomputation with the forward (no memory saved); {fix}")
         if self.forward_microbatches < 1:
             raise ValueError(f"forward_microbatches={self.forward_microbatches} must be >= 1 (1 = all rows at once)")
         if self.attention_chunk < 1 or self.logprob_chunk < 0:
