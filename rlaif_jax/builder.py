@@ -129,17 +129,16 @@ def build(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, weights:
         """Config and params of a model the step trains (policy, separate critic; `setting` names its folder's
         config field): the compute settings apply, checked against the model (ModelConfig's one-line refusals)
         before any weight loads."""
-        settings = {**model_compute_settings(c.compute), "attention": attention}
+        cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
         try:
-            hf.load_config(folder, c.policy.dtype, c.policy.param_dtype).replace(**settings)
+            trained_cfg = cfg.replace(**{**model_compute_settings(c.compute), "attention": attention})
         except ValueError as e:
             raise errors.ConfigError(f"config.compute on the model of {setting}: {e}") from None
         if weights:
-            cfg, params = hf.load_model(folder, mesh, c.policy.dtype, c.policy.param_dtype, rules)
+            _, params = hf.load_model(folder, mesh, c.policy.dtype, c.policy.param_dtype, rules)
         else:
-            cfg = hf.load_config(folder, c.policy.dtype, c.policy.param_dtype)
             params = _abstract_params(cfg, mesh, rules)
-        return cfg.replace(**settings), params
+        return trained_cfg, params
 
     # ---- policy, the sampler's settings, the judge and its path
     policy_folder = hf.resolve_path(c.policy.path, weights)

@@ -128,9 +128,9 @@ def test_remat_on_a_scan_that_loops_once_is_one_line_before_weights_load(world, 
     monkeypatch.setattr(hf, "load_model", refuse)
     line = launch_expecting_error(capsys, config(world, **{"compute.remat": "full", "compute.scan_unroll": 2}),
                                   tmp_path / "run")
-    assert line == ("FATAL config error: config.compute on the model of config.policy.path: remat='full' needs the layer scan to loop at least twice: num_layers=2 with "
-                    "scan_unroll=2 loops once, and XLA then merges the recomputation with the forward (no memory "
-                    "saved); use scan_unroll <= 1 or remat='none'")
+    assert line == ("FATAL config error: config.compute on the model of config.policy.path: remat='full' needs the "
+                    "layer scan to loop at least twice: num_layers=2 with scan_unroll=2 loops once, and XLA then merges "
+                    "the recomputation with the forward (no memory saved); use scan_unroll <= 1 or remat='none'")
 
 
 def test_workdir_holding_a_model_is_refused(world, tmp_path, capsys, no_loading):
