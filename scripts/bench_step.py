@@ -18,9 +18,12 @@ How the sides are matched (and where they still differ):
   * Shared prompts. Ours runs each prompt once for its 4 samples, in the rollout's prefill, in the judge's forward
     (the template's part up to the response) and in the training forward / backward (`tfm.forward_shared_prefix`);
     TRL runs every completion's prompt. The FLOP counts below count what each side executes.
-  * One optimizer step per generation: TRL per_device_train_batch_size=128 (counted in completions),
-    gradient_accumulation_steps=1, so generation_batch_size = 128 = 32 prompts x 4; ours algo.epochs=1,
-    algo.minibatches=1, optim.grad_accum=1.
+  * One optimizer step per generation, its gradient summed over MICRO_BATCHES micro-batches of 32 completions
+    (the same gradient as one batch: tests/test_train_step.py checks ours): ours algo.epochs=1, algo.minibatches=1,
+    optim.grad_accum=4. On XLA:CPU this bounds the temporaries the update maps and faults in afresh on every call
+    (531 -> 163 MiB per device; see "Host diagnostics" below). TRL is run both ways, per_device_train_batch_size=128
+    (counted in completions) with gradient_accumulation_steps=1, and 32 with 4; either way generation_batch_size =
+    128 = 32 prompts x 4, generated once per optimizer step; the faster is the baseline.
   * Judge. Ours: token-space templating inside the compiled step. TRL: a reward function (TRL's signature:
     prompts, completions -> list[float]) that renders the same template as text, tokenises it with the same
     tokenizer, runs one batched forward of the judge through transformers (only the last position's logits) and
@@ -42,8 +45,9 @@ steps; a TrainerCallback records each TRL step from on_step_begin to on_step_end
 backward, optimizer), and after every TRL step runs one fused step of ours and one call of each phase alone (the
 per-row judge right after the judge), so load from other processes on this shared machine falls on both sides
 alike. Reported: medians (and every raw time) of the steps after the warm-up. TRL is run
-once per torch thread count in {os.cpu_count(), 1} (multi-threaded torch suffers badly on a loaded machine); the
-faster is the baseline, the conservative choice for our ratio. speedup_vs_trl = median TRL step of the baseline run /
+once per torch thread count in {os.cpu_count(), 1} (multi-threaded torch suffers badly on a loaded machine) and
+gradient accumulation in {1, MICRO_BATCHES}; the fastest of these runs is the baseline, the conservative choice for
+our ratio. speedup_vs_trl = median TRL step of the baseline run /
 median of our fused steps interleaved with that same run (same load window); the ratio over all our rounds, the
 best-vs-best ratio and the median of per-step pairs are printed too.
 
@@ -62,7 +66,7 @@ involuntary switches, load above the core count) or fresh temporaries were fault
 share).
 
 Our side runs data parallel over --cpu_devices XLA:CPU devices (default one per core: bench_rollout.use_cpu_devices
-says why); TRL over torch threads, the faster of os.cpu_count() and 1 thread.
+says why); TRL over torch threads, the fastest run as above.
 
 --algo ppo: our PPO step alone (no TRL run), timed and counted phase by phase. The same models and shapes, the
 judge as a reward model (judge.mode="reward_model": the judge's backbone with a fixed value head, written to a
@@ -117,6 +121,7 @@ TEMPLATE = "Q : {prompt} R : {response} S :"
 JUDGE_PROMPT_PART = 1 + 2 + (PROMPT_LEN - 1) + 2  # up to the response: run once per prompt (share_prompt_forward)
 JUDGE_LEN = JUDGE_PROMPT_PART + NEW + 2
 LEARNING_RATE = 1e-6
+MICRO_BATCHES = 4  # the update's gradient accumulation (both sides; TRL also without): see the docstring
 
 
 # ---------------------------------------------------------------------------------------------- the world
@@ -259,7 +264,7 @@ def our_config(world: dict[str, str], judge_cot: int = 0):
     c.reward.score_norm = "none"
     c.optim.learning_rate = LEARNING_RATE
     c.optim.b2 = 0.999
-    c.optim.grad_accum = 1
+    c.optim.grad_accum = MICRO_BATCHES  # the same gradient; bounds the per-call temporaries (docstring)
     c.train.batch_size = PROMPTS
     c.train.steps = 1000
     c.mesh.data = len(jax.devices())  # data parallel over the XLA:CPU devices (bench_rollout.use_cpu_devices)
@@ -468,7 +473,7 @@ class Interleave(transformers.TrainerCallback):
             self.ours.record_round()
 
 
-def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, ours: Ours | None, workdir: str):
+def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, accum: int, ours: Ours | None, workdir: str):
     import datasets
     import trl
     torch.set_num_threads(threads)
@@ -478,9 +483,9 @@ def run_trl(world, tokenizer, prompt_texts, steps: int, threads: int, ours: Ours
         save_strategy="no", disable_tqdm=True, seed=0, learning_rate=LEARNING_RATE, adam_beta2=0.999,
         max_grad_norm=1.0, num_generations=GENERATIONS, max_completion_length=NEW, beta=0.0, temperature=1.0,
         top_k=0, top_p=1.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-        per_device_train_batch_size=PROMPTS * GENERATIONS, gradient_accumulation_steps=1, max_steps=steps,
+        per_device_train_batch_size=PROMPTS * GENERATIONS // accum, gradient_accumulation_steps=accum, max_steps=steps,
         generation_kwargs={"min_new_tokens": NEW}, dataloader_num_workers=0)
-    callback = Interleave(ours, HostCounters(f"trl_threads={threads}"))
+    callback = Interleave(ours, HostCounters(f"trl_threads={threads}_accum={accum}"))
     trainer = trl.GRPOTrainer(model=policy, reward_funcs=make_judge_reward(world["judge"], tokenizer), args=args,
                               train_dataset=datasets.Dataset.from_dict({"prompt": prompt_texts}),
                               processing_class=tokenizer, callbacks=[callback])
@@ -619,15 +624,17 @@ def run(args):
     for _ in range(args.warmup):
         ours.run_step(), ours.run_phases()
 
-    thread_counts = sorted({os.cpu_count(), 1}, reverse=True)
+    trl_runs = [(t, a) for t in sorted({os.cpu_count(), 1}, reverse=True) for a in (1, MICRO_BATCHES)]
     trl_all = {}
-    for threads in thread_counts:
-        trl_s = run_trl(world, tokenizer, prompt_texts, total, threads, ours, os.path.join(root, f"trl{threads}"))
-        trl_all[threads] = trl_s[args.warmup:]
-        print(f"trl[torch_threads={threads}] step_s all (first {args.warmup} = warm-up): {fmt(trl_s)}", flush=True)
+    for threads, accum in trl_runs:
+        trl_s = run_trl(world, tokenizer, prompt_texts, total, threads, accum, ours,
+                        os.path.join(root, f"trl{threads}_{accum}"))
+        trl_all[threads, accum] = trl_s[args.warmup:]
+        print(f"trl[torch_threads={threads} grad_accum={accum}] step_s all (first {args.warmup} = warm-up): "
+              f"{fmt(trl_s)}", flush=True)
         peaks.append(matmul_peak(args.peak_repeats))
     # Our rounds ran after every TRL step, warm-up steps included: drop as many from each TRL run.
-    keep = [i for r in range(len(thread_counts)) for i in range(r * total + args.warmup, (r + 1) * total)]
+    keep = [i for r in range(len(trl_runs)) for i in range(r * total + args.warmup, (r + 1) * total)]
     ours_t = {k: [v[i] for i in keep] for k, v in ours.times.items()}
     med = {k: statistics.median(v) for k, v in ours_t.items()}
     trl_med = {t: statistics.median(v) for t, v in trl_all.items()}
@@ -656,9 +663,9 @@ def run(args):
           f"(compute.share_prompt_forward=False); judge / judge_per_row = {med['judge'] / med['judge_per_row']:.3f}, "
           f"median of the rounds' ratios {statistics.median(ratios):.3f}")
     print(f"ours_phases_sum_s={phase_sum:.4f} (fused step / sum of phases = {med['step'] / phase_sum:.3f})")
-    for t in thread_counts:
-        print(f"trl_step_s_median[torch_threads={t}]={trl_med[t]:.4f} all={fmt(trl_all[t])}")
-    print(f"trl_baseline=torch_threads={best}")
+    for t, a in trl_runs:
+        print(f"trl_step_s_median[torch_threads={t} grad_accum={a}]={trl_med[t, a]:.4f} all={fmt(trl_all[t, a])}")
+    print(f"trl_baseline=torch_threads={best[0]} grad_accum={best[1]}")
     print(f"matmul_peak_gflops jax={peak_jax / 1e9:.1f} torch={peak_torch / 1e9:.1f} "
           f"(all: {[(round(a / 1e9, 1), round(b / 1e9, 1)) for a, b in peaks]})")
     print(ours.host.line())
@@ -676,7 +683,7 @@ def run(args):
           f"ours_fraction_of_peak={f_ours['step'] / med['step'] / peak:.3f} "
           f"trl_fraction_of_peak={f_trl['step'] / trl_s / peak:.3f}")
     # The ratio compares TRL's baseline run with our steps interleaved with that same run (same load window).
-    window = ours_t["step"][thread_counts.index(best) * args.steps:][:args.steps]
+    window = ours_t["step"][trl_runs.index(best) * args.steps:][:args.steps]
     pairs = [h / o for h, o in zip(trl_all[best], window)]
     print(f"ours_step_s_median_in_baseline_window={statistics.median(window):.4f} all={fmt(window)}")
     print(f"speedup_all_rounds={trl_s / med['step']:.2f} speedup_min_over_min={min(trl_all[best]) / min(window):.2f} "

@@ -377,6 +377,7 @@ def assert_same_as_plain(plain_run, shared_prefix: bool, real_only: bool = False
     ("btd,dcf->btcf", (2, 5, 8), (8, 2, 12)),      # gate/up: likewise
     ("btf,fd->btd", (2, 5, 12), (12, 8)),          # down: x wider (JAX's own rule)
     ("nk,kd->nd", (10, 8), (8, 8)),                # o: equal widths (JAX's own rule)
+    ("btd,dv->btv", (2, 5, 8), (8, 16)),           # the LM head (`unembed`): x narrower (dense's own gradient)
 ])
 def test_dense_equals_einsum_values_and_gradients(spec, x_shape, w_shape):
     """`tfm.dense` (the weight matmuls, with their weight gradient written activation-first where that is

@@ -172,16 +172,16 @@ def apply_value_head(head: Params, hidden_btd: jax.Array) -> jax.Array:
 DENSE_OUTPUT = "dense_output"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dense(spec: str, out_dtype, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
 
 
-def _dense_fwd(spec, x, w):
-    return _dense(spec, x, w), (x, w)
+def _dense_fwd(spec, out_dtype, x, w):
+    return _dense(spec, out_dtype, x, w), (x, w)
 
 
-def _dense_bwd(spec, residuals, g):
+def _dense_bwd(spec, out_dtype, residuals, g):
     x, w = residuals
     (x_axes, w_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
     dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w).astype(x.dtype)
@@ -192,19 +192,26 @@ def _dense_bwd(spec, residuals, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(spec, x, w) of activations x and a weight w (every axis of w named in x or in the output), its
-    output named DENSE_OUTPUT for the remat policies.
+def weight_matmul(spec: str, x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """einsum(spec, x, w, preferred_element_type=out_dtype) of activations x and a weight w (every axis of w named
+    in x or in the output), with the cheaper of two ways to write its weight gradient.
 
     The weight gradient contracts the token axes of x and of the output's gradient g. JAX's transpose rule writes
     it as dot(g, x), which XLA:CPU runs by first copying g transposed: when g is the wider of the two (q/k/v and
     gate/up: (tokens, 2F) against (tokens, D)) that copy is the largest array of the layer's backward, so there
     the gradient is written as dot(x, g) (`_dense_bwd`), which copies x instead. Where x is as wide or wider
-    (o, down) JAX's own rule is the cheaper one and is kept (measured on the benchmark's update; README)."""
+    (o, down) JAX's own rule is the cheaper one and is kept (measured on the benchmark's update; README). The LM
+    head ((tokens, D) -> (tokens, V) logits, `unembed`) is the widest case of all."""
     x_axes, w_axes = spec.split("->")[0].split(",")
     x_width = math.prod(n for a, n in zip(w_axes, w.shape) if a in x_axes)
-    out = _dense(spec, x, w) if x_width < w.size // x_width else jnp.einsum(spec, x, w)
-    return checkpoint_name(out, DENSE_OUTPUT)
+    if x_width < w.size // x_width:
+        return _dense(spec, out_dtype, x, w)
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A layer's weight matmul (`weight_matmul`), its output named DENSE_OUTPUT for the remat policies."""
+    return checkpoint_name(weight_matmul(spec, x, w), DENSE_OUTPUT)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
@@ -688,7 +695,8 @@ def unembed(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array
     """Final hidden states (..., D) -> vocabulary logits (..., V) in float32, through the LM head or, when
     the embeddings are tied, the transposed embedding table."""
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", hidden_xd, head.astype(hidden_xd.dtype), preferred_element_type=jnp.float32)
+    tokens = "abcefg"[:hidden_xd.ndim - 1]  # the leading axes by name (the weight gradient's spec sums over them)
+    return weight_matmul(f"{tokens}d,dv->{tokens}v", hidden_xd, head.astype(hidden_xd.dtype), jnp.float32)
 
 
 def unembed_vocab_sharded(params: Params, cfg: ModelConfig, hidden_xd: jax.Array) -> jax.Array:
