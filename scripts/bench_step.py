@@ -23,7 +23,7 @@ How the sides are matched (and where they still differ):
     optim.grad_accum=4. On XLA:CPU this bounds the temporaries the update maps and faults in afresh on every call
     (531 -> 163 MiB per device; see "Host diagnostics" below). TRL is run both ways, per_device_train_batch_size=128
     (counted in completions) with gradient_accumulation_steps=1, and 32 with 4; either way generation_batch_size =
-    128 = 32 prompts x 4, generated once per optimizer step; the faster is the baseline.
+    128 = 32 prompts x 4, generated once per optimizer step; the fastest run is the baseline (Timing, below).
   * Judge. Ours: token-space templating inside the compiled step. TRL: a reward function (TRL's signature:
     prompts, completions -> list[float]) that renders the same template as text, tokenises it with the same
     tokenizer, runs one batched forward of the judge through transformers (only the last position's logits) and
