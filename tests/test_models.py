@@ -395,6 +395,26 @@ def test_dense_equals_einsum_values_and_gradients(spec, x_shape, w_shape):
     np.testing.assert_allclose(np.asarray(dw), np.einsum(f"{x_axes},{out_axes}->{w_axes}", x, g), rtol=1e-5, atol=1e-5)
 
 
+def test_weight_matmul_with_a_float32_output_matches_jax_rule_in_bfloat16():
+    """The LM head's path (`unembed`: bfloat16 hidden states and head, float32 logits through
+    `tfm.weight_matmul`'s own gradient): float32 values equal to einsum's with preferred_element_type, and
+    gradients of the inputs' dtypes equal to JAX's own rule for that einsum."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(8, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    spec = "btd,dv->btv"
+    plain = lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    ours = lambda x, w: tfm.weight_matmul(spec, x, w, jnp.float32)  # noqa: E731
+    got, want = jax.jit(ours)(x, w), jax.jit(plain)(x, w)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: (f(x, w) * g).sum(), argnums=(0, 1)))(x, w) for f in (ours, plain)]
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+
+
 def test_remat_policies_recompute_only_what_they_do_not_save(memory_model):
     """Matmuls in the gradient's program (the scan body counts once): "dots" saves every matmul's output, so it
     has exactly the plain path's; "minimal" recomputes attention's two (scores, and probabilities times values);
