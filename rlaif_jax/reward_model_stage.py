@@ -256,11 +256,15 @@ def make_rm_step(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh: jax.shard
     accum = int(c.optim.grad_accum)
 
     def rm_step(state: RMState, pairs: rm.PairBatch):
+        batch_pairs = pairs.p_a_better.shape[0]
+
         def loss_fn(params, micro):
             micro = rm.PairBatch(**micro)
             r_a, r_b = rm.pair_rewards(params, cfg, micro)
-            # The micro-batch's share of the batch's mean: micro-batches are equal parts of the batch.
-            return rm.soft_bradley_terry_loss(r_a, r_b, micro.p_a_better) / accum, ({}, (r_a, r_b))
+            # The micro-batch's share of the batch's mean, by its number of pairs (a micro-batch may be one
+            # device's part of one: ts.accumulate_gradients on a data-parallel mesh).
+            share = micro.p_a_better.shape[0] / batch_pairs
+            return rm.soft_bradley_terry_loss(r_a, r_b, micro.p_a_better) * share, ({}, (r_a, r_b))
 
         loss, (_, (r_a, r_b)), grads = ts.accumulate_gradients(loss_fn, state.params, pairs._asdict(), accum)
         params, opt_state, kept, grad_norm = ts.guarded_update(optimizer, grads, state.opt_state, state.params, loss)

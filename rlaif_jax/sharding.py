@@ -73,6 +73,10 @@ def current_rules() -> tuple[tuple[str, Any], ...]:
     return _active_rules[-1]
 
 
+def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
+    return () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
 def _mesh_axes_for(name: str | None, rules) -> Any:
     if name is None:
         return None
@@ -109,10 +113,18 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     return P(*spec)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical names; a no-op when no mesh is set."""
+def partitioned_mesh():
+    """The (abstract) mesh set by `jax.set_mesh` that XLA partitions the program over, or None: no mesh is set,
+    or the code runs inside a `jax.shard_map` manual over all its axes (each device then holds its own shard and
+    there is nothing left to constrain: `train_step.accumulate_gradients` under `data_parallel_axis`)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    return None if mesh.empty or mesh.are_all_axes_manual else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op without a partitioned mesh."""
+    mesh = partitioned_mesh()
+    if mesh is None:
         return x
     spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
     return jax.lax.with_sharding_constraint(x, spec)
@@ -120,23 +132,44 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def batch_shards() -> int:
     """How many ways the mesh set by `jax.set_mesh` splits the logical "batch" axis (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = partitioned_mesh()
+    if mesh is None:
         return 1
-    axes = _mesh_axes_for("batch", current_rules())
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([dict(mesh.shape)[a] for a in axes]))
+    return int(np.prod([dict(mesh.shape)[a] for a in _as_tuple(_mesh_axes_for("batch", current_rules()))]))
+
+
+def data_parallel_axis() -> tuple[str, int] | None:
+    """(name, size) of the mesh axis that splits the logical "batch" when it is the mesh's only axis of size > 1:
+    the program is then plain data parallelism, so gradients may be summed on each device first and across
+    devices once (`train_step.accumulate_gradients`). None otherwise: no mesh, one device, inside a shard_map
+    already, or the axis also shards something other than the batch (the rules' FSDP axis shards the weights),
+    or another axis shards anything (tensor parallelism).
+
+    Why not also beside FSDP / tensor axes (a shard_map manual over the data axis alone): XLA 0.10's SPMD
+    partitioner aborts on the embedding's gather in such a partially manual region (a CHECK failure in
+    ExpandDeviceGroupsWithIota, seen on a (data=2, fsdp=2, tensor=2) mesh), so those meshes keep XLA's own
+    schedule, which reduces once per micro-batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return None
+    rules = current_rules()
+    batch_axes = [a for a in _as_tuple(_mesh_axes_for("batch", rules)) if mesh.shape[a] > 1]
+    if len(batch_axes) != 1 or any(n > 1 for a, n in mesh.shape.items() if a != batch_axes[0]):
+        return None
+    axis = batch_axes[0]
+    if any(axis in _as_tuple(mesh_axes) for name, mesh_axes in rules if name != "batch"):
+        return None  # it shards weights too (FSDP): they must stay sharded, not be replicated per device
+    return axis, mesh.shape[axis]
 
 
 def constrain_moved(x: jax.Array, axes: Sequence[str | None], from_dim: int, to_dim: int) -> jax.Array:
     """`constrain` by logical names, except that the mesh axes of dimension `from_dim` shard `to_dim` instead
     (after its own): the same memory per device, cut along another dimension. A no-op when no mesh is set."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = partitioned_mesh()
+    if mesh is None:
         return x
     spec = list(logical_to_spec(axes, x.shape, dict(mesh.shape)))
-    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
-    moved = as_tuple(spec[to_dim]) + as_tuple(spec[from_dim])
+    moved = _as_tuple(spec[to_dim]) + _as_tuple(spec[from_dim])
     if x.shape[to_dim] % int(np.prod([mesh.shape[a] for a in moved])):
         return jax.lax.with_sharding_constraint(x, P(*spec))  # does not divide: leave the layout as it was
     spec[from_dim], spec[to_dim] = None, (moved[0] if len(moved) == 1 else moved) if moved else None

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from rlaif_jax import algorithms, judging, lora, ops, reward_functions, reward_rules, rewards
 from rlaif_jax import rollout as rollout_lib
@@ -172,14 +173,49 @@ def make_optimizer(c: ml_collections.ConfigDict, total_updates: int) -> optax.Gr
     return optax.chain(*chain)
 
 
-def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, accum: int):
+def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, accum: int, group: int = 1):
     """Loss, aux and gradients of one minibatch from `accum` micro-batches of its rows (a lax.scan).
 
     `loss_fn(params, micro) -> (loss, (metrics, rows))` returns a micro-batch's *share* of the minibatch's loss
     and metrics (normalised by the whole minibatch's counts, ops.LossNorm), so shares and their gradients are
     summed, never averaged: the result is the same for any `accum`. `rows` is None or per-row arrays of the
     micro-batch, returned concatenated over the minibatch's rows. Returns (loss, (metrics, rows), grads).
+
+    Under a plain data-parallel mesh (`sharding.data_parallel_axis`), each device takes its own rows of the
+    minibatch, sums its micro-batches' gradients, and the devices' sums are added once, after the last
+    micro-batch (a `shard_map`): one gradient all-reduce per minibatch, where XLA would otherwise reduce inside
+    the loop, once per micro-batch. The sum is the same; only which rows share a micro-batch differs.
+    Consecutive runs of `group` rows stay in one micro-batch (2 for DPO's pairs); where a device's micro-batch
+    could not hold whole groups, the micro-batches are the minibatch's own rows, as without a mesh.
     """
+    rows = jax.tree.leaves(minibatch)[0].shape[0]
+    axis = shd.data_parallel_axis()
+    if axis is None or rows % (accum * axis[1]) or (rows // (accum * axis[1])) % group:
+        return _summed_micro_batches(loss_fn, params, minibatch, accum)
+    name = axis[0]
+
+    def per_shard(params, shard):  # one device: its rows' gradient, summed over its micro-batches, then over devices
+        loss, (metrics, rows), grads = _summed_micro_batches(loss_fn, params, shard, accum)
+        return jax.lax.psum((loss, metrics, grads), name), rows
+
+    # check_vma=False: unchecked, the gradient with respect to the replicated params is each device's own (with
+    # the check JAX would sum it across devices in every micro-batch, the transpose of its implicit broadcast),
+    # and the model's scans need no varying-axis annotations.
+    (loss, metrics, grads), rows = jax.shard_map(
+        per_shard, in_specs=(P(), P(name)), out_specs=(P(), P(name)), check_vma=False)(params, minibatch)
+    return loss, (metrics, rows), grads
+
+
+def micro_batch_rows(rows: int, accum: int) -> int:
+    """Rows of each micro-batch as the loss function sees them: a data-parallel shard's share of
+    `accumulate_gradients`' micro-batch under a mesh with such an axis (assuming whole groups fit; see there)."""
+    axis = shd.data_parallel_axis()
+    shards = axis[1] if axis is not None and rows % (accum * axis[1]) == 0 else 1
+    return rows // (accum * shards)
+
+
+def _summed_micro_batches(loss_fn: Callable, params: Params, minibatch: dict, accum: int):
+    """`accumulate_gradients` on the rows given (all of them, or one data-parallel device's)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), minibatch)
 
@@ -466,11 +502,12 @@ def judge_phase(c: ml_collections.ConfigDict, score_fn: Callable, roll: rollout_
 
 
 def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm: Callable, params: Params,
-                opt_state, data: dict, group: int, key) -> tuple[Params, Any, jax.Array, dict]:
+                opt_state, data: dict, group: int, key, whole_groups: int = 1) -> tuple[Params, Any, jax.Array, dict]:
     """Phase 6: lax.scan over epochs x minibatches of the per-row arrays `data`, each minibatch's gradient
     accumulated over grad_accum micro-batches (`accumulate_gradients`) and applied behind the non-finite guard.
 
-    Every epoch shuffles whole groups of `group` consecutive rows (`group_permutation`). `loss_fn(params, micro,
+    Every epoch shuffles whole groups of `group` consecutive rows (`group_permutation`); a micro-batch holds whole
+    runs of `whole_groups` rows (those the loss needs together: DPO's pairs). `loss_fn(params, micro,
     norm)` is called with `norm = minibatch_norm(minibatch)`, the minibatch's denominators counted once.
     Returns (params, opt_state, skipped updates, metrics of every update, each (epochs, minibatches))."""
     B = next(iter(data.values())).shape[0]
@@ -480,7 +517,8 @@ def run_updates(c: ml_collections.ConfigDict, loss_fn: Callable, minibatch_norm:
     def minibatch_update(carry, d):
         params, opt_state, skipped = carry
         norm = minibatch_norm(d)
-        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum)
+        loss, (metrics, values), grads = accumulate_gradients(lambda p, m: loss_fn(p, m, norm), params, d, accum,
+                                                              whole_groups)
         if values is not None:  # not a mean, so computed on the whole minibatch rather than summed
             metrics["value/explained_variance"] = algorithms.explained_variance(values, d["returns"], d["rmask"])
         params, opt_state, ok, grad_norm = guarded_update(optimizer, grads, opt_state, params, loss)
@@ -572,7 +610,7 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     B = resp.shape[0]
     # Minibatches are drawn as whole groups (`run_updates`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
-    micro_share = share if (B // (c.algo.minibatches * c.optim.grad_accum)) % n == 0 else 1
+    micro_share = share if micro_batch_rows(B // c.algo.minibatches, c.optim.grad_accum) % n == 0 else 1
     loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share, frozen)
     params, opt_state, skipped, update_metrics = run_updates(
         c, loss_fn, lambda d: ops.loss_norm(d["rmask"]), state.params, state.opt_state, data, n, key)
@@ -624,7 +662,7 @@ def dpo_learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainSt
     data = dict(prompt=prompt, pmask=pmask, resp=resp, rmask=rmask, ref_logp_sum=ref_logp_sum)
     params, opt_state, skipped, update_metrics = run_updates(
         c, make_dpo_loss_fn(c, models, share, frozen), lambda d: d["rmask"].shape[0] // 2, state.params, state.opt_state,
-        data, 2, key)
+        data, 2, key, whole_groups=2)
     update_metrics = jax.tree.map(lambda x: jnp.nanmean(x), update_metrics)
 
     metrics = {

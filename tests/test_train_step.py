@@ -3,6 +3,7 @@ compare or choose (principles, online DPO, a pairwise reward) are in tests/test_
 import copy
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,24 @@ def test_one_device_equals_eight(world, single, batches):
     for key in ("judge/score", "optim/loss", "kl/k1", "response/length"):
         np.testing.assert_allclose(hist8[-1][key], hist1[-1][key], rtol=1e-4, atol=1e-5, err_msg=key)
     for a, b in zip(jax.tree.leaves(jax.device_get(state1.params)), jax.tree.leaves(jax.device_get(state8.params))):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_one_device_equals_data_parallel(world, batches):
+    """On a plain data-parallel mesh (data=2) the update runs per device in a shard_map
+    (`train_step.accumulate_gradients`): with 2 micro-batches, chunked attention and chunked log-probs (scans
+    inside it), 2 steps match one device's: metrics and params as in test_one_device_equals_eight."""
+    c = make_config(world, **{"optim.grad_accum": 2, "compute.attention": "chunked", "compute.attention_chunk": 4,
+                              "compute.logprob_chunk": 2})
+    mesh2 = shd.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    s1, s2 = build(c, one_device_mesh()), build(c, mesh2)
+    with shd.use_rules([tuple(r) for r in c.mesh.rules]), jax.set_mesh(mesh2):
+        assert shd.data_parallel_axis() == ("data", 2)
+    state1, hist1 = run_steps(s1, one_device_mesh(), s1.state, 2, batches)
+    state2, hist2 = run_steps(s2, mesh2, s2.state, 2, batches)
+    for key in ("judge/score", "optim/loss", "optim/grad_norm", "kl/k1", "value/explained_variance"):
+        np.testing.assert_allclose(hist2[-1][key], hist1[-1][key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state1.params)), jax.tree.leaves(jax.device_get(state2.params))):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -290,6 +309,52 @@ def test_grad_accum_gives_the_same_gradient(world, single):
     np.testing.assert_allclose(np.asarray(values2), np.asarray(values1), rtol=1e-5, atol=1e-6)
     for g1, g2 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
         np.testing.assert_allclose(np.asarray(g2), np.asarray(g1), rtol=1e-4, atol=1e-6 * np.abs(g1).max())
+
+def _while_bodies_with_all_reduce(hlo: str) -> list[str]:
+    """Names of the compiled HLO's while-loop bodies that contain an all-reduce."""
+    computations = {m.group(1): m.group(2) for m in re.finditer(r"^%?(\S+) [^\n]*\{\n(.*?)^\}", hlo, re.M | re.S)}
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    return [b for b in bodies if "all-reduce(" in computations.get(b, "")]
+
+
+def test_data_parallel_accumulation_reduces_once():
+    """On a plain data-parallel mesh (2 devices) each device sums its own rows' micro-batches and the gradients are
+    all-reduced once, after the loop (no all-reduce inside a while body of the compiled program; in the benchmark's
+    update XLA put one per micro-batch there before), with the same loss, gradient and per-row outputs, in row order, as one device for
+    1 and 2 micro-batches. A loss that needs pairs of rows together (group=2, DPO's) keeps them whole: with one
+    row per device's micro-batch it falls back to the minibatch's own micro-batches, and still matches."""
+    rng = np.random.default_rng(0)
+    w = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+    d = {"x": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+
+    def loss_fn(p, m):  # a share of the 4-row minibatch's mean, and a per-row output; rows split as the model's
+        out = jnp.tanh(shd.constrain(m["x"], ("batch", None)) @ p["a"]) @ p["b"]
+        return jnp.sum((out - m["y"]) ** 2) / 4, ({"sum_y": jnp.sum(m["y"])}, out)
+
+    def pair_loss_fn(p, m):  # needs rows 2i and 2i + 1 in one micro-batch
+        out = (jnp.tanh(m["x"] @ p["a"]) @ p["b"]).reshape(-1, 2)
+        return jnp.sum((out[:, 0] - out[:, 1]) ** 2) / 2, ({}, None)
+
+    def run(fn, accum, group=1, rows=d):
+        return jax.jit(lambda p, m: ts.accumulate_gradients(fn, p, m, accum, group))(w, rows)
+
+    want = {(fn, accum): run(fn, accum) for fn in (loss_fn, pair_loss_fn) for accum in (1, 2)}
+    mesh = shd.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    with shd.use_rules(shd.DEFAULT_RULES), jax.set_mesh(mesh):
+        assert shd.data_parallel_axis() == ("data", 2)
+        rows = jax.device_put(d, {k: shd.batch_sharding(mesh, x.ndim) for k, x in d.items()})
+        for fn, accum, group, per_device in ((loss_fn, 1, 1, True), (loss_fn, 2, 1, True),
+                                             (pair_loss_fn, 1, 2, True), (pair_loss_fn, 2, 2, False)):
+            got = run(fn, accum, group, rows)
+            if per_device:  # one all-reduce, outside the micro-batch loop
+                hlo = jax.jit(lambda p, m: ts.accumulate_gradients(fn, p, m, accum, group)).lower(w, rows).compile()
+                assert "all-reduce(" in hlo.as_text() and not _while_bodies_with_all_reduce(hlo.as_text())
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                         got, want[fn, accum])
+    for fsdp_or_tensor in (shd.make_mesh(2, 2, 2), shd.make_mesh(1, 8, 1)):  # XLA's own schedule (see there)
+        with shd.use_rules(shd.DEFAULT_RULES), jax.set_mesh(fsdp_or_tensor):
+            assert shd.data_parallel_axis() is None
+
 
 def test_group_permutation_keeps_groups_whole():
     perm = np.asarray(ts.group_permutation(jax.random.key(0), 12, 3))

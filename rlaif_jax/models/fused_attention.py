@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlaif_jax.sharding import logical_to_spec
+from rlaif_jax.sharding import logical_to_spec, partitioned_mesh
 
 KERNELS = ("cudnn", "splash")
 BACKEND_KERNEL = {"gpu": "cudnn", "tpu": "splash"}  # "fused" on these backends; "chunked" on the others
@@ -126,8 +126,8 @@ def splash_attention(q_bkgte, k_bkse, v_bkse, q_segment_bt, kv_segment_bs, query
 
         return jax.vmap(row)(q, k, v, q_segment, kv_segment)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = partitioned_mesh()
+    if mesh is None:
         out = per_device(q, k, v, q_segment, kv_segment)
     else:
         shape = dict(mesh.shape)
