@@ -188,11 +188,9 @@ def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, acc
     Consecutive runs of `group` rows stay in one micro-batch (2 for DPO's pairs); where a device's micro-batch
     could not hold whole groups, the micro-batches are the minibatch's own rows, as without a mesh.
     """
-    rows = jax.tree.leaves(minibatch)[0].shape[0]
-    axis = shd.data_parallel_axis()
-    if axis is None or rows % (accum * axis[1]) or (rows // (accum * axis[1])) % group:
+    if micro_batch_devices(jax.tree.leaves(minibatch)[0].shape[0], accum, group) == 1:
         return _summed_micro_batches(loss_fn, params, minibatch, accum)
-    name = axis[0]
+    name = shd.data_parallel_axis()[0]
 
     def per_shard(params, shard):  # one device: its rows' gradient, summed over its micro-batches, then over devices
         loss, (metrics, rows), grads = _summed_micro_batches(loss_fn, params, shard, accum)
@@ -206,12 +204,14 @@ def accumulate_gradients(loss_fn: Callable, params: Params, minibatch: dict, acc
     return loss, (metrics, rows), grads
 
 
-def micro_batch_rows(rows: int, accum: int) -> int:
-    """Rows of each micro-batch as the loss function sees them: a data-parallel shard's share of
-    `accumulate_gradients`' micro-batch under a mesh with such an axis (assuming whole groups fit; see there)."""
+def micro_batch_devices(rows: int, accum: int, group: int = 1) -> int:
+    """Over how many data-parallel devices `accumulate_gradients` splits each of the `accum` micro-batches of a
+    minibatch of `rows` rows: the data-parallel axis's size where each device's part holds whole groups of
+    `group` rows, else 1 (the loss function then sees rows // (accum * this) rows at a time)."""
     axis = shd.data_parallel_axis()
-    shards = axis[1] if axis is not None and rows % (accum * axis[1]) == 0 else 1
-    return rows // (accum * shards)
+    if axis is None or rows % (accum * axis[1]) or (rows // (accum * axis[1])) % group:
+        return 1
+    return axis[1]
 
 
 def _summed_micro_batches(loss_fn: Callable, params: Params, minibatch: dict, accum: int):
@@ -610,7 +610,9 @@ def learn_phase(c: ml_collections.ConfigDict, models: Models, state: TrainState,
     B = resp.shape[0]
     # Minibatches are drawn as whole groups (`run_updates`), so a micro-batch holds whole groups whenever its
     # row count is a multiple of n, and its forward shares each prompt too.
-    micro_share = share if micro_batch_rows(B // c.algo.minibatches, c.optim.grad_accum) % n == 0 else 1
+    micro_rows = B // (c.algo.minibatches * c.optim.grad_accum
+                       * micro_batch_devices(B // c.algo.minibatches, c.optim.grad_accum))
+    micro_share = share if micro_rows % n == 0 else 1
     loss_fn = make_loss_fn(c, models, state.reward.kl.coef, micro_share, frozen)
     params, opt_state, skipped, update_metrics = run_updates(
         c, loss_fn, lambda d: ops.loss_norm(d["rmask"]), state.params, state.opt_state, data, n, key)
