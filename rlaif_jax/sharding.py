@@ -94,11 +94,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     used: set[str] = set()
     spec = []
     for i, name in enumerate(axes):
-        mesh_axes = _mesh_axes_for(name, rules)
-        if mesh_axes is None:
+        mesh_axes = _as_tuple(_mesh_axes_for(name, rules))
+        if not mesh_axes:
             spec.append(None)
             continue
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         kept = []
         for ax in mesh_axes:
             if ax in used:

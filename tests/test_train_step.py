@@ -320,9 +320,10 @@ def _while_bodies_with_all_reduce(hlo: str) -> list[str]:
 def test_data_parallel_accumulation_reduces_once():
     """On a plain data-parallel mesh (2 devices) each device sums its own rows' micro-batches and the gradients are
     all-reduced once, after the loop (no all-reduce inside a while body of the compiled program; in the benchmark's
-    update XLA put one per micro-batch there before), with the same loss, gradient and per-row outputs, in row order, as one device for
-    1 and 2 micro-batches. A loss that needs pairs of rows together (group=2, DPO's) keeps them whole: with one
-    row per device's micro-batch it falls back to the minibatch's own micro-batches, and still matches."""
+    update XLA put one per micro-batch there before), with the same loss, gradient and per-row outputs, in row
+    order, as one device for 1 and 2 micro-batches. A loss that needs pairs of rows together (group=2, DPO's)
+    keeps them whole: with one row per device's micro-batch it falls back to the minibatch's own micro-batches,
+    and still matches."""
     rng = np.random.default_rng(0)
     w = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
     d = {"x": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
@@ -335,20 +336,19 @@ def test_data_parallel_accumulation_reduces_once():
         out = (jnp.tanh(m["x"] @ p["a"]) @ p["b"]).reshape(-1, 2)
         return jnp.sum((out[:, 0] - out[:, 1]) ** 2) / 2, ({}, None)
 
-    def run(fn, accum, group=1, rows=d):
-        return jax.jit(lambda p, m: ts.accumulate_gradients(fn, p, m, accum, group))(w, rows)
-
-    want = {(fn, accum): run(fn, accum) for fn in (loss_fn, pair_loss_fn) for accum in (1, 2)}
+    want = {(fn, accum): jax.jit(lambda p, m, fn=fn, accum=accum: ts.accumulate_gradients(fn, p, m, accum))(w, d)
+            for fn in (loss_fn, pair_loss_fn) for accum in (1, 2)}
     mesh = shd.make_mesh(2, 1, 1, devices=jax.devices()[:2])
     with shd.use_rules(shd.DEFAULT_RULES), jax.set_mesh(mesh):
         assert shd.data_parallel_axis() == ("data", 2)
         rows = jax.device_put(d, {k: shd.batch_sharding(mesh, x.ndim) for k, x in d.items()})
         for fn, accum, group, per_device in ((loss_fn, 1, 1, True), (loss_fn, 2, 1, True),
                                              (pair_loss_fn, 1, 2, True), (pair_loss_fn, 2, 2, False)):
-            got = run(fn, accum, group, rows)
+            compiled = jax.jit(lambda p, m: ts.accumulate_gradients(fn, p, m, accum, group)).lower(w, rows).compile()
+            got = compiled(w, rows)
             if per_device:  # one all-reduce, outside the micro-batch loop
-                hlo = jax.jit(lambda p, m: ts.accumulate_gradients(fn, p, m, accum, group)).lower(w, rows).compile()
-                assert "all-reduce(" in hlo.as_text() and not _while_bodies_with_all_reduce(hlo.as_text())
+                hlo = compiled.as_text()
+                assert "all-reduce(" in hlo and not _while_bodies_with_all_reduce(hlo)
             jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
                          got, want[fn, accum])
     for fsdp_or_tensor in (shd.make_mesh(2, 2, 2), shd.make_mesh(1, 8, 1)):  # XLA's own schedule (see there)
