@@ -50,7 +50,7 @@ class RewardModelParams(NamedTuple):
 def reward_values(rm_params: RewardModelParams, cfg: ModelConfig, tokens_nt: jax.Array, mask_nt: jax.Array
                   ) -> jax.Array:
     """Reward model: r_n = value_head(final hidden state at the last position) (differentiable; training uses it)."""
-    return head_values(rm_params, tfm.last_hidden(rm_params.model, cfg, tokens_nt, mask_nt))
+    return head_values(rm_params, tfm.last_hidden(rm_params.model, cfg, tokens_nt, mask_nt, differentiable=True))
 
 
 def head_values(rm_params: RewardModelParams, hidden_nd: jax.Array) -> jax.Array:

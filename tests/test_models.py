@@ -159,6 +159,39 @@ def test_gpt_neox_sequential_tied_parity_and_export(tmp_path):
     np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask)[real], ref[real])
 
 
+@pytest.mark.parametrize("family, window", [(f, None) for f in FAMILIES] + [("mistral", 3)])
+def test_reading_some_positions_equals_the_full_forward_there(checkpoints, family, window):
+    """`forward` and `forward_shared_prefix` with read positions, whose last layer computes only those (queries,
+    attention, o projection, MLP; keys and values everywhere), give the full forward's logits and hidden states
+    at them: every family's layer (biases, qk-norm, parallel residual, partial RoPE), GQA, a sliding window,
+    left-padded rows and right-padded continuations, positions in the padding included."""
+    folder, _ = checkpoints[family]
+    cfg, params = hf.load_model(folder)
+    cfg = dataclasses.replace(cfg, sliding_window=window)
+    tokens, mask = batch(seed=4)
+    read = np.array([[7, 2], [7, 5], [3, 7]], np.int32)  # row 3 has 3 real tokens: slot 3 is padding
+    full = forward(params, cfg, tokens, mask)
+    got = jax.jit(tfm.forward, static_argnums=1)(params, cfg, tokens, mask, read_br=read)
+    for a, b in ((got.logits, full.logits), (got.hidden, full.hidden)):
+        np.testing.assert_allclose(np.asarray(a), np.take_along_axis(np.asarray(b), read[..., None], 1),
+                                   rtol=1e-5, atol=1e-5)
+
+    n, C = 2, 4
+    cont = np.random.default_rng(5).integers(3, 97, size=(len(LENGTHS) * n, C)).astype(np.int32)
+    cont_mask = (np.arange(C)[None, :] < np.array([4, 1, 3, 4, 0, 2])[:, None]).astype(np.int32)
+    read_nr = np.array([[3, 0], [0, 2], [2, 1], [3, 3], [0, 1], [1, 3]], np.int32)
+    shared = jax.jit(tfm.forward_shared_prefix, static_argnums=1)
+    prefix_all, cont_all = shared(params, cfg, tokens, mask, cont, cont_mask)
+    prefix_read, cont_read = shared(params, cfg, tokens, mask, cont, cont_mask, read_nr=read_nr)
+    np.testing.assert_allclose(np.asarray(prefix_read.hidden), np.asarray(prefix_all.hidden[:, -1:]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prefix_read.logits), np.asarray(prefix_all.logits[:, -1:]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cont_read.logits),
+                               np.take_along_axis(np.asarray(cont_all.logits), read_nr[..., None], 1),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_gpt_neox_shared_prefix_and_sharded_import(checkpoints):
     """The shared-prefix forward equals `forward` on the concatenated rows (logits; the gradients' path is the
     other families'), and the import onto a data x fsdp x tensor mesh (each device reading its slice of the fused

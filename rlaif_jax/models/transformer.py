@@ -436,8 +436,13 @@ def _chunked_attention_vjp_bwd(chunk, residuals, dout_bkqe):
 chunked_attention.defvjp(_chunked_attention_vjp_fwd, _chunked_attention_vjp_bwd)
 
 
+def _take_positions(x_bt_, read_br):
+    """x (B, T, ...) at positions `read_br` (B, R) of each row -> (B, R, ...)."""
+    return jnp.take_along_axis(x_bt_, read_br.reshape(read_br.shape + (1,) * (x_bt_.ndim - 2)), axis=1)
+
+
 def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionMask, cache_kv=None, index=None,
-           context_kv=None):
+           context_kv=None, read_br=None):
     """One pre-norm block -> (x_btd, kv): x + attn(norm(x)), then + mlp(norm(that)); or, with a parallel residual
     (gpt_neox), x + attn(norm1(x)) + mlp(norm2(x)). Keys are laid out (B, K, E, S), values (B, K, S, E) (see
     `attention`).
@@ -445,21 +450,37 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionM
     With `cache_kv`, this layer's cache buffers: the T new keys and values are written at slot `index`, the
     queries attend over the whole buffers, and kv is the updated buffers (decoding). Otherwise the queries attend
     over `context_kv` (if given: keys and values of earlier tokens, e.g. a shared prompt's) followed by the
-    T tokens themselves, and kv is the T tokens' own keys and values."""
+    T tokens themselves, and kv is the T tokens' own keys and values.
+
+    `read_br` (B, R) positions, for a last layer of which only those positions are read (a judge's answer, a
+    prompt's last token): keys and values are computed at every position, as the read queries attend over them,
+    but the queries, attention, o projection and MLP only at the R read positions, and x is (B, R, D)."""
     dt = jnp.dtype(cfg.dtype)
     B, T = x_btd.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
     h = block_norm(x_btd, lp, "attn_norm", cfg)
-    qkv = dense("btd,dkce->btkce", h, lp["qkv"].astype(dt))  # (B, T, K, G + 2, E), see fuse_projections
-    if cfg.qkv_bias:
-        qkv = qkv + lp["qkv_bias"].astype(dt)
-    # One split (not three slices): its gradient is one concatenate, where slices' would be pads and adds.
-    q, k, v = jnp.split(qkv, [G, G + 1], axis=3)
-    q, k, v = q.reshape(B, T, cfg.num_heads, cfg.head_dim), k[:, :, :, 0], v[:, :, :, 0]
+
+    def project(h_btd, heads: slice):  # (B, T, K, c, E): the fused projection's columns `heads` (fuse_projections)
+        out = dense("btd,dkce->btkce", h_btd, lp["qkv"][:, :, heads].astype(dt))
+        return out + lp["qkv_bias"][:, heads].astype(dt) if cfg.qkv_bias else out
+
+    q_positions_bt = positions_bt
+    if read_br is None:
+        # One matmul, one split (not three slices): its gradient is one concatenate, where slices' would be pads
+        # and adds.
+        q, k, v = jnp.split(project(h, slice(None)), [G, G + 1], axis=3)
+    else:
+        x_btd, q_positions_bt = _take_positions(x_btd, read_br), _take_positions(positions_bt, read_br)
+        q = project(_take_positions(h, read_br), slice(None, G))
+        k, v = jnp.split(project(h, slice(G, None)), [1], axis=3)
+        # A few queries per row: the plain attention, as in decoding (the fused kernels take contiguous queries).
+        mask = AttentionMask(_take_positions(mask.allowed, read_br))
+    Tq = q.shape[1]  # T, or R
+    q, k, v = q.reshape(B, Tq, cfg.num_heads, cfg.head_dim), k[:, :, :, 0], v[:, :, :, 0]
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"], cfg.norm_eps, False)
         k = rms_norm(k, lp["k_norm"], cfg.norm_eps, False)
-    q = constrain(apply_rope(q, positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
+    q = constrain(apply_rope(q, q_positions_bt, inv_freq), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(k, positions_bt, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, K, E, T), (B, K, T, E)
@@ -476,11 +497,11 @@ def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionM
         new_kv = (k, v)
     else:
         keys, values, new_kv = k, v, (k, v)
-    attn = attention(q, keys.astype(dt), values.astype(dt), mask, cfg, no_cache=cache_kv is None)
+    attn = attention(q, keys.astype(dt), values.astype(dt), mask, cfg, no_cache=cache_kv is None and read_br is None)
     # The output projection as one 2-D matmul on (B*T, H*E) rows: given the head axes as separate dims XLA:CPU
     # picks a layout that transposes the o weight on every decode step.
-    attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * T, cfg.num_heads * cfg.head_dim)
-    out = dense("nk,kd->nd", attn, lp["o"].astype(dt).reshape(cfg.num_heads * cfg.head_dim, -1)).reshape(B, T, -1)
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(B * Tq, cfg.num_heads * cfg.head_dim)
+    out = dense("nk,kd->nd", attn, lp["o"].astype(dt).reshape(cfg.num_heads * cfg.head_dim, -1)).reshape(B, Tq, -1)
     if cfg.o_bias:
         out = out + lp["o_bias"].astype(dt)
     if cfg.parallel_residual:
@@ -536,6 +557,30 @@ def remat_layer(body, cfg: ModelConfig):
     return jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
 
+def _scan_layers(cfg: ModelConfig, params: Params, layer: Callable, carry, last_layer: Callable | None = None):
+    """`carry = layer(carry, lp)` for each layer's params under `lax.scan` (remat as cfg.remat says).
+
+    With `last_layer`, the final layer runs `last_layer(carry, lp)` instead and its result is returned: a last
+    layer that computes only the positions that are read (`_layer`'s read_br). The scan's body then picks its
+    branch with `lax.cond` on the layer index: slicing the stacked weights into the first L - 1 and the last
+    would copy (L - 1) / L of them (checked: XLA does not alias a slice)."""
+    layers = fuse_projections(params["layers"], cfg)
+    if last_layer is None:
+        body = lambda carry, lp: (layer(carry, lp), None)  # noqa: E731
+        return jax.lax.scan(remat_layer(body, cfg), carry, layers, unroll=cfg.scan_unroll)[0]
+    one_layer = jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape[1:], w.dtype), layers)
+    read_shapes = jax.eval_shape(last_layer, carry, one_layer)
+
+    def body(carry_read, lp_index):
+        (carry, read), (lp, index) = carry_read, lp_index
+        return jax.lax.cond(index == cfg.num_layers - 1, lambda: (carry, last_layer(carry, lp)),
+                            lambda: (layer(carry, lp), read)), None
+
+    read = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), read_shapes)
+    return jax.lax.scan(remat_layer(body, cfg), (carry, read), (layers, jnp.arange(cfg.num_layers)),
+                        unroll=cfg.scan_unroll)[0][1]
+
+
 def _allowed(cfg: ModelConfig, query_slot_bt, key_slot_s, key_mask_bs):
     """Causal (key slot <= query slot), real keys only, and within the sliding window if any."""
     allowed = (key_slot_s[None, None, :] <= query_slot_bt[:, :, None]) & key_mask_bs[:, None, :]
@@ -558,8 +603,9 @@ def _output(params: Params, cfg: ModelConfig, x_btd) -> Output:
 
 
 def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, mask: AttentionMask, cache: KVCache | None,
-           attend_to_cache: bool = True):
-    """Embed, layers, final norm and head. Without a cache the layers run under `lax.scan`. With one they run
+           attend_to_cache: bool = True, read_br=None):
+    """Embed, layers, final norm and head. Without a cache the layers run under `lax.scan`, and with `read_br`
+    (B, R) positions the last layer computes only those (`_layer`), so the Output is (B, R). With one they run
     unrolled over per-layer params and buffers (see `decoding_params`): the tokens' keys and values are written
     at `cache.index`, and attend over the whole buffers if `attend_to_cache`, else only over themselves (a
     prefill into an empty cache). A stacked cache (`KVCache.stacked`) runs them under `lax.scan` instead, over
@@ -568,12 +614,11 @@ def _stack(params: Params, cfg: ModelConfig, tokens_bt, positions_bt, mask: Atte
     inv_freq = rope_inv_freq(cfg)
 
     if cache is None:
-        def body(x, lp):
-            return _layer(cfg, inv_freq, x, lp, positions_bt, mask)[0], None
+        def layer(x, lp, read_br=None):
+            return _layer(cfg, inv_freq, x, lp, positions_bt, mask, read_br=read_br)[0]
 
-        x, _ = jax.lax.scan(remat_layer(body, cfg), x, fuse_projections(params["layers"], cfg),
-                            unroll=cfg.scan_unroll)
-        return _output(params, cfg, x), None
+        last_layer = None if read_br is None else functools.partial(layer, read_br=read_br)
+        return _output(params, cfg, _scan_layers(cfg, params, layer, x, last_layer)), None
 
     def layer(x, lp, ck, cv):
         if attend_to_cache:
@@ -753,8 +798,11 @@ def packed_positions(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
-            segment_ids_bt: jax.Array | None = None) -> Output:
+            segment_ids_bt: jax.Array | None = None, read_br: jax.Array | None = None) -> Output:
     """Full-sequence forward of a left-padded batch (no cache).
+
+    `read_br` (B, R) int: only these positions of each row are read, and the Output holds only them (B, R); the
+    last layer then runs its queries, o projection and MLP at them alone (`_layer`).
 
     `segment_ids_bt`: packed rows instead (SFT's `train.packing`): several sequences side by side in a row, each a
     run of one id > 0 (0 = padding, and `mask_bt` = ids > 0). A token attends only to earlier tokens of its own
@@ -768,26 +816,38 @@ def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax
     else:
         allowed &= segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
         positions, segments = packed_positions(segment_ids_bt), segment_ids_bt.astype(jnp.int32)
-    out, _ = _stack(params, cfg, tokens_bt, positions, AttentionMask(allowed, segments, segments), None)
+    out, _ = _stack(params, cfg, tokens_bt, positions, AttentionMask(allowed, segments, segments), None,
+                    read_br=read_br)
     return out
 
 
-def last_hidden(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def last_hidden(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
+                differentiable: bool = False) -> jax.Array:
     """The final hidden state (B, D) at the last position of left-padded rows (where a judge reads its answer
     and a reward model its value).
 
-    Only this position is used: the (B, T, V) logits `forward` also computes are dead code that XLA
-    removes (checked: ~25x fewer flops at V = 32k), so the vocabulary projection happens once per row. The rows
-    run in cfg.forward_microbatches micro-batches (`map_microbatches`) of `last_hidden_rows`."""
-    return map_microbatches(functools.partial(last_hidden_rows, params, cfg), cfg.forward_microbatches, tokens_bt,
-                            mask_bt)
+    Only this position is used: the (B, T, V) logits `forward` also computes are dead code that XLA removes
+    (checked: ~25x fewer flops at V = 32k), so the vocabulary projection happens once per row; and the last
+    layer computes its queries, o projection and MLP at this position alone (`forward`'s read_br; a judge of the
+    benchmark's 4 layers runs 1.19x faster, measured in README, "Performance").
+
+    `differentiable`: a gradient will be taken through it (reward-model training). The last layer then runs in
+    full: under a gradient, the `lax.cond` that picks it (`_scan_layers`) makes JAX keep both of its branches'
+    residuals, so the read-only layer's savings cost memory (measured: temporaries +20%, time -6%). The rows run
+    in cfg.forward_microbatches micro-batches (`map_microbatches`) of `last_hidden_rows`."""
+    return map_microbatches(functools.partial(last_hidden_rows, params, cfg, differentiable=differentiable),
+                            cfg.forward_microbatches, tokens_bt, mask_bt)
 
 
-def last_hidden_rows(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+def last_hidden_rows(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax.Array,
+                     differentiable: bool = False) -> jax.Array:
     """`last_hidden` of all the rows at once (one micro-batch)."""
     tokens_bt = constrain(tokens_bt, ("batch", "length"))
     mask_bt = constrain(mask_bt, ("batch", "length"))
-    return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+    if differentiable:
+        return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
+    B, T = tokens_bt.shape
+    return forward(params, cfg, tokens_bt, mask_bt, read_br=jnp.full((B, 1), T - 1)).hidden[:, 0]
 
 
 def last_hidden_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array,
@@ -796,14 +856,15 @@ def last_hidden_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp
     with each prefix run once (`forward_shared_prefix`): prefixes left-padded, continuations RIGHT-padded, so a
     row's real tokens are contiguous slots as in its left-padded whole row (sliding windows count slots). Returns
     the final hidden state (N, D) at each row's last real token: its continuation's last, or its prefix's last
-    where the continuation is empty."""
+    where the continuation is empty. Its last layer computes only those positions (`forward_shared_prefix`'s
+    read_nr): for frozen forwards, see `last_hidden`'s `differentiable`."""
     n = tokens_nt.shape[0] // prefix_tokens_bp.shape[0]
+    length = mask_nt.astype(jnp.int32).sum(-1)
     prefix_out, out = forward_shared_prefix(
         params, cfg, constrain(prefix_tokens_bp, ("batch", "length")), constrain(prefix_mask_bp, ("batch", "length")),
-        constrain(tokens_nt, ("batch", "length")), constrain(mask_nt, ("batch", "length")))
-    length = mask_nt.astype(jnp.int32).sum(-1)
-    last = jnp.take_along_axis(out.hidden, jnp.maximum(length - 1, 0)[:, None, None], axis=1)[:, 0]
-    return jnp.where((length > 0)[:, None], last, jnp.repeat(prefix_out.hidden[:, -1], n, axis=0))
+        constrain(tokens_nt, ("batch", "length")), constrain(mask_nt, ("batch", "length")),
+        read_nr=jnp.maximum(length - 1, 0)[:, None])
+    return jnp.where((length > 0)[:, None], out.hidden[:, 0], jnp.repeat(prefix_out.hidden[:, 0], n, axis=0))
 
 
 def prompt_sharing(rows_per_prompt: int, rows: int) -> int:
@@ -854,7 +915,8 @@ def decode(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, cache: KVCach
 
 
 def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array, prefix_mask_bp: jax.Array,
-                          tokens_nt: jax.Array, mask_nt: jax.Array) -> tuple[Output, Output]:
+                          tokens_nt: jax.Array, mask_nt: jax.Array, read_nr: jax.Array | None = None
+                          ) -> tuple[Output, Output]:
     """The forward of N = B * n rows [prefix b, continuation i] (row i = b * n + j continues prefix b) that runs
     each prefix once. Equal to `forward` on the concatenated rows (attention is causal, so a prefix's states do
     not depend on its continuations) at B / N of the prefix's cost, forward and backward: gradients from the n
@@ -863,6 +925,10 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
     One `lax.scan` over the layers carries both streams: in each layer the B prefixes run first, and the N
     continuations attend over their prefix's keys and values (rows repeated n times) followed by their own.
     Under the scan, compile time does not grow with depth.
+
+    `read_nr` (N, R) int: only these continuation positions are read, and the prefixes' last positions; the
+    Outputs then hold only them, (B, 1) and (N, R), and the last layer computes only them (`_layer`), besides the
+    prefixes' keys and values.
     """
     (B, P), (N, T) = prefix_tokens_bp.shape, tokens_nt.shape
     if N % B:
@@ -882,16 +948,18 @@ def forward_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: ja
                  + jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0))
     inv_freq = rope_inv_freq(cfg)
 
-    def body(carry, lp):
+    def layer(carry, lp, prefix_read_b1=None, read_nr=None):
         prefix_x, x = carry
-        prefix_x, (k, v) = _layer(cfg, inv_freq, prefix_x, lp, prefix_positions, prefix_allowed)
+        prefix_x, (k, v) = _layer(cfg, inv_freq, prefix_x, lp, prefix_positions, prefix_allowed,
+                                  read_br=prefix_read_b1)
         context = (jnp.repeat(k, n, axis=0), jnp.repeat(v, n, axis=0))
-        x, _ = _layer(cfg, inv_freq, x, lp, positions, allowed, context_kv=context)
-        return (prefix_x, x), None
+        x, _ = _layer(cfg, inv_freq, x, lp, positions, allowed, context_kv=context, read_br=read_nr)
+        return prefix_x, x
 
+    last_layer = None if read_nr is None else functools.partial(layer, prefix_read_b1=jnp.full((B, 1), P - 1),
+                                                                read_nr=read_nr)
     carry = (_embed(params, cfg, prefix_tokens_bp), _embed(params, cfg, tokens_nt))
-    (prefix_x, x), _ = jax.lax.scan(remat_layer(body, cfg), carry, fuse_projections(params["layers"], cfg),
-                                    unroll=cfg.scan_unroll)
+    prefix_x, x = _scan_layers(cfg, params, layer, carry, last_layer)
     return _output(params, cfg, prefix_x), _output(params, cfg, x)
 
 
