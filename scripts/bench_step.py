@@ -52,7 +52,8 @@ median of our fused steps interleaved with that same run (same load window); the
 best-vs-best ratio and the median of per-step pairs are printed too.
 
 FLOPs are counted analytically, as executed by each side (model matmuls: 2 * matmul params per token, attention
-4 * H * E per (query, real key) pair, the LM head where logits are used, backward = 2 x forward). The matmul peak is
+4 * H * E per (query, real key) pair, the LM head where logits are used, backward = 2 x forward; in our judge's last
+layer, queries, attention, o projection and MLP at the read position only, `tfm.last_hidden`). The matmul peak is
 measured in this run (bench_rollout.matmul_peak, 2048^3 in JAX and torch, the larger of the two, best of several
 measurements spread over the run). XLA's own cost_analysis of each compiled phase is printed for reference only: it
 counts a while_loop / scan body once, and the layers run as a lax.scan, so it shows about 1 / num_layers of the
@@ -166,14 +167,20 @@ def make_prompt_texts(n: int, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def forward_flops(cfg, rows: int, tokens: int, keys_per_query: float, head_positions: int) -> float:
+def forward_flops(cfg, rows: int, tokens: int, keys_per_query: float, head_positions: int,
+                  read_keys: float | None = None) -> float:
     """FLOPs of a forward over `rows` x `tokens` new tokens whose queries see `keys_per_query` real keys on average,
-    with the LM head applied at `head_positions` positions per row."""
+    with the LM head applied at `head_positions` positions per row. `read_keys`: the last layer runs only the
+    keys and values at every position and, at the one read position per row (whose query sees `read_keys` keys),
+    the query, attention, o projection and MLP (ours' frozen last-position forwards, `tfm.last_hidden`)."""
     D, H, K, E, F, V, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                            cfg.vocab_size, cfg.num_layers)
-    per_token = 2 * L * (D * H * E + 2 * D * K * E + H * E * D + 3 * D * F)
-    attn_per_pair = 4 * H * E * L
-    return rows * (tokens * per_token + tokens * keys_per_query * attn_per_pair + head_positions * 2 * D * V)
+    kv, rest = 2 * (2 * D * K * E), 2 * (D * H * E + H * E * D + 3 * D * F)  # per token and layer
+    head = head_positions * 2 * D * V
+    if read_keys is None:
+        return rows * (tokens * L * (kv + rest) + tokens * keys_per_query * 4 * H * E * L + head)
+    return rows * (tokens * (L - 1) * (kv + rest) + tokens * keys_per_query * 4 * H * E * (L - 1)
+                   + tokens * kv + rest + read_keys * 4 * H * E + head)
 
 
 def causal_keys(prefix: int, tokens: int) -> float:
@@ -189,10 +196,12 @@ def step_flops(cfg, ours: bool) -> dict[str, float]:
     fed = R - 1  # the last sampled token is never fed back
     rollout = (forward_flops(cfg, prompt_rows, P, causal_keys(0, P), 1)
                + forward_flops(cfg, N, fed, P + (fed + 1) / 2 + 0.5, 1))
-    if ours:  # the prompt parts (no LM head), then each row's response and suffix (the answer's LM head)
+    if ours:  # the prompt parts (no LM head), then each row's response and suffix (the answer's LM head); the last
+        # layer at the prompt part's last position and the answer's only
         rest = JUDGE_LEN - JUDGE_PROMPT_PART
-        judge = (forward_flops(cfg, prompt_rows, JUDGE_PROMPT_PART, causal_keys(0, JUDGE_PROMPT_PART), 0)
-                 + forward_flops(cfg, N, rest, causal_keys(JUDGE_PROMPT_PART, rest), 1))
+        judge = (forward_flops(cfg, prompt_rows, JUDGE_PROMPT_PART, causal_keys(0, JUDGE_PROMPT_PART), 0,
+                               read_keys=JUDGE_PROMPT_PART)
+                 + forward_flops(cfg, N, rest, causal_keys(JUDGE_PROMPT_PART, rest), 1, read_keys=JUDGE_LEN))
     else:
         judge = forward_flops(cfg, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 1)
     update = 3 * training_forward_flops(cfg, prompt_rows, lm_head=True)
@@ -217,7 +226,8 @@ def ppo_step_flops(c, models: ts.Models) -> dict[str, float]:
     N = PROMPTS * GENERATIONS
     critic = models.critic or models.policy
     rollout = step_flops(models.policy, ours=True)["rollout"]
-    judge = forward_flops(models.judge, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 0) + N * 2 * models.judge.hidden_size
+    judge = (forward_flops(models.judge, N, JUDGE_LEN, causal_keys(0, JUDGE_LEN), 0, read_keys=JUDGE_LEN)
+             + N * 2 * models.judge.hidden_size)
     policy_forward = training_forward_flops(models.policy, PROMPTS, lm_head=True)
     critic_forward = training_forward_flops(critic, PROMPTS, lm_head=False) + N * NEW * 2 * critic.hidden_size
     ref_critic = policy_forward + critic_forward
