@@ -436,9 +436,9 @@ def _chunked_attention_vjp_bwd(chunk, residuals, dout_bkqe):
 chunked_attention.defvjp(_chunked_attention_vjp_fwd, _chunked_attention_vjp_bwd)
 
 
-def _take_positions(x_bt_, read_br):
+def _take_positions(x, read_br):
     """x (B, T, ...) at positions `read_br` (B, R) of each row -> (B, R, ...)."""
-    return jnp.take_along_axis(x_bt_, read_br.reshape(read_br.shape + (1,) * (x_bt_.ndim - 2)), axis=1)
+    return jnp.take_along_axis(x, read_br.reshape(read_br.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _layer(cfg: ModelConfig, inv_freq, x_btd, lp, positions_bt, mask: AttentionMask, cache_kv=None, index=None,
@@ -802,7 +802,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mask_bt: jax
     """Full-sequence forward of a left-padded batch (no cache).
 
     `read_br` (B, R) int: only these positions of each row are read, and the Output holds only them (B, R); the
-    last layer then runs its queries, o projection and MLP at them alone (`_layer`).
+    last layer then runs its queries, attention, o projection and MLP at them alone (`_layer`).
 
     `segment_ids_bt`: packed rows instead (SFT's `train.packing`): several sequences side by side in a row, each a
     run of one id > 0 (0 = padding, and `mask_bt` = ids > 0). A token attends only to earlier tokens of its own
