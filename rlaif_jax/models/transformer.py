@@ -844,10 +844,9 @@ def last_hidden_rows(params: Params, cfg: ModelConfig, tokens_bt: jax.Array, mas
     """`last_hidden` of all the rows at once (one micro-batch)."""
     tokens_bt = constrain(tokens_bt, ("batch", "length"))
     mask_bt = constrain(mask_bt, ("batch", "length"))
-    if differentiable:
-        return forward(params, cfg, tokens_bt, mask_bt).hidden[:, -1]
     B, T = tokens_bt.shape
-    return forward(params, cfg, tokens_bt, mask_bt, read_br=jnp.full((B, 1), T - 1)).hidden[:, 0]
+    read_br = None if differentiable else jnp.full((B, 1), T - 1)
+    return forward(params, cfg, tokens_bt, mask_bt, read_br=read_br).hidden[:, -1]
 
 
 def last_hidden_shared_prefix(params: Params, cfg: ModelConfig, prefix_tokens_bp: jax.Array,
